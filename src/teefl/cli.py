@@ -1,0 +1,53 @@
+"""The `teefl` command: a thin Typer app that parses, calls into the packages and prints.
+
+Each command group lives in `teefl.commands.<group>` and registers itself on the app, so the CLI
+module stays small and imports of heavy packages (torch, grpc) happen only in the command that
+needs them -- `teefl report` on a laptop never loads torch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from teefl.commands import analysis, federation, pki, tee
+from teefl.errors import TeeflError
+
+app = typer.Typer(
+    name="teefl",
+    help="Confidential federated learning, with the cost of every protection measured.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+for module in (federation, pki, tee, analysis):
+    module.register(app)
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except TeeflError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

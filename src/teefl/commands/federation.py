@@ -1,0 +1,185 @@
+"""CLI commands that run a federation: ``run`` (all parties on this host), ``aggregator`` and
+``collaborator`` (one party each, for real multi-host deployments)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from teefl.errors import TeeflError
+
+PlanArg = Annotated[Path | None, typer.Argument(help="Plan YAML; omit for the embedded default.")]
+
+
+def _load(plan_path: Path | None):
+    from teefl.plan import default_plan, load_plan
+
+    return default_plan() if plan_path is None else load_plan(plan_path)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (from the launcher or a scheduler) takes the same clean path as Ctrl-C."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run(
+    plan_path: PlanArg = None,
+    rounds: Annotated[int | None, typer.Option(help="Override federation.rounds.")] = None,
+    collaborators: Annotated[
+        int | None, typer.Option(help="Override the number of collaborators.")
+    ] = None,
+    transport: Annotated[str | None, typer.Option(help="none | tls | mtls")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where datasets are read from.")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Parent of run directories.")] = Path("runs"),
+    run_id: Annotated[str | None, typer.Option(help="Run id (default: time-name-random).")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+) -> None:
+    """Run a whole federation on this host: 1 aggregator + N collaborator processes."""
+    from rich.console import Console
+
+    from teefl.federation.launcher import launch, new_run_id
+    from teefl.federation.report import finish_run, print_summary
+
+    console = Console()
+    plan = _load(plan_path)
+    if rounds is not None:
+        plan.federation.rounds = rounds
+    if collaborators is not None:
+        plan.collaborators = [f"col{i + 1}" for i in range(collaborators)]
+    rid = run_id or new_run_id(plan.name)
+    run_dir = (runs_dir / rid).resolve()
+    if transport is not None:
+        from teefl.federation.setup import apply_transport
+
+        apply_transport(plan, transport, run_dir, console)
+    _announce_dataset(plan, data_dir, console)
+    console.print(
+        f"teefl run [bold]{rid}[/bold]: {len(plan.collaborators)} collaborators, "
+        f"{plan.federation.rounds} rounds, {plan.model.name} on {plan.dataset.name}, "
+        f"transport {plan.security.transport or 'none'}\n  run directory: {run_dir}"
+    )
+    if (plan.security.transport or "none") == "none":
+        console.print("[yellow]warning: transport none -- model updates travel unencrypted and "
+                      "unauthenticated[/yellow]")
+    result = launch(plan, run_dir, rid, data_dir=data_dir, console=console,
+                    progress=not no_progress)
+    summary = finish_run(result.run_dir)
+    print_summary(summary, console)
+
+
+def _announce_dataset(plan, data_dir: Path | None, console) -> None:
+    """Fall back to synthetic data -- loudly -- when the default plan's dataset is missing."""
+    if plan.dataset.name == "synthetic":
+        return
+    try:
+        from teefl.workload.datasets import load_dataset
+
+        load_dataset(plan.dataset, data_dir, seed=plan.seed)
+    except TeeflError as exc:
+        if plan.name != "default":
+            raise
+        console.print(f"[yellow]{exc}\nThe default plan falls back to a SYNTHETIC dataset "
+                      "(seeded, learnable) -- its accuracy says nothing about real data."
+                      "[/yellow]")
+        plan.dataset.name = "synthetic"
+
+
+def aggregator(
+    plan_path: Annotated[Path, typer.Option("--plan", help="Plan YAML.")],
+    run_dir: Annotated[Path | None, typer.Option(help="Run directory (default runs/<id>).")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Run id.")] = None,
+    listen: Annotated[str | None, typer.Option(help="Listen address (default network.listen "
+                                                     "or network.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default network.port).")] = None,
+    port_file: Annotated[Path | None, typer.Option(help="Write the bound port here.")] = None,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+) -> None:
+    """Run the aggregator of a federation (one party; collaborators join it over the network)."""
+    t_start = time.monotonic()
+    _logging(log_level)
+    _sigterm_as_interrupt()
+    from teefl.federation.aggregator import Aggregator
+    from teefl.federation.launcher import new_run_id
+    from teefl.federation.runinfo import security_config, update_run_json
+    from teefl.measure.events import EventRecorder
+    from teefl.measure.host import environment, tee_record, write_environment
+
+    plan = _load(plan_path)
+    rid = run_id or new_run_id(plan.name)
+    rdir = (run_dir or Path("runs") / rid).resolve()
+    rdir.mkdir(parents=True, exist_ok=True)
+    if not (rdir / "plan.yaml").exists():
+        (rdir / "plan.yaml").write_text(plan.to_yaml(), encoding="utf-8")
+    rec = EventRecorder(rdir, rid, "aggregator", "aggregator")
+    tee = tee_record()
+    write_environment(rdir, "aggregator", environment("aggregator", {"run": rid, "tee": tee}))
+    agg = Aggregator(plan, rdir, rid, rec)
+    update_run_json(
+        rdir, run_id=rid, name=plan.name, status="starting", started_wall=time.time(),
+        rounds=plan.federation.rounds, rounds_completed=0, model=plan.model.name,
+        dataset=plan.dataset.name, collaborators=plan.collaborators,
+        config=security_config(plan, tee), model_info=agg.model_info,
+    )
+    status = "failed"
+    try:
+        agg.serve(listen or plan.network.listen or plan.network.host,
+                  plan.network.port if port is None else port, port_file, t_start)
+        status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except TeeflError as exc:
+        update_run_json(rdir, error=str(exc))
+        raise
+    finally:
+        done = agg.round - 1 if not agg.done else plan.federation.rounds
+        update_run_json(rdir, status=status, finished_wall=time.time(),
+                        rounds_completed=min(done, plan.federation.rounds))
+        rec.close()
+
+
+def collaborator(
+    plan_path: Annotated[Path, typer.Option("--plan", help="Plan YAML.")],
+    name: Annotated[str, typer.Option(help="This collaborator's name (as listed in the plan).")],
+    address: Annotated[str | None, typer.Option(help="Aggregator host:port (default from the "
+                                                     "plan's network section).")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Where this party writes its events.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where datasets are read from.")] = None,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+) -> None:
+    """Run one collaborator: join the aggregator and take part in every round."""
+    _logging(log_level)
+    _sigterm_as_interrupt()
+    from teefl.federation.collaborator import Collaborator
+
+    plan = _load(plan_path)
+    addr = address or plan.address()
+    if addr.endswith(":0"):
+        raise TeeflError("the plan's network.port is 0 (pick-a-free-port); pass --address HOST:PORT")
+    rdir = (run_dir or Path("runs") / f"{plan.name}-{name}").resolve()
+    Collaborator(plan, name, addr, rdir, data_dir).run()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the federation commands to the teefl app."""
+    app.command("run")(run)
+    app.command("aggregator")(aggregator)
+    app.command("collaborator")(collaborator)

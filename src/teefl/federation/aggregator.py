@@ -1,0 +1,295 @@
+"""The aggregator: round state machine, streaming FedAvg, checkpoints and the final model.
+
+Why a condition variable and long polls instead of collaborators polling on a timer: a round opens
+the instant the last update is accumulated, and every waiting collaborator learns it within the
+same millisecond -- idle time shows up as ``wait`` on the collaborator, never as communication.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from teefl.errors import TeeflError
+from teefl.federation import codec, teefl_pb2, teefl_pb2_grpc
+from teefl.federation.fedavg import RunningFedAvg, UpdateRejected
+from teefl.federation.runinfo import update_run_json
+from teefl.federation.transport import bind, server_options
+from teefl.measure.events import EventRecorder
+from teefl.plan import Plan
+from teefl.workload.datasets import dataset_shape
+from teefl.workload.models import build_model
+
+log = logging.getLogger("teefl.aggregator")
+
+#: a long poll returns after this long with "nothing new", so dead connections surface
+WAIT_KEEPALIVE_S = 15.0
+
+
+def write_atomic(path: Path, data: bytes | bytearray) -> None:
+    """Temp file, fsync, rename: a crash leaves either the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Aggregator(teefl_pb2_grpc.FederationServicer):
+    """Holds the global model and runs rounds 1..R, then one final evaluation pass."""
+
+    def __init__(self, plan: Plan, run_dir: Path, run_id: str, recorder: EventRecorder) -> None:
+        self.plan, self.run_dir, self.run_id, self.rec = plan, Path(run_dir), run_id, recorder
+        self.rounds = plan.federation.rounds
+        self.names = list(plan.collaborators)
+        channels, _, _, classes = dataset_shape(plan.dataset)
+        model = build_model(plan.model.name, channels, classes, seed=plan.seed)
+        self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.model_dir = self.run_dir / "model"
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+
+        self.cond = threading.Condition()
+        self.round = 1  # the open round; rounds+1 is the final evaluation pass
+        self.done = False
+        self.failed: str | None = None
+        self.received: dict[str, dict[str, Any]] = {}
+        self.told_done: set[str] = set()
+        self.fedavg = RunningFedAvg(self.global_state)
+        self.round_opened = time.monotonic()
+        self._publish()
+        self.model_info = {
+            "parameters": int(sum(p.numel() for p in model.parameters())),
+            "size_bytes": len(self.payload),
+            "tensors": len(self.global_state),
+        }
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def evaluating(self) -> bool:
+        return self.round == self.rounds + 1
+
+    def _publish(self) -> None:
+        """Serialize the global model once per round; every download streams the same bytes."""
+        self.payload = codec.encode_state(self.global_state)
+        self.digest = codec.sha256(self.payload)
+        self.update_limit = len(self.payload) + (64 << 10)
+
+    def _known(self, name: str, context: grpc.ServicerContext) -> str:
+        from teefl.security.tls import IdentityError, authorize
+
+        try:
+            return authorize(context, name, self.names, self.plan.security.transport or "none")
+        except IdentityError as exc:
+            peer = context.peer()
+            log.warning("refused %s from %s: %s", name, peer, exc)
+            self.rec.info("refused", collaborator=name, peer=peer, reason=str(exc))
+            context.abort(exc.code, str(exc))
+            raise  # unreachable: abort raises
+
+    # -- RPCs --------------------------------------------------------------------------------
+    def Join(self, request: teefl_pb2.JoinRequest, context: grpc.ServicerContext):  # noqa: N802
+        name = self._known(request.collaborator, context)
+        log.info("%s joined from %s", name, context.peer())
+        self.rec.info("joined", collaborator=name, peer=context.peer())
+        return teefl_pb2.JoinReply(
+            run_id=self.run_id, rounds=self.rounds, current_round=self.round, nonce=os.urandom(32)
+        )
+
+    def WaitRound(self, request: teefl_pb2.WaitRequest, context: grpc.ServicerContext):  # noqa: N802
+        name = self._known(request.collaborator, context)
+        after = request.after_round
+        with self.cond:
+            self.cond.wait_for(
+                lambda: self.done or self.failed or self.round > after, timeout=WAIT_KEEPALIVE_S
+            )
+            if self.failed:
+                context.abort(grpc.StatusCode.ABORTED, f"run failed: {self.failed}")
+            if self.done:
+                self.told_done.add(name)
+                self.cond.notify_all()
+                return teefl_pb2.WaitReply(round=0, done=True)
+            if self.round > after:
+                return teefl_pb2.WaitReply(round=self.round, evaluate_only=self.evaluating)
+            return teefl_pb2.WaitReply(round=0)
+
+    def GetModel(self, request: teefl_pb2.ModelRequest, context: grpc.ServicerContext):  # noqa: N802
+        name = self._known(request.collaborator, context)
+        with self.cond:
+            if request.round != self.round or self.done:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"round {request.round} is not open (open round: {self.round})",
+                )
+            payload, digest, rnd = self.payload, self.digest, self.round
+        return self._stream(payload, digest, rnd, name)
+
+    def _stream(self, payload: bytes, digest: bytes, rnd: int, name: str) -> Iterator[Any]:
+        t0 = time.monotonic()
+        header = teefl_pb2.Header(
+            collaborator=name, round=rnd, total_size=len(payload), sha256=digest,
+            format=codec.FORMAT,
+        )
+        yield teefl_pb2.Chunk(header=header)
+        for piece in codec.iter_chunks(payload, self.plan.network.chunk_size):
+            yield teefl_pb2.Chunk(data=bytes(piece))
+        self.rec.record("serve_download", t0, time.monotonic(), round=rnd, bytes=len(payload),
+                        collaborator=name)
+
+    def PutUpdate(self, request_iterator, context: grpc.ServicerContext):  # noqa: N802
+        t0 = time.monotonic()
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "update stream must start with a header")
+        h = first.header
+        name = self._known(h.collaborator, context)
+        try:
+            ack = self._receive(name, h, first, request_iterator, t0)
+        except UpdateRejected as exc:
+            log.warning("rejected update of %s for round %d: %s", name, h.round, exc)
+            self.rec.info("update_rejected", collaborator=name, round=h.round, reason=str(exc))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"update rejected: {exc}")
+        return ack
+
+    def _receive(self, name: str, h, first, chunks, t0: float) -> teefl_pb2.UpdateAck:
+        with self.cond:
+            if h.round != self.round or self.done:
+                raise UpdateRejected(f"round {h.round} is not open (open round: {self.round})")
+            if name in self.received:
+                raise UpdateRejected(f"{name} already sent its update for round {h.round}")
+            evaluating = self.evaluating
+        if h.evaluate_only != evaluating:
+            raise UpdateRejected("metrics-only report outside the evaluation pass, or vice versa")
+        metrics = {k: float(v) for k, v in h.metrics.items()}
+        if evaluating:
+            if h.total_size or first.data or next(chunks, None) is not None:
+                raise UpdateRejected("evaluation report must not carry a payload")
+            return self._accept(name, h.round, None, int(h.num_samples), metrics, 0, t0)
+        if h.format != codec.FORMAT:
+            raise UpdateRejected(f"unsupported payload format {h.format!r}")
+        try:
+            asm = codec.Assembler(h.total_size, h.sha256, self.update_limit)
+            if first.data:
+                asm.add(first.data)
+            for chunk in chunks:
+                if chunk.HasField("header"):
+                    raise UpdateRejected("a second header inside the stream")
+                asm.add(chunk.data)
+            state = codec.decode_state(asm.finish())
+        except codec.PayloadError as exc:
+            raise UpdateRejected(str(exc)) from None
+        return self._accept(name, h.round, state, int(h.num_samples), metrics, h.total_size, t0)
+
+    def _accept(self, name, rnd, state, samples, metrics, nbytes, t0) -> teefl_pb2.UpdateAck:
+        with self.cond:
+            if rnd != self.round or name in self.received:
+                raise UpdateRejected(f"round {rnd} closed while the update was in transit")
+            if state is not None:
+                ta = time.monotonic()
+                self.fedavg.add(state, samples)
+                self.rec.record("aggregate", ta, time.monotonic(), round=rnd, collaborator=name)
+            self.received[name] = {"samples": samples, **metrics}
+            self.rec.record("receive_update", t0, time.monotonic(), round=rnd, bytes=nbytes,
+                            collaborator=name)
+            self.rec.info("update_accepted", collaborator=name, round=rnd)
+            log.info("round %d: update from %s (%d samples)", rnd, name, samples)
+            if len(self.received) == len(self.names):
+                self._close_round()
+            return teefl_pb2.UpdateAck(accepted=True, round=rnd, message="accepted")
+
+    def _close_round(self) -> None:
+        """Called with the lock held once every collaborator's update is in."""
+        rnd = self.round
+        self._write_metrics(rnd)
+        if self.evaluating:
+            self.done = True
+            self.rec.info("evaluation_done", round=rnd)
+            self.cond.notify_all()
+            return
+        with self.rec.span("aggregate", round=rnd, final=True):
+            self.global_state = self.fedavg.result()
+        with self.rec.span("checkpoint", round=rnd) as s:
+            self._publish()
+            target = self.model_dir / (
+                "final.safetensors" if rnd == self.rounds else f"round-{rnd:04d}.safetensors"
+            )
+            write_atomic(target, self.payload)
+            s["bytes"] = len(self.payload)
+        self.rec.info("round_closed", round=rnd)
+        if rnd == self.rounds:
+            self.rec.record("run", self.t_start, time.monotonic())
+            self.rec.info("final_model_written", path=str(target))
+        self.round += 1
+        self.received = {}
+        self.fedavg = RunningFedAvg(self.global_state)
+        self.round_opened = time.monotonic()
+        self.cond.notify_all()
+
+    def _write_metrics(self, rnd: int) -> None:
+        total = sum(m["samples"] for m in self.received.values()) or 1
+        keys = sorted({k for m in self.received.values() for k in m if k != "samples"})
+        weighted = {
+            k: sum(m.get(k, 0.0) * m["samples"] for m in self.received.values()) / total
+            for k in keys
+        }
+        line = {
+            "round": "final" if self.evaluating else rnd,
+            "collaborators": self.received,
+            "weighted": weighted,
+        }
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+    # -- serving -----------------------------------------------------------------------------
+    def serve(self, listen: str, port: int, port_file: Path | None = None,
+              t_start: float | None = None) -> None:
+        """Serve until the final evaluation is done and every collaborator was told so."""
+        self.t_start = t_start if t_start is not None else time.monotonic()
+        workers = max(8, 3 * len(self.names) + 4)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agg"),
+            options=server_options(self.plan),
+            maximum_concurrent_rpcs=None,
+        )
+        teefl_pb2_grpc.add_FederationServicer_to_server(self, server)
+        bound = bind(server, self.plan, listen, port)
+        server.start()
+        log.info("aggregator listening on %s:%d (transport %s)", listen, bound,
+                 self.plan.security.transport or "none")
+        if port_file is not None:
+            write_atomic(port_file, str(bound).encode())
+        update_run_json(self.run_dir, status="running", port=bound)
+        try:
+            self._supervise()
+        finally:
+            server.stop(grace=2.0).wait(5.0)
+
+    def _supervise(self) -> None:
+        timeout = self.plan.federation.round_timeout
+        with self.cond:
+            while not self.done:
+                self.cond.wait(timeout=1.0)
+                if not self.done and time.monotonic() - self.round_opened > timeout:
+                    missing = sorted(set(self.names) - set(self.received))
+                    self.failed = f"round {self.round} timed out waiting for {', '.join(missing)}"
+                    self.cond.notify_all()
+                    raise TeeflError(self.failed)
+            # let every collaborator hear that the run is over (bounded)
+            deadline = time.monotonic() + 10.0
+            while len(self.told_done) < len(self.names) and time.monotonic() < deadline:
+                self.cond.wait(timeout=0.2)
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Load a run's final global model (plain safetensors)."""
+    return codec.decode_state((Path(run_dir) / "model" / "final.safetensors").read_bytes())

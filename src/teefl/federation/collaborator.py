@@ -1,0 +1,207 @@
+"""A collaborator: joins once, then for each round downloads, validates, trains, validates, uploads.
+
+The channel is opened once and kept for the whole run (one TLS handshake, recorded as
+``connect``). The model comes down and the update goes up as one stream each.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from teefl.errors import TeeflError
+from teefl.federation import codec, teefl_pb2, teefl_pb2_grpc
+from teefl.federation.transport import open_channel
+from teefl.measure.events import EventRecorder
+from teefl.plan import Plan
+from teefl.workload.datasets import load_dataset
+from teefl.workload.models import build_model
+from teefl.workload.partition import collaborator_data
+from teefl.workload.train import configure_threads, evaluate, resolve_device, train_local
+
+log = logging.getLogger("teefl.collaborator")
+
+
+def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
+    return {f"{prefix}.{k}": float(v) for k, v in metrics.items() if k != "samples"}
+
+
+class Collaborator:
+    """One party holding a private shard of the data."""
+
+    def __init__(
+        self, plan: Plan, name: str, address: str, run_dir: Path, data_dir: Path | None = None
+    ) -> None:
+        if name not in plan.collaborators:
+            raise TeeflError(
+                f"collaborator {name!r} is not in the plan (plan lists: "
+                f"{', '.join(plan.collaborators)})"
+            )
+        self.plan, self.name, self.address = plan, name, address
+        self.run_dir, self.data_dir = Path(run_dir), data_dir
+        self.index = plan.collaborators.index(name)
+        self.process = f"collaborator-{name}"
+        self.rec: EventRecorder | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        plan = self.plan
+        self.threads = configure_threads(plan.training.threads)
+        self.device = resolve_device(plan.training.device)
+        data = load_dataset(plan.dataset, self.data_dir, seed=plan.seed)
+        self.dataset = data
+        self.x_train, self.y_train, self.x_test, self.y_test = collaborator_data(
+            data, self.index, len(plan.collaborators), plan.partition, plan.dataset, plan.seed
+        )
+        self.model = build_model(plan.model.name, data.channels, data.classes).to(self.device)
+
+    def run(self) -> str:
+        """Take part in the whole run; returns the run id."""
+        t0 = time.monotonic()
+        self._prepare()
+        t_data = time.monotonic()
+        channel = open_channel(self.plan, self.name, self.address)
+        t_conn = time.monotonic()
+        try:
+            stub = teefl_pb2_grpc.FederationStub(channel)
+            reply = self._call(stub.Join, teefl_pb2.JoinRequest(collaborator=self.name))
+            t_join = time.monotonic()
+            self.rec = EventRecorder(self.run_dir, reply.run_id, self.process, "collaborator")
+            self.rec.record("load_data", t0, t_data, bytes=0, samples=len(self.y_train))
+            self.rec.record("connect", t_data, t_conn)
+            self.rec.record("join", t_conn, t_join)
+            self._write_env(reply.run_id)
+            log.info("%s joined run %s (%d rounds)", self.name, reply.run_id, reply.rounds)
+            self._loop(stub, reply.rounds)
+            return reply.run_id
+        finally:
+            channel.close()
+            if self.rec is not None:
+                self.rec.close()
+
+    def _write_env(self, run_id: str) -> None:
+        from teefl.measure.host import environment, tee_record, write_environment
+
+        d = self.dataset
+        write_environment(
+            self.run_dir,
+            self.process,
+            environment(
+                "collaborator",
+                {
+                    "run": run_id,
+                    "name": self.name,
+                    "device": str(self.device),
+                    "threads": self.threads,
+                    "tee": tee_record(),
+                    "dataset": {
+                        "name": d.name,
+                        "source": d.source,
+                        "train_samples": int(len(d.y_train)),
+                        "test_samples": int(len(d.y_test)),
+                        "shape": list(d.x_train.shape[1:]),
+                        "classes": d.classes,
+                        "size_bytes": int(d.x_train.numel() + d.x_test.numel()),
+                        "shard_train": int(len(self.y_train)),
+                        "shard_test": int(len(self.y_test)),
+                    },
+                },
+            ),
+        )
+
+    def _call(self, method, request, **kw):
+        try:
+            return method(request, **kw)
+        except grpc.RpcError as exc:
+            raise TeeflError(f"aggregator refused {self.name}: {exc.details()}") from None
+
+    # -- rounds ------------------------------------------------------------------------------
+    def _loop(self, stub: teefl_pb2_grpc.FederationStub, rounds: int) -> None:
+        assert self.rec is not None
+        rec, last = self.rec, 0
+        while True:
+            with rec.span("wait", round=last + 1):
+                while True:
+                    w = self._call(stub.WaitRound, teefl_pb2.WaitRequest(
+                        collaborator=self.name, after_round=last))
+                    if w.done or w.round:
+                        break
+            if w.done:
+                log.info("%s: run complete", self.name)
+                return
+            r = w.round
+            phase = "final_download" if w.evaluate_only else "download"
+            with rec.span(phase, round=r) as s:
+                state, s["bytes"] = self._download(stub, r)
+                self.model.load_state_dict(state)
+            if w.evaluate_only:
+                with rec.span("final_validate", round=r) as s:
+                    m = evaluate(self.model, self.x_test, self.y_test,
+                                 self.plan.training.batch_size, self.device)
+                    s["metrics"] = m
+                log.info("%s: final model accuracy %.4f", self.name, m["accuracy"])
+                header = teefl_pb2.Header(
+                    collaborator=self.name, round=r, evaluate_only=True,
+                    num_samples=m["samples"], metrics=_flat("final", m), format=codec.FORMAT)
+                self._call(stub.PutUpdate, iter([teefl_pb2.Chunk(header=header)]))
+                last = r
+                continue
+            metrics = self._round(r)
+            with rec.span("serialize", round=r) as s:
+                payload = codec.encode_state(self.model.state_dict())
+                digest = codec.sha256(payload)
+                s["bytes"] = len(payload)
+            header = teefl_pb2.Header(
+                collaborator=self.name, round=r, total_size=len(payload), sha256=digest,
+                num_samples=len(self.y_train), metrics=metrics, format=codec.FORMAT)
+            with rec.span("upload", round=r) as s:
+                ack = self._call(stub.PutUpdate, self._upload_stream(header, payload))
+                s["bytes"] = len(payload)
+            log.info("%s: round %d/%d uploaded (%s)", self.name, r, rounds, ack.message)
+            last = r
+
+    def _round(self, r: int) -> dict[str, float]:
+        """Validate the global model, train, validate the local model (the OpenFL order)."""
+        assert self.rec is not None
+        rec, plan = self.rec, self.plan
+        bs = plan.training.batch_size
+        with rec.span("validate_global", round=r) as s:
+            vg = evaluate(self.model, self.x_test, self.y_test, bs, self.device)
+            s["metrics"], s["samples"] = vg, vg["samples"]
+        with rec.span("train", round=r) as s:
+            seed = plan.seed * 1_000_003 + self.index * 1009 + r
+            tr = train_local(self.model, self.x_train, self.y_train, plan.training,
+                             self.device, seed)
+            s["metrics"], s["samples"] = tr, tr["samples"]
+        with rec.span("validate_local", round=r) as s:
+            vl = evaluate(self.model, self.x_test, self.y_test, bs, self.device)
+            s["metrics"], s["samples"] = vl, vl["samples"]
+        log.info("%s: round %d global acc %.4f -> local acc %.4f", self.name, r,
+                 vg["accuracy"], vl["accuracy"])
+        return {**_flat("validate_global", vg), **_flat("train", tr), **_flat("validate_local", vl)}
+
+    def _upload_stream(self, header: teefl_pb2.Header, payload: bytes) -> Iterator[Any]:
+        yield teefl_pb2.Chunk(header=header)
+        for piece in codec.iter_chunks(payload, self.plan.network.chunk_size):
+            yield teefl_pb2.Chunk(data=bytes(piece))
+
+    def _download(self, stub, r: int) -> tuple[dict[str, torch.Tensor], int]:
+        stream = stub.GetModel(teefl_pb2.ModelRequest(collaborator=self.name, round=r))
+        try:
+            first = next(stream)
+            if not first.HasField("header"):
+                raise TeeflError("model stream did not start with a header")
+            h = first.header
+            asm = codec.Assembler(h.total_size, h.sha256, limit=1 << 40)
+            for chunk in stream:
+                asm.add(chunk.data)
+            payload = asm.finish()
+        except grpc.RpcError as exc:
+            raise TeeflError(f"download of round {r} failed: {exc.details()}") from None
+        return codec.decode_state(payload), h.total_size

@@ -1,0 +1,87 @@
+"""FedAvg as a running weighted sum.
+
+Why a running sum: the aggregator adds each update the moment it is checked, so its memory holds
+one accumulator (float64, for an order-independent result to float32 precision) plus the updates in
+flight -- not one copy per collaborator. Floating-point tensors (weights, BatchNorm running
+statistics) are averaged weighted by sample count; integer tensors such as BatchNorm's
+``num_batches_tracked`` are counters, not parameters: they are taken as is (the largest value
+reported, which is the same for every collaborator that ran the same number of steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from teefl.errors import TeeflError
+
+
+class UpdateRejected(TeeflError):
+    """An update that does not fit the global model; it never touches the running sum."""
+
+
+def check_update(
+    reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]
+) -> None:
+    """Names, shapes and dtypes must match the global model exactly; values must be finite."""
+    missing = reference.keys() - update.keys()
+    extra = update.keys() - reference.keys()
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {sorted(missing)[:3]}")
+        if extra:
+            parts.append(f"unknown tensors {sorted(extra)[:3]}")
+        raise UpdateRejected("update does not match the model: " + ", ".join(parts))
+    for name, ref in reference.items():
+        t = update[name]
+        if t.dtype != ref.dtype:
+            raise UpdateRejected(f"tensor {name}: dtype {t.dtype} instead of {ref.dtype}")
+        if t.shape != ref.shape:
+            raise UpdateRejected(
+                f"tensor {name}: shape {tuple(t.shape)} instead of {tuple(ref.shape)}"
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UpdateRejected(f"tensor {name}: contains NaN or Inf")
+
+
+class RunningFedAvg:
+    """Accumulates sample-weighted updates of one round; `result` gives the new global model."""
+
+    def __init__(self, reference: Mapping[str, torch.Tensor]) -> None:
+        self.reference = reference
+        self.sums: dict[str, torch.Tensor] = {}
+        self.total_samples = 0
+        self.count = 0
+        for name, ref in reference.items():
+            if ref.is_floating_point():
+                self.sums[name] = torch.zeros(ref.shape, dtype=torch.float64)
+            else:
+                self.sums[name] = torch.full(ref.shape, torch.iinfo(ref.dtype).min, dtype=ref.dtype)
+
+    def add(self, update: Mapping[str, torch.Tensor], num_samples: int) -> None:
+        """Check then add one update in place; a rejected update leaves the sum untouched."""
+        if num_samples <= 0:
+            raise UpdateRejected(f"sample count must be positive, got {num_samples}")
+        check_update(self.reference, update)
+        for name, acc in self.sums.items():
+            t = update[name]
+            if acc.is_floating_point():
+                acc.add_(t, alpha=num_samples)
+            else:
+                torch.maximum(acc, t, out=acc)
+        self.total_samples += num_samples
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.count == 0:
+            raise TeeflError("no update was accepted in this round")
+        out: dict[str, torch.Tensor] = {}
+        for name, acc in self.sums.items():
+            ref = self.reference[name]
+            if acc.is_floating_point():
+                out[name] = (acc / self.total_samples).to(ref.dtype)
+            else:
+                out[name] = acc.clone()
+        return out

@@ -1,0 +1,216 @@
+"""Start one aggregator and N collaborator processes on this host and watch them.
+
+Why real processes (not threads): each party must own its interpreter, memory and torch threads as
+it would on its own host (or inside its own enclave), so the timings mean what they say. The
+launcher reads the aggregator's event file to drive progress bars; it never talks gRPC itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from teefl.errors import TeeflError
+from teefl.plan import Plan
+
+POLL_S = 0.1
+
+
+def new_run_id(name: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    status: str
+    procs: list[Proc] = field(default_factory=list)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").rstrip().splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + t for t in text[-lines:])
+
+
+class _EventTail:
+    """Incrementally reads new complete lines of a JSON-lines file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.pos, self.buf = path, 0, ""
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                fh.seek(self.pos)
+                data = fh.read()
+                self.pos = fh.tell()
+        except FileNotFoundError:
+            return []
+        self.buf += data
+        *lines, self.buf = self.buf.split("\n")
+        out = []
+        for line in lines:
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+        return out
+
+
+def _spawn(name: str, argv: list[str], log: Path, env: dict[str, str]) -> Proc:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    popen = subprocess.Popen(
+        argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        start_new_session=True,
+    )
+    fh.close()
+    return Proc(name, popen, log)
+
+
+def _stop_all(procs: list[Proc], sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
+    for p in procs:
+        if p.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.popen.pid, sig)
+    deadline = time.monotonic() + wait
+    for p in procs:
+        try:
+            p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.popen.pid, signal.SIGKILL)
+            p.popen.wait()
+
+
+def launch(
+    plan: Plan,
+    run_dir: Path,
+    run_id: str,
+    *,
+    data_dir: Path | None = None,
+    console: Console | None = None,
+    progress: bool = True,
+    startup_timeout: float = 120.0,
+) -> RunResult:
+    """Run a whole federation as separate processes; returns once every process has exited."""
+    console = console or Console(stderr=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan_path = run_dir / "plan.yaml"
+    plan_path.write_text(plan.to_yaml(), encoding="utf-8")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    base = [sys.executable, "-m", "teefl"]
+    port_file = run_dir / "port"
+    port_file.unlink(missing_ok=True)
+    procs: list[Proc] = []
+    result = RunResult(run_id, run_dir, "failed", procs)
+    try:
+        procs.append(_spawn("aggregator", [
+            *base, "aggregator", "--plan", str(plan_path), "--run-dir", str(run_dir),
+            "--run-id", run_id, "--port-file", str(port_file)],
+            run_dir / "logs" / "aggregator.log", env))
+        port = _await_port(procs[0], port_file, startup_timeout)
+        address = f"{plan.network.host}:{port}"
+        extra = ["--data-dir", str(data_dir)] if data_dir else []
+        for name in plan.collaborators:
+            procs.append(_spawn(f"collaborator-{name}", [
+                *base, "collaborator", "--plan", str(plan_path), "--name", name,
+                "--address", address, "--run-dir", str(run_dir), *extra],
+                run_dir / "logs" / f"collaborator-{name}.log", env))
+        _watch(plan, run_dir, procs, console, progress)
+        result.status = "completed"
+        return result
+    except KeyboardInterrupt:
+        result.status = "interrupted"
+        console.print("[yellow]interrupted: stopping all processes[/yellow]")
+        raise
+    finally:
+        _stop_all(procs)
+        if result.status != "completed":
+            from teefl.federation.runinfo import read_run_json, update_run_json
+
+            if read_run_json(run_dir).get("status") in (None, "running"):
+                update_run_json(run_dir, status=result.status, finished_wall=time.time())
+
+
+def _await_port(agg: Proc, port_file: Path, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_file.exists():
+            text = port_file.read_text().strip()
+            if text:
+                return int(text)
+        if agg.popen.poll() is not None:
+            raise TeeflError(_failure(agg))
+        time.sleep(POLL_S)
+    raise TeeflError(f"the aggregator did not start listening within {timeout:.0f} s "
+                     f"(log: {agg.log})")
+
+
+def _failure(p: Proc) -> str:
+    # the child's own one-line error is the most useful thing to show
+    lines = _tail(p.log, 40).splitlines()
+    errors = [ln.strip() for ln in lines if ln.strip().startswith("error:")]
+    if errors:
+        return f"{p.name} failed: {errors[-1].removeprefix('error: ')}"
+    return f"{p.name} exited with code {p.popen.returncode}; last lines of {p.log}:\n" + "\n".join(
+        lines
+    )
+
+
+def _watch(plan: Plan, run_dir: Path, procs: list[Proc], console: Console, show: bool) -> None:
+    """Drive progress bars from the aggregator's events until every process has exited."""
+    rounds, n = plan.federation.rounds, len(plan.collaborators)
+    tail = _EventTail(run_dir / "events" / "aggregator.jsonl")
+    bars = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
+        console=console, disable=not show, transient=False,
+    )
+    tasks: dict[int, int] = {}
+
+    def task_for(r: int) -> int:
+        if r not in tasks:
+            label = "final evaluation" if r > rounds else f"round {r}/{rounds}"
+            tasks[r] = bars.add_task(label, total=n, note="updates")
+        return tasks[r]
+
+    with bars:
+        task_for(1)
+        while True:
+            for ev in tail.read():
+                what, r = ev.get("what"), ev.get("round")
+                if what == "update_accepted" and r:
+                    bars.advance(task_for(r))
+                elif what == "round_closed" and r:
+                    task_for(r + 1)
+                elif what == "refused":
+                    bars.console.print(f"[red]refused {ev.get('collaborator')}: "
+                                       f"{ev.get('reason')}[/red]")
+            codes = [p.popen.poll() for p in procs]
+            for p, code in zip(procs, codes, strict=True):
+                if code not in (None, 0):
+                    raise TeeflError(_failure(p))
+            if all(c == 0 for c in codes):
+                return
+            time.sleep(POLL_S)

@@ -1,0 +1,135 @@
+"""gRPC plumbing shared by both roles: options, server ports and client channels.
+
+Why one place: the aggregator and collaborators must agree on message limits and keepalive
+settings (a client pinging more often than the server allows gets its connection closed with
+``too_many_pings``), and the TLS/mTLS choice must be applied identically on both sides.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from teefl.errors import TeeflError
+from teefl.plan import Plan
+
+#: keepalive pings so a collaborator training for an hour is never mistaken for a dead peer
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def message_options(chunk_size: int) -> list[tuple[str, int]]:
+    limit = chunk_size + (1 << 20)  # a chunk plus its header and metrics
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+def server_options(plan: Plan) -> list[tuple[str, int]]:
+    return [
+        *message_options(plan.network.chunk_size),
+        *_KEEPALIVE,
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        # without this, a second server on the same port would bind silently (SO_REUSEPORT)
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def channel_options(plan: Plan) -> list[tuple[str, int | str]]:
+    return [*message_options(plan.network.chunk_size), *_KEEPALIVE]
+
+
+@dataclass(frozen=True)
+class ClientCerts:
+    ca: Path
+    cert: Path | None
+    key: Path | None
+
+
+def client_certs(plan: Plan, name: str) -> ClientCerts | None:
+    """The certificate files a collaborator uses under the plan's transport (None for none)."""
+    transport = plan.security.transport or "none"
+    if transport == "none":
+        return None
+    tls = plan.security.tls
+    assert tls.ca is not None  # guaranteed by plan validation
+    if transport == "tls":
+        return ClientCerts(tls.ca, None, None)
+    if tls.client_dir is None:
+        raise TeeflError("transport mtls needs security.tls.client_dir (collaborator certificates)")
+    return ClientCerts(tls.ca, tls.client_dir / f"{name}.crt", tls.client_dir / f"{name}.key")
+
+
+def bind(server: grpc.Server, plan: Plan, listen: str, port: int) -> int:
+    """Add the listening port with the plan's transport; returns the bound port."""
+    transport = plan.security.transport or "none"
+    target = f"{listen}:{port}"
+    try:
+        if transport == "none":
+            bound = server.add_insecure_port(target)
+        else:
+            from teefl.security.tls import server_credentials
+
+            tls = plan.security.tls
+            if tls.server_cert is None or tls.server_key is None:
+                raise TeeflError(
+                    f"transport {transport} needs security.tls.server_cert and server_key"
+                )
+            creds = server_credentials(
+                tls.ca, tls.server_cert, tls.server_key, require_client_cert=transport == "mtls"
+            )
+            bound = server.add_secure_port(target, creds)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise TeeflError(
+            f"cannot listen on {target}: the port is already in use or the address is not local"
+        )
+    return bound
+
+
+def open_channel(plan: Plan, name: str, address: str, timeout: float = 30.0) -> grpc.Channel:
+    """Open the one channel a collaborator keeps for the whole run, waiting until it is up.
+
+    The TLS handshake happens here, so the caller's ``connect`` span includes it.
+    """
+    certs = client_certs(plan, name)
+    options = channel_options(plan)
+    if certs is None:
+        channel = grpc.insecure_channel(address, options=options)
+    else:
+        from teefl.security.tls import channel_credentials
+
+        creds = channel_credentials(certs.ca, certs.cert, certs.key)
+        channel = grpc.secure_channel(address, creds, options=options)
+    deadline = time.monotonic() + timeout
+    try:
+        grpc.channel_ready_future(channel).result(timeout=max(0.1, deadline - time.monotonic()))
+    except grpc.FutureTimeoutError:
+        channel.close()
+        raise TeeflError(_connect_failure(plan, address, timeout)) from None
+    return channel
+
+
+def _connect_failure(plan: Plan, address: str, timeout: float) -> str:
+    transport = plan.security.transport or "none"
+    try:
+        from teefl.security.tls import classify_connect_error
+    except ImportError:  # pragma: no cover - tls module always ships
+        classify_connect_error = None
+    if classify_connect_error is not None:
+        try:
+            return classify_connect_error(
+                TimeoutError("channel not ready"), transport, address, plan.security.tls.ca
+            )
+        except Exception:  # diagnosis is best effort; fall through to the generic message
+            pass
+    return (
+        f"cannot reach the aggregator at {address} within {timeout:.0f} s "
+        f"(transport {transport}): is it running, and is the address right?"
+    )

@@ -1,0 +1,1 @@
+"""What it costs: timing events and the environment each process ran in."""

@@ -1,0 +1,244 @@
+"""The Plan: what to train, who takes part, which protections -- loaded from YAML and validated.
+
+Why pydantic with ``extra="forbid"``: a typo in a plan (``round: 3`` instead of ``rounds: 3``)
+must stop the run with the path of the offending key, not silently fall back to a default after
+an hour of training. `load_plan` turns every validation problem into one `TeeflError` line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from teefl.errors import TeeflError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    """Which network; ``channels``/``classes`` default to the dataset's."""
+
+    name: str = "small_cnn"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from teefl.workload.models import MODEL_NAMES
+
+        if v not in MODEL_NAMES:
+            raise ValueError(f"unknown model {v!r}; choose one of: {', '.join(MODEL_NAMES)}")
+        return v
+
+
+class SyntheticSpec(_Strict):
+    """Shape of the seeded synthetic dataset (used when ``dataset.name: synthetic``)."""
+
+    shape: tuple[int, int, int] = (1, 28, 28)
+    classes: int = Field(10, ge=2)
+    train_size: int = Field(6000, ge=1)
+    test_size: int = Field(1000, ge=1)
+
+
+class DatasetSpec(_Strict):
+    name: str = "fashion-mnist"
+    #: directory holding the files; else --data-dir, $TEEFL_DATA, /usr/share/datasets/<name>
+    root: Path | None = None
+    #: cap on training samples per collaborator (quick runs); None = the whole shard
+    max_samples_per_collaborator: int | None = Field(None, ge=1)
+    #: cap on test samples each collaborator evaluates on; None = its whole test shard
+    max_test_samples: int | None = Field(None, ge=1)
+    #: each collaborator evaluates on: its own shard of the test split, or the whole test split
+    test_split: Literal["shard", "full"] = "shard"
+    synthetic: SyntheticSpec = SyntheticSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from teefl.workload.datasets import DATASET_NAMES
+
+        if v not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(DATASET_NAMES)}")
+        return v
+
+
+class PartitionSpec(_Strict):
+    kind: Literal["iid", "dirichlet"] = "iid"
+    #: concentration of the Dirichlet split; small = very non-IID
+    alpha: float = Field(0.5, gt=0)
+
+
+class TrainingSpec(_Strict):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    #: torch intra-op threads per process; None = torch's default
+    threads: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class NetworkSpec(_Strict):
+    #: where collaborators connect (host name or IP of the aggregator)
+    host: str = "127.0.0.1"
+    #: TCP port; 0 = pick a free one (single-host runs only)
+    port: int = Field(0, ge=0, le=65535)
+    #: the address the aggregator listens on; defaults to ``host``
+    listen: str | None = None
+    #: payload bytes per gRPC stream message
+    chunk_size: int = Field(1 << 20, ge=1024, le=64 << 20)
+
+
+class TlsSpec(_Strict):
+    """Certificates for tls/mtls, paths relative to the plan file."""
+
+    ca: Path | None = None
+    #: aggregator's certificate and key
+    server_cert: Path | None = None
+    server_key: Path | None = None
+    #: directory holding <name>.crt / <name>.key for each collaborator
+    client_dir: Path | None = None
+
+
+class SecuritySpec(_Strict):
+    #: none | tls | mtls; None = mtls when certificates are configured, else an error asks
+    transport: Literal["none", "tls", "mtls"] | None = None
+    tls: TlsSpec = TlsSpec()
+
+
+class FederationSpec(_Strict):
+    rounds: int = Field(3, ge=1)
+    #: how long the aggregator waits for a round before giving up (seconds)
+    round_timeout: float = Field(3600.0, gt=0)
+
+
+class Plan(_Strict):
+    name: str = "teefl"
+    seed: int = 0
+    collaborators: list[str] = Field(default_factory=lambda: ["col1", "col2", "col3"])
+    federation: FederationSpec = FederationSpec()
+    model: ModelSpec = ModelSpec()
+    dataset: DatasetSpec = DatasetSpec()
+    partition: PartitionSpec = PartitionSpec()
+    training: TrainingSpec = TrainingSpec()
+    network: NetworkSpec = NetworkSpec()
+    security: SecuritySpec = SecuritySpec()
+
+    @field_validator("collaborators", mode="before")
+    @classmethod
+    def _count_or_names(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            if v < 1:
+                raise ValueError("need at least one collaborator")
+            return [f"col{i + 1}" for i in range(v)]
+        return v
+
+    @field_validator("collaborators")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("need at least one collaborator")
+        for name in v:
+            if not NAME_RE.match(name):
+                raise ValueError(
+                    f"collaborator name {name!r} must be 1-63 letters, digits, '.', '_' or '-'"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError("collaborator names must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Plan:
+        if self.security.transport == "none" or self.security.transport is None:
+            return self
+        if self.security.tls.ca is None:
+            raise ValueError(
+                f"security.transport is {self.security.transport!r} but security.tls.ca is not set"
+            )
+        return self
+
+    # -- helpers -----------------------------------------------------------------------------
+    @property
+    def rounds(self) -> int:
+        return self.federation.rounds
+
+    def address(self) -> str:
+        return f"{self.network.host}:{self.network.port}"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return f"invalid plan {source}: " + "; ".join(parts)
+
+
+def plan_from_dict(data: dict[str, Any], source: str = "(dict)", base: Path | None = None) -> Plan:
+    """Validate a plan given as a mapping; relative paths are resolved against ``base``."""
+    if not isinstance(data, dict):
+        raise TeeflError(f"invalid plan {source}: the top level must be a mapping of keys")
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as err:
+        raise TeeflError(_format_errors(err, source)) from None
+    if base is not None:
+        _resolve_paths(plan, base)
+    return plan
+
+
+def _resolve_paths(plan: Plan, base: Path) -> None:
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None or p.is_absolute() else (base / p).resolve()
+
+    plan.dataset.root = fix(plan.dataset.root)
+    tls = plan.security.tls
+    tls.ca, tls.server_cert, tls.server_key, tls.client_dir = (
+        fix(tls.ca),
+        fix(tls.server_cert),
+        fix(tls.server_key),
+        fix(tls.client_dir),
+    )
+
+
+def load_plan(path: Path | str) -> Plan:
+    """Load and validate a YAML plan file; every problem becomes one clear `TeeflError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TeeflError(f"plan file not found: {path}") from None
+    except OSError as exc:
+        raise TeeflError(f"cannot read plan {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise TeeflError(f"invalid plan {path}:{where}: malformed YAML ({problem})") from None
+    if data is None:
+        data = {}
+    return plan_from_dict(data, source=str(path), base=path.resolve().parent)
+
+
+def default_plan() -> Plan:
+    """The embedded default plan (see ``teefl/defaults/plan.yaml``)."""
+    from importlib.resources import files
+
+    text = files("teefl").joinpath("defaults/plan.yaml").read_text(encoding="utf-8")
+    return plan_from_dict(yaml.safe_load(text), source="(embedded default plan)")
