@@ -82,7 +82,7 @@ def run(
     result = launch(plan, run_dir, rid, data_dir=data_dir, console=console,
                     progress=not no_progress)
     summary = finish_run(result.run_dir)
-    print_summary(summary, console)
+    print_summary(summary, console, result.run_dir)
 
 
 def _announce_dataset(plan, data_dir: Path | None, console) -> None:

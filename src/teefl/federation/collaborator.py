@@ -136,12 +136,13 @@ class Collaborator:
                 log.info("%s: run complete", self.name)
                 return
             r = w.round
-            phase = "final_download" if w.evaluate_only else "download"
-            with rec.span(phase, round=r) as s:
+            # the final evaluation pass is not a training round: its spans carry no round number
+            phase, span_round = ("final_download", None) if w.evaluate_only else ("download", r)
+            with rec.span(phase, round=span_round) as s:
                 state, s["bytes"] = self._download(stub, r)
                 self.model.load_state_dict(state)
             if w.evaluate_only:
-                with rec.span("final_validate", round=r) as s:
+                with rec.span("final_validate") as s:
                     m = evaluate(self.model, self.x_test, self.y_test,
                                  self.plan.training.batch_size, self.device)
                     s["metrics"] = m

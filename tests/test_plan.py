@@ -1,0 +1,54 @@
+"""Plans: defaults, and one clear line for every kind of bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from teefl.errors import TeeflError
+from teefl.plan import default_plan, load_plan, plan_from_dict
+
+
+def test_default_plan_is_valid() -> None:
+    plan = default_plan()
+    assert len(plan.collaborators) == 3
+    assert plan.federation.rounds >= 1
+
+
+def test_collaborator_count_expands_to_names() -> None:
+    assert plan_from_dict({"collaborators": 2}).collaborators == ["col1", "col2"]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"federation": {"round": 3}}, "federation.round: unknown key"),
+        ({"model": {"name": "vgg99"}}, "model.name: unknown model 'vgg99'"),
+        ({"dataset": {"name": "imagenet"}}, "dataset.name: unknown dataset 'imagenet'"),
+        ({"training": {"lr": -1}}, "training.lr"),
+        ({"collaborators": ["a", "a"]}, "unique"),
+        ({"collaborators": ["bad name!"]}, "collaborator name"),
+        ({"security": {"transport": "tls"}}, "security.tls.ca is not set"),
+        ({"network": {"port": 70000}}, "network.port"),
+    ],
+)
+def test_bad_plans_name_the_key(data, message) -> None:
+    with pytest.raises(TeeflError) as info:
+        plan_from_dict(data, source="p.yaml")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("federation:\n  rounds: [1,\n")
+    with pytest.raises(TeeflError, match=r"malformed YAML"):
+        load_plan(bad)
+    with pytest.raises(TeeflError, match="plan file not found"):
+        load_plan(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_resolve_against_plan(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("dataset:\n  root: data\n")
+    assert load_plan(tmp_path / "p.yaml").dataset.root == (tmp_path / "data").resolve()
