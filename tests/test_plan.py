@@ -52,3 +52,8 @@ def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
 def test_relative_paths_resolve_against_plan(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text("dataset:\n  root: data\n")
     assert load_plan(tmp_path / "p.yaml").dataset.root == (tmp_path / "data").resolve()
+
+
+def test_absolute_paths_are_kept(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(f"dataset:\n  root: {tmp_path / 'abs'}\n")
+    assert load_plan(tmp_path / "p.yaml").dataset.root == tmp_path / "abs"

@@ -203,7 +203,9 @@ def plan_from_dict(data: dict[str, Any], source: str = "(dict)", base: Path | No
 
 def _resolve_paths(plan: Plan, base: Path) -> None:
     def fix(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else (base / p).resolve()
+        if p is None or p.is_absolute():
+            return p
+        return (base / p).resolve()
 
     plan.dataset.root = fix(plan.dataset.root)
     tls = plan.security.tls
