@@ -18,10 +18,22 @@ def _ref() -> dict[str, torch.Tensor]:
 
 def test_weighted_average_by_hand() -> None:
     agg = RunningFedAvg(_ref())
-    agg.add({"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "bn.running_mean": torch.tensor([1.0, 0.0]),
-             "bn.num_batches_tracked": torch.tensor(5)}, 1)
-    agg.add({"w": torch.tensor([[3.0, 6.0], [0.0, 8.0]]), "bn.running_mean": torch.tensor([4.0, 2.0]),
-             "bn.num_batches_tracked": torch.tensor(7)}, 3)
+    agg.add(
+        {
+            "w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+            "bn.running_mean": torch.tensor([1.0, 0.0]),
+            "bn.num_batches_tracked": torch.tensor(5),
+        },
+        1,
+    )
+    agg.add(
+        {
+            "w": torch.tensor([[3.0, 6.0], [0.0, 8.0]]),
+            "bn.running_mean": torch.tensor([4.0, 2.0]),
+            "bn.num_batches_tracked": torch.tensor(7),
+        },
+        3,
+    )
     out = agg.result()
     # (1*1 + 3*3)/4 = 2.5, (2 + 18)/4 = 5, (3 + 0)/4 = 0.75, (4 + 24)/4 = 7
     assert torch.equal(out["w"], torch.tensor([[2.5, 5.0], [0.75, 7.0]]))
@@ -46,22 +58,61 @@ def test_order_does_not_matter() -> None:
     ("update", "samples", "message"),
     [
         ({"w": torch.zeros(2, 3)}, 1, "missing tensors"),
-        ({"w": torch.zeros(2, 2), "bn.running_mean": torch.zeros(2),
-          "bn.num_batches_tracked": torch.tensor(0), "evil": torch.zeros(1)}, 1, "unknown tensors"),
-        ({"w": torch.zeros(2, 3), "bn.running_mean": torch.zeros(2),
-          "bn.num_batches_tracked": torch.tensor(0)}, 1, "shape"),
-        ({"w": torch.zeros(2, 2, dtype=torch.float64), "bn.running_mean": torch.zeros(2),
-          "bn.num_batches_tracked": torch.tensor(0)}, 1, "dtype"),
-        ({"w": torch.tensor([[0.0, float("nan")], [0, 0]]), "bn.running_mean": torch.zeros(2),
-          "bn.num_batches_tracked": torch.tensor(0)}, 1, "NaN or Inf"),
-        ({"w": torch.zeros(2, 2), "bn.running_mean": torch.zeros(2),
-          "bn.num_batches_tracked": torch.tensor(0)}, 0, "positive"),
+        (
+            {
+                "w": torch.zeros(2, 2),
+                "bn.running_mean": torch.zeros(2),
+                "bn.num_batches_tracked": torch.tensor(0),
+                "evil": torch.zeros(1),
+            },
+            1,
+            "unknown tensors",
+        ),
+        (
+            {
+                "w": torch.zeros(2, 3),
+                "bn.running_mean": torch.zeros(2),
+                "bn.num_batches_tracked": torch.tensor(0),
+            },
+            1,
+            "shape",
+        ),
+        (
+            {
+                "w": torch.zeros(2, 2, dtype=torch.float64),
+                "bn.running_mean": torch.zeros(2),
+                "bn.num_batches_tracked": torch.tensor(0),
+            },
+            1,
+            "dtype",
+        ),
+        (
+            {
+                "w": torch.tensor([[0.0, float("nan")], [0, 0]]),
+                "bn.running_mean": torch.zeros(2),
+                "bn.num_batches_tracked": torch.tensor(0),
+            },
+            1,
+            "NaN or Inf",
+        ),
+        (
+            {
+                "w": torch.zeros(2, 2),
+                "bn.running_mean": torch.zeros(2),
+                "bn.num_batches_tracked": torch.tensor(0),
+            },
+            0,
+            "positive",
+        ),
     ],
 )
 def test_bad_updates_leave_the_sum_untouched(update, samples, message) -> None:
     agg = RunningFedAvg(_ref())
-    good = {"w": torch.ones(2, 2), "bn.running_mean": torch.ones(2),
-            "bn.num_batches_tracked": torch.tensor(1)}
+    good = {
+        "w": torch.ones(2, 2),
+        "bn.running_mean": torch.ones(2),
+        "bn.num_batches_tracked": torch.tensor(1),
+    }
     agg.add(good, 2)
     with pytest.raises(UpdateRejected, match=message):
         agg.add(update, samples)

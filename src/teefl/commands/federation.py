@@ -34,7 +34,7 @@ def _logging(level: str) -> None:
 def _sigterm_as_interrupt() -> None:
     """SIGTERM (from the launcher or a scheduler) takes the same clean path as Ctrl-C."""
 
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
@@ -77,10 +77,13 @@ def run(
         f"transport {plan.security.transport or 'none'}\n  run directory: {run_dir}"
     )
     if (plan.security.transport or "none") == "none":
-        console.print("[yellow]warning: transport none -- model updates travel unencrypted and "
-                      "unauthenticated[/yellow]")
-    result = launch(plan, run_dir, rid, data_dir=data_dir, console=console,
-                    progress=not no_progress)
+        console.print(
+            "[yellow]warning: transport none -- model updates travel unencrypted and "
+            "unauthenticated[/yellow]"
+        )
+    result = launch(
+        plan, run_dir, rid, data_dir=data_dir, console=console, progress=not no_progress
+    )
     summary = finish_run(result.run_dir)
     print_summary(summary, console, result.run_dir)
 
@@ -96,9 +99,11 @@ def _announce_dataset(plan, data_dir: Path | None, console) -> None:
     except TeeflError as exc:
         if plan.name != "default":
             raise
-        console.print(f"[yellow]{exc}\nThe default plan falls back to a SYNTHETIC dataset "
-                      "(seeded, learnable) -- its accuracy says nothing about real data."
-                      "[/yellow]")
+        console.print(
+            f"[yellow]{exc}\nThe default plan falls back to a SYNTHETIC dataset "
+            "(seeded, learnable) -- its accuracy says nothing about real data."
+            "[/yellow]"
+        )
         plan.dataset.name = "synthetic"
 
 
@@ -106,8 +111,9 @@ def aggregator(
     plan_path: Annotated[Path, typer.Option("--plan", help="Plan YAML.")],
     run_dir: Annotated[Path | None, typer.Option(help="Run directory (default runs/<id>).")] = None,
     run_id: Annotated[str | None, typer.Option(help="Run id.")] = None,
-    listen: Annotated[str | None, typer.Option(help="Listen address (default network.listen "
-                                                     "or network.host).")] = None,
+    listen: Annotated[
+        str | None, typer.Option(help="Listen address (default network.listen or network.host).")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default network.port).")] = None,
     port_file: Annotated[Path | None, typer.Option(help="Write the bound port here.")] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
@@ -133,15 +139,27 @@ def aggregator(
     write_environment(rdir, "aggregator", environment("aggregator", {"run": rid, "tee": tee}))
     agg = Aggregator(plan, rdir, rid, rec)
     update_run_json(
-        rdir, run_id=rid, name=plan.name, status="starting", started_wall=time.time(),
-        rounds=plan.federation.rounds, rounds_completed=0, model=plan.model.name,
-        dataset=plan.dataset.name, collaborators=plan.collaborators,
-        config=security_config(plan, tee), model_info=agg.model_info,
+        rdir,
+        run_id=rid,
+        name=plan.name,
+        status="starting",
+        started_wall=time.time(),
+        rounds=plan.federation.rounds,
+        rounds_completed=0,
+        model=plan.model.name,
+        dataset=plan.dataset.name,
+        collaborators=plan.collaborators,
+        config=security_config(plan, tee),
+        model_info=agg.model_info,
     )
     status = "failed"
     try:
-        agg.serve(listen or plan.network.listen or plan.network.host,
-                  plan.network.port if port is None else port, port_file, t_start)
+        agg.serve(
+            listen or plan.network.listen or plan.network.host,
+            plan.network.port if port is None else port,
+            port_file,
+            t_start,
+        )
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -151,17 +169,25 @@ def aggregator(
         raise
     finally:
         done = agg.round - 1 if not agg.done else plan.federation.rounds
-        update_run_json(rdir, status=status, finished_wall=time.time(),
-                        rounds_completed=min(done, plan.federation.rounds))
+        update_run_json(
+            rdir,
+            status=status,
+            finished_wall=time.time(),
+            rounds_completed=min(done, plan.federation.rounds),
+        )
         rec.close()
 
 
 def collaborator(
     plan_path: Annotated[Path, typer.Option("--plan", help="Plan YAML.")],
     name: Annotated[str, typer.Option(help="This collaborator's name (as listed in the plan).")],
-    address: Annotated[str | None, typer.Option(help="Aggregator host:port (default from the "
-                                                     "plan's network section).")] = None,
-    run_dir: Annotated[Path | None, typer.Option(help="Where this party writes its events.")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Aggregator host:port (default from the plan's network section)."),
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Where this party writes its events.")
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where datasets are read from.")] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
 ) -> None:
@@ -173,7 +199,9 @@ def collaborator(
     plan = _load(plan_path)
     addr = address or plan.address()
     if addr.endswith(":0"):
-        raise TeeflError("the plan's network.port is 0 (pick-a-free-port); pass --address HOST:PORT")
+        raise TeeflError(
+            "the plan's network.port is 0 (pick-a-free-port); pass --address HOST:PORT"
+        )
     rdir = (run_dir or Path("runs") / f"{plan.name}-{name}").resolve()
     Collaborator(plan, name, addr, rdir, data_dir).run()
 

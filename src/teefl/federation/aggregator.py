@@ -98,7 +98,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             raise  # unreachable: abort raises
 
     # -- RPCs --------------------------------------------------------------------------------
-    def Join(self, request: teefl_pb2.JoinRequest, context: grpc.ServicerContext):  # noqa: N802
+    def Join(self, request: teefl_pb2.JoinRequest, context: grpc.ServicerContext):
         name = self._known(request.collaborator, context)
         log.info("%s joined from %s", name, context.peer())
         self.rec.info("joined", collaborator=name, peer=context.peer())
@@ -106,7 +106,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             run_id=self.run_id, rounds=self.rounds, current_round=self.round, nonce=os.urandom(32)
         )
 
-    def WaitRound(self, request: teefl_pb2.WaitRequest, context: grpc.ServicerContext):  # noqa: N802
+    def WaitRound(self, request: teefl_pb2.WaitRequest, context: grpc.ServicerContext):
         name = self._known(request.collaborator, context)
         after = request.after_round
         with self.cond:
@@ -123,7 +123,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 return teefl_pb2.WaitReply(round=self.round, evaluate_only=self.evaluating)
             return teefl_pb2.WaitReply(round=0)
 
-    def GetModel(self, request: teefl_pb2.ModelRequest, context: grpc.ServicerContext):  # noqa: N802
+    def GetModel(self, request: teefl_pb2.ModelRequest, context: grpc.ServicerContext):
         name = self._known(request.collaborator, context)
         with self.cond:
             if request.round != self.round or self.done:
@@ -137,20 +137,26 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
     def _stream(self, payload: bytes, digest: bytes, rnd: int, name: str) -> Iterator[Any]:
         t0 = time.monotonic()
         header = teefl_pb2.Header(
-            collaborator=name, round=rnd, total_size=len(payload), sha256=digest,
+            collaborator=name,
+            round=rnd,
+            total_size=len(payload),
+            sha256=digest,
             format=codec.FORMAT,
         )
         yield teefl_pb2.Chunk(header=header)
         for piece in codec.iter_chunks(payload, self.plan.network.chunk_size):
             yield teefl_pb2.Chunk(data=bytes(piece))
-        self.rec.record("serve_download", t0, time.monotonic(), round=rnd, bytes=len(payload),
-                        collaborator=name)
+        self.rec.record(
+            "serve_download", t0, time.monotonic(), round=rnd, bytes=len(payload), collaborator=name
+        )
 
-    def PutUpdate(self, request_iterator, context: grpc.ServicerContext):  # noqa: N802
+    def PutUpdate(self, request_iterator, context: grpc.ServicerContext):
         t0 = time.monotonic()
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "update stream must start with a header")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "update stream must start with a header"
+            )
         h = first.header
         name = self._known(h.collaborator, context)
         try:
@@ -199,8 +205,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 self.fedavg.add(state, samples)
                 self.rec.record("aggregate", ta, time.monotonic(), round=rnd, collaborator=name)
             self.received[name] = {"samples": samples, **metrics}
-            self.rec.record("receive_update", t0, time.monotonic(), round=rnd, bytes=nbytes,
-                            collaborator=name)
+            self.rec.record(
+                "receive_update", t0, time.monotonic(), round=rnd, bytes=nbytes, collaborator=name
+            )
             self.rec.info("update_accepted", collaborator=name, round=rnd)
             log.info("round %d: update from %s (%d samples)", rnd, name, samples)
             if len(self.received) == len(self.names):
@@ -251,8 +258,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             fh.write(json.dumps(line) + "\n")
 
     # -- serving -----------------------------------------------------------------------------
-    def serve(self, listen: str, port: int, port_file: Path | None = None,
-              t_start: float | None = None) -> None:
+    def serve(
+        self, listen: str, port: int, port_file: Path | None = None, t_start: float | None = None
+    ) -> None:
         """Serve until the final evaluation is done and every collaborator was told so."""
         self.t_start = t_start if t_start is not None else time.monotonic()
         workers = max(8, 3 * len(self.names) + 4)
@@ -264,8 +272,12 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         teefl_pb2_grpc.add_FederationServicer_to_server(self, server)
         bound = bind(server, self.plan, listen, port)
         server.start()
-        log.info("aggregator listening on %s:%d (transport %s)", listen, bound,
-                 self.plan.security.transport or "none")
+        log.info(
+            "aggregator listening on %s:%d (transport %s)",
+            listen,
+            bound,
+            self.plan.security.transport or "none",
+        )
         if port_file is not None:
             write_atomic(port_file, str(bound).encode())
         update_run_json(self.run_dir, status="running", port=bound)

@@ -103,13 +103,13 @@ class Collaborator:
                     "dataset": {
                         "name": d.name,
                         "source": d.source,
-                        "train_samples": int(len(d.y_train)),
-                        "test_samples": int(len(d.y_test)),
+                        "train_samples": len(d.y_train),
+                        "test_samples": len(d.y_test),
                         "shape": list(d.x_train.shape[1:]),
                         "classes": d.classes,
                         "size_bytes": int(d.x_train.numel() + d.x_test.numel()),
-                        "shard_train": int(len(self.y_train)),
-                        "shard_test": int(len(self.y_test)),
+                        "shard_train": len(self.y_train),
+                        "shard_test": len(self.y_test),
                     },
                 },
             ),
@@ -128,8 +128,10 @@ class Collaborator:
         while True:
             with rec.span("wait", round=last + 1):
                 while True:
-                    w = self._call(stub.WaitRound, teefl_pb2.WaitRequest(
-                        collaborator=self.name, after_round=last))
+                    w = self._call(
+                        stub.WaitRound,
+                        teefl_pb2.WaitRequest(collaborator=self.name, after_round=last),
+                    )
                     if w.done or w.round:
                         break
             if w.done:
@@ -143,13 +145,23 @@ class Collaborator:
                 self.model.load_state_dict(state)
             if w.evaluate_only:
                 with rec.span("final_validate") as s:
-                    m = evaluate(self.model, self.x_test, self.y_test,
-                                 self.plan.training.batch_size, self.device)
+                    m = evaluate(
+                        self.model,
+                        self.x_test,
+                        self.y_test,
+                        self.plan.training.batch_size,
+                        self.device,
+                    )
                     s["metrics"] = m
                 log.info("%s: final model accuracy %.4f", self.name, m["accuracy"])
                 header = teefl_pb2.Header(
-                    collaborator=self.name, round=r, evaluate_only=True,
-                    num_samples=m["samples"], metrics=_flat("final", m), format=codec.FORMAT)
+                    collaborator=self.name,
+                    round=r,
+                    evaluate_only=True,
+                    num_samples=m["samples"],
+                    metrics=_flat("final", m),
+                    format=codec.FORMAT,
+                )
                 self._call(stub.PutUpdate, iter([teefl_pb2.Chunk(header=header)]))
                 last = r
                 continue
@@ -159,8 +171,14 @@ class Collaborator:
                 digest = codec.sha256(payload)
                 s["bytes"] = len(payload)
             header = teefl_pb2.Header(
-                collaborator=self.name, round=r, total_size=len(payload), sha256=digest,
-                num_samples=len(self.y_train), metrics=metrics, format=codec.FORMAT)
+                collaborator=self.name,
+                round=r,
+                total_size=len(payload),
+                sha256=digest,
+                num_samples=len(self.y_train),
+                metrics=metrics,
+                format=codec.FORMAT,
+            )
             with rec.span("upload", round=r) as s:
                 ack = self._call(stub.PutUpdate, self._upload_stream(header, payload))
                 s["bytes"] = len(payload)
@@ -177,14 +195,20 @@ class Collaborator:
             s["metrics"], s["samples"] = vg, vg["samples"]
         with rec.span("train", round=r) as s:
             seed = plan.seed * 1_000_003 + self.index * 1009 + r
-            tr = train_local(self.model, self.x_train, self.y_train, plan.training,
-                             self.device, seed)
+            tr = train_local(
+                self.model, self.x_train, self.y_train, plan.training, self.device, seed
+            )
             s["metrics"], s["samples"] = tr, tr["samples"]
         with rec.span("validate_local", round=r) as s:
             vl = evaluate(self.model, self.x_test, self.y_test, bs, self.device)
             s["metrics"], s["samples"] = vl, vl["samples"]
-        log.info("%s: round %d global acc %.4f -> local acc %.4f", self.name, r,
-                 vg["accuracy"], vl["accuracy"])
+        log.info(
+            "%s: round %d global acc %.4f -> local acc %.4f",
+            self.name,
+            r,
+            vg["accuracy"],
+            vl["accuracy"],
+        )
         return {**_flat("validate_global", vg), **_flat("train", tr), **_flat("validate_local", vl)}
 
     def _upload_stream(self, header: teefl_pb2.Header, payload: bytes) -> Iterator[Any]:

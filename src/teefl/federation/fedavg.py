@@ -21,9 +21,7 @@ class UpdateRejected(TeeflError):
     """An update that does not fit the global model; it never touches the running sum."""
 
 
-def check_update(
-    reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]
-) -> None:
+def check_update(reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> None:
     """Names, shapes and dtypes must match the global model exactly; values must be finite."""
     missing = reference.keys() - update.keys()
     extra = update.keys() - reference.keys()

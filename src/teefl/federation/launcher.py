@@ -81,7 +81,11 @@ def _spawn(name: str, argv: list[str], log: Path, env: dict[str, str]) -> Proc:
     log.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
     popen = subprocess.Popen(
-        argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        argv,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
         start_new_session=True,
     )
     fh.close()
@@ -125,18 +129,49 @@ def launch(
     procs: list[Proc] = []
     result = RunResult(run_id, run_dir, "failed", procs)
     try:
-        procs.append(_spawn("aggregator", [
-            *base, "aggregator", "--plan", str(plan_path), "--run-dir", str(run_dir),
-            "--run-id", run_id, "--port-file", str(port_file)],
-            run_dir / "logs" / "aggregator.log", env))
+        procs.append(
+            _spawn(
+                "aggregator",
+                [
+                    *base,
+                    "aggregator",
+                    "--plan",
+                    str(plan_path),
+                    "--run-dir",
+                    str(run_dir),
+                    "--run-id",
+                    run_id,
+                    "--port-file",
+                    str(port_file),
+                ],
+                run_dir / "logs" / "aggregator.log",
+                env,
+            )
+        )
         port = _await_port(procs[0], port_file, startup_timeout)
         address = f"{plan.network.host}:{port}"
         extra = ["--data-dir", str(data_dir)] if data_dir else []
         for name in plan.collaborators:
-            procs.append(_spawn(f"collaborator-{name}", [
-                *base, "collaborator", "--plan", str(plan_path), "--name", name,
-                "--address", address, "--run-dir", str(run_dir), *extra],
-                run_dir / "logs" / f"collaborator-{name}.log", env))
+            procs.append(
+                _spawn(
+                    f"collaborator-{name}",
+                    [
+                        *base,
+                        "collaborator",
+                        "--plan",
+                        str(plan_path),
+                        "--name",
+                        name,
+                        "--address",
+                        address,
+                        "--run-dir",
+                        str(run_dir),
+                        *extra,
+                    ],
+                    run_dir / "logs" / f"collaborator-{name}.log",
+                    env,
+                )
+            )
         _watch(plan, run_dir, procs, console, progress)
         result.status = "completed"
         return result
@@ -163,8 +198,9 @@ def _await_port(agg: Proc, port_file: Path, timeout: float) -> int:
         if agg.popen.poll() is not None:
             raise TeeflError(_failure(agg))
         time.sleep(POLL_S)
-    raise TeeflError(f"the aggregator did not start listening within {timeout:.0f} s "
-                     f"(log: {agg.log})")
+    raise TeeflError(
+        f"the aggregator did not start listening within {timeout:.0f} s (log: {agg.log})"
+    )
 
 
 def _failure(p: Proc) -> str:
@@ -183,9 +219,14 @@ def _watch(plan: Plan, run_dir: Path, procs: list[Proc], console: Console, show:
     rounds, n = plan.federation.rounds, len(plan.collaborators)
     tail = _EventTail(run_dir / "events" / "aggregator.jsonl")
     bars = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
-        console=console, disable=not show, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show,
+        transient=False,
     )
     tasks: dict[int, int] = {}
 
@@ -205,8 +246,9 @@ def _watch(plan: Plan, run_dir: Path, procs: list[Proc], console: Console, show:
                 elif what == "round_closed" and r:
                     task_for(r + 1)
                 elif what == "refused":
-                    bars.console.print(f"[red]refused {ev.get('collaborator')}: "
-                                       f"{ev.get('reason')}[/red]")
+                    bars.console.print(
+                        f"[red]refused {ev.get('collaborator')}: {ev.get('reason')}[/red]"
+                    )
             codes = [p.popen.poll() for p in procs]
             for p, code in zip(procs, codes, strict=True):
                 if code not in (None, 0):

@@ -20,8 +20,19 @@ def _dataset_info(run_dir: Path) -> dict[str, Any] | None:
         except (OSError, json.JSONDecodeError):
             continue
         if ds:
-            return {k: ds[k] for k in ("name", "source", "train_samples", "test_samples", "shape",
-                                       "classes", "size_bytes") if k in ds}
+            return {
+                k: ds[k]
+                for k in (
+                    "name",
+                    "source",
+                    "train_samples",
+                    "test_samples",
+                    "shape",
+                    "classes",
+                    "size_bytes",
+                )
+                if k in ds
+            }
     return None
 
 
@@ -61,9 +72,14 @@ def print_summary(summary: dict[str, Any], console: Console, run_dir: Path) -> N
     comm = (summary.get("communication") or {}).get("per_collaborator", {})
     moved = (summary.get("bytes") or {}).get("per_collaborator", {})
     table = Table(title=f"teefl run {summary.get('run_id')} -- {summary.get('status')}")
-    for col, justify in (("collaborator", "left"), ("samples", "right"),
-                         ("final accuracy", "right"), ("final loss", "right"),
-                         ("comm. s/round (mean ± std)", "right"), ("MB moved", "right")):
+    for col, justify in (
+        ("collaborator", "left"),
+        ("samples", "right"),
+        ("final accuracy", "right"),
+        ("final loss", "right"),
+        ("comm. s/round (mean ± std)", "right"),
+        ("MB moved", "right"),
+    ):
         table.add_column(col, justify=justify)
     for name in summary.get("collaborators") or []:
         f = final.get(name, {})
@@ -75,7 +91,8 @@ def print_summary(summary: dict[str, Any], console: Console, run_dir: Path) -> N
             str(int(f["samples"])) if "samples" in f else "-",
             "-" if acc is None else f"{100 * acc:.2f} %",
             _fmt_s(f.get("final.loss")),
-            f"{_fmt_s(c.get('mean'))} ± {_fmt_s(c.get('std'))}" if c.get("mean") is not None
+            f"{_fmt_s(c.get('mean'))} ± {_fmt_s(c.get('std'))}"
+            if c.get("mean") is not None
             else "-",
             f"{(b.get('download', 0) + b.get('upload', 0)) / 1e6:.1f}" if b else "-",
         )

@@ -7,7 +7,6 @@ settings (a client pinging more often than the server allows gets its connection
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,29 +106,19 @@ def open_channel(plan: Plan, name: str, address: str, timeout: float = 30.0) -> 
 
         creds = channel_credentials(certs.ca, certs.cert, certs.key)
         channel = grpc.secure_channel(address, creds, options=options)
-    deadline = time.monotonic() + timeout
+    from teefl.security.tls import wait_for_channel
+
     try:
-        grpc.channel_ready_future(channel).result(timeout=max(0.1, deadline - time.monotonic()))
-    except grpc.FutureTimeoutError:
+        wait_for_channel(
+            channel,
+            target=address,
+            transport=plan.security.transport or "none",
+            ca=certs.ca if certs else None,
+            cert=certs.cert if certs else None,
+            key=certs.key if certs else None,
+            timeout=timeout,
+        )
+    except BaseException:
         channel.close()
-        raise TeeflError(_connect_failure(plan, address, timeout)) from None
+        raise
     return channel
-
-
-def _connect_failure(plan: Plan, address: str, timeout: float) -> str:
-    transport = plan.security.transport or "none"
-    try:
-        from teefl.security.tls import classify_connect_error
-    except ImportError:  # pragma: no cover - tls module always ships
-        classify_connect_error = None
-    if classify_connect_error is not None:
-        try:
-            return classify_connect_error(
-                TimeoutError("channel not ready"), transport, address, plan.security.tls.ca
-            )
-        except Exception:  # diagnosis is best effort; fall through to the generic message
-            pass
-    return (
-        f"cannot reach the aggregator at {address} within {timeout:.0f} s "
-        f"(transport {transport}): is it running, and is the address right?"
-    )

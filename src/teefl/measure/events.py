@@ -76,8 +76,8 @@ class EventRecorder:
         phase: str,
         t_start: float,
         t_end: float,
-        round: int | None = None,  # noqa: A002 - the brief's field name
-        bytes: int = 0,  # noqa: A002
+        round: int | None = None,
+        bytes: int = 0,
         **extra: Any,
     ) -> None:
         """Record a span whose start and end were measured by the caller (``time.monotonic``)."""
@@ -94,7 +94,7 @@ class EventRecorder:
         )
 
     @contextmanager
-    def span(self, phase: str, round: int | None = None, **extra: Any) -> Iterator[dict[str, Any]]:  # noqa: A002
+    def span(self, phase: str, round: int | None = None, **extra: Any) -> Iterator[dict[str, Any]]:
         """Time the body; the yielded dict may be filled with ``bytes`` and other extras."""
         info: dict[str, Any] = dict(extra)
         t0 = time.monotonic()
