@@ -1,0 +1,263 @@
+"""Gramine manifests and launch wrapping, with stand-in Gramine tools (Gramine is not installed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import teefl
+from teefl.errors import TeeflError
+from teefl.security.tee.gramine import render_manifest, sign_manifest, wrap_command
+
+PY = Path(sys.executable)
+
+
+def render(tmp_path: Path, **over: object) -> dict:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("name: t\n")
+    certs = tmp_path / "pki"
+    certs.mkdir(exist_ok=True)
+    (certs / "ca.pem").write_text("ca")
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    kwargs: dict = {
+        "python": PY,
+        "plan_path": plan,
+        "cert_paths": [certs / "ca.pem"],
+        "data_dirs": [data],
+        "run_dir": tmp_path / "runs" / "r1",
+        "sgx": True,
+        "threads": 8,
+        "argv": ["python", "-m", "teefl.cli", "aggregator", "--plan", str(plan)],
+        "checkpoint_dir": tmp_path / "runs" / "r1" / "checkpoints",
+    }
+    kwargs.update(over)
+    text = render_manifest("aggregator", **kwargs)
+    return tomllib.loads(text)
+
+
+def test_manifest_sgx_content(tmp_path: Path) -> None:
+    m = render(tmp_path)
+    interp = str(PY.resolve())
+    assert m["loader"]["entrypoint"]["uri"] == "file:{{ gramine.libos }}"
+    assert m["libos"]["entrypoint"] == interp
+    assert m["loader"]["argv"][0] == interp
+    assert m["loader"]["argv"][1:4] == ["-m", "teefl.cli", "aggregator"]
+    env = m["loader"]["env"]
+    assert env["OMP_NUM_THREADS"] == "8" and env["MKL_NUM_THREADS"] == "8"
+    assert env["MALLOC_ARENA_MAX"] == "1"
+    teefl_root = str(Path(teefl.__file__).resolve().parent.parent)
+    pythonpath = env["PYTHONPATH"].split(":")
+    assert teefl_root in pythonpath
+    site = Path(pytest.__file__).resolve().parent.parent  # this venv's site-packages
+    assert any(site.is_relative_to(p) for p in pythonpath)
+
+    sgx = m["sgx"]
+    assert sgx["remote_attestation"] == "dcap"
+    assert sgx["enclave_size"] == "16G" and sgx["max_threads"] == 64
+    assert sgx["debug"] is False
+    trusted = sgx["trusted_files"]
+    assert f"file:{interp}" in trusted
+    stdlib = Path(os.__file__).resolve().parent
+    assert any(stdlib.is_relative_to(t.removeprefix("file:")) for t in trusted)
+    assert any(Path(teefl_root).is_relative_to(t.removeprefix("file:")) for t in trusted)
+    allowed = sgx["allowed_files"]
+    assert f"file:{(tmp_path / 'plan.yaml')}" in allowed
+    assert f"file:{(tmp_path / 'pki' / 'ca.pem')}" in allowed
+    assert f"file:{(tmp_path / 'data')}/" in allowed
+    assert f"file:{(tmp_path / 'runs' / 'r1')}/" in allowed
+
+    mounts = m["fs"]["mounts"]
+    enc = [x for x in mounts if x.get("type") == "encrypted"]
+    assert enc == [
+        {
+            "type": "encrypted",
+            "path": str(tmp_path / "runs/r1/checkpoints"),
+            "uri": f"file:{tmp_path / 'runs/r1/checkpoints'}",
+            "key_name": "_sgx_mrenclave",
+        }
+    ]
+    assert mounts[0] == {"path": "/lib", "uri": "file:{{ gramine.runtimedir() }}"}
+    paths = [x["path"] for x in mounts]
+    assert len(paths) == len(set(paths))
+    # the run directory is under /tmp here, so a tmpfs /tmp (which would hide it) is left out
+    assert str(tmp_path).startswith("/tmp/") and "/tmp" not in paths
+    assert f"file:{tmp_path / 'plan.yaml'}" in [x["uri"] for x in mounts]
+    assert m["fs"]["start_dir"] == str(tmp_path / "runs" / "r1")
+
+
+def test_manifest_direct_has_no_dcap_and_no_sgx_key(tmp_path: Path) -> None:
+    m = render(tmp_path, sgx=False, enclave_size="4G", max_threads=32, threads=2)
+    assert "remote_attestation" not in m["sgx"]
+    assert m["sgx"]["enclave_size"] == "4G" and m["sgx"]["max_threads"] == 32
+    assert not [x for x in m["fs"]["mounts"] if x.get("type") == "encrypted"]
+    with pytest.raises(TeeflError, match="only under gramine-sgx"):
+        render(tmp_path, sgx=False, checkpoint_key_name="_sgx_mrsigner")
+    m2 = render(tmp_path, sgx=False, checkpoint_key_name="teefl_ckpt")
+    assert [x["key_name"] for x in m2["fs"]["mounts"] if x.get("type") == "encrypted"] == [
+        "teefl_ckpt"
+    ]
+
+
+def test_manifest_validation(tmp_path: Path) -> None:
+    with pytest.raises(TeeflError, match="max_threads 16 is too small"):
+        render(tmp_path, max_threads=16)
+    with pytest.raises(TeeflError, match="enclave size"):
+        render(tmp_path, enclave_size="lots")
+    with pytest.raises(TeeflError, match="Jinja"):
+        render(tmp_path, argv=["python", "{{ evil }}"])
+    with pytest.raises(TeeflError, match="unknown role"):
+        render_manifest(
+            "observer", python=PY, plan_path=None, run_dir=tmp_path, sgx=False, threads=1
+        )
+
+
+def test_manifest_escapes_strings(tmp_path: Path) -> None:
+    m = render(tmp_path, argv=["python", "-c", 'print("a\\b")\n'])
+    assert m["loader"]["argv"][2] == 'print("a\\b")\n'
+
+
+# ---------------------------------------------------------------------------------------------
+# wrap_command with stand-in Gramine tools
+# ---------------------------------------------------------------------------------------------
+
+# gramine-manifest stand-in: the real tool renders Jinja; our placeholders sit inside strings,
+# so a copy is a valid manifest for the stand-in launcher.
+FAKE_MANIFEST_TOOL = """#!/bin/sh
+echo "$@" >> "{log}"
+cp "$1" "$2"
+"""
+
+# gramine-direct stand-in: records its arguments, then does what Gramine does with the manifest:
+# run libos.entrypoint with loader.argv and loader.env (host arguments are ignored).
+FAKE_LAUNCHER = """#!/bin/sh
+printf '%s\\n' "$@" > "{log}"
+exec "{python}" -c '
+import os, sys, tomllib
+m = tomllib.load(open(sys.argv[1] + ".manifest", "rb"))
+env = dict(os.environ)
+env.update(m["loader"].get("env", {{}}))
+os.chdir(m["fs"]["start_dir"])
+os.execve(m["libos"]["entrypoint"], m["loader"]["argv"], env)
+' "$1"
+"""
+
+FAKE_SIGN = """#!/bin/sh
+echo "$@" >> "{log}"
+while [ $# -gt 0 ]; do
+  if [ "$1" = "--output" ]; then echo signed > "$2"; fi
+  shift
+done
+"""
+
+
+@pytest.fixture()
+def fake_gramine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    scripts = {
+        "gramine-manifest": FAKE_MANIFEST_TOOL.format(log=logs / "manifest.log"),
+        "gramine-direct": FAKE_LAUNCHER.format(log=logs / "direct.log", python=sys.executable),
+        "gramine-sgx": FAKE_LAUNCHER.format(log=logs / "sgx.log", python=sys.executable),
+        "gramine-sgx-sign": FAKE_SIGN.format(log=logs / "sign.log"),
+    }
+    for name, text in scripts.items():
+        path = bin_dir / name
+        path.write_text(text)
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    return logs
+
+
+CHILD = (
+    "import json, os, sys; "
+    "json.dump({'argv': sys.argv[1:], 'omp': os.environ.get('OMP_NUM_THREADS'), "
+    "'launcher': os.environ.get('TEEFL_LAUNCHER'), 'cwd': os.getcwd()}, "
+    "open(sys.argv[1], 'w'))"
+)
+
+
+def test_wrap_command_runs_python_under_stand_in(tmp_path: Path, fake_gramine: Path) -> None:
+    out = tmp_path / "child.json"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    argv = [sys.executable, "-c", CHILD, str(out), "hello world"]
+    cmd = wrap_command(
+        "gramine-direct",
+        argv,
+        tmp_path / "manifests",
+        role="collaborator",
+        name="collaborator-1",
+        run_dir=run_dir,
+        threads=3,
+    )
+    assert Path(cmd[0]).name == "gramine-direct"
+    assert cmd[1:] == [str(tmp_path / "manifests" / "collaborator-1")]
+    assert (tmp_path / "manifests" / "collaborator-1.manifest.template").is_file()
+    assert (tmp_path / "manifests" / "collaborator-1.manifest").is_file()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    child = json.loads(out.read_text())
+    assert child == {
+        "argv": [str(out), "hello world"],
+        "omp": "3",
+        "launcher": "gramine-direct",
+        "cwd": str(run_dir),
+    }
+    recorded = (fake_gramine / "direct.log").read_text().splitlines()
+    assert recorded == [str(tmp_path / "manifests" / "collaborator-1")]
+
+    # unchanged inputs: no second gramine-manifest run
+    wrap_command(
+        "gramine-direct",
+        argv,
+        tmp_path / "manifests",
+        name="collaborator-1",
+        run_dir=run_dir,
+        threads=3,
+    )
+    assert len((fake_gramine / "manifest.log").read_text().splitlines()) == 1
+
+
+def test_wrap_command_sgx_signs_once(tmp_path: Path, fake_gramine: Path) -> None:
+    argv = [sys.executable, "-c", "pass"]
+    mdir = tmp_path / "m"
+    cmd = wrap_command("gramine-sgx", argv, mdir, role="aggregator", run_dir=tmp_path)
+    assert Path(cmd[0]).name == "gramine-sgx" and cmd[1] == str(mdir / "aggregator")
+    assert (mdir / "aggregator.manifest.sgx").read_text().strip() == "signed"
+    manifest = tomllib.loads((mdir / "aggregator.manifest").read_text())
+    assert manifest["sgx"]["remote_attestation"] == "dcap"
+    wrap_command("gramine-sgx", argv, mdir, role="aggregator", run_dir=tmp_path)
+    assert len((fake_gramine / "sign.log").read_text().splitlines()) == 1
+    with pytest.raises(TeeflError, match="gramine-sgx-gen-private-key"):
+        sign_manifest(mdir / "aggregator.manifest", key=tmp_path / "missing.pem")
+
+
+def test_wrap_command_native_is_identity(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "teefl.cli", "--help"]
+    assert wrap_command("native", argv, tmp_path) == argv
+    assert not any(tmp_path.iterdir())
+
+
+def test_wrap_command_missing_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    with pytest.raises(TeeflError) as info:
+        wrap_command("gramine-direct", [sys.executable, "-c", "pass"], tmp_path / "m")
+    assert str(info.value) == (
+        "gramine-direct not found on PATH: install Gramine (https://gramine.readthedocs.io) "
+        "or use --launcher native"
+    )
+    with pytest.raises(TeeflError, match="gramine-sgx not found on PATH"):
+        wrap_command("gramine-sgx", [sys.executable], tmp_path / "m")
+    with pytest.raises(TeeflError, match="unknown launcher"):
+        wrap_command("docker", [sys.executable], tmp_path / "m")
