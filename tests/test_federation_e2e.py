@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedutil import FASHION, SYNTHETIC, final_accuracy, phases, run_dir_of, teefl, write_plan
 
+from fedutil import FASHION, SYNTHETIC, final_accuracy, phases, run_dir_of, teefl, write_plan
 from teefl.federation.aggregator import final_state
 
 #: every phase of the brief except `attest`, which exists only when attestation is on

@@ -29,7 +29,15 @@ def test_collaborator_count_expands_to_names() -> None:
         ({"training": {"lr": -1}}, "training.lr"),
         ({"collaborators": ["a", "a"]}, "unique"),
         ({"collaborators": ["bad name!"]}, "collaborator name"),
-        ({"security": {"transport": "tls"}}, "security.tls.ca is not set"),
+        (
+            {"security": {"transport": "none", "attestation": {"collaborators": "required"}}},
+            "needs transport tls or mtls",
+        ),
+        ({"security": {"at_rest": {"mode": "sealed"}}}, "key_file or key_env"),
+        (
+            {"security": {"attestation": {"policy": {"mrtd": ["zz"]}}}},
+            "security.attestation.policy",
+        ),
         ({"network": {"port": 70000}}, "network.port"),
     ],
 )
@@ -57,3 +65,15 @@ def test_relative_paths_resolve_against_plan(tmp_path: Path) -> None:
 def test_absolute_paths_are_kept(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(f"dataset:\n  root: {tmp_path / 'abs'}\n")
     assert load_plan(tmp_path / "p.yaml").dataset.root == tmp_path / "abs"
+
+
+def test_transport_must_be_chosen() -> None:
+    from teefl.plan import require_transport
+
+    with pytest.raises(TeeflError, match=r"does not choose security\.transport"):
+        require_transport(plan_from_dict({}))
+    with pytest.raises(TeeflError, match=r"tls\.ca is not set"):
+        require_transport(plan_from_dict({"security": {"transport": "tls"}}))
+    plan = plan_from_dict({"security": {"tls": {"ca": "/x/ca.crt"}}})
+    assert require_transport(plan) == "mtls"
+    assert require_transport(plan_from_dict({"security": {"transport": "none"}})) == "none"

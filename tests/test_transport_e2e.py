@@ -20,8 +20,9 @@ from teefl.security import pki
 
 def _run(tmp: Path, transport: str) -> Path:
     plan = write_plan(tmp / "plan.yaml", SYNTHETIC)
-    res = teefl("run", str(plan), "--transport", transport, "--runs-dir", "runs",
-                "--no-progress", cwd=tmp)
+    res = teefl(
+        "run", str(plan), "--transport", transport, "--runs-dir", "runs", "--no-progress", cwd=tmp
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     if transport != "none":
         assert "throwaway" in res.stdout
@@ -58,8 +59,9 @@ def _intrude(port: int, ca: Path, cert: Path, key: Path, claim: str) -> tuple[st
         except grpc.RpcError as exc:
             messages.append(exc.details())
         try:
-            for chunk in stub.GetModel(teefl_pb2.ModelRequest(collaborator=claim, round=1),
-                                       timeout=10):
+            for chunk in stub.GetModel(
+                teefl_pb2.ModelRequest(collaborator=claim, round=1), timeout=10
+            ):
                 received += len(chunk.data)
         except grpc.RpcError as exc:
             messages.append(exc.details())
@@ -80,14 +82,32 @@ def test_mtls_refuses_impostors_and_they_change_nothing(tmp_path: Path) -> None:
 
     issued = pki.issue_for_plan(load_plan(plan_path), tmp_path / "pki")
     pki.issue_collaborator(tmp_path / "pki", "mallory")  # same CA, not in the plan
-    data["security"] = {"transport": "mtls", "tls": {
-        "ca": str(issued.ca), "server_cert": str(issued.server_cert),
-        "server_key": str(issued.server_key), "client_dir": str(issued.client_dir)}}
+    data["security"] = {
+        "transport": "mtls",
+        "tls": {
+            "ca": str(issued.ca),
+            "server_cert": str(issued.server_cert),
+            "server_key": str(issued.server_key),
+            "client_dir": str(issued.client_dir),
+        },
+    }
     write_plan(plan_path, data)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "teefl", "run", str(plan_path), "--runs-dir", "runs",
-         "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+        [
+            sys.executable,
+            "-m",
+            "teefl",
+            "run",
+            str(plan_path),
+            "--runs-dir",
+            "runs",
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not list((tmp_path / "runs").glob("*/port")) and time.monotonic() < deadline:
@@ -98,8 +118,10 @@ def test_mtls_refuses_impostors_and_they_change_nothing(tmp_path: Path) -> None:
         assert msg == "certificate CN 'mallory' is not a collaborator of this plan" and got == 0
         # mallory claims to be col1
         msg, got = _intrude(port, issued.ca, cdir / "mallory.crt", cdir / "mallory.key", "col1")
-        assert msg == ("certificate CN 'mallory' does not match claimed collaborator name "
-                       "'col1'") and got == 0
+        assert (
+            msg == ("certificate CN 'mallory' does not match claimed collaborator name 'col1'")
+            and got == 0
+        )
         # col3 (a member) claims to be col1 to send a second update
         msg, got = _intrude(port, issued.ca, cdir / "col3.crt", cdir / "col3.key", "col1")
         assert "does not match claimed collaborator name 'col1'" in msg and got == 0
@@ -108,8 +130,9 @@ def test_mtls_refuses_impostors_and_they_change_nothing(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 0, out
     run = run_dir_of(tmp_path / "runs")
-    refused = [e for e in read_jsonl(run / "events" / "aggregator.jsonl")
-               if e.get("what") == "refused"]
+    refused = [
+        e for e in read_jsonl(run / "events" / "aggregator.jsonl") if e.get("what") == "refused"
+    ]
     assert len(refused) >= 6 and all(e["peer"].startswith("ipv4:127.0.0.1") for e in refused)
     a, b = final_state(base), final_state(run)
     assert all(torch.equal(a[k], b[k]) for k in a), "an impostor changed the global model"

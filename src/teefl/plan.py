@@ -107,10 +107,66 @@ class TlsSpec(_Strict):
     client_dir: Path | None = None
 
 
+class AttestationSpec(_Strict):
+    """Who must prove its TEE, with which evidence, judged by which policy.
+
+    Evidence is bound to the party's TLS key, so attestation needs transport tls or mtls.
+    """
+
+    #: the aggregator verifies every collaborator's evidence at join
+    collaborators: Literal["off", "required"] = "off"
+    #: every collaborator verifies the aggregator's evidence before downloading anything
+    aggregator: Literal["off", "required"] = "off"
+    #: where this host's evidence comes from; auto = configfs-tsm, else Gramine's /dev/attestation
+    provider: Literal["auto", "configfs-tsm", "gramine", "simulated"] = "auto"
+    #: the simulated provider proves nothing; it must be allowed explicitly (tests, demos)
+    allow_simulated: bool = False
+    #: DCAP collateral: a JSON file (offline) or a PCCS URL
+    collateral: Path | None = None
+    pccs_url: str | None = None
+    #: accepted TCB statuses and measurement allow-lists (see teefl.security.tee.verify.Policy)
+    policy: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from teefl.security.tee.verify import Policy
+
+        Policy.model_validate(v)  # errors carry the offending key
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return "required" in (self.collaborators, self.aggregator)
+
+
+class AtRestSpec(_Strict):
+    """Checkpoints and the final model: plain safetensors, or sealed with AES-256-GCM."""
+
+    mode: Literal["plain", "sealed"] = "plain"
+    #: the owner's key: a file (32 raw bytes or 64 hex) or an environment variable (hex)
+    key_file: Path | None = None
+    key_env: str | None = None
+
+
 class SecuritySpec(_Strict):
     #: none | tls | mtls; None = mtls when certificates are configured, else an error asks
     transport: Literal["none", "tls", "mtls"] | None = None
     tls: TlsSpec = TlsSpec()
+    attestation: AttestationSpec = AttestationSpec()
+    at_rest: AtRestSpec = AtRestSpec()
+
+
+class RuntimeSpec(_Strict):
+    """How each party is started, and what the host is (when detection cannot tell)."""
+
+    launcher: Literal["native", "gramine-direct", "gramine-sgx"] = "native"
+    #: a TEE label stated by the user (recorded as stated, never as detected)
+    tee_label: str | None = None
+    enclave_size: str = "16G"
+    max_threads: int = Field(64, ge=8)
+    #: gramine-sgx-sign key; None = Gramine's default key
+    sign_key: Path | None = None
 
 
 class FederationSpec(_Strict):
@@ -130,6 +186,7 @@ class Plan(_Strict):
     training: TrainingSpec = TrainingSpec()
     network: NetworkSpec = NetworkSpec()
     security: SecuritySpec = SecuritySpec()
+    runtime: RuntimeSpec = RuntimeSpec()
 
     @field_validator("collaborators", mode="before")
     @classmethod
@@ -156,12 +213,13 @@ class Plan(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:
-        if self.security.transport == "none" or self.security.transport is None:
-            return self
-        if self.security.tls.ca is None:
+        sec = self.security
+        if sec.attestation.enabled and sec.transport == "none":
             raise ValueError(
-                f"security.transport is {self.security.transport!r} but security.tls.ca is not set"
+                "security.attestation binds evidence to the TLS key: it needs transport tls or mtls"
             )
+        if sec.at_rest.mode == "sealed" and not (sec.at_rest.key_file or sec.at_rest.key_env):
+            raise ValueError("security.at_rest.mode sealed needs key_file or key_env")
         return self
 
     # -- helpers -----------------------------------------------------------------------------
@@ -174,6 +232,31 @@ class Plan(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def require_transport(plan: Plan) -> str:
+    """Settle the transport before anything listens or connects.
+
+    Why not in the validator: ``teefl run --transport mtls`` may still issue throwaway certificates
+    after loading, and a collaborator-only host has no server key to check.
+    """
+    sec = plan.security
+    if sec.transport is None:
+        if sec.tls.ca is None:
+            raise TeeflError(
+                "the plan does not choose security.transport: set none (unencrypted, a warning is "
+                "printed), tls or mtls -- or pass --transport"
+            )
+        sec.transport = "mtls"
+    if sec.transport != "none" and sec.tls.ca is None:
+        raise TeeflError(
+            f"security.transport is {sec.transport} but security.tls.ca is not set: run "
+            f"`teefl pki plan PLAN`, or `teefl run --transport {sec.transport}` for throwaway "
+            "certificates"
+        )
+    if sec.transport == "none" and sec.attestation.enabled:
+        raise TeeflError("security.attestation binds evidence to the TLS key: use tls or mtls")
+    return sec.transport
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -208,6 +291,9 @@ def _resolve_paths(plan: Plan, base: Path) -> None:
         return (base / p).resolve()
 
     plan.dataset.root = fix(plan.dataset.root)
+    plan.security.attestation.collateral = fix(plan.security.attestation.collateral)
+    plan.security.at_rest.key_file = fix(plan.security.at_rest.key_file)
+    plan.runtime.sign_key = fix(plan.runtime.sign_key)
     tls = plan.security.tls
     tls.ca, tls.server_cert, tls.server_key, tls.client_dir = (
         fix(tls.ca),

@@ -17,10 +17,16 @@ from teefl.errors import TeeflError
 PlanArg = Annotated[Path | None, typer.Argument(help="Plan YAML; omit for the embedded default.")]
 
 
-def _load(plan_path: Path | None):
+def _load(plan_path: Path | None, transport: str | None = None):
+    """Load the plan (or the embedded default), with ``--transport`` applied before checks."""
     from teefl.plan import default_plan, load_plan
 
-    return default_plan() if plan_path is None else load_plan(plan_path)
+    plan = default_plan() if plan_path is None else load_plan(plan_path)
+    if transport is not None:
+        if transport not in ("none", "tls", "mtls"):
+            raise TeeflError(f"--transport must be none, tls or mtls (got {transport!r})")
+        plan.security.transport = transport  # type: ignore[assignment]
+    return plan
 
 
 def _logging(level: str) -> None:
@@ -57,19 +63,21 @@ def run(
 
     from teefl.federation.launcher import launch, new_run_id
     from teefl.federation.report import finish_run, print_summary
+    from teefl.plan import require_transport
 
     console = Console()
-    plan = _load(plan_path)
+    plan = _load(plan_path, transport)
     if rounds is not None:
         plan.federation.rounds = rounds
     if collaborators is not None:
         plan.collaborators = [f"col{i + 1}" for i in range(collaborators)]
     rid = run_id or new_run_id(plan.name)
     run_dir = (runs_dir / rid).resolve()
-    if transport is not None:
-        from teefl.federation.setup import apply_transport
+    if (plan.security.transport or "none") != "none" and plan.security.tls.ca is None:
+        from teefl.federation.setup import issue_throwaway_pki
 
-        apply_transport(plan, transport, run_dir, console)
+        issue_throwaway_pki(plan, run_dir, console)
+    require_transport(plan)
     _announce_dataset(plan, data_dir, console)
     console.print(
         f"teefl run [bold]{rid}[/bold]: {len(plan.collaborators)} collaborators, "
@@ -127,8 +135,10 @@ def aggregator(
     from teefl.federation.runinfo import security_config, update_run_json
     from teefl.measure.events import EventRecorder
     from teefl.measure.host import environment, tee_record, write_environment
+    from teefl.plan import require_transport
 
     plan = _load(plan_path)
+    require_transport(plan)
     rid = run_id or new_run_id(plan.name)
     rdir = (run_dir or Path("runs") / rid).resolve()
     rdir.mkdir(parents=True, exist_ok=True)
@@ -195,8 +205,10 @@ def collaborator(
     _logging(log_level)
     _sigterm_as_interrupt()
     from teefl.federation.collaborator import Collaborator
+    from teefl.plan import require_transport
 
     plan = _load(plan_path)
+    require_transport(plan)
     addr = address or plan.address()
     if addr.endswith(":0"):
         raise TeeflError(

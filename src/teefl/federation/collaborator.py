@@ -126,14 +126,17 @@ class Collaborator:
         assert self.rec is not None
         rec, last = self.rec, 0
         while True:
-            with rec.span("wait", round=last + 1):
-                while True:
-                    w = self._call(
-                        stub.WaitRound,
-                        teefl_pb2.WaitRequest(collaborator=self.name, after_round=last),
-                    )
-                    if w.done or w.round:
-                        break
+            t_wait = time.monotonic()
+            while True:
+                w = self._call(
+                    stub.WaitRound, teefl_pb2.WaitRequest(collaborator=self.name, after_round=last)
+                )
+                if w.done or w.round:
+                    break
+            # a wait belongs to the training round it opened; waits for the evaluation pass or
+            # the end of the run carry no round so per-round statistics stay per round
+            training = bool(w.round) and not w.evaluate_only and not w.done
+            rec.record("wait", t_wait, time.monotonic(), round=w.round if training else None)
             if w.done:
                 log.info("%s: run complete", self.name)
                 return

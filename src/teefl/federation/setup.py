@@ -11,23 +11,18 @@ from pathlib import Path
 
 from rich.console import Console
 
-from teefl.errors import TeeflError
 from teefl.plan import Plan
 
 
-def apply_transport(plan: Plan, transport: str, run_dir: Path, console: Console) -> None:
-    """Set ``security.transport``; issue throwaway certificates into the run dir if none exist."""
-    if transport not in ("none", "tls", "mtls"):
-        raise TeeflError(f"--transport must be none, tls or mtls (got {transport!r})")
-    tls = plan.security.tls
-    if transport != "none" and tls.ca is None:
-        from teefl.security.pki import issue_for_plan
+def issue_throwaway_pki(plan: Plan, run_dir: Path, console: Console) -> None:
+    """Issue a fresh CA and certificates into ``run_dir/pki`` and point the plan at them."""
+    from teefl.security.pki import issue_for_plan
 
-        pki = issue_for_plan(plan, run_dir / "pki")
-        tls.ca, tls.server_cert, tls.server_key = pki.ca, pki.server_cert, pki.server_key
-        tls.client_dir = pki.client_dir
-        console.print(
-            f"no certificates configured: issued a throwaway CA and certificates for this run "
-            f"into {pki.directory} (use `teefl pki plan` for a real deployment)"
-        )
-    plan.security.transport = transport  # type: ignore[assignment]
+    pki = issue_for_plan(plan, run_dir / "pki")
+    tls = plan.security.tls
+    tls.ca, tls.server_cert, tls.server_key = pki.ca, pki.server_cert, pki.server_key
+    tls.client_dir = pki.client_dir
+    console.print(
+        f"no certificates configured: issued a throwaway CA and certificates for this run into "
+        f"{pki.directory} (use `teefl pki plan` for a real deployment)"
+    )
