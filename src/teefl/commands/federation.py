@@ -145,7 +145,7 @@ def aggregator(
     if not (rdir / "plan.yaml").exists():
         (rdir / "plan.yaml").write_text(plan.to_yaml(), encoding="utf-8")
     rec = EventRecorder(rdir, rid, "aggregator", "aggregator")
-    tee = tee_record()
+    tee = tee_record(plan.runtime.tee_label)
     write_environment(rdir, "aggregator", environment("aggregator", {"run": rid, "tee": tee}))
     agg = Aggregator(plan, rdir, rid, rec)
     update_run_json(

@@ -99,7 +99,7 @@ class Collaborator:
                     "name": self.name,
                     "device": str(self.device),
                     "threads": self.threads,
-                    "tee": tee_record(),
+                    "tee": tee_record(self.plan.runtime.tee_label),
                     "dataset": {
                         "name": d.name,
                         "source": d.source,

@@ -16,13 +16,23 @@ from teefl.plan import Plan
 
 
 def security_config(plan: Plan, tee: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The security axes of a run, as the overhead model names them."""
+    """The security axes of a run, as the overhead model names them.
+
+    The TEE label is the aggregator host's detection record (or the user's stated label, kept
+    as stated); it is never inferred from the plan's wishes.
+    """
     tee = tee or {}
+    att = plan.security.attestation
     return {
         "transport": plan.security.transport or "none",
-        "launcher": "native",
-        "attestation": "off",
-        "at_rest": "plain",
+        "launcher": plan.runtime.launcher,
+        "attestation": "required" if att.enabled else "off",
+        "attestation_detail": {
+            "collaborators": att.collaborators,
+            "aggregator": att.aggregator,
+            "provider": att.provider,
+        },
+        "at_rest": plan.security.at_rest.mode,
         "tee": tee.get("label", "none"),
         "tee_source": tee.get("source", "none"),
     }
