@@ -171,7 +171,10 @@ class RuntimeSpec(_Strict):
 
 class FederationSpec(_Strict):
     rounds: int = Field(3, ge=1)
-    #: how long the aggregator waits for a round before giving up (seconds)
+    #: a round closes when every collaborator's update is in, or -- once ``round_timeout``
+    #: seconds have passed -- with at least this many (None = all collaborators, no quorum)
+    min_collaborators: int | None = Field(None, ge=1)
+    #: seconds a round may stay open; then it closes with a quorum or the run fails
     round_timeout: float = Field(3600.0, gt=0)
 
 
@@ -213,6 +216,12 @@ class Plan(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:
+        quorum = self.federation.min_collaborators
+        if quorum is not None and quorum > len(self.collaborators):
+            raise ValueError(
+                f"federation.min_collaborators ({quorum}) exceeds the number of collaborators "
+                f"({len(self.collaborators)})"
+            )
         sec = self.security
         if sec.attestation.enabled and sec.transport == "none":
             raise ValueError(
@@ -256,6 +265,11 @@ def require_transport(plan: Plan) -> str:
         )
     if sec.transport == "none" and sec.attestation.enabled:
         raise TeeflError("security.attestation binds evidence to the TLS key: use tls or mtls")
+    if sec.attestation.collaborators == "required" and sec.transport != "mtls":
+        raise TeeflError(
+            "security.attestation.collaborators: required binds each collaborator's evidence to "
+            "its client certificate: it needs transport mtls"
+        )
     return sec.transport
 
 

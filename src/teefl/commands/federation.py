@@ -84,6 +84,13 @@ def run(
         f"{plan.federation.rounds} rounds, {plan.model.name} on {plan.dataset.name}, "
         f"transport {plan.security.transport or 'none'}\n  run directory: {run_dir}"
     )
+    att = plan.security.attestation
+    if att.enabled and (att.provider == "simulated" or att.allow_simulated):
+        console.print(
+            "[bold red]WARNING: SIMULATED ATTESTATION allowed -- evidence may be signed by a "
+            "software key; it proves nothing about the platform. For tests and demos only."
+            "[/bold red]"
+        )
     if (plan.security.transport or "none") == "none":
         console.print(
             "[yellow]warning: transport none -- model updates travel unencrypted and "

@@ -21,12 +21,13 @@ import grpc
 import torch
 
 from teefl.errors import TeeflError
-from teefl.federation import codec, teefl_pb2, teefl_pb2_grpc
+from teefl.federation import attest, codec, teefl_pb2, teefl_pb2_grpc
 from teefl.federation.fedavg import RunningFedAvg, UpdateRejected
 from teefl.federation.runinfo import update_run_json
 from teefl.federation.transport import bind, server_options
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
+from teefl.security.tls import IdentityError, authorize, peer_certificate_pem
 from teefl.workload.datasets import dataset_shape
 from teefl.workload.models import build_model
 
@@ -59,12 +60,20 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.model_dir = self.run_dir / "model"
         self.model_dir.mkdir(parents=True, exist_ok=True)
 
+        self._init_attestation()
+        at_rest = plan.security.at_rest
+        self.seal_key: bytes | None = None
+        if at_rest.mode == "sealed":
+            from teefl.security.sealed import load_key
+
+            self.seal_key = load_key(at_rest.key_file, at_rest.key_env)
         self.cond = threading.Condition()
         self.round = 1  # the open round; rounds+1 is the final evaluation pass
         self.done = False
         self.failed: str | None = None
         self.received: dict[str, dict[str, Any]] = {}
         self.told_done: set[str] = set()
+        self.joined: set[str] = set()
         self.fedavg = RunningFedAvg(self.global_state)
         self.round_opened = time.monotonic()
         self._publish()
@@ -73,6 +82,29 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             "size_bytes": len(self.payload),
             "tensors": len(self.global_state),
         }
+
+    def _store(self, target: Path, payload: bytes) -> Path:
+        """Write a checkpoint or the final model: plain, or sealed with the owner's key."""
+        if self.seal_key is None:
+            write_atomic(target, payload)
+            return target
+        from teefl.security.sealed import write_sealed
+
+        target = target.with_name(target.name + ".sealed")
+        write_sealed(target, payload, self.seal_key)
+        return target
+
+    def _init_attestation(self) -> None:
+        att = self.plan.security.attestation
+        self.attested: dict[str, str] = {}  # collaborator -> SHA-256 of its attested TLS key
+        self.nonces = attest.NonceBook()
+        self.verifier = attest.Verifier(att) if att.collaborators == "required" else None
+        self.provider = None
+        if att.aggregator == "required":
+            self.provider = attest.make_provider(att)
+            cert = self.plan.security.tls.server_cert
+            assert cert is not None  # require_transport + bind() guarantee a server certificate
+            self.own_spki = attest.spki_of_pem(Path(cert).read_bytes())
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -85,21 +117,106 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.digest = codec.sha256(self.payload)
         self.update_limit = len(self.payload) + (64 << 10)
 
-    def _known(self, name: str, context: grpc.ServicerContext) -> str:
-        from teefl.security.tls import IdentityError, authorize
+    def _refuse(self, context, name: str, code: grpc.StatusCode, reason: str):
+        peer = context.peer()
+        log.warning("refused %s from %s: %s", name, peer, reason)
+        self.rec.info("refused", collaborator=name, peer=peer, reason=reason)
+        context.abort(code, reason)
 
+    def _known(self, name: str, context: grpc.ServicerContext, attested: bool = True) -> str:
+        """Who this call may act as; with attestation, only over the attested TLS key."""
         try:
-            return authorize(context, name, self.names, self.plan.security.transport or "none")
+            name = authorize(context, name, self.names, self.plan.security.transport or "none")
         except IdentityError as exc:
-            peer = context.peer()
-            log.warning("refused %s from %s: %s", name, peer, exc)
-            self.rec.info("refused", collaborator=name, peer=peer, reason=str(exc))
-            context.abort(exc.code, str(exc))
-            raise  # unreachable: abort raises
+            self._refuse(context, name, exc.code, str(exc))
+        if attested and self.verifier is not None:
+            pem = peer_certificate_pem(context)
+            if (
+                self.attested.get(name) is None
+                or pem is None
+                or (attest.fingerprint(attest.spki_of_pem(pem)) != self.attested[name])
+            ):
+                self._refuse(
+                    context,
+                    name,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{name} has not passed attestation on this TLS key",
+                )
+        return name
+
+    def _peer_spki(self, context: grpc.ServicerContext) -> bytes | None:
+        pem = peer_certificate_pem(context)
+        return attest.spki_of_pem(pem) if pem else None
 
     # -- RPCs --------------------------------------------------------------------------------
+    def Challenge(self, request: teefl_pb2.ChallengeRequest, context: grpc.ServicerContext):
+        name = self._known(request.collaborator, context, attested=False)
+        reply = teefl_pb2.ChallengeReply(evidence_required=self.verifier is not None)
+        if self.verifier is not None:
+            reply.nonce = self.nonces.issue(name)
+        if request.want_evidence:
+            if self.provider is None:
+                self._refuse(
+                    context,
+                    name,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "this aggregator's plan does not provide attestation "
+                    "(security.attestation.aggregator is off)",
+                )
+            if len(request.nonce) != attest.NONCE_SIZE:
+                self._refuse(
+                    context,
+                    name,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"challenge nonce must be {attest.NONCE_SIZE} bytes",
+                )
+            with self.rec.span("attest", collaborator=name, evidence="own"):
+                ev = self.provider.get_evidence(
+                    attest.report_data_for(self.own_spki, request.nonce)
+                )
+            reply.aggregator_evidence.CopyFrom(attest.to_proto(ev))
+        return reply
+
+    def _verify_join(self, name: str, request, context: grpc.ServicerContext) -> None:
+        """Check a collaborator's evidence; refuse the call (and record why) if it fails."""
+        assert self.verifier is not None
+        t0 = time.monotonic()
+        record: dict[str, Any] = {
+            "collaborator": name,
+            "peer": context.peer(),
+            "t_wall": time.time(),
+        }
+        try:
+            if not request.HasField("evidence"):
+                raise attest.AttestationError("attestation required: Join carried no evidence")
+            nonce = self.nonces.take(name, request.nonce)
+            spki = self._peer_spki(context)
+            if spki is None:
+                raise attest.AttestationError(
+                    "attestation needs the collaborator's TLS certificate (transport mtls)"
+                )
+            evidence = attest.from_proto(request.evidence)
+            record.update(kind=evidence.kind, provider=evidence.provider)
+            verdict = self.verifier.verify(evidence, spki, nonce)
+        except TeeflError as exc:
+            record.update(accepted=False, reason=str(exc))
+            attest.write_verdict(self.run_dir, f"collaborator-{name}", record)
+            self.rec.record("attest", t0, time.monotonic(), collaborator=name, accepted=False)
+            self._refuse(context, name, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        record.update(accepted=True, verdict=verdict.to_dict())
+        attest.write_verdict(self.run_dir, f"collaborator-{name}", record)
+        self.attested[name] = attest.fingerprint(spki)
+        self.rec.record("attest", t0, time.monotonic(), collaborator=name, accepted=True)
+        log.info("%s attested (%s, %s)", name, verdict.tee_type, verdict.status)
+
     def Join(self, request: teefl_pb2.JoinRequest, context: grpc.ServicerContext):
-        name = self._known(request.collaborator, context)
+        name = self._known(request.collaborator, context, attested=False)
+        if self.verifier is not None:
+            self._verify_join(name, request, context)
+        with self.cond:
+            if not self.joined:  # round 1's clock starts when the federation does
+                self.round_opened = time.monotonic()
+            self.joined.add(name)
         log.info("%s joined from %s", name, context.peer())
         self.rec.info("joined", collaborator=name, peer=context.peer())
         return teefl_pb2.JoinReply(
@@ -230,7 +347,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             target = self.model_dir / (
                 "final.safetensors" if rnd == self.rounds else f"round-{rnd:04d}.safetensors"
             )
-            write_atomic(target, self.payload)
+            target = self._store(target, self.payload)
             s["bytes"] = len(self.payload)
         self.rec.info("round_closed", round=rnd)
         if rnd == self.rounds:
@@ -287,21 +404,44 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             server.stop(grace=2.0).wait(5.0)
 
     def _supervise(self) -> None:
+        """Enforce the round timeout: close with a quorum, or fail the run naming who is missing."""
         timeout = self.plan.federation.round_timeout
+        quorum = self.plan.federation.min_collaborators or len(self.names)
         with self.cond:
             while not self.done:
-                self.cond.wait(timeout=1.0)
-                if not self.done and time.monotonic() - self.round_opened > timeout:
-                    missing = sorted(set(self.names) - set(self.received))
-                    self.failed = f"round {self.round} timed out waiting for {', '.join(missing)}"
-                    self.cond.notify_all()
-                    raise TeeflError(self.failed)
+                self.cond.wait(timeout=0.5)
+                if self.done or time.monotonic() - self.round_opened <= timeout:
+                    continue
+                missing = sorted(set(self.names) - set(self.received))
+                if len(self.received) >= quorum and (self.received or self.evaluating):
+                    log.warning(
+                        "round %d closed on timeout with %d of %d updates; missing: %s",
+                        self.round,
+                        len(self.received),
+                        len(self.names),
+                        ", ".join(missing),
+                    )
+                    self.rec.info("round_quorum", round=self.round, missing=missing)
+                    self._close_round()
+                    continue
+                self.failed = (
+                    f"round {self.round} timed out after {timeout:g} s with "
+                    f"{len(self.received)} of {quorum} required updates; "
+                    f"missing: {', '.join(missing)}"
+                )
+                self.cond.notify_all()
+                raise TeeflError(self.failed)
             # let every collaborator hear that the run is over (bounded)
             deadline = time.monotonic() + 10.0
             while len(self.told_done) < len(self.names) and time.monotonic() < deadline:
                 self.cond.wait(timeout=0.2)
 
 
-def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    """Load a run's final global model (plain safetensors)."""
-    return codec.decode_state((Path(run_dir) / "model" / "final.safetensors").read_bytes())
+def final_state(run_dir: Path, key: bytes | None = None) -> dict[str, torch.Tensor]:
+    """Load a run's final global model (plain, or sealed when ``key`` is given)."""
+    model = Path(run_dir) / "model"
+    if key is not None:
+        from teefl.security.sealed import read_sealed
+
+        return codec.decode_state(read_sealed(model / "final.safetensors.sealed", key))
+    return codec.decode_state((model / "final.safetensors").read_bytes())

@@ -17,7 +17,7 @@ import torch
 
 from teefl.errors import TeeflError
 from teefl.federation import codec, teefl_pb2, teefl_pb2_grpc
-from teefl.federation.transport import open_channel
+from teefl.federation.transport import client_certs, open_channel
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
 from teefl.workload.datasets import load_dataset
@@ -48,6 +48,7 @@ class Collaborator:
         self.index = plan.collaborators.index(name)
         self.process = f"collaborator-{name}"
         self.rec: EventRecorder | None = None
+        self._aggregator_verdict: dict[str, Any] | None = None
 
     # -- set-up ------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -70,12 +71,21 @@ class Collaborator:
         t_conn = time.monotonic()
         try:
             stub = teefl_pb2_grpc.FederationStub(channel)
-            reply = self._call(stub.Join, teefl_pb2.JoinRequest(collaborator=self.name))
+            request = teefl_pb2.JoinRequest(collaborator=self.name)
+            att = self.plan.security.attestation
+            if att.enabled:
+                self._attest(stub, request)
+            reply = self._call(stub.Join, request)
             t_join = time.monotonic()
             self.rec = EventRecorder(self.run_dir, reply.run_id, self.process, "collaborator")
             self.rec.record("load_data", t0, t_data, bytes=0, samples=len(self.y_train))
             self.rec.record("connect", t_data, t_conn)
-            self.rec.record("join", t_conn, t_join)
+            # with attestation, Join carries the evidence: the whole exchange is `attest`
+            self.rec.record("attest" if att.enabled else "join", t_conn, t_join)
+            if self._aggregator_verdict is not None:
+                from teefl.federation.attest import write_verdict
+
+                write_verdict(self.run_dir, "aggregator", self._aggregator_verdict)
             self._write_env(reply.run_id)
             log.info("%s joined run %s (%d rounds)", self.name, reply.run_id, reply.rounds)
             self._loop(stub, reply.rounds)
@@ -84,6 +94,51 @@ class Collaborator:
             channel.close()
             if self.rec is not None:
                 self.rec.close()
+
+    def _attest(self, stub, request: teefl_pb2.JoinRequest) -> None:
+        """Challenge: check the aggregator's evidence (if required), bind ours to its nonce.
+
+        Nothing of the model is requested before this succeeds; the aggregator in turn refuses
+        every model call from a collaborator whose evidence it has not accepted.
+        """
+        import os
+
+        from teefl.federation import attest
+
+        att = self.plan.security.attestation
+        my_nonce = os.urandom(attest.NONCE_SIZE)
+        want = att.aggregator == "required"
+        reply = self._call(
+            stub.Challenge,
+            teefl_pb2.ChallengeRequest(collaborator=self.name, nonce=my_nonce, want_evidence=want),
+        )
+        if want:
+            tls = self.plan.security.tls
+            assert tls.ca is not None
+            record: dict[str, Any] = {"address": self.address, "t_wall": time.time()}
+            try:
+                if not reply.HasField("aggregator_evidence"):
+                    raise attest.AttestationError("the aggregator sent no evidence")
+                spki = attest.server_spki(self.address, tls.ca)
+                verdict = attest.Verifier(att).verify(
+                    attest.from_proto(reply.aggregator_evidence), spki, my_nonce
+                )
+            except TeeflError as exc:
+                record.update(accepted=False, reason=str(exc))
+                attest.write_verdict(self.run_dir, "aggregator", record)
+                raise TeeflError(f"aggregator attestation failed: {exc}") from None
+            record.update(accepted=True, verdict=verdict.to_dict())
+            self._aggregator_verdict = record
+        if reply.evidence_required:
+            certs = client_certs(self.plan, self.name)
+            if certs is None or certs.cert is None:
+                raise TeeflError("the aggregator requires attestation: use transport mtls")
+            spki = attest.spki_of_pem(certs.cert.read_bytes())
+            evidence = attest.make_provider(att).get_evidence(
+                attest.report_data_for(spki, reply.nonce)
+            )
+            request.evidence.CopyFrom(attest.to_proto(evidence))
+            request.nonce = reply.nonce
 
     def _write_env(self, run_id: str) -> None:
         from teefl.measure.host import environment, tee_record, write_environment

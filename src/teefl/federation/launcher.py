@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +78,15 @@ class _EventTail:
         return out
 
 
-def _spawn(name: str, argv: list[str], log: Path, env: dict[str, str]) -> Proc:
+def _spawn(
+    name: str,
+    argv: list[str],
+    log: Path,
+    env: dict[str, str],
+    wrap: Callable[[str, list[str]], list[str]] | None = None,
+) -> Proc:
+    if wrap is not None:
+        argv = wrap(name, argv)
     log.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
     popen = subprocess.Popen(
@@ -90,6 +99,44 @@ def _spawn(name: str, argv: list[str], log: Path, env: dict[str, str]) -> Proc:
     )
     fh.close()
     return Proc(name, popen, log)
+
+
+def _gramine(
+    plan: Plan, process: str, argv: list[str], run_dir: Path, data_dir: Path | None
+) -> list[str]:
+    """Start the process natively or under Gramine, as the plan's runtime.launcher says.
+
+    Under Gramine every party gets its own manifest (its arguments are measured into it); a
+    missing Gramine installation fails here, before the process starts, naming the binary.
+    """
+    launcher = plan.runtime.launcher
+    if launcher == "native":
+        return argv
+    from teefl.security.tee.gramine import wrap_command
+    from teefl.workload.datasets import resolve_root
+
+    role = "aggregator" if process == "aggregator" else "collaborator"
+    tls = plan.security.tls
+    certs = [p for p in (tls.ca, tls.server_cert, tls.server_key) if p is not None]
+    if tls.client_dir is not None and role == "collaborator":
+        name = process.removeprefix("collaborator-")
+        certs += [tls.client_dir / f"{name}.crt", tls.client_dir / f"{name}.key"]
+    data = [d for d in resolve_root(plan.dataset.name, plan.dataset.root, data_dir) if d.is_dir()]
+    return wrap_command(
+        launcher,
+        argv,
+        run_dir / "gramine",
+        role=role,
+        name=process,
+        plan_path=run_dir / "plan.yaml",
+        cert_paths=certs,
+        data_dirs=data if role == "collaborator" else [],
+        run_dir=run_dir,
+        threads=plan.training.threads or 1,
+        enclave_size=plan.runtime.enclave_size,
+        max_threads=plan.runtime.max_threads,
+        sign_key=plan.runtime.sign_key,
+    )
 
 
 def _stop_all(procs: list[Proc], sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
@@ -116,9 +163,20 @@ def launch(
     console: Console | None = None,
     progress: bool = True,
     startup_timeout: float = 120.0,
+    wrap: Callable[[str, list[str]], list[str]] | None = None,
 ) -> RunResult:
-    """Run a whole federation as separate processes; returns once every process has exited."""
+    """Run a whole federation as separate processes; returns once every process has exited.
+
+    ``wrap(process_name, argv) -> argv`` lets a caller start each process differently without a
+    launcher of its own -- e.g. `teefl bench` puts every party in its own network namespace
+    (``ip netns exec NS ...``). None starts the processes as they are.
+    """
     console = console or Console(stderr=True)
+
+    def spawn_wrap(process: str, argv: list[str]) -> list[str]:
+        argv = _gramine(plan, process, argv, run_dir, data_dir)  # innermost: the TEE runtime
+        return wrap(process, argv) if wrap is not None else argv
+
     run_dir.mkdir(parents=True, exist_ok=True)
     plan_path = run_dir / "plan.yaml"
     plan_path.write_text(plan.to_yaml(), encoding="utf-8")
@@ -146,6 +204,7 @@ def launch(
                 ],
                 run_dir / "logs" / "aggregator.log",
                 env,
+                spawn_wrap,
             )
         )
         port = _await_port(procs[0], port_file, startup_timeout)
@@ -170,6 +229,7 @@ def launch(
                     ],
                     run_dir / "logs" / f"collaborator-{name}.log",
                     env,
+                    spawn_wrap,
                 )
             )
         _watch(plan, run_dir, procs, console, progress)

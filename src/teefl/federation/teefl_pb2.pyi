@@ -6,17 +6,47 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class JoinRequest(_message.Message):
-    __slots__ = ("collaborator", "evidence_kind", "evidence", "nonce")
+class Evidence(_message.Message):
+    __slots__ = ("kind", "provider", "quote", "extra_json")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    QUOTE_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_JSON_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    provider: str
+    quote: bytes
+    extra_json: str
+    def __init__(self, kind: _Optional[str] = ..., provider: _Optional[str] = ..., quote: _Optional[bytes] = ..., extra_json: _Optional[str] = ...) -> None: ...
+
+class ChallengeRequest(_message.Message):
+    __slots__ = ("collaborator", "nonce", "want_evidence")
     COLLABORATOR_FIELD_NUMBER: _ClassVar[int]
-    EVIDENCE_KIND_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    WANT_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    collaborator: str
+    nonce: bytes
+    want_evidence: bool
+    def __init__(self, collaborator: _Optional[str] = ..., nonce: _Optional[bytes] = ..., want_evidence: _Optional[bool] = ...) -> None: ...
+
+class ChallengeReply(_message.Message):
+    __slots__ = ("nonce", "evidence_required", "aggregator_evidence")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATOR_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    evidence_required: bool
+    aggregator_evidence: Evidence
+    def __init__(self, nonce: _Optional[bytes] = ..., evidence_required: _Optional[bool] = ..., aggregator_evidence: _Optional[_Union[Evidence, _Mapping]] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("collaborator", "evidence", "nonce")
+    COLLABORATOR_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     collaborator: str
-    evidence_kind: str
-    evidence: bytes
+    evidence: Evidence
     nonce: bytes
-    def __init__(self, collaborator: _Optional[str] = ..., evidence_kind: _Optional[str] = ..., evidence: _Optional[bytes] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, collaborator: _Optional[str] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("run_id", "rounds", "current_round", "nonce")

@@ -34,6 +34,11 @@ class FederationStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Challenge = channel.unary_unary(
+                '/teefl.v1.Federation/Challenge',
+                request_serializer=teefl__pb2.ChallengeRequest.SerializeToString,
+                response_deserializer=teefl__pb2.ChallengeReply.FromString,
+                _registered_method=True)
         self.Join = channel.unary_unary(
                 '/teefl.v1.Federation/Join',
                 request_serializer=teefl__pb2.JoinRequest.SerializeToString,
@@ -58,6 +63,15 @@ class FederationStub:
 
 class FederationServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Challenge(self, request, context):
+        """Attestation handshake (only when the plan requires attestation): the aggregator hands out a
+        fresh nonce for the collaborator's evidence and, if asked, proves itself bound to the
+        collaborator's nonce. Returns no model data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Join(self, request, context):
         """First call of a collaborator: who it is (and, with attestation, its evidence). Nothing of the
@@ -92,6 +106,11 @@ class FederationServicer:
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Challenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Challenge,
+                    request_deserializer=teefl__pb2.ChallengeRequest.FromString,
+                    response_serializer=teefl__pb2.ChallengeReply.SerializeToString,
+            ),
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
                     request_deserializer=teefl__pb2.JoinRequest.FromString,
@@ -122,6 +141,33 @@ def add_FederationServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Federation:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Challenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/teefl.v1.Federation/Challenge',
+            teefl__pb2.ChallengeRequest.SerializeToString,
+            teefl__pb2.ChallengeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Join(request,

@@ -185,6 +185,11 @@ def _auth_value(context: grpc.ServicerContext, name: str) -> str | None:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def peer_certificate_pem(context: grpc.ServicerContext) -> str | None:
+    """PEM of the verified client certificate of this call (mtls), else None."""
+    return _auth_value(context, "x509_pem_cert")
+
+
 def tls_version(context: grpc.ServicerContext) -> str | None:
     """The negotiated protocol (``TLSv1.3``) of the call's connection; None on plaintext."""
     return _auth_value(context, "ssl_tls_version")

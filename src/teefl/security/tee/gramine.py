@@ -262,7 +262,9 @@ def render_manifest(
     add("loader.argv = [" + ", ".join(_toml_str(a) for a in args) + "]")
     add("")
     lib_file_dirs = [str(d) for d in dict.fromkeys(f.parent for f in layout.lib_files)]
-    ld_path = ":".join(dict.fromkeys(["/lib", arch, usr_arch, *lib_file_dirs]))
+    # the interpreter's own libpython first: with system directories first, a pyenv/conda
+    # Python would load the distribution's libpython of another patch level and fail
+    ld_path = ":".join(dict.fromkeys([*lib_file_dirs, "/lib", arch, usr_arch]))
     env = {
         "LD_LIBRARY_PATH": ld_path,
         "PYTHONPATH": ":".join(str(p) for p in layout.path_dirs),

@@ -1,0 +1,125 @@
+"""At-rest sealing and the Gramine launcher, end to end on loopback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedutil import SYNTHETIC, phases, run_dir_of, teefl, write_plan
+from teefl.federation.aggregator import final_state
+from teefl.security.sealed import load_key, read_sealed, write_key_file
+
+
+def test_sealed_run_stores_nothing_in_clear(tmp_path: Path) -> None:
+    write_key_file(tmp_path / "owner.key")
+    plain = tmp_path / "plain"
+    sealed = tmp_path / "sealed"
+    for d, extra in (
+        (plain, {}),
+        (sealed, {"at_rest": {"mode": "sealed", "key_file": str(tmp_path / "owner.key")}}),
+    ):
+        d.mkdir()
+        data = {**SYNTHETIC, "security": {"transport": "none", **extra}}
+        res = teefl(
+            "run",
+            str(write_plan(d / "plan.yaml", data)),
+            "--runs-dir",
+            "runs",
+            "--no-progress",
+            cwd=d,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+    run = run_dir_of(sealed / "runs")
+    files = sorted(p.name for p in (run / "model").iterdir())
+    assert files == ["final.safetensors.sealed", "round-0001.safetensors.sealed"], files
+    key = load_key(tmp_path / "owner.key")
+    # same seed, same training: the sealed final model decrypts to the plain run's bytes
+    clear = (run_dir_of(plain / "runs") / "model" / "final.safetensors").read_bytes()
+    assert read_sealed(run / "model" / "final.safetensors.sealed", key) == clear
+    out = tmp_path / "final.safetensors"
+    res = teefl(
+        "model",
+        "decrypt",
+        str(run / "model" / "final.safetensors.sealed"),
+        str(out),
+        "--key-file",
+        str(tmp_path / "owner.key"),
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes() == clear
+    assert final_state(run, key).keys() == final_state(run_dir_of(plain / "runs")).keys()
+
+
+STAND_IN = """#!/bin/sh
+# gramine-direct stand-in: record the arguments, then run what the manifest says
+echo "$@" >> "{log}"
+exec "{python}" -c '
+import os, sys, tomllib
+m = tomllib.load(open(sys.argv[1] + ".manifest", "rb"))
+env = dict(os.environ)
+env.update(m["loader"].get("env", {{}}))
+os.chdir(m["fs"]["start_dir"])
+os.execve(m["libos"]["entrypoint"], m["loader"]["argv"], env)
+' "$1"
+"""
+
+
+@pytest.fixture()
+def stand_in_gramine(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "gramine-direct.log"
+    (bin_dir / "gramine-direct").write_text(STAND_IN.format(log=log, python=sys.executable))
+    (bin_dir / "gramine-manifest").write_text('#!/bin/sh\ncp "$1" "$2"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, log
+
+
+def test_gramine_direct_launcher_wraps_every_party(tmp_path: Path, stand_in_gramine) -> None:
+    env, log = stand_in_gramine
+    data = {**SYNTHETIC, "runtime": {"launcher": "gramine-direct"}}
+    res = teefl(
+        "run",
+        str(write_plan(tmp_path / "plan.yaml", data)),
+        "--runs-dir",
+        "runs",
+        "--no-progress",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    run = run_dir_of(tmp_path / "runs")
+    calls = log.read_text().split()
+    assert sorted(Path(c).name for c in calls) == [
+        "aggregator",
+        "collaborator-col1",
+        "collaborator-col2",
+        "collaborator-col3",
+    ]
+    manifests = sorted(p.name for p in (run / "gramine").glob("*.manifest"))
+    assert len(manifests) == 4
+    assert "train" in phases(run)
+    import json
+
+    assert json.loads((run / "run.json").read_text())["config"]["launcher"] == "gramine-direct"
+
+
+def test_missing_gramine_is_one_clear_line(tmp_path: Path) -> None:
+    data = {**SYNTHETIC, "runtime": {"launcher": "gramine-sgx"}}
+    res = teefl(
+        "run",
+        str(write_plan(tmp_path / "plan.yaml", data)),
+        "--runs-dir",
+        "runs",
+        "--no-progress",
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    assert "gramine-sgx not found on PATH" in res.stderr
