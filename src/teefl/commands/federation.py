@@ -53,6 +53,12 @@ def run(
         int | None, typer.Option(help="Override the number of collaborators.")
     ] = None,
     transport: Annotated[str | None, typer.Option(help="none | tls | mtls")] = None,
+    launcher: Annotated[
+        str | None, typer.Option(help="native | gramine-direct | gramine-sgx")
+    ] = None,
+    tee_label: Annotated[
+        str | None, typer.Option(help="State the TEE of this host (recorded as stated).")
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where datasets are read from.")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Parent of run directories.")] = Path("runs"),
     run_id: Annotated[str | None, typer.Option(help="Run id (default: time-name-random).")] = None,
@@ -67,6 +73,14 @@ def run(
 
     console = Console()
     plan = _load(plan_path, transport)
+    if launcher is not None:
+        if launcher not in ("native", "gramine-direct", "gramine-sgx"):
+            raise TeeflError(
+                f"--launcher must be native, gramine-direct or gramine-sgx (got {launcher!r})"
+            )
+        plan.runtime.launcher = launcher  # type: ignore[assignment]
+    if tee_label is not None:
+        plan.runtime.tee_label = tee_label
     if rounds is not None:
         plan.federation.rounds = rounds
     if collaborators is not None:
