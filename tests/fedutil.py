@@ -65,3 +65,118 @@ def phases(run_dir: Path) -> set[str]:
     for f in (run_dir / "events").glob("*.jsonl"):
         out |= {e["phase"] for e in read_jsonl(f) if e["type"] == "span"}
     return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Parties:
+    """Aggregator and collaborators started one by one (for crash and hostile-peer tests)."""
+
+    def __init__(self, plan: Path, run_dir: Path, log: Path) -> None:
+        self.plan, self.run_dir, self.log = plan, run_dir, log
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._fh = open(log, "a")  # noqa: SIM115 - closed in stop()
+
+    def _start(self, key: str, argv: list[str], env: dict[str, str] | None) -> subprocess.Popen:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "teefl", *argv],
+            stdout=self._fh,
+            stderr=self._fh,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        self.procs[key] = p
+        return p
+
+    def aggregator(self) -> subprocess.Popen:
+        return self._start(
+            "aggregator",
+            [
+                "aggregator",
+                "--plan",
+                str(self.plan),
+                "--run-dir",
+                str(self.run_dir),
+                "--run-id",
+                "rel",
+            ],
+            None,
+        )
+
+    def collaborator(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        return self._start(
+            name,
+            [
+                "collaborator",
+                "--plan",
+                str(self.plan),
+                "--name",
+                name,
+                "--run-dir",
+                str(self.run_dir),
+            ],
+            env,
+        )
+
+    def wait_running(self, timeout: float = 60) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if json.loads((self.run_dir / "run.json").read_text()).get("status") == "running":
+                    return
+            except (OSError, json.JSONDecodeError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError("aggregator did not start:\n" + self.log.read_text()[-3000:])
+
+    def wait_event(self, pred, timeout: float = 120) -> dict[str, Any]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        path = self.run_dir / "events" / "aggregator.jsonl"
+        while time.monotonic() < deadline:
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    try:
+                        ev = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if pred(ev):
+                        return ev
+            time.sleep(0.02)
+        raise AssertionError("event not seen:\n" + self.log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        self._fh.close()
+
+
+def replay_matches_checkpoints(run_dir: Path, rounds: int) -> None:
+    """Every round's checkpoint equals the FedAvg of that round's accepted updates alone."""
+    import torch
+
+    from teefl.federation import codec
+    from teefl.federation.durable import RoundStore
+    from teefl.federation.fedavg import RunningFedAvg
+
+    store = RoundStore(run_dir, keep=True)
+    for r in range(1, rounds + 1):
+        saved = store.load_updates(r)
+        assert saved, f"no kept updates for round {r}"
+        ckpt = codec.decode_state((run_dir / "model" / f"round-{r:04d}.safetensors").read_bytes())
+        agg = RunningFedAvg(ckpt)
+        for u in saved:
+            agg.add(codec.decode_state(u.payload), int(u.meta["samples"]))
+        replay = agg.result()
+        for k, t in ckpt.items():
+            assert torch.equal(replay[k], t), f"round {r}: {k} differs from the replay"

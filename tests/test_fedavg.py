@@ -118,3 +118,23 @@ def test_bad_updates_leave_the_sum_untouched(update, samples, message) -> None:
         agg.add(update, samples)
     assert agg.count == 1 and agg.total_samples == 2
     assert torch.equal(agg.result()["w"], torch.ones(2, 2))
+
+
+def test_median_and_trimmed_mean_resist_an_outlier() -> None:
+    from teefl.federation.fedavg import make_aggregator
+
+    ref = {"w": torch.zeros(3)}
+    values = [1.0, 2.0, 3.0, 4.0, 1000.0]
+    med = make_aggregator(ref, "median")
+    trim = make_aggregator(ref, "trimmed_mean", trim_ratio=0.2)
+    avg = make_aggregator(ref, "fedavg")
+    for v in values:
+        for agg in (med, trim, avg):
+            agg.add({"w": torch.full((3,), v)}, 10)
+    assert torch.equal(med.result()["w"], torch.full((3,), 3.0))
+    assert torch.equal(trim.result()["w"], torch.full((3,), 3.0))  # mean of 2, 3, 4
+    assert avg.result()["w"][0].item() == pytest.approx(202.0)
+    even = make_aggregator(ref, "median")
+    for v in (1.0, 2.0, 3.0, 10.0):
+        even.add({"w": torch.full((3,), v)}, 1)
+    assert torch.equal(even.result()["w"], torch.full((3,), 2.5))

@@ -34,7 +34,8 @@ def test_sealed_run_stores_nothing_in_clear(tmp_path: Path) -> None:
         assert res.returncode == 0, res.stdout + res.stderr
     run = run_dir_of(sealed / "runs")
     files = sorted(p.name for p in (run / "model").iterdir())
-    assert files == ["final.safetensors.sealed", "round-0001.safetensors.sealed"], files
+    assert files == ["final.safetensors.sealed", "round-0001.safetensors.sealed",
+                     "round-0002.safetensors.sealed"], files
     key = load_key(tmp_path / "owner.key")
     # same seed, same training: the sealed final model decrypts to the plain run's bytes
     clear = (run_dir_of(plain / "runs") / "model" / "final.safetensors").read_bytes()

@@ -174,8 +174,25 @@ class FederationSpec(_Strict):
     #: a round closes when every collaborator's update is in, or -- once ``round_timeout``
     #: seconds have passed -- with at least this many (None = all collaborators, no quorum)
     min_collaborators: int | None = Field(None, ge=1)
-    #: seconds a round may stay open; then it closes with a quorum or the run fails
+    #: seconds a round may stay open; then it closes with a quorum or the run fails. A transfer
+    #: that is still moving bytes is waited for (see idle_timeout)
     round_timeout: float = Field(3600.0, gt=0)
+    #: an upload that moves no byte for this long is cut off (a dead peer, not a slow one)
+    idle_timeout: float = Field(120.0, gt=0)
+    #: a collaborator keeps reconnecting to an unreachable aggregator for this long (seconds)
+    reconnect_timeout: float = Field(600.0, gt=0)
+    #: largest sample count one update may claim (so nobody can dominate FedAvg by claiming
+    #: a billion samples)
+    max_samples_per_update: int = Field(1_000_000, ge=1)
+    #: fedavg (streaming, constant memory) | median | trimmed_mean (coordinate-wise, robust to
+    #: outliers; they keep every update of the round in memory)
+    aggregation: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    #: fraction trimmed at each end by trimmed_mean
+    trim_ratio: float = Field(0.1, ge=0, lt=0.5)
+    #: updates received and decoded at once; more uploads wait in gRPC flow control
+    max_inflight_updates: int = Field(4, ge=1)
+    #: keep every accepted update on disk after its round (audit / replay); else deleted
+    keep_updates: bool = False
 
 
 class Plan(_Strict):

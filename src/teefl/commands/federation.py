@@ -153,28 +153,43 @@ def aggregator(
     _sigterm_as_interrupt()
     from teefl.federation.aggregator import Aggregator
     from teefl.federation.launcher import new_run_id
-    from teefl.federation.runinfo import security_config, update_run_json
+    from teefl.federation.runinfo import (
+        first_anchor,
+        read_run_json,
+        security_config,
+        update_run_json,
+    )
     from teefl.measure.events import EventRecorder
     from teefl.measure.host import environment, tee_record, write_environment
     from teefl.plan import require_transport
 
     plan = _load(plan_path)
     require_transport(plan)
-    rid = run_id or new_run_id(plan.name)
+    previous = read_run_json(run_dir) if run_dir is not None else {}
+    if previous.get("status") == "completed":
+        raise TeeflError(f"run {run_dir} is already completed; start a new run directory")
+    rid = run_id or previous.get("run_id") or new_run_id(plan.name)
     rdir = (run_dir or Path("runs") / rid).resolve()
     rdir.mkdir(parents=True, exist_ok=True)
     if not (rdir / "plan.yaml").exists():
         (rdir / "plan.yaml").write_text(plan.to_yaml(), encoding="utf-8")
+    # a restarted aggregator continues the same run: T still counts from the first start
+    anchor = first_anchor(rdir / "events" / "aggregator.jsonl")
+    if anchor is not None:
+        t_start = anchor
     rec = EventRecorder(rdir, rid, "aggregator", "aggregator")
     tee = tee_record(plan.runtime.tee_label)
     write_environment(rdir, "aggregator", environment("aggregator", {"run": rid, "tee": tee}))
     agg = Aggregator(plan, rdir, rid, rec)
+    if agg.resumed_from is not None:
+        rec.info("resumed", completed_round=agg.resumed_from, round=agg.round)
     update_run_json(
         rdir,
         run_id=rid,
         name=plan.name,
         status="starting",
-        started_wall=time.time(),
+        started_wall=previous.get("started_wall", time.time()),
+        restarts=previous.get("restarts", -1) + 1,
         rounds=plan.federation.rounds,
         rounds_completed=0,
         model=plan.model.name,

@@ -22,7 +22,8 @@ import torch
 
 from teefl.errors import TeeflError
 from teefl.federation import attest, codec, teefl_pb2, teefl_pb2_grpc
-from teefl.federation.fedavg import RunningFedAvg, UpdateRejected
+from teefl.federation.durable import RoundStore, write_atomic
+from teefl.federation.fedavg import UpdateRejected, check_update, make_aggregator
 from teefl.federation.runinfo import update_run_json
 from teefl.federation.transport import bind, server_options
 from teefl.measure.events import EventRecorder
@@ -37,14 +38,16 @@ log = logging.getLogger("teefl.aggregator")
 WAIT_KEEPALIVE_S = 15.0
 
 
-def write_atomic(path: Path, data: bytes | bytearray) -> None:
-    """Temp file, fsync, rename: a crash leaves either the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+class StaleUpdate(UpdateRejected):
+    """An update for a round that is closed (or not open yet): refused, never counted."""
+
+
+def _has_unknown_fields(msg: Any) -> bool:
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    return len(UnknownFieldSet(msg)) > 0 or (
+        msg.HasField("header") and len(UnknownFieldSet(msg.header)) > 0
+    )
 
 
 class Aggregator(teefl_pb2_grpc.FederationServicer):
@@ -61,12 +64,14 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.model_dir.mkdir(parents=True, exist_ok=True)
 
         self._init_attestation()
+        fed = plan.federation
         at_rest = plan.security.at_rest
         self.seal_key: bytes | None = None
         if at_rest.mode == "sealed":
             from teefl.security.sealed import load_key
 
             self.seal_key = load_key(at_rest.key_file, at_rest.key_env)
+        self.store = RoundStore(self.run_dir, self.seal_key, keep=fed.keep_updates)
         self.cond = threading.Condition()
         self.round = 1  # the open round; rounds+1 is the final evaluation pass
         self.done = False
@@ -74,25 +79,49 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.received: dict[str, dict[str, Any]] = {}
         self.told_done: set[str] = set()
         self.joined: set[str] = set()
-        self.fedavg = RunningFedAvg(self.global_state)
-        self.round_opened = time.monotonic()
-        self._publish()
+        self.persisting: set[str] = set()  # updates being written to disk, not yet counted
+        #: uploads in progress: collaborator -> (time of its last chunk, its RPC context)
+        self.inflight: dict[str, tuple[float, grpc.ServicerContext]] = {}
+        self.slots = threading.BoundedSemaphore(fed.max_inflight_updates)
+        self.active = self.peak_active = 0  # updates being received right now, and the peak
         self.model_info = {
             "parameters": int(sum(p.numel() for p in model.parameters())),
-            "size_bytes": len(self.payload),
+            "size_bytes": len(codec.encode_state(self.global_state)),
             "tensors": len(self.global_state),
         }
+        self.resumed_from: int | None = None
+        resume = self.store.load_state()
+        if resume is not None:
+            self.resumed_from, payload = resume
+            self.global_state = codec.decode_state(payload)
+            self.round = self.resumed_from + 1
+        self.fedavg = self._new_round_aggregator()
+        self.round_opened = time.monotonic()
+        self._publish()
+        if resume is not None:
+            self._replay_open_round()
 
-    def _store(self, target: Path, payload: bytes) -> Path:
-        """Write a checkpoint or the final model: plain, or sealed with the owner's key."""
-        if self.seal_key is None:
-            write_atomic(target, payload)
-            return target
-        from teefl.security.sealed import write_sealed
+    def _new_round_aggregator(self):
+        fed = self.plan.federation
+        return make_aggregator(self.global_state, fed.aggregation, fed.trim_ratio)
 
-        target = target.with_name(target.name + ".sealed")
-        write_sealed(target, payload, self.seal_key)
-        return target
+    def _replay_open_round(self) -> None:
+        """After a restart: count again the updates acknowledged before the crash, once each."""
+        if self.evaluating:
+            return
+        for saved in self.store.load_updates(self.round):
+            state = codec.decode_state(saved.payload)
+            self.fedavg.add(state, int(saved.meta["samples"]))
+            self.received[saved.name] = {
+                "samples": saved.meta["samples"],
+                **saved.meta.get("metrics", {}),
+            }
+        log.warning(
+            "resumed after round %s; %d acknowledged update(s) of round %d replayed",
+            self.resumed_from,
+            len(self.received),
+            self.round,
+        )
 
     def _init_attestation(self) -> None:
         att = self.plan.security.attestation
@@ -226,17 +255,23 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
     def WaitRound(self, request: teefl_pb2.WaitRequest, context: grpc.ServicerContext):
         name = self._known(request.collaborator, context)
         after = request.after_round
-        with self.cond:
-            self.cond.wait_for(
-                lambda: self.done or self.failed or self.round > after, timeout=WAIT_KEEPALIVE_S
+
+        def ready() -> bool:
+            # a collaborator that already contributed to the open round (e.g. restarted after
+            # its upload was acknowledged) waits for the next one: nothing is counted twice
+            return bool(self.done or self.failed) or (
+                self.round > after and name not in self.received
             )
+
+        with self.cond:
+            self.cond.wait_for(ready, timeout=WAIT_KEEPALIVE_S)
             if self.failed:
                 context.abort(grpc.StatusCode.ABORTED, f"run failed: {self.failed}")
             if self.done:
                 self.told_done.add(name)
                 self.cond.notify_all()
                 return teefl_pb2.WaitReply(round=0, done=True)
-            if self.round > after:
+            if ready():
                 return teefl_pb2.WaitReply(round=self.round, evaluate_only=self.evaluating)
             return teefl_pb2.WaitReply(round=0)
 
@@ -261,15 +296,20 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             format=codec.FORMAT,
         )
         yield teefl_pb2.Chunk(header=header)
+        offset = 0
         for piece in codec.iter_chunks(payload, self.plan.network.chunk_size):
-            yield teefl_pb2.Chunk(data=bytes(piece))
+            yield teefl_pb2.Chunk(data=bytes(piece), offset=offset)
+            offset += len(piece)
         self.rec.record(
             "serve_download", t0, time.monotonic(), round=rnd, bytes=len(payload), collaborator=name
         )
 
     def PutUpdate(self, request_iterator, context: grpc.ServicerContext):
         t0 = time.monotonic()
-        first = next(request_iterator, None)
+        try:
+            first = next(request_iterator, None)
+        except grpc.RpcError:
+            return teefl_pb2.UpdateAck(accepted=False, message="stream broken")
         if first is None or not first.HasField("header"):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "update stream must start with a header"
@@ -277,59 +317,131 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         h = first.header
         name = self._known(h.collaborator, context)
         try:
-            ack = self._receive(name, h, first, request_iterator, t0)
+            if _has_unknown_fields(first):
+                raise UpdateRejected("message carries unknown fields")
+            with self.slots:  # bounded number of updates held in memory at once
+                with self.cond:
+                    self.active += 1
+                    self.peak_active = max(self.peak_active, self.active)
+                try:
+                    return self._receive(name, h, first, request_iterator, context, t0)
+                finally:
+                    with self.cond:
+                        self.active -= 1
         except UpdateRejected as exc:
-            log.warning("rejected update of %s for round %d: %s", name, h.round, exc)
-            self.rec.info("update_rejected", collaborator=name, round=h.round, reason=str(exc))
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"update rejected: {exc}")
-        return ack
+            stale = isinstance(exc, StaleUpdate)
+            log.warning(
+                "%s update of %s for round %d: %s",
+                "stale" if stale else "rejected",
+                name,
+                h.round,
+                exc,
+            )
+            self.rec.info(
+                "update_stale" if stale else "update_rejected",
+                collaborator=name,
+                round=h.round,
+                reason=str(exc),
+            )
+            code = (
+                grpc.StatusCode.FAILED_PRECONDITION if stale else grpc.StatusCode.INVALID_ARGUMENT
+            )
+            context.abort(code, f"update {'stale' if stale else 'rejected'}: {exc}")
+        except grpc.RpcError:  # the collaborator vanished mid-stream: nothing was applied
+            log.warning("upload of %s for round %d broke off; discarded", name, h.round)
+            self.rec.info("update_broken", collaborator=name, round=h.round)
+            return teefl_pb2.UpdateAck(accepted=False, message="stream broken")
+        finally:
+            with self.cond:
+                self.inflight.pop(name, None)
 
-    def _receive(self, name: str, h, first, chunks, t0: float) -> teefl_pb2.UpdateAck:
+    def _receive(self, name: str, h, first, chunks, context, t0: float) -> teefl_pb2.UpdateAck:
         with self.cond:
             if h.round != self.round or self.done:
-                raise UpdateRejected(f"round {h.round} is not open (open round: {self.round})")
+                raise StaleUpdate(f"round {h.round} is not open (open round: {self.round})")
             if name in self.received:
-                raise UpdateRejected(f"{name} already sent its update for round {h.round}")
+                return teefl_pb2.UpdateAck(
+                    accepted=True, round=h.round, message="duplicate: already counted once"
+                )
             evaluating = self.evaluating
+            self.inflight[name] = (time.monotonic(), context)
         if h.evaluate_only != evaluating:
             raise UpdateRejected("metrics-only report outside the evaluation pass, or vice versa")
         metrics = {k: float(v) for k, v in h.metrics.items()}
+        samples = int(h.num_samples)
+        bound = self.plan.federation.max_samples_per_update
+        if not 0 < samples <= bound:
+            raise UpdateRejected(f"sample count {samples} outside 1..{bound}")
         if evaluating:
             if h.total_size or first.data or next(chunks, None) is not None:
                 raise UpdateRejected("evaluation report must not carry a payload")
-            return self._accept(name, h.round, None, int(h.num_samples), metrics, 0, t0)
+            return self._accept(name, h.round, None, samples, metrics, None, t0)
         if h.format != codec.FORMAT:
             raise UpdateRejected(f"unsupported payload format {h.format!r}")
         try:
             asm = codec.Assembler(h.total_size, h.sha256, self.update_limit)
             if first.data:
-                asm.add(first.data)
+                raise UpdateRejected("the header message must not carry data")
             for chunk in chunks:
                 if chunk.HasField("header"):
                     raise UpdateRejected("a second header inside the stream")
+                if _has_unknown_fields(chunk):
+                    raise UpdateRejected("message carries unknown fields")
+                if chunk.offset != asm.filled:
+                    raise UpdateRejected(
+                        f"out-of-order chunk: offset {chunk.offset}, expected {asm.filled}"
+                    )
                 asm.add(chunk.data)
-            state = codec.decode_state(asm.finish())
+                with self.cond:
+                    self.inflight[name] = (time.monotonic(), context)
+            payload = bytes(asm.finish())
+            state = codec.decode_state(payload)
         except codec.PayloadError as exc:
             raise UpdateRejected(str(exc)) from None
-        return self._accept(name, h.round, state, int(h.num_samples), metrics, h.total_size, t0)
+        check_update(self.global_state, state)  # before anything is stored or summed
+        return self._accept(name, h.round, state, samples, metrics, payload, t0)
 
-    def _accept(self, name, rnd, state, samples, metrics, nbytes, t0) -> teefl_pb2.UpdateAck:
+    def _accept(self, name, rnd, state, samples, metrics, payload, t0) -> teefl_pb2.UpdateAck:
         with self.cond:
-            if rnd != self.round or name in self.received:
-                raise UpdateRejected(f"round {rnd} closed while the update was in transit")
-            if state is not None:
-                ta = time.monotonic()
-                self.fedavg.add(state, samples)
-                self.rec.record("aggregate", ta, time.monotonic(), round=rnd, collaborator=name)
-            self.received[name] = {"samples": samples, **metrics}
-            self.rec.record(
-                "receive_update", t0, time.monotonic(), round=rnd, bytes=nbytes, collaborator=name
-            )
-            self.rec.info("update_accepted", collaborator=name, round=rnd)
-            log.info("round %d: update from %s (%d samples)", rnd, name, samples)
-            if len(self.received) == len(self.names):
-                self._close_round()
-            return teefl_pb2.UpdateAck(accepted=True, round=rnd, message="accepted")
+            if rnd != self.round:
+                raise StaleUpdate(f"round {rnd} closed while the update was in transit")
+            if name in self.received or name in self.persisting:
+                return teefl_pb2.UpdateAck(
+                    accepted=True, round=rnd, message="duplicate: already counted once"
+                )
+            self.persisting.add(name)
+        try:
+            if payload is not None:
+                # stored before the acknowledgement: a crash after the ack loses nothing
+                with self.rec.span("persist_update", round=rnd, collaborator=name) as s:
+                    meta = {"samples": samples, "metrics": metrics}
+                    self.store.save_update(rnd, name, payload, meta)
+                    s["bytes"] = len(payload)
+            with self.cond:
+                if rnd != self.round:
+                    self.store.discard_update(rnd, name)
+                    raise StaleUpdate(f"round {rnd} closed while the update was in transit")
+                if state is not None:
+                    ta = time.monotonic()
+                    self.fedavg.add(state, samples)
+                    self.rec.record("aggregate", ta, time.monotonic(), round=rnd, collaborator=name)
+                self.received[name] = {"samples": samples, **metrics}
+                self.rec.record(
+                    "receive_update",
+                    t0,
+                    time.monotonic(),
+                    round=rnd,
+                    bytes=len(payload or b""),
+                    collaborator=name,
+                )
+                self.rec.info("update_accepted", collaborator=name, round=rnd)
+                log.info("round %d: update from %s (%d samples)", rnd, name, samples)
+                if len(self.received) == len(self.names):
+                    self._close_round()
+                return teefl_pb2.UpdateAck(accepted=True, round=rnd, message="accepted")
+        finally:
+            with self.cond:
+                self.persisting.discard(name)
 
     def _close_round(self) -> None:
         """Called with the lock held once every collaborator's update is in."""
@@ -344,18 +456,16 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             self.global_state = self.fedavg.result()
         with self.rec.span("checkpoint", round=rnd) as s:
             self._publish()
-            target = self.model_dir / (
-                "final.safetensors" if rnd == self.rounds else f"round-{rnd:04d}.safetensors"
-            )
-            target = self._store(target, self.payload)
+            target = self.store.save_checkpoint(rnd, self.payload, final=rnd == self.rounds)
             s["bytes"] = len(self.payload)
+        self.store.drop_updates(rnd)
         self.rec.info("round_closed", round=rnd)
         if rnd == self.rounds:
             self.rec.record("run", self.t_start, time.monotonic())
             self.rec.info("final_model_written", path=str(target))
         self.round += 1
         self.received = {}
-        self.fedavg = RunningFedAvg(self.global_state)
+        self.fedavg = self._new_round_aggregator()
         self.round_opened = time.monotonic()
         self.cond.notify_all()
 
@@ -402,6 +512,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             self._supervise()
         finally:
             server.stop(grace=2.0).wait(5.0)
+            update_run_json(self.run_dir, peak_inflight_updates=self.peak_active)
 
     def _supervise(self) -> None:
         """Enforce the round timeout: close with a quorum, or fail the run naming who is missing."""
@@ -410,7 +521,19 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         with self.cond:
             while not self.done:
                 self.cond.wait(timeout=0.5)
-                if self.done or time.monotonic() - self.round_opened <= timeout:
+                now = time.monotonic()
+                idle_limit = self.plan.federation.idle_timeout
+                for name, (last, ctx) in list(self.inflight.items()):
+                    if now - last > idle_limit:  # a dead upload, not a slow one
+                        log.warning(
+                            "upload of %s moved no byte for %.0f s: cut off", name, now - last
+                        )
+                        self.rec.info("upload_idle_cut", collaborator=name, round=self.round)
+                        ctx.cancel()
+                        self.inflight.pop(name, None)
+                if self.done or now - self.round_opened <= timeout:
+                    continue
+                if self.inflight:  # transfers still moving bytes are not killed by the deadline
                     continue
                 missing = sorted(set(self.names) - set(self.received))
                 if len(self.received) >= quorum and (self.received or self.evaluating):

@@ -10,6 +10,8 @@ communication time scale with layer count rather than bytes.
 from __future__ import annotations
 
 import hashlib
+import json
+import sys
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -20,35 +22,205 @@ from teefl.errors import TeeflError
 
 FORMAT = "safetensors"
 
+#: safetensors' dtype names (the format's spec) <-> torch dtypes
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("C64", "complex64"),
+):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+_CODES = {dt: code for code, dt in _DTYPES.items()}
+
+#: safetensors refuses headers above 100 MB; so do we (a hostile size must not allocate first)
+MAX_HEADER = 100_000_000
+_LITTLE = sys.byteorder == "little"
+
 
 class PayloadError(TeeflError):
     """A payload that is malformed, of the wrong size, or fails its checksum."""
 
 
-def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialize a state dict (moved to CPU, made contiguous) into one safetensors payload."""
-    flat = {}
+class ReceivedPayload(bytearray):
+    """A payload buffer that the `Assembler` filled and nobody else holds.
+
+    `decode_state` returns tensors that *share* the memory of such a buffer (no copy), which is
+    safe because the buffer is never written again once `Assembler.finish` has returned it; any
+    other input is copied once, so the decoded tensors never alias memory a caller may reuse.
+    """
+
+    __slots__ = ("_shared",)
+
+
+def encode_state(state: Mapping[str, torch.Tensor]) -> bytearray:
+    """Serialize a state dict into one safetensors payload, copying every tensor exactly once.
+
+    The header is written first and every tensor is copied straight from its (CPU, possibly
+    strided) memory into its place in one buffer allocated for the whole payload. Tensors are laid
+    out by element size, largest first, so each starts aligned to its element size. The result is
+    a standard safetensors file (``safetensors.torch.load`` reads it).
+    """
+    items: list[tuple[str, torch.Tensor]] = []
     for name, t in state.items():
         t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
-        flat[name] = t.contiguous()
-    return st_save(flat)
+        if t.dtype not in _CODES or not _LITTLE:
+            return bytearray(st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+        items.append((name, t))
+    items.sort(key=lambda it: (-it[1].element_size(), it[0]))
+    header: dict[str, dict[str, object]] = {}
+    offset = 0
+    for name, t in items:
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # tensor data starts 8-byte aligned, as safetensors does
+    start = 8 + len(head)
+    out = bytearray(start + offset)
+    out[:8] = len(head).to_bytes(8, "little")
+    out[8:start] = head
+    for name, t in items:
+        n = t.numel()
+        if n == 0:
+            continue
+        begin = start + header[name]["data_offsets"][0]  # type: ignore[index]
+        dst = torch.frombuffer(out, dtype=t.dtype, count=n, offset=begin)
+        dst.view(t.shape).copy_(t)
+    return out
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise PayloadError(f"malformed safetensors payload: duplicate tensor name {k!r}")
+        out[k] = v
+    return out
+
+
+def _parse_header(view: memoryview) -> tuple[int, list[tuple[str, torch.dtype, list[int], int]]]:
+    """Validate the header against the buffer; returns (data start, [(name, dtype, shape,
+    offset)]) with every tensor's byte range inside the buffer, the ranges contiguous and
+    non-overlapping, and each range exactly the size its dtype and shape announce."""
+    size = len(view)
+    if size < 8:
+        raise PayloadError("malformed safetensors payload: shorter than its 8-byte header size")
+    hlen = int.from_bytes(view[:8], "little")
+    if hlen > MAX_HEADER or hlen > size - 8:
+        raise PayloadError(f"malformed safetensors payload: header of {hlen} bytes does not fit")
+    try:
+        header = json.loads(bytes(view[8 : 8 + hlen]), object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PayloadError(f"malformed safetensors payload: header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise PayloadError("malformed safetensors payload: header is not a JSON object")
+    start = 8 + hlen
+    data_len = size - start
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
+        raise PayloadError("malformed safetensors payload: __metadata__ must map strings")
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise PayloadError(f"malformed safetensors payload: bad entry for tensor {name!r}")
+        dtype = _DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        shape, offs = info["shape"], info["data_offsets"]
+        if dtype is None:
+            raise PayloadError(f"tensor {name!r}: unsupported dtype {info['dtype']!r}")
+        if not (
+            isinstance(shape, list)
+            and all(type(d) is int and d >= 0 for d in shape)
+            and isinstance(offs, list)
+            and len(offs) == 2
+            and all(type(o) is int for o in offs)
+        ):
+            raise PayloadError(f"tensor {name!r}: malformed shape or data_offsets")
+        begin, end = offs
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not 0 <= begin <= end <= data_len:
+            raise PayloadError(f"tensor {name!r}: data_offsets {offs} outside the payload")
+        if end - begin != numel * dtype.itemsize:
+            raise PayloadError(
+                f"tensor {name!r}: {end - begin} bytes for shape {shape} of {info['dtype']}"
+            )
+        entries.append((name, dtype, shape, begin, end))
+    entries.sort(key=lambda e: (e[3], e[4]))
+    pos = 0
+    for name, _, _, begin, end in entries:
+        if begin != pos:
+            raise PayloadError(
+                f"tensor {name!r}: data_offsets overlap or leave a gap (at byte {begin}, "
+                f"expected {pos})"
+            )
+        pos = end
+    if pos != data_len:
+        raise PayloadError(f"payload carries {data_len - pos} bytes that no tensor describes")
+    return start, [(n, dt, sh, b) for n, dt, sh, b, _ in entries]
 
 
 def decode_state(payload: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
-    """Parse a safetensors payload; any malformation becomes a `PayloadError`."""
-    try:
-        return st_load(bytes(payload))
-    except Exception as exc:  # safetensors raises its own SafetensorError / ValueError kinds
-        raise PayloadError(f"malformed safetensors payload: {exc}") from None
+    """Parse and check a safetensors payload; any malformation becomes a `PayloadError`.
+
+    Zero-copy for a `ReceivedPayload` (the tensors share its memory, see there); every other
+    input is copied once into a buffer the tensors then own, so they never alias caller memory.
+    """
+    if not _LITTLE:  # torch.frombuffer reads native byte order; safetensors is little-endian
+        try:
+            return st_load(bytes(payload))
+        except Exception as exc:
+            raise PayloadError(f"malformed safetensors payload: {exc}") from None
+    view = memoryview(payload)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    start, entries = _parse_header(view)
+    if isinstance(payload, ReceivedPayload) and not getattr(payload, "_shared", False):
+        buf: bytearray = payload
+        payload._shared = True  # a second decode of the same buffer gets its own copy
+    else:
+        buf = bytearray(view)
+    out: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, begin in entries:
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+            continue
+        t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=start + begin).view(shape)
+        out[name] = t
+    return out
 
 
 def sha256(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def iter_chunks(payload: bytes | memoryview, chunk_size: int) -> Iterator[memoryview]:
+def iter_chunks(payload: bytes | bytearray | memoryview, chunk_size: int) -> Iterator[memoryview]:
     """Slices of the payload without copying it; the transport copies each slice once."""
     view = memoryview(payload)
     for offset in range(0, len(view), chunk_size):
@@ -59,7 +231,9 @@ class Assembler:
     """Receives chunks into a buffer allocated once from the announced size.
 
     Why preallocate: a growing bytes object copies the whole payload on every append; and a
-    declared size lets the receiver refuse an oversized stream before buffering it.
+    declared size lets the receiver refuse an oversized stream before buffering it. Why hash on
+    arrival: the SHA-256 of each chunk is computed while gRPC receives the next one (hashlib
+    releases the GIL), instead of one pass over the whole payload after the last chunk.
     """
 
     def __init__(self, total_size: int, expected_sha256: bytes, limit: int) -> None:
@@ -69,21 +243,27 @@ class Assembler:
             raise PayloadError("header carries no valid SHA-256")
         self.total = total_size
         self.expected = expected_sha256
-        self.buf = bytearray(total_size)
+        self.buf = ReceivedPayload(total_size)
+        self._view = memoryview(self.buf)
+        self._hash = hashlib.sha256()
         self.filled = 0
 
-    def add(self, data: bytes) -> None:
-        end = self.filled + len(data)
+    def add(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        end = self.filled + n
         if end > self.total:
             raise PayloadError(f"stream carries more than the announced {self.total} bytes")
-        self.buf[self.filled : end] = data
+        if n:
+            self._view[self.filled : end] = data
+            self._hash.update(data)
         self.filled = end
 
-    def finish(self) -> bytearray:
+    def finish(self) -> ReceivedPayload:
         if self.filled != self.total:
             raise PayloadError(
                 f"stream ended after {self.filled} of {self.total} announced bytes (truncated)"
             )
-        if sha256(self.buf) != self.expected:
+        if self._hash.digest() != self.expected:
             raise PayloadError("payload SHA-256 does not match its header (corrupted in transit)")
+        self._view.release()
         return self.buf

@@ -7,6 +7,8 @@ The channel is opened once and kept for the whole run (one TLS handshake, record
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,26 @@ from teefl.workload.partition import collaborator_data
 from teefl.workload.train import configure_threads, evaluate, resolve_device, train_local
 
 log = logging.getLogger("teefl.collaborator")
+
+
+class _Lost(Exception):
+    """Contact with the aggregator was lost (restart, network): rejoin after a backoff."""
+
+
+class _Stale(Exception):
+    """The round closed before our request arrived: carry on with the next round."""
+
+
+#: test hook: ``point:round`` (points: download, train, upload) makes this process SIGKILL
+#: itself there, so crash/restart tests hit exact moments; unset in normal use
+FAULT_ENV = "TEEFL_FAULT_INJECT"
+
+
+def _fault(point: str, rnd: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if spec and spec == f"{point}:{rnd}":
+        log.warning("fault injection: killing myself at %s of round %d", point, rnd)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
@@ -63,37 +85,81 @@ class Collaborator:
         self.model = build_model(plan.model.name, data.channels, data.classes).to(self.device)
 
     def run(self) -> str:
-        """Take part in the whole run; returns the run id."""
+        """Take part in the whole run; returns the run id.
+
+        A lost aggregator (restart, network drop) is not fatal: the collaborator rejoins with
+        backoff for up to ``federation.reconnect_timeout`` seconds and carries on from the last
+        round it completed.
+        """
         t0 = time.monotonic()
         self._prepare()
         t_data = time.monotonic()
-        channel = open_channel(self.plan, self.name, self.address)
+        channel = open_channel(self.plan, self.name, self.address, timeout=60.0)
         t_conn = time.monotonic()
+        stub = teefl_pb2_grpc.FederationStub(channel)
+        self.last = 0  # the last round this collaborator completed
+        lost_since: float | None = None
+        backoff = 0.5
         try:
-            stub = teefl_pb2_grpc.FederationStub(channel)
-            request = teefl_pb2.JoinRequest(collaborator=self.name)
-            att = self.plan.security.attestation
-            if att.enabled:
-                self._attest(stub, request)
-            reply = self._call(stub.Join, request)
-            t_join = time.monotonic()
-            self.rec = EventRecorder(self.run_dir, reply.run_id, self.process, "collaborator")
-            self.rec.record("load_data", t0, t_data, bytes=0, samples=len(self.y_train))
-            self.rec.record("connect", t_data, t_conn)
-            # with attestation, Join carries the evidence: the whole exchange is `attest`
-            self.rec.record("attest" if att.enabled else "join", t_conn, t_join)
-            if self._aggregator_verdict is not None:
-                from teefl.federation.attest import write_verdict
-
-                write_verdict(self.run_dir, "aggregator", self._aggregator_verdict)
-            self._write_env(reply.run_id)
-            log.info("%s joined run %s (%d rounds)", self.name, reply.run_id, reply.rounds)
-            self._loop(stub, reply.rounds)
-            return reply.run_id
+            while True:
+                try:
+                    run_id, rounds = self._join(stub, t0, t_data, t_conn)
+                    lost_since, backoff = None, 0.5
+                    self._loop(stub, rounds)
+                    return run_id
+                except _Lost as exc:
+                    now = time.monotonic()
+                    lost_since = lost_since or now
+                    limit = self.plan.federation.reconnect_timeout
+                    if now - lost_since > limit:
+                        raise TeeflError(
+                            f"lost the aggregator at {self.address} for more than {limit:g} s "
+                            f"({exc})"
+                        ) from None
+                    log.warning(
+                        "%s: lost the aggregator (%s); rejoining in %.1f s", self.name, exc, backoff
+                    )
+                    if self.rec is not None:
+                        self.rec.info("lost_aggregator", reason=str(exc))
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    t_conn = time.monotonic()
         finally:
             channel.close()
             if self.rec is not None:
                 self.rec.close()
+
+    def _join(self, stub, t0: float, t_data: float, t_conn: float) -> tuple[str, int]:
+        """(Attest and) join; the first time also opens the event file and writes env."""
+        request = teefl_pb2.JoinRequest(collaborator=self.name)
+        att = self.plan.security.attestation
+        if att.enabled:
+            self._attest(stub, request)
+        reply = self._call(stub.Join, request)
+        t_join = time.monotonic()
+        # with attestation, Join carries the evidence: the whole exchange is `attest`
+        phase = "attest" if att.enabled else "join"
+        if self.rec is None:
+            self.rec = EventRecorder(self.run_dir, reply.run_id, self.process, "collaborator")
+            self.rec.record("load_data", t0, t_data, bytes=0, samples=len(self.y_train))
+            self.rec.record("connect", t_data, t_conn)
+            self.rec.record(phase, t_conn, t_join)
+            self._write_env(reply.run_id)
+        else:
+            self.rec.record(phase, t_conn, t_join, rejoin=True)
+        if self._aggregator_verdict is not None:
+            from teefl.federation.attest import write_verdict
+
+            write_verdict(self.run_dir, "aggregator", self._aggregator_verdict)
+            self._aggregator_verdict = None
+        log.info(
+            "%s joined run %s (%d rounds, open round %d)",
+            self.name,
+            reply.run_id,
+            reply.rounds,
+            reply.current_round,
+        )
+        return reply.run_id, reply.rounds
 
     def _attest(self, stub, request: teefl_pb2.JoinRequest) -> None:
         """Challenge: check the aggregator's evidence (if required), bind ours to its nonce.
@@ -174,13 +240,32 @@ class Collaborator:
         try:
             return method(request, **kw)
         except grpc.RpcError as exc:
-            raise TeeflError(f"aggregator refused {self.name}: {exc.details()}") from None
+            raise self._classify(exc) from None
+
+    def _classify(self, exc: grpc.RpcError) -> Exception:
+        """Lost contact -> rejoin; a closed round -> next round; anything else is fatal."""
+        code, details = exc.code(), exc.details() or ""
+        if code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.CANCELLED,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.UNKNOWN,
+        ):
+            return _Lost(f"{code.name}: {details}")
+        if code == grpc.StatusCode.PERMISSION_DENIED and "has not passed attestation" in details:
+            return _Lost("the aggregator no longer knows our attestation (restarted?)")
+        if code == grpc.StatusCode.FAILED_PRECONDITION and (
+            "not open" in details or "stale" in details
+        ):
+            return _Stale(details)
+        return TeeflError(f"aggregator refused {self.name}: {details}")
 
     # -- rounds ------------------------------------------------------------------------------
     def _loop(self, stub: teefl_pb2_grpc.FederationStub, rounds: int) -> None:
         assert self.rec is not None
-        rec, last = self.rec, 0
+        rec = self.rec
         while True:
+            last = self.last
             t_wait = time.monotonic()
             while True:
                 w = self._call(
@@ -198,9 +283,13 @@ class Collaborator:
             r = w.round
             # the final evaluation pass is not a training round: its spans carry no round number
             phase, span_round = ("final_download", None) if w.evaluate_only else ("download", r)
-            with rec.span(phase, round=span_round) as s:
-                state, s["bytes"] = self._download(stub, r)
-                self.model.load_state_dict(state)
+            try:
+                with rec.span(phase, round=span_round) as s:
+                    state, s["bytes"] = self._download(stub, r)
+                    self.model.load_state_dict(state)
+            except _Stale as exc:  # the round closed (quorum) before we asked: wait for the next
+                log.warning("%s: %s; waiting for the next round", self.name, exc)
+                continue
             if w.evaluate_only:
                 with rec.span("final_validate") as s:
                     m = evaluate(
@@ -220,8 +309,11 @@ class Collaborator:
                     metrics=_flat("final", m),
                     format=codec.FORMAT,
                 )
-                self._call(stub.PutUpdate, iter([teefl_pb2.Chunk(header=header)]))
-                last = r
+                try:
+                    self._call(stub.PutUpdate, iter([teefl_pb2.Chunk(header=header)]))
+                except _Stale as exc:
+                    log.warning("%s: evaluation report not needed any more (%s)", self.name, exc)
+                self.last = r
                 continue
             metrics = self._round(r)
             with rec.span("serialize", round=r) as s:
@@ -237,11 +329,22 @@ class Collaborator:
                 metrics=metrics,
                 format=codec.FORMAT,
             )
-            with rec.span("upload", round=r) as s:
-                ack = self._call(stub.PutUpdate, self._upload_stream(header, payload))
-                s["bytes"] = len(payload)
+            try:
+                with rec.span("upload", round=r) as s:
+                    ack = self._call(stub.PutUpdate, self._upload_stream(header, payload, r))
+                    s["bytes"] = len(payload)
+            except _Stale as exc:
+                log.warning(
+                    "%s: update for round %d refused as stale (%s); joining the next round",
+                    self.name,
+                    r,
+                    exc,
+                )
+                rec.info("update_stale", round=r, reason=str(exc))
+                self.last = r
+                continue
             log.info("%s: round %d/%d uploaded (%s)", self.name, r, rounds, ack.message)
-            last = r
+            self.last = r
 
     def _round(self, r: int) -> dict[str, float]:
         """Validate the global model, train, validate the local model (the OpenFL order)."""
@@ -251,6 +354,7 @@ class Collaborator:
         with rec.span("validate_global", round=r) as s:
             vg = evaluate(self.model, self.x_test, self.y_test, bs, self.device)
             s["metrics"], s["samples"] = vg, vg["samples"]
+        _fault("train", r)
         with rec.span("train", round=r) as s:
             seed = plan.seed * 1_000_003 + self.index * 1009 + r
             tr = train_local(
@@ -269,10 +373,13 @@ class Collaborator:
         )
         return {**_flat("validate_global", vg), **_flat("train", tr), **_flat("validate_local", vl)}
 
-    def _upload_stream(self, header: teefl_pb2.Header, payload: bytes) -> Iterator[Any]:
+    def _upload_stream(self, header: teefl_pb2.Header, payload, r: int) -> Iterator[Any]:
         yield teefl_pb2.Chunk(header=header)
+        offset = 0
         for piece in codec.iter_chunks(payload, self.plan.network.chunk_size):
-            yield teefl_pb2.Chunk(data=bytes(piece))
+            yield teefl_pb2.Chunk(data=bytes(piece), offset=offset)
+            offset += len(piece)
+            _fault("upload", r)
 
     def _download(self, stub, r: int) -> tuple[dict[str, torch.Tensor], int]:
         stream = stub.GetModel(teefl_pb2.ModelRequest(collaborator=self.name, round=r))
@@ -283,8 +390,11 @@ class Collaborator:
             h = first.header
             asm = codec.Assembler(h.total_size, h.sha256, limit=1 << 40)
             for chunk in stream:
+                if chunk.offset != asm.filled:
+                    raise TeeflError(f"model stream out of order at offset {chunk.offset}")
                 asm.add(chunk.data)
+                _fault("download", r)
             payload = asm.finish()
         except grpc.RpcError as exc:
-            raise TeeflError(f"download of round {r} failed: {exc.details()}") from None
+            raise self._classify(exc) from None
         return codec.decode_state(payload), h.total_size

@@ -83,3 +83,58 @@ class RunningFedAvg:
             else:
                 out[name] = acc.clone()
         return out
+
+
+class CoordinateRobust:
+    """Coordinate-wise median or trimmed mean of the round's updates (unweighted).
+
+    Why offer them: one malicious collaborator can move a weighted mean arbitrarily far, but not a
+    median. The price: every update of the round is kept in memory (N model copies), and sample
+    counts no longer weigh the result.
+    """
+
+    def __init__(
+        self, reference: Mapping[str, torch.Tensor], method: str, trim_ratio: float = 0.1
+    ) -> None:
+        if method not in ("median", "trimmed_mean"):
+            raise ValueError(f"unknown robust aggregation {method!r}")
+        self.reference, self.method, self.trim_ratio = reference, method, trim_ratio
+        self.updates: list[dict[str, torch.Tensor]] = []
+        self.total_samples = 0
+        self.count = 0
+
+    def add(self, update: Mapping[str, torch.Tensor], num_samples: int) -> None:
+        if num_samples <= 0:
+            raise UpdateRejected(f"sample count must be positive, got {num_samples}")
+        check_update(self.reference, update)
+        self.updates.append({k: v.detach().clone() for k, v in update.items()})
+        self.total_samples += num_samples
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.count == 0:
+            raise TeeflError("no update was accepted in this round")
+        out: dict[str, torch.Tensor] = {}
+        n = self.count
+        k = int(n * self.trim_ratio)
+        for name, ref in self.reference.items():
+            stack = torch.stack([u[name] for u in self.updates])
+            if not ref.is_floating_point():
+                out[name] = stack.max(dim=0).values
+            elif self.method == "median":
+                # mean of the two middle values for an even count: the textbook median
+                srt = stack.double().sort(dim=0).values
+                out[name] = ((srt[(n - 1) // 2] + srt[n // 2]) / 2).to(ref.dtype)
+            else:
+                srt = stack.double().sort(dim=0).values
+                out[name] = srt[k : n - k].mean(dim=0).to(ref.dtype)
+        return out
+
+
+def make_aggregator(
+    reference: Mapping[str, torch.Tensor], method: str = "fedavg", trim_ratio: float = 0.1
+) -> RunningFedAvg | CoordinateRobust:
+    """The plan's aggregation rule for one round."""
+    if method == "fedavg":
+        return RunningFedAvg(reference)
+    return CoordinateRobust(reference, method, trim_ratio)

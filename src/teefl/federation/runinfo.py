@@ -56,3 +56,22 @@ def update_run_json(run_dir: Path, **fields: Any) -> dict[str, Any]:
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return data
+
+
+def first_anchor(events_file: Path) -> float | None:
+    """Monotonic start of the first process that wrote this events file, on this host.
+
+    A restarted aggregator uses it so that the run's wall-clock T spans the whole run. Clocks of
+    another host or boot are not comparable: then None.
+    """
+    import socket
+
+    try:
+        with open(events_file, encoding="utf-8") as fh:
+            first = json.loads(fh.readline())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if first.get("type") != "anchor" or first.get("host") != socket.gethostname():
+        return None
+    t_mono = float(first["t_mono"])
+    return t_mono if t_mono <= time.monotonic() else None

@@ -1,0 +1,141 @@
+"""What the aggregator keeps on disk so that a crash loses no round and counts nothing twice.
+
+- After every round: the checkpoint ``model/round-NNNN.safetensors`` (sealed when the plan says
+  so) and ``state.json`` naming it with its SHA-256, both written atomically (temp file, fsync,
+  rename). A restarted aggregator resumes from the last completed round.
+- Before an update is acknowledged: the update itself under ``updates/round-NNNN/`` (payload and
+  metadata with its SHA-256). A restarted aggregator replays the open round's acknowledged
+  updates, so no acknowledged update is lost; a collaborator re-sending one is told it is already
+  counted (uploads are idempotent per collaborator and round). Updates are written without fsync:
+  they survive a crash of the aggregator process, not a power loss of the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from teefl.errors import TeeflError
+
+STATE = "state.json"
+
+
+def write_atomic(path: Path, data: bytes | bytearray, fsync: bool = True) -> None:
+    """Temp file, (fsync), rename: a crash leaves either the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class SavedUpdate:
+    name: str
+    payload: bytes
+    meta: dict[str, Any]
+
+
+class RoundStore:
+    """Checkpoints, the resume pointer and acknowledged updates of one run directory."""
+
+    def __init__(self, run_dir: Path, seal_key: bytes | None = None, keep: bool = False) -> None:
+        self.run_dir, self.seal_key, self.keep = Path(run_dir), seal_key, keep
+        self.model_dir = self.run_dir / "model"
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- payloads (sealed or plain) ------------------------------------------------------------
+    def _suffix(self) -> str:
+        return ".safetensors.sealed" if self.seal_key else ".safetensors"
+
+    def _write(self, path: Path, payload: bytes, fsync: bool = True) -> Path:
+        if self.seal_key is None:
+            write_atomic(path, payload, fsync)
+            return path
+        from teefl.security.sealed import seal_bytes
+
+        write_atomic(path, seal_bytes(bytes(payload), self.seal_key), fsync)
+        return path
+
+    def _read(self, path: Path) -> bytes:
+        if self.seal_key is None:
+            return path.read_bytes()
+        from teefl.security.sealed import read_sealed
+
+        return read_sealed(path, self.seal_key)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, rnd: int, payload: bytes, final: bool) -> Path:
+        """Checkpoint of a completed round, then the resume pointer; the final model too."""
+        path = self._write(self.model_dir / f"round-{rnd:04d}{self._suffix()}", payload)
+        if final:
+            path = self._write(self.model_dir / f"final{self._suffix()}", payload)
+        state = {
+            "completed_round": rnd,
+            "checkpoint": str(path.relative_to(self.run_dir)),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "final": final,
+        }
+        write_atomic(self.run_dir / STATE, json.dumps(state, indent=2).encode())
+        return path
+
+    def load_state(self) -> tuple[int, bytes] | None:
+        """(last completed round, its global model payload), or None for a fresh run."""
+        path = self.run_dir / STATE
+        if not path.exists():
+            return None
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            payload = self._read(self.run_dir / state["checkpoint"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise TeeflError(f"cannot resume from {path}: {exc}") from None
+        if hashlib.sha256(payload).hexdigest() != state["sha256"]:
+            raise TeeflError(f"cannot resume: checkpoint {state['checkpoint']} fails its checksum")
+        return int(state["completed_round"]), payload
+
+    # -- acknowledged updates ------------------------------------------------------------------
+    def _round_dir(self, rnd: int) -> Path:
+        return self.run_dir / "updates" / f"round-{rnd:04d}"
+
+    def save_update(self, rnd: int, name: str, payload: bytes, meta: dict[str, Any]) -> None:
+        d = self._round_dir(rnd)
+        d.mkdir(parents=True, exist_ok=True)
+        self._write(d / f"{name}{self._suffix()}", payload, fsync=False)
+        meta = {**meta, "sha256": hashlib.sha256(payload).hexdigest()}
+        # the metadata is written last: an update counts only once both files exist
+        write_atomic(d / f"{name}.json", json.dumps(meta).encode(), fsync=False)
+
+    def discard_update(self, rnd: int, name: str) -> None:
+        """Forget an update that was stored but never counted (its round closed meanwhile)."""
+        d = self._round_dir(rnd)
+        for path in (d / f"{name}.json", d / f"{name}{self._suffix()}"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def load_updates(self, rnd: int) -> list[SavedUpdate]:
+        """The acknowledged updates of a round, each checked against its recorded SHA-256."""
+        d = self._round_dir(rnd)
+        out: list[SavedUpdate] = []
+        if not d.is_dir():
+            return out
+        for meta_file in sorted(d.glob("*.json")):
+            name = meta_file.stem
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            payload = self._read(d / f"{name}{self._suffix()}")
+            if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+                raise TeeflError(f"stored update {meta_file} fails its checksum")
+            out.append(SavedUpdate(name, payload, meta))
+        return out
+
+    def drop_updates(self, rnd: int) -> None:
+        if not self.keep:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self._round_dir(rnd))

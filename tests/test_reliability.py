@@ -1,0 +1,228 @@
+"""Crashes, restarts, stale and hostile updates: no round lost, nothing counted twice.
+
+Every test keeps the accepted updates (``keep_updates``) and checks that each round's checkpoint
+equals the FedAvg of exactly those updates (`replay_matches_checkpoints`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from fedutil import (
+    SYNTHETIC,
+    Parties,
+    final_accuracy,
+    free_port,
+    read_jsonl,
+    replay_matches_checkpoints,
+    write_plan,
+)
+from teefl.federation import codec, teefl_pb2, teefl_pb2_grpc
+
+ROUNDS = 2
+
+
+def _plan(tmp: Path, **federation) -> Path:
+    data = {
+        **SYNTHETIC,
+        "network": {"host": "127.0.0.1", "port": free_port(), "chunk_size": 16384},
+        "federation": {"rounds": ROUNDS, "keep_updates": True, **federation},
+    }
+    return write_plan(tmp / "plan.yaml", data)
+
+
+def _finish(parties: Parties, names=("aggregator", "col1", "col2", "col3")) -> None:
+    for key in names:
+        rc = parties.procs[key].wait(timeout=240)
+        assert rc == 0, f"{key} exited {rc}:\n" + parties.log.read_text()[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["download", "train", "upload"])
+def test_collaborator_killed_and_restarted(tmp_path: Path, point: str) -> None:
+    parties = Parties(_plan(tmp_path), tmp_path / "run", tmp_path / "procs.log")
+    try:
+        parties.aggregator()
+        parties.wait_running()
+        parties.collaborator("col1")
+        parties.collaborator("col3")
+        victim = parties.collaborator("col2", env={"TEEFL_FAULT_INJECT": f"{point}:1"})
+        assert victim.wait(timeout=120) == -signal.SIGKILL
+        parties.collaborator("col2")  # restarted, no fault this time
+        _finish(parties)
+    finally:
+        parties.stop()
+    run = tmp_path / "run"
+    replay_matches_checkpoints(run, ROUNDS)
+    for m in read_jsonl(run / "metrics.jsonl"):
+        assert set(m["collaborators"]) == {"col1", "col2", "col3"}, m
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_aggregator_killed_and_restarted_resumes_the_right_round(tmp_path: Path) -> None:
+    # unequal shards make the three updates of a round arrive at different times
+    plan = _plan(tmp_path)
+    data = json.loads(json.dumps(__import__("yaml").safe_load(plan.read_text())))
+    data["dataset"]["synthetic"]["train_size"] = 3000
+    data["partition"] = {"kind": "dirichlet", "alpha": 0.3}
+    data["federation"]["rounds"] = 3
+    write_plan(plan, data)
+    parties = Parties(plan, tmp_path / "run", tmp_path / "procs.log")
+    try:
+        agg = parties.aggregator()
+        parties.wait_running()
+        for name in ("col1", "col2", "col3"):
+            parties.collaborator(name)
+        parties.wait_event(lambda e: e.get("what") == "update_accepted" and e.get("round") == 2)
+        agg.send_signal(signal.SIGKILL)
+        agg.wait()
+        parties.aggregator()  # same run directory: resume
+        _finish(parties)
+    finally:
+        parties.stop()
+    run = tmp_path / "run"
+    events = read_jsonl(run / "events" / "aggregator.jsonl")
+    resumed = [e for e in events if e.get("what") == "resumed"]
+    assert resumed and resumed[0]["completed_round"] >= 1
+    assert resumed[0]["round"] == resumed[0]["completed_round"] + 1
+    replay_matches_checkpoints(run, 3)
+    accepted = [
+        (e["round"], e["collaborator"]) for e in events if e.get("what") == "update_accepted"
+    ]
+    # an update acknowledged before the crash is replayed, never accepted a second time
+    assert len(accepted) == len(set(accepted))
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and info["rounds_completed"] == 3
+    assert info["restarts"] == 1
+    assert final_accuracy(run) > 0.3
+
+
+# -- hostile input ------------------------------------------------------------------------------
+def _header(state_payload: bytes, **over) -> teefl_pb2.Header:
+    h = dict(
+        collaborator="col3",
+        round=1,
+        total_size=len(state_payload),
+        sha256=hashlib.sha256(state_payload).digest(),
+        num_samples=100,
+        format=codec.FORMAT,
+    )
+    h.update(over)
+    return teefl_pb2.Header(**h)
+
+
+def _chunks(payload: bytes, size: int = 4096, start: int = 0):
+    return [
+        teefl_pb2.Chunk(data=payload[i : i + size], offset=start + i)
+        for i in range(0, len(payload), size)
+    ]
+
+
+def _bad_streams(good: dict[str, torch.Tensor]) -> dict[str, tuple[list, str]]:
+    """One stream per kind of bad update, with the refusal it must get."""
+
+    def enc(state):
+        return bytes(codec.encode_state(state))
+
+    base = enc(good)
+    renamed = dict(good)
+    key = next(iter(renamed))
+    renamed["evil." + key] = renamed.pop(key)
+    reshaped = {k: (v.reshape(-1) if v.dim() > 1 else v) for k, v in good.items()}
+    retyped = {k: (v.half() if v.is_floating_point() else v) for k, v in good.items()}
+    nan = {k: v.clone() for k, v in good.items()}
+    next(t for t in nan.values() if t.is_floating_point()).view(-1)[0] = float("nan")
+    out: dict[str, tuple[list, str]] = {}
+    for label, state, message in (
+        ("names", renamed, "does not match the model"),
+        ("shapes", reshaped, "shape"),
+        ("dtypes", retyped, "dtype"),
+        ("nan", nan, "NaN or Inf"),
+    ):
+        p = enc(state)
+        out[label] = ([teefl_pb2.Chunk(header=_header(p)), *_chunks(p)], message)
+    out["size"] = (
+        [teefl_pb2.Chunk(header=_header(base, total_size=len(base) + 10)), *_chunks(base)],
+        "truncated",
+    )
+    out["checksum"] = (
+        [teefl_pb2.Chunk(header=_header(base, sha256=b"\0" * 32)), *_chunks(base)],
+        "SHA-256",
+    )
+    out["oversized"] = (
+        [teefl_pb2.Chunk(header=_header(base, total_size=len(base) * 4)), *_chunks(base * 4)],
+        "exceeds limit",
+    )
+    reordered = _chunks(base)
+    reordered[0], reordered[1] = reordered[1], reordered[0]
+    out["order"] = ([teefl_pb2.Chunk(header=_header(base)), *reordered], "out-of-order chunk")
+    out["zero-samples"] = (
+        [teefl_pb2.Chunk(header=_header(base, num_samples=0)), *_chunks(base)],
+        "sample count 0",
+    )
+    out["billion-samples"] = (
+        [teefl_pb2.Chunk(header=_header(base, num_samples=10**9)), *_chunks(base)],
+        "sample count 1000000000",
+    )
+    out["second-header"] = (
+        [
+            teefl_pb2.Chunk(header=_header(base)),
+            *_chunks(base)[:1],
+            teefl_pb2.Chunk(header=_header(base)),
+        ],
+        "second header",
+    )
+    unknown = teefl_pb2.Chunk.FromString(_chunks(base)[0].SerializeToString() + b"\x78\x05")
+    out["unknown-field"] = (
+        [teefl_pb2.Chunk(header=_header(base)), unknown, *_chunks(base)[1:]],
+        "unknown fields",
+    )
+    return out
+
+
+@pytest.mark.slow
+def test_bad_updates_are_refused_and_others_unaffected(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, min_collaborators=2, round_timeout=6)
+    parties = Parties(plan, tmp_path / "run", tmp_path / "procs.log")
+    port = __import__("yaml").safe_load(plan.read_text())["network"]["port"]
+    try:
+        parties.aggregator()
+        parties.wait_running()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = teefl_pb2_grpc.FederationStub(ch)
+            stub.Join(teefl_pb2.JoinRequest(collaborator="col3"), timeout=10)
+            got = b"".join(
+                c.data
+                for c in stub.GetModel(
+                    teefl_pb2.ModelRequest(collaborator="col3", round=1), timeout=10
+                )
+            )
+            good = codec.decode_state(got)
+            bad = _bad_streams(good)
+            for label, (stream, message) in bad.items():
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.PutUpdate(iter(stream), timeout=20)
+                assert message in refused.value.details(), (label, refused.value.details())
+        parties.collaborator("col1")
+        parties.collaborator("col2")
+        _finish(parties, ("aggregator", "col1", "col2"))
+    finally:
+        parties.stop()
+    run = tmp_path / "run"
+    replay_matches_checkpoints(run, ROUNDS)
+    for m in read_jsonl(run / "metrics.jsonl"):
+        assert set(m["collaborators"]) == {"col1", "col2"}, m
+    rejected = [
+        e
+        for e in read_jsonl(run / "events" / "aggregator.jsonl")
+        if e.get("what") == "update_rejected"
+    ]
+    assert len(rejected) == len(bad) and all(e["collaborator"] == "col3" for e in rejected)
