@@ -145,8 +145,10 @@ def phase_chart(df: pd.DataFrame, model: str, path: Path | str) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, title="phase")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # headroom: bars never touch the frame
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # "tight" keeps the outside legend and two-line titles inside the image
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -233,7 +235,9 @@ def overhead_chart(model_fit: Mapping[str, Any], path: Path | str) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # headroom: bars never touch the frame
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # "tight" keeps the outside legend and two-line titles inside the image
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
