@@ -11,20 +11,10 @@ import torch
 
 from fedutil import FASHION, SYNTHETIC, final_accuracy, phases, run_dir_of, teefl, write_plan
 from teefl.federation.aggregator import final_state
+from teefl.measure.events import PHASES
 
 #: every phase of the brief except `attest`, which exists only when attestation is on
-BRIEF_PHASES = {
-    "connect",
-    "download",
-    "validate_global",
-    "train",
-    "validate_local",
-    "serialize",
-    "upload",
-    "wait",
-    "aggregate",
-    "checkpoint",
-}
+BRIEF_PHASES = set(PHASES) - {"attest"}
 
 
 def test_synthetic_federation_completes(tmp_path: Path) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from gramine_standin import install_stand_ins
 
 from fedutil import SYNTHETIC, phases, run_dir_of, teefl, write_plan
 from teefl.federation.aggregator import final_state
@@ -34,8 +34,11 @@ def test_sealed_run_stores_nothing_in_clear(tmp_path: Path) -> None:
         assert res.returncode == 0, res.stdout + res.stderr
     run = run_dir_of(sealed / "runs")
     files = sorted(p.name for p in (run / "model").iterdir())
-    assert files == ["final.safetensors.sealed", "round-0001.safetensors.sealed",
-                     "round-0002.safetensors.sealed"], files
+    assert files == [
+        "final.safetensors.sealed",
+        "round-0001.safetensors.sealed",
+        "round-0002.safetensors.sealed",
+    ], files
     key = load_key(tmp_path / "owner.key")
     # same seed, same training: the sealed final model decrypts to the plain run's bytes
     clear = (run_dir_of(plain / "runs") / "model" / "final.safetensors").read_bytes()
@@ -55,30 +58,11 @@ def test_sealed_run_stores_nothing_in_clear(tmp_path: Path) -> None:
     assert final_state(run, key).keys() == final_state(run_dir_of(plain / "runs")).keys()
 
 
-STAND_IN = """#!/bin/sh
-# gramine-direct stand-in: record the arguments, then run what the manifest says
-echo "$@" >> "{log}"
-exec "{python}" -c '
-import os, sys, tomllib
-m = tomllib.load(open(sys.argv[1] + ".manifest", "rb"))
-env = dict(os.environ)
-env.update(m["loader"].get("env", {{}}))
-os.chdir(m["fs"]["start_dir"])
-os.execve(m["libos"]["entrypoint"], m["loader"]["argv"], env)
-' "$1"
-"""
-
-
 @pytest.fixture()
 def stand_in_gramine(tmp_path: Path) -> tuple[dict[str, str], Path]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "gramine-direct.log"
-    (bin_dir / "gramine-direct").write_text(STAND_IN.format(log=log, python=sys.executable))
-    (bin_dir / "gramine-manifest").write_text('#!/bin/sh\ncp "$1" "$2"\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, log
+    logs = tmp_path / "gramine-logs"
+    bin_dir = install_stand_ins(tmp_path / "bin", logs)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, logs / "direct.log"
 
 
 def test_gramine_direct_launcher_wraps_every_party(tmp_path: Path, stand_in_gramine) -> None:

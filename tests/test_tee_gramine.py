@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from gramine_standin import install_stand_ins
 
 import teefl
 from teefl.errors import TeeflError
@@ -127,52 +128,11 @@ def test_manifest_escapes_strings(tmp_path: Path) -> None:
 # wrap_command with stand-in Gramine tools
 # ---------------------------------------------------------------------------------------------
 
-# gramine-manifest stand-in: the real tool renders Jinja; our placeholders sit inside strings,
-# so a copy is a valid manifest for the stand-in launcher.
-FAKE_MANIFEST_TOOL = """#!/bin/sh
-echo "$@" >> "{log}"
-cp "$1" "$2"
-"""
-
-# gramine-direct stand-in: records its arguments, then does what Gramine does with the manifest:
-# run libos.entrypoint with loader.argv and loader.env (host arguments are ignored).
-FAKE_LAUNCHER = """#!/bin/sh
-printf '%s\\n' "$@" > "{log}"
-exec "{python}" -c '
-import os, sys, tomllib
-m = tomllib.load(open(sys.argv[1] + ".manifest", "rb"))
-env = dict(os.environ)
-env.update(m["loader"].get("env", {{}}))
-os.chdir(m["fs"]["start_dir"])
-os.execve(m["libos"]["entrypoint"], m["loader"]["argv"], env)
-' "$1"
-"""
-
-FAKE_SIGN = """#!/bin/sh
-echo "$@" >> "{log}"
-while [ $# -gt 0 ]; do
-  if [ "$1" = "--output" ]; then echo signed > "$2"; fi
-  shift
-done
-"""
-
 
 @pytest.fixture()
 def fake_gramine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     logs = tmp_path / "logs"
-    logs.mkdir()
-    scripts = {
-        "gramine-manifest": FAKE_MANIFEST_TOOL.format(log=logs / "manifest.log"),
-        "gramine-direct": FAKE_LAUNCHER.format(log=logs / "direct.log", python=sys.executable),
-        "gramine-sgx": FAKE_LAUNCHER.format(log=logs / "sgx.log", python=sys.executable),
-        "gramine-sgx-sign": FAKE_SIGN.format(log=logs / "sign.log"),
-    }
-    for name, text in scripts.items():
-        path = bin_dir / name
-        path.write_text(text)
-        path.chmod(0o755)
+    bin_dir = install_stand_ins(tmp_path / "bin", logs)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")
     return logs
 
