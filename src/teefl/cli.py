@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from teefl.commands import analysis, federation, pki, tee
+from teefl.commands import analysis, bench, federation, pki, tee
 from teefl.errors import TeeflError
 
 app = typer.Typer(
@@ -22,14 +22,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (federation, pki, tee, analysis):
+for module in (federation, pki, tee, analysis, bench):
     module.register(app)
 
 
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     try:
-        app(standalone_mode=False)
+        # without standalone mode, Typer returns (not raises) the exit code of typer.Exit and
+        # of Ctrl-C: pass it on, or an interrupted run would exit 0
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
     except TeeflError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)

@@ -334,22 +334,28 @@ def _resolve_paths(plan: Plan, base: Path) -> None:
     )
 
 
-def load_plan(path: Path | str) -> Plan:
-    """Load and validate a YAML plan file; every problem becomes one clear `TeeflError`."""
+def read_yaml(path: Path | str, what: str = "plan") -> Any:
+    """Read a YAML file; a missing file or malformed YAML becomes one `TeeflError` line."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise TeeflError(f"plan file not found: {path}") from None
+        raise TeeflError(f"{what} file not found: {path}") from None
     except OSError as exc:
-        raise TeeflError(f"cannot read plan {path}: {exc.strerror}") from None
+        raise TeeflError(f"cannot read {what} {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise TeeflError(f"invalid plan {path}:{where}: malformed YAML ({problem})") from None
+        raise TeeflError(f"invalid {what} {path}:{where}: malformed YAML ({problem})") from None
+
+
+def load_plan(path: Path | str) -> Plan:
+    """Load and validate a YAML plan file; every problem becomes one clear `TeeflError`."""
+    path = Path(path)
+    data = read_yaml(path, "plan")
     if data is None:
         data = {}
     return plan_from_dict(data, source=str(path), base=path.resolve().parent)

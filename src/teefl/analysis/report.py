@@ -37,6 +37,9 @@ IGNORED_PLAN_KEYS = (
     "dataset.name",
     "dataset.root",
     "model.name",
+    # how and where the parties ran: a TEE launcher or a host label is a configuration, not
+    # a different experiment (a TDX host's runs must merge with a plain host's)
+    "runtime",
     # security configuration, should a plan carry it at the top level
     "launcher",
     "isolation",

@@ -186,6 +186,7 @@ def launch(
     port_file.unlink(missing_ok=True)
     procs: list[Proc] = []
     result = RunResult(run_id, run_dir, "failed", procs)
+    error: str | None = None
     try:
         procs.append(
             _spawn(
@@ -235,6 +236,9 @@ def launch(
         _watch(plan, run_dir, procs, console, progress)
         result.status = "completed"
         return result
+    except TeeflError as exc:
+        error = str(exc)
+        raise
     except KeyboardInterrupt:
         result.status = "interrupted"
         console.print("[yellow]interrupted: stopping all processes[/yellow]")
@@ -243,6 +247,12 @@ def launch(
         _stop_all(procs)
         if result.status != "completed":
             from teefl.federation.runinfo import read_run_json, update_run_json
+
+            # the aggregator, stopped by our SIGTERM, may have written "interrupted": the run
+            # failed (or was interrupted by the user) whatever it thought
+            if read_run_json(run_dir).get("status") != "completed":
+                extra = {"error": error} if error else {}
+                update_run_json(run_dir, status=result.status, finished_wall=time.time(), **extra)
 
             if read_run_json(run_dir).get("status") in (None, "running"):
                 update_run_json(run_dir, status=result.status, finished_wall=time.time())

@@ -113,7 +113,7 @@ def _find_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def _locate(name: str, candidates: list[Path]) -> tuple[dict[str, Path] | None, list[str]]:
+def locate_files(name: str, candidates: list[Path]) -> tuple[dict[str, Path] | None, list[str]]:
     """The first directory holding every file of ``name``; else notes on partial matches."""
     notes = []
     for cand in candidates:
@@ -358,7 +358,7 @@ def load_dataset(spec: DatasetSpec, data_dir: Path | None = None, seed: int = 0)
     if spec.name not in DATASET_META:
         raise _unknown(spec.name)
     candidates = resolve_root(spec.name, spec.root, data_dir)
-    files, notes = _locate(spec.name, candidates)
+    files, notes = locate_files(spec.name, candidates)
     if files is None:
         raise TeeflError(_missing_message(spec.name, candidates, notes))
     if spec.name in ("mnist", "fashion-mnist"):

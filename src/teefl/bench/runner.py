@@ -1,0 +1,662 @@
+"""`teefl bench`: run every cell of a study as a real federation, resumably, then report.
+
+The output directory is the unit of resumption::
+
+    OUT/study.yaml            the study as run (base plan inlined); a rerun must match it
+    OUT/<cell>/               one run directory per cell (docs/architecture.md), plus
+    OUT/<cell>/bench.json     the cell's coordinates, network and wall time of the whole cell
+    OUT/keys/at-rest.key      the study's key for sealed cells (generated once)
+    OUT/attic/<time>/<cell>/  half-finished cells moved aside before their rerun
+    OUT/report/               teefl report output; OUT/fit.json: teefl fit output
+
+Why a cell is "finished" only when its run.json says completed *and* summary.json exists: the
+summary is written last, so a runner killed after the federation but before the summary leaves a
+cell that is rerun rather than half-counted. A half-finished cell is moved aside (never deleted:
+its logs may explain a crash) and rerun from scratch -- a federation cannot resume mid-round
+without changing what is measured.
+
+Why the cell directory name is deterministic but the run id is not: the name is how a rerun finds
+the cell; the run id (time + random) is how `teefl report A/ B/` tells runs of two hosts apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from teefl.bench.matrix import Cell, Config, build_plan, plan_cells
+from teefl.bench.study import Study, differing_keys
+from teefl.errors import TeeflError
+
+CELL_SCHEMA = "teefl.bench-cell/1"
+
+
+@dataclass
+class CellOutcome:
+    cell: Cell
+    status: str  # completed | kept | failed | skipped
+    run_id: str | None = None
+    wall_s: float | None = None  # the whole cell: certificates, start-up, run, summary
+    t_s: float | None = None  # wall-clock T of the run (aggregator's run span)
+    accuracy: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class StudyResult:
+    out: Path
+    outcomes: list[CellOutcome] = field(default_factory=list)
+    invalid: list[tuple[Config, str]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    predicted_s: float | None = None
+    report: Path | None = None
+    fit: Path | None = None
+
+    def count(self, status: str) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+
+# -- the output directory -----------------------------------------------------------------------
+
+
+def cell_finished(cell_dir: Path) -> bool:
+    """run.json says completed and summary.json exists (it is written last)."""
+    from teefl.federation.runinfo import read_run_json
+
+    return (
+        read_run_json(cell_dir).get("status") == "completed"
+        and (cell_dir / "summary.json").is_file()
+    )
+
+
+def read_cell_record(cell_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((cell_dir / "bench.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _summary(cell_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((cell_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def check_study_copy(study: Study, out: Path, *, force: bool) -> list[str]:
+    """Refuse to mix two different studies in one OUT (unless ``force``), then store the study.
+
+    Why refuse: the cells already there were run with the old settings; silently adding cells of
+    a different base plan would put both into one table. ``--force`` is for deliberate changes
+    (adding a dataset to the axes); the report still splits runs whose plans differ. Returns
+    the keys that changed (empty for the same study or a new OUT).
+    """
+    path = out / "study.yaml"
+    new = study.normalized()
+    keys: list[str] = []
+    if path.is_file():
+        try:
+            old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise TeeflError(f"cannot read {path}: {exc}") from None
+        keys = differing_keys(old, new)
+        if keys and not force:
+            shown = ", ".join(keys[:12]) + (f" (+{len(keys) - 12} more)" if len(keys) > 12 else "")
+            raise TeeflError(
+                f"{out} holds results of a different study (differs in: {shown}); use another "
+                "--out, or --force to continue it with the new study (finished cells with the "
+                "same name are kept)"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".study.yaml.tmp")
+    tmp.write_text(
+        "# written by teefl bench: the study these results belong to\n"
+        + yaml.safe_dump(new, sort_keys=False),
+        encoding="utf-8",
+    )
+    os.replace(tmp, path)
+    return keys
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """One runner per OUT: two would run the same cells into the same directories."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".bench.lock"
+    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole study
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise TeeflError(
+                f"another teefl bench (pid {holder}) is running on {out}; wait for it or use "
+                "another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def _reap_orphans(cell_dir: Path) -> None:
+    """Stop processes a killed runner left behind in this cell (their env/*.json name them).
+
+    Why: the parties run in sessions of their own, so a SIGKILLed runner leaves them training;
+    they must not keep writing into a cell that is about to be rerun.
+    """
+    marker = str(cell_dir.resolve())
+    for env_file in sorted((cell_dir / "env").glob("*.json")):
+        try:
+            pid = int(json.loads(env_file.read_text(encoding="utf-8")).get("pid"))
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, TypeError, json.JSONDecodeError):
+            continue
+        if marker in cmdline and pid != os.getpid():
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+                time.sleep(0.5)
+
+
+def _move_aside(cell_dir: Path, out: Path) -> Path:
+    _reap_orphans(cell_dir)
+    dest = out / "attic" / time.strftime("%Y%m%d-%H%M%S") / cell_dir.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        dest = dest.with_name(f"{dest.name}-{os.getpid()}")
+    os.replace(cell_dir, dest)
+    return dest
+
+
+# -- one cell -----------------------------------------------------------------------------------
+
+
+def run_cell(
+    study: Study,
+    cell: Cell,
+    out: Path,
+    *,
+    data_dir: Path | None = None,
+    console: Console | None = None,
+    topology: Any = None,
+    key_file: Path | None = None,
+) -> CellOutcome:
+    """Run one cell as a real federation into OUT/<cell> (as ``teefl run`` does)."""
+    from teefl.federation.launcher import launch, new_run_id
+    from teefl.federation.report import finish_run
+    from teefl.federation.runinfo import update_run_json
+    from teefl.federation.setup import issue_throwaway_pki
+    from teefl.plan import require_transport
+
+    console = console or Console(stderr=True)
+    cell_dir = (out / cell.name).resolve()
+    if cell_dir.exists():
+        _move_aside(cell_dir, out)
+    plan = build_plan(study, cell, key_file=key_file)
+    network: dict[str, Any] = {"mode": "loopback"}
+    if topology is not None:
+        # the certificate must name the address collaborators dial: set it before issuing
+        plan.network.host = topology.aggregator_ip
+        plan.network.listen = None
+        network = topology.describe()
+    t0 = time.monotonic()
+    started = time.time()
+    rid = new_run_id(cell.name)
+    cell_dir.mkdir(parents=True)
+    if (plan.security.transport or "none") != "none" and plan.security.tls.ca is None:
+        issue_throwaway_pki(plan, cell_dir, Console(file=io.StringIO()))
+    require_transport(plan)
+    before = topology.link_bytes() if topology is not None else None
+    wrap = topology.wrap if topology is not None else None
+    try:
+        launch(plan, cell_dir, rid, data_dir=data_dir, console=console, progress=False, wrap=wrap)
+    except TeeflError as exc:
+        update_run_json(cell_dir, error=str(exc))
+        return CellOutcome(cell, "failed", rid, time.monotonic() - t0, error=str(exc))
+    if topology is not None and before is not None:
+        after = topology.link_bytes()
+        network["bytes"] = {
+            k: {d: after[k][d] - before.get(k, {}).get(d, 0) for d in ("tx", "rx")} for k in after
+        }
+    wall = time.monotonic() - t0
+    record = {
+        "schema": CELL_SCHEMA,
+        "study": study.name,
+        "cell": cell.name,
+        "model": cell.model,
+        "dataset": cell.dataset,
+        "config": cell.config.name,
+        "axes": {
+            "transport": cell.config.transport,
+            "launcher": cell.config.launcher,
+            "at_rest": cell.config.at_rest,
+            "attestation": cell.config.attestation,
+        },
+        "rounds": cell.rounds,
+        "repeat": cell.repeat,
+        "host_label": study.host_label,
+        "notes": cell.notes,
+        "network": network,
+        "started_wall": started,
+        "wall_s": wall,
+        "run_id": rid,
+    }
+    (cell_dir / "bench.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    summary = finish_run(cell_dir)  # summary.json last: it marks the cell finished
+    return _outcome_from(cell, "completed", summary, wall)
+
+
+def _outcome_from(
+    cell: Cell, status: str, summary: dict[str, Any], wall: float | None
+) -> CellOutcome:
+    return CellOutcome(
+        cell,
+        status,
+        summary.get("run_id"),
+        wall,
+        (summary.get("wall_clock") or {}).get("seconds"),
+        (summary.get("final") or {}).get("accuracy"),
+    )
+
+
+# -- estimates ----------------------------------------------------------------------------------
+
+
+class _Eta:
+    """Remaining time from finished cells: the mean wall time of cells like the one to come.
+
+    "Like" = same model, dataset and rounds (configurations differ by a few per cent; models by
+    an order of magnitude), else same model, else any finished cell.
+    """
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+        self.by_model: dict[str, list[float]] = defaultdict(list)
+        self.all: list[float] = []
+
+    def add(self, cell: Cell, seconds: float | None) -> None:
+        if seconds is None:
+            return
+        self.by_key[(cell.model, cell.dataset, cell.rounds)].append(seconds)
+        self.by_model[cell.model].append(seconds)
+        self.all.append(seconds)
+
+    def estimate(self, cell: Cell) -> float | None:
+        for v in (
+            self.by_key.get((cell.model, cell.dataset, cell.rounds)),
+            self.by_model.get(cell.model),
+            self.all,
+        ):
+            if v:
+                return statistics.fmean(v)
+        return None
+
+    def remaining(self, cells: list[Cell]) -> float | None:
+        if not self.all:
+            return None
+        return sum(self.estimate(c) or 0.0 for c in cells)
+
+
+def _mmss(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = round(seconds)
+    return (
+        f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    )
+
+
+# -- the study ----------------------------------------------------------------------------------
+
+
+def _describe(console: Console, study: Study, out: Path, cells: list[Cell], invalid: list) -> None:
+    runnable = [c for c in cells if not c.skip]
+    console.print(
+        f"teefl bench [bold]{escape(study.name)}[/bold]: {len(cells)} cells "
+        f"({len(runnable)} runnable here), {study.axes.repeats} repeat(s), network "
+        f"{study.network.mode}"
+        + (f" capped at {study.network.bandwidth}" if study.network.bandwidth else "")
+        + f"\n  output: {escape(str(out))}",
+        highlight=False,
+    )
+    for cfg, reason in invalid:
+        console.print(
+            f"[yellow]not a valid configuration, left out:[/yellow] {escape(cfg.name)}: "
+            f"{escape(reason)}",
+            highlight=False,
+        )
+    skipped: dict[str, list[str]] = defaultdict(list)
+    for c in cells:
+        if c.skip:
+            skipped[c.skip].append(c.name)
+    for reason, names in skipped.items():
+        shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+        console.print(
+            f"[yellow]skipped {len(names)} cell(s):[/yellow] {escape(reason)} -- {escape(shown)}",
+            highlight=False,
+        )
+    for note in dict.fromkeys(n for c in cells for n in c.notes):
+        console.print(f"[yellow]{escape(note)}[/yellow]", highlight=False)
+
+
+def _cell_line(i: int, n: int, o: CellOutcome, eta: float | None) -> str:
+    c = o.cell
+    head = f"[{i}/{n}] {c.model} {c.dataset} {c.config.name} r{c.repeat}"
+    if o.status == "failed":
+        return f"[red]✗ {escape(head)}: failed: {escape(o.error or '?')}[/red]"
+    t = f"{_mmss(o.t_s)} ({o.t_s:.1f} s)" if o.t_s is not None else "-"
+    acc = f"{100 * o.accuracy:.2f} %" if o.accuracy is not None else "-"
+    return (
+        f"[green]✓[/green] {escape(head)}  T {t}  accuracy {acc}  "
+        f"cell {_mmss(o.wall_s)}  ETA {_mmss(eta) if eta is not None else '-'}"
+    )
+
+
+def run_study(
+    study: Study,
+    out: Path,
+    *,
+    data_dir: Path | None = None,
+    strict: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    report: bool = True,
+    progress: bool = True,
+    console: Console | None = None,
+) -> StudyResult:
+    """Run (or resume) every runnable cell of ``study`` into ``out``; then report and fit.
+
+    Raises KeyboardInterrupt after cleaning up when interrupted (Ctrl-C or SIGTERM); a rerun
+    with the same arguments continues where it stopped.
+    """
+    console = console or Console()
+    out = Path(out).resolve()
+    cells, invalid = plan_cells(study, data_dir)
+    result = StudyResult(out, invalid=invalid)
+    _describe(console, study, out, cells, invalid)
+    skipped = [c for c in cells if c.skip]
+    if strict and skipped:
+        raise TeeflError(
+            f"--strict: {len(skipped)} cell(s) cannot run on this host: "
+            + "; ".join(f"{c.name}: {c.skip}" for c in skipped[:5])
+        )
+    result.outcomes += [CellOutcome(c, "skipped", error=c.skip) for c in skipped]
+    runnable = [c for c in cells if not c.skip]
+    if study.network.mode == "netns" and not dry_run:
+        from teefl.bench.netns import require_netns
+
+        require_netns(study.network.bandwidth)
+
+    eta = _Eta()
+    todo: list[Cell] = []
+    for c in runnable:
+        d = out / c.name
+        if cell_finished(d):
+            o = _outcome_from(c, "kept", _summary(d), read_cell_record(d).get("wall_s"))
+            result.outcomes.append(o)
+            eta.add(c, o.wall_s)
+        else:
+            todo.append(c)
+    kept = len(runnable) - len(todo)
+    if dry_run:
+        _print_order(console, runnable, out)
+        return result
+    if not runnable:
+        raise TeeflError("no cell of the study can run on this host (see the reasons above)")
+    with _lock(out):
+        changed = check_study_copy(study, out, force=force)
+        if changed:
+            console.print(
+                f"[yellow]--force: continuing {escape(str(out))} with a changed study "
+                f"({escape(', '.join(changed[:8]))})[/yellow]",
+                highlight=False,
+            )
+        if kept:
+            console.print(f"kept {kept} finished cell(s) from an earlier run; {len(todo)} to run")
+        before = eta.remaining(todo)
+        if before is not None and todo:
+            console.print(f"predicted from finished cells: {_mmss(before)} for {len(todo)} cells")
+        key_file = None
+        if any(c.config.at_rest == "sealed" for c in todo):
+            key_file = _study_key(out)
+        t_start = time.monotonic()
+        try:
+            _run_cells(study, todo, out, data_dir, console, progress, eta, result, key_file)
+        except KeyboardInterrupt:
+            done = sum(1 for o in result.outcomes if o.status in ("completed", "kept"))
+            console.print(
+                f"[yellow]interrupted: {done} of {len(runnable)} cells finished; run the same "
+                "command again to resume (the interrupted cell is rerun from scratch)[/yellow]"
+            )
+            raise
+        finally:
+            result.elapsed_s = time.monotonic() - t_start
+    ran = result.count("completed")
+    console.print(
+        f"study {escape(study.name)}: {ran} cell(s) run in {_mmss(result.elapsed_s)}"
+        + (
+            f" (predicted after the first cell: {_mmss(result.predicted_s)})"
+            if result.predicted_s is not None
+            else ""
+        )
+        + f", {kept} kept, {result.count('failed')} failed, {len(skipped)} skipped",
+        highlight=False,
+    )
+    if report:
+        finish_study(study, out, console, result)
+    return result
+
+
+def _study_key(out: Path) -> Path:
+    from teefl.security.sealed import write_key_file
+
+    path = out / "keys" / "at-rest.key"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_key_file(path)
+    return path
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP take Ctrl-C's path, so every finally block (namespaces!) runs."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _run_cells(
+    study: Study,
+    todo: list[Cell],
+    out: Path,
+    data_dir: Path | None,
+    console: Console,
+    show: bool,
+    eta: _Eta,
+    result: StudyResult,
+    key_file: Path | None,
+) -> None:
+    topo_cm: Any = contextlib.nullcontext(None)
+    if study.network.mode == "netns" and todo:
+        from teefl.bench.netns import Topology, cleanup_leftovers
+
+        removed, _kept = cleanup_leftovers()
+        if removed:
+            console.print(
+                f"removed {len(removed)} network namespace(s) left by a killed teefl bench",
+                highlight=False,
+            )
+        base = study.base_plan_obj()
+        topo_cm = Topology(
+            base.collaborators, subnet=study.network.subnet, bandwidth=study.network.bandwidth
+        )
+    bars = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA {task.fields[eta]}"),
+        console=console,
+        disable=not (show and console.is_terminal),
+        transient=True,
+    )
+    n = len(todo)
+    t0 = time.monotonic()
+    with _signals_as_interrupt(), topo_cm as topo, bars:
+        if topo is not None:
+            console.print(
+                f"network namespaces up: aggregator at {topo.aggregator_ip}, "
+                f"{len(topo.parties) - 1} collaborators, links "
+                + (f"capped at {topo.bandwidth}" if topo.bandwidth else "unlimited (veth)"),
+                highlight=False,
+            )
+        task = bars.add_task("study", total=n, eta=_mmss(eta.remaining(todo)))
+        for i, cell in enumerate(todo, start=1):
+            bars.update(task, description=f"{cell.name}")
+            try:
+                o = run_cell(
+                    study,
+                    cell,
+                    out,
+                    data_dir=data_dir,
+                    console=bars.console,
+                    topology=topo,
+                    key_file=key_file,
+                )
+            except TeeflError as exc:
+                o = CellOutcome(cell, "failed", error=str(exc))
+            result.outcomes.append(o)
+            if o.status == "completed":
+                eta.add(cell, o.wall_s)
+            remaining = eta.remaining(todo[i:])
+            if result.predicted_s is None and remaining is not None:
+                result.predicted_s = (time.monotonic() - t0) + remaining
+            bars.update(task, advance=1, eta=_mmss(remaining))
+            bars.console.print(_cell_line(i, n, o, remaining), highlight=False, soft_wrap=True)
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                bars.console.file.flush()  # a log file shows progress as it happens
+
+
+def _print_order(console: Console, cells: list[Cell], out: Path) -> None:
+    t = Table(title="run order", show_edge=False, header_style="bold")
+    for col in ("#", "cell (directory in OUT)", "state"):
+        t.add_column(col, no_wrap=True)
+    for i, c in enumerate(cells, start=1):
+        state = "finished" if cell_finished(out / c.name) else "to run"
+        t.add_row(str(i), c.name, state)
+    console.print(t)
+
+
+# -- the end: report and fit --------------------------------------------------------------------
+
+
+def finish_study(
+    study: Study, out: Path, console: Console, result: StudyResult | None = None
+) -> None:
+    """`teefl report` and `teefl fit` on everything in OUT, and Tables II/III on the console."""
+    from teefl.commands import analysis
+
+    if not any(cell_finished(d) for d in out.iterdir() if d.is_dir()):
+        console.print("[yellow]no finished cell yet: nothing to report[/yellow]")
+        return
+    resamples = study.report.resamples
+    try:
+        analysis.report(run_dirs=[out], out=out / "report", resamples=resamples, seed=0)
+    except TeeflError as exc:
+        console.print(f"[yellow]report not written: {escape(str(exc))}[/yellow]")
+        return
+    print_tables(out, console)
+    console.print("\n[bold]Overhead model[/bold] (teefl fit): T = T_base · (1 + Σ C_k · x_k)")
+    try:
+        analysis.fit(
+            inputs=[out],
+            out=out / "fit.json",
+            plot_dir=None,
+            resamples=resamples,
+            seed=0,
+            level=0.95,
+        )
+    except TeeflError as exc:
+        console.print(f"[yellow]not fitted: {escape(str(exc))}[/yellow]")
+    if result is not None:
+        result.report = out / "report" / "report.md"
+        result.fit = out / "fit.json"
+
+
+def print_tables(out: Path, console: Console) -> None:
+    """Tables II and III (paper layout: configurations x model/dataset) for each report group."""
+    from teefl.analysis import tables
+    from teefl.analysis.report import collect, form_groups
+    from teefl.analysis.timefmt import format_both
+
+    entries, _excluded = collect([out])
+    groups = form_groups(entries)
+    for g in groups:
+        head = f" (group {g.gid})" if len(groups) > 1 else ""
+        ss = g.summaries
+        _pivot(
+            console,
+            tables.table2_wallclock(ss),
+            lambda r: f"{format_both(r['mean_s'])}, n={r['n']}",
+            f"Table II — wall-clock time T{head}",
+        )
+        _pivot(
+            console,
+            tables.table3_communication(ss),
+            lambda r: f"{r['mean_s']:.3f} ± {r['std_s']:.3f}",
+            f"Table III — communication s per collaborator per round{head}",
+        )
+
+
+def _pivot(console: Console, df: Any, fmt: Any, title: str) -> None:
+    from teefl.analysis.tables import config_sort_key
+
+    if df.empty:
+        return
+    columns = sorted({(r.model, r.dataset) for r in df.itertuples()})
+    lookup = {(r["model"], r["dataset"], r["config"]): r for r in df.to_dict("records")}
+    t = Table(title=title, header_style="bold", title_justify="left")
+    t.add_column("configuration")
+    for m, d in columns:
+        t.add_column(f"{m}\n{d}", justify="right")
+    for cfg in sorted(set(df["config"]), key=config_sort_key):
+        row = [escape(cfg)]
+        for m, d in columns:
+            r = lookup.get((m, d, cfg))
+            row.append(escape(fmt(r)) if r else "-")
+        t.add_row(*row)
+    console.print(t)
