@@ -80,6 +80,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.told_done: set[str] = set()
         self.joined: set[str] = set()
         self.persisting: set[str] = set()  # updates being written to disk, not yet counted
+        self.close_pending = False  # every update is in; the round closes after the last ack
         #: uploads in progress: collaborator -> (time of its last chunk, its RPC context)
         self.inflight: dict[str, tuple[float, grpc.ServicerContext]] = {}
         self.slots = threading.BoundedSemaphore(fed.max_inflight_updates)
@@ -305,6 +306,17 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         )
 
     def PutUpdate(self, request_iterator, context: grpc.ServicerContext):
+        ack = self._put_update(request_iterator, context)
+        if self.close_pending:
+            threading.Thread(target=self._close_pending_round, name="close-round").start()
+        return ack
+
+    def _close_pending_round(self) -> None:
+        with self.cond:
+            if self.close_pending:
+                self._close_round()
+
+    def _put_update(self, request_iterator, context: grpc.ServicerContext):
         t0 = time.monotonic()
         try:
             first = next(request_iterator, None)
@@ -394,14 +406,16 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 asm.add(chunk.data)
                 with self.cond:
                     self.inflight[name] = (time.monotonic(), context)
-            payload = bytes(asm.finish())
+            payload = asm.finish()  # decoded in place: the tensors share this buffer
             state = codec.decode_state(payload)
         except codec.PayloadError as exc:
             raise UpdateRejected(str(exc)) from None
         check_update(self.global_state, state)  # before anything is stored or summed
-        return self._accept(name, h.round, state, samples, metrics, payload, t0)
+        return self._accept(name, h.round, state, samples, metrics, payload, t0, h.sha256)
 
-    def _accept(self, name, rnd, state, samples, metrics, payload, t0) -> teefl_pb2.UpdateAck:
+    def _accept(
+        self, name, rnd, state, samples, metrics, payload, t0, digest: bytes | None = None
+    ) -> teefl_pb2.UpdateAck:
         with self.cond:
             if rnd != self.round:
                 raise StaleUpdate(f"round {rnd} closed while the update was in transit")
@@ -415,7 +429,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 # stored before the acknowledgement: a crash after the ack loses nothing
                 with self.rec.span("persist_update", round=rnd, collaborator=name) as s:
                     meta = {"samples": samples, "metrics": metrics}
-                    self.store.save_update(rnd, name, payload, meta)
+                    self.store.save_update(rnd, name, payload, meta, sha256=digest)
                     s["bytes"] = len(payload)
             with self.cond:
                 if rnd != self.round:
@@ -437,7 +451,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 self.rec.info("update_accepted", collaborator=name, round=rnd)
                 log.info("round %d: update from %s (%d samples)", rnd, name, samples)
                 if len(self.received) == len(self.names):
-                    self._close_round()
+                    # closed right after this acknowledgement is sent (see PutUpdate): the update
+                    # is already stored, and the uploader's time is not spent on our checkpoint
+                    self.close_pending = True
                 return teefl_pb2.UpdateAck(accepted=True, round=rnd, message="accepted")
         finally:
             with self.cond:
@@ -445,6 +461,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
 
     def _close_round(self) -> None:
         """Called with the lock held once every collaborator's update is in."""
+        self.close_pending = False
         rnd = self.round
         self._write_metrics(rnd)
         if self.evaluating:
@@ -490,6 +507,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
     ) -> None:
         """Serve until the final evaluation is done and every collaborator was told so."""
         self.t_start = t_start if t_start is not None else time.monotonic()
+        with self.cond:
+            if not self.evaluating and len(self.received) == len(self.names):
+                self._close_round()  # crashed between the last acknowledgement and the close
         workers = max(8, 3 * len(self.names) + 4)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agg"),
@@ -531,7 +551,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         self.rec.info("upload_idle_cut", collaborator=name, round=self.round)
                         ctx.cancel()
                         self.inflight.pop(name, None)
-                if self.done or now - self.round_opened <= timeout:
+                if self.done or self.close_pending or now - self.round_opened <= timeout:
                     continue
                 if self.inflight:  # transfers still moving bytes are not killed by the deadline
                     continue

@@ -56,7 +56,7 @@ class RoundStore:
     def _suffix(self) -> str:
         return ".safetensors.sealed" if self.seal_key else ".safetensors"
 
-    def _write(self, path: Path, payload: bytes, fsync: bool = True) -> Path:
+    def _write(self, path: Path, payload: bytes | bytearray, fsync: bool = True) -> Path:
         if self.seal_key is None:
             write_atomic(path, payload, fsync)
             return path
@@ -105,11 +105,20 @@ class RoundStore:
     def _round_dir(self, rnd: int) -> Path:
         return self.run_dir / "updates" / f"round-{rnd:04d}"
 
-    def save_update(self, rnd: int, name: str, payload: bytes, meta: dict[str, Any]) -> None:
+    def save_update(
+        self,
+        rnd: int,
+        name: str,
+        payload: bytes | bytearray,
+        meta: dict[str, Any],
+        sha256: bytes | None = None,
+    ) -> None:
+        """Store an acknowledged update; ``sha256``: its already verified digest, if known."""
         d = self._round_dir(rnd)
         d.mkdir(parents=True, exist_ok=True)
         self._write(d / f"{name}{self._suffix()}", payload, fsync=False)
-        meta = {**meta, "sha256": hashlib.sha256(payload).hexdigest()}
+        digest = sha256.hex() if sha256 else hashlib.sha256(payload).hexdigest()
+        meta = {**meta, "sha256": digest}
         # the metadata is written last: an update counts only once both files exist
         write_atomic(d / f"{name}.json", json.dumps(meta).encode(), fsync=False)
 
