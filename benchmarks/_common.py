@@ -351,7 +351,8 @@ def fed_transfer(
                 raise RuntimeError(f"federation failed (exit codes {codes}):\n{logs}")
             time.sleep(0.05)
     wall = time.monotonic() - t0
-    return _collect(run_dir, names, wall, "ack-first" not in patches, warmup)
+    # the aggregator acknowledges the last update before it closes the round
+    return _collect(run_dir, names, wall, False, warmup)
 
 
 def _collect(
@@ -417,51 +418,13 @@ def _collect(
 
 # -- child: aggregator -------------------------------------------------------------------------
 def _apply_patches(patches: list[str]) -> None:
-    """Candidate changes to aggregator.py/collaborator.py, applied in the child only, so their
-    effect can be measured before anyone edits those files (see docs/benchmarks.md)."""
-    import threading
-
+    """Candidate changes, applied in the child only, so their effect can be measured before
+    anyone edits the code (see docs/benchmarks.md). The earlier `ack-first` and
+    `zero-copy-receive` candidates were measured this way and are now part of the aggregator."""
     from teefl.federation import aggregator as agg_mod
 
     for p in patches:
-        if p == "ack-first":
-            # the round is closed (FedAvg result, the new model serialized, the fsync'd
-            # checkpoint) once the PutUpdate handler has returned the last update's ack, on
-            # another thread -- not before the ack, as the aggregator does today
-            orig_close = agg_mod.Aggregator._close_round
-            orig_put = agg_mod.Aggregator.PutUpdate
-
-            def flag(self):
-                self._bench_close_pending = True
-
-            def put(self, request_iterator, context, _put=orig_put, _close=orig_close):
-                ack = _put(self, request_iterator, context)
-                if getattr(self, "_bench_close_pending", False):
-
-                    def work():
-                        with self.cond:
-                            if self._bench_close_pending:
-                                self._bench_close_pending = False
-                                _close(self)
-
-                    threading.Thread(target=work, name="close-round").start()
-                return ack
-
-            agg_mod.Aggregator._close_round = flag
-            agg_mod.Aggregator.PutUpdate = put
-        elif p == "zero-copy-receive":
-            # `payload = asm.finish()` instead of `bytes(asm.finish())` in Aggregator._receive:
-            # the received buffer is decoded in place (codec.ReceivedPayload) instead of being
-            # copied twice (bytes(), then decode_state's copy of a read-only input)
-            import builtins
-
-            from teefl.federation import codec
-
-            def keep_received(x=b"", *a, _bytes=builtins.bytes, _cls=codec.ReceivedPayload):
-                return x if isinstance(x, _cls) and not a else _bytes(x, *a)
-
-            agg_mod.bytes = keep_received
-        elif p.startswith("grpc:"):
+        if p.startswith("grpc:"):
             # extra gRPC channel/server options "grpc:name=value,name=value" (tuning experiments)
             from teefl.federation import transport
 
@@ -485,8 +448,10 @@ def _agg_main(args: argparse.Namespace) -> None:
     from teefl.federation.aggregator import Aggregator
     from teefl.federation.fedavg import RunningFedAvg
     from teefl.measure.events import EventRecorder
+    from teefl.measure.host import tune_malloc
     from teefl.plan import load_plan, require_transport
 
+    tune_malloc()  # as `teefl aggregator` does
     _apply_patches(args.patch)
     plan = load_plan(args.plan)
     require_transport(plan)

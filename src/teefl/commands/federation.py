@@ -151,6 +151,9 @@ def aggregator(
     t_start = time.monotonic()
     _logging(log_level)
     _sigterm_as_interrupt()
+    from teefl.measure.host import tune_malloc
+
+    tune_malloc()
     from teefl.federation.aggregator import Aggregator
     from teefl.federation.launcher import new_run_id
     from teefl.federation.runinfo import (
