@@ -76,7 +76,6 @@ def main() -> int:
                         spec, t, args.reps, work / f"{spec}-{t}-{n}", chunk_size=args.chunk_size
                     )
                     acc.setdefault(t, []).extend(f.comm)
-                    acc.setdefault(t + "_open", []).extend(f.comm_open)
                     if t == "none":
                         for k, v in f.spans.items():
                             profiles.setdefault(spec, {}).setdefault(k, []).extend(v)
@@ -98,10 +97,10 @@ def main() -> int:
                 f"{size / 1e6:.1f} MB / {tensors}",
                 f"{raw * 1e3:.1f}",
                 f"{raw_tls * 1e3:.1f}",
-                f"{r['none'] * 1e3:.1f} ({r['none_open'] * 1e3:.1f})",
-                f"{r['tls'] * 1e3:.1f} ({r['tls_open'] * 1e3:.1f})",
-                f"{r['none'] / raw:.2f} ({r['none_open'] / raw:.2f})",
-                f"{r['tls'] / raw_tls:.2f} ({r['tls_open'] / raw_tls:.2f})",
+                f"{r['none'] * 1e3:.1f}",
+                f"{r['tls'] * 1e3:.1f}",
+                f"{r['none'] / raw:.2f}",
+                f"{r['tls'] / raw_tls:.2f}",
                 f"{r['none'] / size * 1e9:.2f}",
             ]
         )
@@ -114,8 +113,8 @@ def main() -> int:
                 "size / tensors",
                 "raw TCP ms",
                 "raw TLS ms",
-                "teefl ms (open)",
-                "teefl-tls ms (open)",
+                "teefl ms",
+                "teefl-tls ms",
                 "teefl/raw",
                 "tls/raw-tls",
                 "ns/byte",
@@ -123,8 +122,8 @@ def main() -> int:
         )
     )
     print(
-        "\n(open) = without the aggregator's round closing that the last upload's ack waits for; "
-        "targets are judged on the spans as a run reports them.\n"
+        "\nteefl = download + upload spans as a run reports them (the aggregator acknowledges "
+        "the last update before it closes the round).\n"
     )
     print("profile, transport none (median ms per round; agg = aggregator, col = collaborator):")
     phases = [
@@ -153,7 +152,7 @@ def main() -> int:
             ok_all &= ok
             print(
                 f"{C.verdict(ok)}: {C.MODELS[spec]} {label} = {ratio:.2f} (target <= "
-                f"{TARGET_RATIO}; without round closing {r[key + '_open'] / r[base]:.2f})"
+                f"{TARGET_RATIO})"
             )
     per = {s: results[s]["none"] / results[s]["size"] for s in ("resnet18", "mobilenet_v3_small")}
     ratio = per["mobilenet_v3_small"] / per["resnet18"]

@@ -39,7 +39,6 @@ def main() -> int:
     )
     rows = []
     comm: dict[tuple[str, str], list[float]] = {}
-    opened: dict[tuple[str, str], list[float]] = {}
     sizes: dict[str, int] = {}
     specs = ("resnet18", "mobilenet_v3_small")
     with C.scratch("transport") as tmp:
@@ -49,7 +48,6 @@ def main() -> int:
                 for t in TRANSPORTS:
                     r = C.fed_transfer(spec, t, args.reps, Path(tmp) / f"{spec}-{t}-{n}")
                     comm.setdefault((spec, t), []).extend(r.comm)
-                    opened.setdefault((spec, t), []).extend(r.comm_open)
                     sizes[spec] = r.bytes
                 print(
                     f"  pass {n + 1}/{args.passes}: {C.MODELS[spec]} "
@@ -58,14 +56,13 @@ def main() -> int:
                 )
     for spec in specs:
         c = {t: C.median(comm[(spec, t)]) for t in TRANSPORTS}
-        o = {t: C.median(opened[(spec, t)]) for t in TRANSPORTS}
         rows.append(
             [
                 C.MODELS[spec],
                 f"{sizes[spec] / 1e6:.1f}",
-                *(f"{c[t] * 1e3:.1f} ({o[t] * 1e3:.1f})" for t in TRANSPORTS),
-                f"{c['tls'] / c['none']:.2f} ({o['tls'] / o['none']:.2f})",
-                f"{c['mtls'] / c['none']:.2f} ({o['mtls'] / o['none']:.2f})",
+                *(f"{c[t] * 1e3:.1f}" for t in TRANSPORTS),
+                f"{c['tls'] / c['none']:.2f}",
+                f"{c['mtls'] / c['none']:.2f}",
             ]
         )
     print()
@@ -75,11 +72,7 @@ def main() -> int:
             ["model", "MB", "none ms", "tls ms", "mtls ms", "tls/none", "mtls/none"],
         )
     )
-    print(
-        "\nms = median download+upload per round as the collaborator's spans record it; "
-        "(in brackets) without the aggregator's round closing that the last upload's "
-        "acknowledgement waits for."
-    )
+    print("\nms = median download+upload per round as the collaborator's spans record it.")
     print(f"at end: {C.load()}")
     print(f"total time {time.monotonic() - t0:.0f} s")
     return 0
