@@ -476,9 +476,16 @@ def _agg_main(args: argparse.Namespace) -> None:
     peak = [base_rss]
     stop = threading.Event()
 
+    timeline: list[tuple[float, int]] = []  # (monotonic s, RSS) whenever it moved by >= 1 MiB
+
     def sample():
+        last = 0
         while not stop.wait(0.005):
-            peak[0] = max(peak[0], _rss())
+            rss = _rss()
+            peak[0] = max(peak[0], rss)
+            if abs(rss - last) >= 1 << 20:
+                timeline.append((time.monotonic(), rss))
+                last = rss
 
     threading.Thread(target=sample, daemon=True).start()
     try:
@@ -494,6 +501,7 @@ def _agg_main(args: argparse.Namespace) -> None:
                     "peak_rss": peak[0],
                     "ru_maxrss": maxrss,
                     "model_bytes": len(agg.payload),
+                    "rss_timeline": timeline,
                 }
             )
         )

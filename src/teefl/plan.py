@@ -191,6 +191,9 @@ class FederationSpec(_Strict):
     trim_ratio: float = Field(0.1, ge=0, lt=0.5)
     #: updates received and decoded at once; more uploads wait in gRPC flow control
     max_inflight_updates: int = Field(4, ge=1)
+    #: downloads of the global model streamed at once; more wait for a slot (the wait counts as
+    #: their download time). Bounds the aggregator's send buffers, whatever the federation's size
+    max_concurrent_downloads: int = Field(4, ge=1)
     #: keep every accepted update on disk after its round (audit / replay); else deleted
     keep_updates: bool = False
 

@@ -34,6 +34,9 @@ from teefl.workload.models import build_model
 
 log = logging.getLogger("teefl.aggregator")
 
+#: initial-metadata key the aggregator sends once an upload holds a receive slot
+UPLOAD_GO = "teefl-upload-go"
+
 #: a long poll returns after this long with "nothing new", so dead connections surface
 WAIT_KEEPALIVE_S = 15.0
 
@@ -84,6 +87,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         #: uploads in progress: collaborator -> (time of its last chunk, its RPC context)
         self.inflight: dict[str, tuple[float, grpc.ServicerContext]] = {}
         self.slots = threading.BoundedSemaphore(fed.max_inflight_updates)
+        self.download_slots = threading.BoundedSemaphore(fed.max_concurrent_downloads)
         self.active = self.peak_active = 0  # updates being received right now, and the peak
         self.model_info = {
             "parameters": int(sum(p.numel() for p in model.parameters())),
@@ -142,10 +146,20 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         return self.round == self.rounds + 1
 
     def _publish(self) -> None:
-        """Serialize the global model once per round; every download streams the same bytes."""
+        """Serialize the global model once per round; every download streams the same bytes.
+
+        The data chunks are serialized to wire messages here, once, and shared by every
+        download (see `_chunk_to_wire`): N concurrent downloads then cost no per-stream copy of
+        the model in Python, only what gRPC holds for the one message each has in flight.
+        """
         self.payload = codec.encode_state(self.global_state)
         self.digest = codec.sha256(self.payload)
         self.update_limit = len(self.payload) + (64 << 10)
+        size = self.plan.network.chunk_size
+        self.wire_chunks = [
+            teefl_pb2.Chunk(data=bytes(piece), offset=i * size).SerializeToString()
+            for i, piece in enumerate(codec.iter_chunks(self.payload, size))
+        ]
 
     def _refuse(self, context, name: str, code: grpc.StatusCode, reason: str):
         peer = context.peer()
@@ -284,25 +298,32 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"round {request.round} is not open (open round: {self.round})",
                 )
-            payload, digest, rnd = self.payload, self.digest, self.round
-        return self._stream(payload, digest, rnd, name)
-
-    def _stream(self, payload: bytes, digest: bytes, rnd: int, name: str) -> Iterator[Any]:
+            size, digest, rnd, chunks = len(self.payload), self.digest, self.round, self.wire_chunks
         t0 = time.monotonic()
+        # a bounded number of downloads stream at once; the slot is given back when the RPC
+        # ends for any reason (finished, cancelled, peer gone), so it can never leak
+        self.download_slots.acquire()
+        if not context.add_callback(self.download_slots.release):
+            self.download_slots.release()  # the RPC already ended
+        return self._stream(size, digest, rnd, chunks, name, t0)
+
+    def _stream(
+        self, size: int, digest: bytes, rnd: int, chunks: list[bytes], name: str, t0: float
+    ) -> Iterator[Any]:
+        t1 = time.monotonic()
         header = teefl_pb2.Header(
-            collaborator=name,
-            round=rnd,
-            total_size=len(payload),
-            sha256=digest,
-            format=codec.FORMAT,
+            collaborator=name, round=rnd, total_size=size, sha256=digest, format=codec.FORMAT
         )
         yield teefl_pb2.Chunk(header=header)
-        offset = 0
-        for piece in codec.iter_chunks(payload, self.plan.network.chunk_size):
-            yield teefl_pb2.Chunk(data=bytes(piece), offset=offset)
-            offset += len(piece)
+        yield from chunks
         self.rec.record(
-            "serve_download", t0, time.monotonic(), round=rnd, bytes=len(payload), collaborator=name
+            "serve_download",
+            t1,
+            time.monotonic(),
+            round=rnd,
+            bytes=size,
+            collaborator=name,
+            queued_s=round(t1 - t0, 6),
         )
 
     def PutUpdate(self, request_iterator, context: grpc.ServicerContext):
@@ -332,6 +353,10 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             if _has_unknown_fields(first):
                 raise UpdateRejected("message carries unknown fields")
             with self.slots:  # bounded number of updates held in memory at once
+                # tells the collaborator to start sending its data (see Collaborator._upload):
+                # an upload waiting for a slot has sent only its header, so waiting uploads
+                # hold nothing in our HTTP/2 receive windows however many there are
+                context.send_initial_metadata(((UPLOAD_GO, "1"),))
                 with self.cond:
                     self.active += 1
                     self.peak_active = max(self.peak_active, self.active)
@@ -516,7 +541,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             options=server_options(self.plan),
             maximum_concurrent_rpcs=None,
         )
-        teefl_pb2_grpc.add_FederationServicer_to_server(self, server)
+        add_to_server(self, server)
         bound = bind(server, self.plan, listen, port)
         server.start()
         log.info(
@@ -578,6 +603,32 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             deadline = time.monotonic() + 10.0
             while len(self.told_done) < len(self.names) and time.monotonic() < deadline:
                 self.cond.wait(timeout=0.2)
+
+
+def _chunk_to_wire(msg: teefl_pb2.Chunk | bytes) -> bytes:
+    """GetModel's response serializer: data chunks arrive already serialized (`_publish`)."""
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+class _Handlers:
+    """Captures the generated method handlers so one serializer can be swapped."""
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_to_server(servicer: Aggregator, server: grpc.Server) -> None:
+    """Register the servicer as the generated code does, but with GetModel sending pre-serialized
+    chunks as they are (the wire format is unchanged: clients decode ordinary `Chunk`s)."""
+    cap = _Handlers()
+    teefl_pb2_grpc.add_FederationServicer_to_server(servicer, cap)
+    handlers = dict(cap.handlers)
+    handlers["GetModel"] = handlers["GetModel"]._replace(response_serializer=_chunk_to_wire)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(cap.service, handlers),))
+    server.add_registered_method_handlers(cap.service, handlers)
 
 
 def final_state(run_dir: Path, key: bytes | None = None) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -331,7 +332,7 @@ class Collaborator:
             )
             try:
                 with rec.span("upload", round=r) as s:
-                    ack = self._call(stub.PutUpdate, self._upload_stream(header, payload, r))
+                    ack = self._upload(stub, header, payload, r)
                     s["bytes"] = len(payload)
             except _Stale as exc:
                 log.warning(
@@ -373,8 +374,38 @@ class Collaborator:
         )
         return {**_flat("validate_global", vg), **_flat("train", tr), **_flat("validate_local", vl)}
 
-    def _upload_stream(self, header: teefl_pb2.Header, payload, r: int) -> Iterator[Any]:
+    def _upload(self, stub, header: teefl_pb2.Header, payload, r: int) -> teefl_pb2.UpdateAck:
+        """Send one update and wait for its acknowledgement.
+
+        The header goes first; the data follows only once the aggregator has given this upload
+        a receive slot (it says so in the call's initial metadata). Without that, every upload
+        queued behind the aggregator's bound would park up to a whole HTTP/2 window of data in
+        the aggregator's memory, and its memory would grow with the number of collaborators.
+        """
+        started = threading.Event()
+        holder: list[Any] = []
+        call = stub.PutUpdate.future(self._upload_stream(header, payload, r, started, holder))
+        holder.append(call)
+        started.set()
+        try:
+            return call.result()
+        except grpc.RpcError as exc:
+            raise self._classify(exc) from None
+
+    def _upload_stream(
+        self,
+        header: teefl_pb2.Header,
+        payload,
+        r: int,
+        started: threading.Event | None = None,
+        holder: list[Any] | None = None,
+    ) -> Iterator[Any]:
         yield teefl_pb2.Chunk(header=header)
+        if started is not None and holder is not None:
+            started.wait()
+            holder[0].initial_metadata()  # returns once a slot is ours (or the call has ended)
+            if not holder[0].is_active():
+                return
         offset = 0
         for piece in codec.iter_chunks(payload, self.plan.network.chunk_size):
             yield teefl_pb2.Chunk(data=bytes(piece), offset=offset)
