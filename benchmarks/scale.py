@@ -11,8 +11,9 @@ the target: peak RSS grows by less than 2 model sizes from 4 to 32 collaborators
     .venv/bin/python benchmarks/scale.py                        # ~3-6 min on 2 cores
 
 The aggregator bounds the updates it receives at once (``federation.max_inflight_updates``, 4 by
-default): beyond that, PutUpdate calls wait before allocating anything and HTTP/2 flow control holds
-their senders back.
+default): beyond that, an upload sends only its header and waits until the aggregator grants it a
+slot, and at most ``federation.max_concurrent_downloads`` downloads stream at once. The child
+records its RSS timeline (``rss_timeline`` in ``agg_stats.json``) to see where memory grows.
 """
 
 from __future__ import annotations
