@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from teefl.federation.fedavg import RunningFedAvg, UpdateRejected
+from teefl.federation.fedavg import RunningFedAvg, UpdateRejected, check_update
 
 
 def _ref() -> dict[str, torch.Tensor]:
@@ -138,3 +138,32 @@ def test_median_and_trimmed_mean_resist_an_outlier() -> None:
     for v in (1.0, 2.0, 3.0, 10.0):
         even.add({"w": torch.full((3,), v)}, 1)
     assert torch.equal(even.result()["w"], torch.full((3,), 2.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_finite_check_is_exact_also_when_the_sum_overflows(dtype) -> None:
+    big = torch.finfo(dtype).max
+    ref = {"w": torch.zeros(4, dtype=dtype)}
+    check_update(ref, {"w": torch.full((4,), big, dtype=dtype)})  # finite; the sum overflows
+    check_update(ref, {"w": torch.tensor([big, -big, big, -big], dtype=dtype)})
+    check_update({"w": torch.zeros(0, dtype=dtype)}, {"w": torch.zeros(0, dtype=dtype)})
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.zeros(4, dtype=dtype)
+        t[2] = bad
+        with pytest.raises(UpdateRejected, match="NaN or Inf"):
+            check_update(ref, {"w": t})
+    t = torch.zeros(4, dtype=dtype)
+    t[0], t[1] = float("inf"), float("-inf")  # sums to NaN: still refused
+    with pytest.raises(UpdateRejected, match="NaN or Inf"):
+        check_update(ref, {"w": t})
+
+
+def test_add_skips_the_check_only_when_told() -> None:
+    ref = {"w": torch.zeros(2)}
+    bad = {"w": torch.tensor([1.0, float("nan")])}
+    agg = RunningFedAvg(ref)
+    with pytest.raises(UpdateRejected):
+        agg.add(bad, 1)
+    assert agg.count == 0 and agg.sums["w"].eq(0).all()
+    agg.add({"w": torch.tensor([2.0, 4.0])}, 2, checked=True)
+    assert agg.result()["w"].tolist() == [2.0, 4.0]

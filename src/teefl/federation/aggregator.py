@@ -462,7 +462,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     raise StaleUpdate(f"round {rnd} closed while the update was in transit")
                 if state is not None:
                     ta = time.monotonic()
-                    self.fedavg.add(state, samples)
+                    self.fedavg.add(state, samples, checked=True)  # checked in _receive
                     self.rec.record("aggregate", ta, time.monotonic(), round=rnd, collaborator=name)
                 self.received[name] = {"samples": samples, **metrics}
                 self.rec.record(
