@@ -498,7 +498,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             self.global_state = self.fedavg.result()
         with self.rec.span("checkpoint", round=rnd) as s:
             self._publish()
-            target = self.store.save_checkpoint(rnd, self.payload, final=rnd == self.rounds)
+            target = self.store.save_checkpoint(
+                rnd, self.payload, final=rnd == self.rounds, sha256=self.digest
+            )
             s["bytes"] = len(self.payload)
         self.store.drop_updates(rnd)
         self.rec.info("round_closed", round=rnd)

@@ -73,15 +73,21 @@ class RoundStore:
         return read_sealed(path, self.seal_key)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, rnd: int, payload: bytes, final: bool) -> Path:
-        """Checkpoint of a completed round, then the resume pointer; the final model too."""
+    def save_checkpoint(
+        self, rnd: int, payload: bytes, final: bool, sha256: bytes | None = None
+    ) -> Path:
+        """Checkpoint of a completed round, then the resume pointer; the final model too.
+
+        ``sha256``: the payload's digest when the caller already has it (the aggregator computed
+        it to announce the download), so the round close does not hash the model twice.
+        """
         path = self._write(self.model_dir / f"round-{rnd:04d}{self._suffix()}", payload)
         if final:
             path = self._write(self.model_dir / f"final{self._suffix()}", payload)
         state = {
             "completed_round": rnd,
             "checkpoint": str(path.relative_to(self.run_dir)),
-            "sha256": hashlib.sha256(payload).hexdigest(),
+            "sha256": sha256.hex() if sha256 else hashlib.sha256(payload).hexdigest(),
             "final": final,
         }
         write_atomic(self.run_dir / STATE, json.dumps(state, indent=2).encode())
