@@ -397,15 +397,15 @@ class Collaborator:
         header: teefl_pb2.Header,
         payload,
         r: int,
-        started: threading.Event | None = None,
-        holder: list[Any] | None = None,
+        started: threading.Event,
+        holder: list[Any],
     ) -> Iterator[Any]:
+        """The update's messages; ``holder[0]`` is the call, set before ``started`` is."""
         yield teefl_pb2.Chunk(header=header)
-        if started is not None and holder is not None:
-            started.wait()
-            holder[0].initial_metadata()  # returns once a slot is ours (or the call has ended)
-            if not holder[0].is_active():
-                return
+        started.wait()
+        holder[0].initial_metadata()  # returns once a slot is ours (or the call has ended)
+        if not holder[0].is_active():
+            return
         offset = 0
         for piece in codec.iter_chunks(payload, self.plan.network.chunk_size):
             yield teefl_pb2.Chunk(data=bytes(piece), offset=offset)
