@@ -7,6 +7,7 @@ same millisecond -- idle time shows up as ``wait`` on the collaborator, never as
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -19,9 +20,10 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from teefl.errors import TeeflError
-from teefl.federation import attest, codec, teefl_pb2, teefl_pb2_grpc
+from teefl.federation import attest, codec, dataplane, teefl_pb2, teefl_pb2_grpc
 from teefl.federation.durable import RoundStore, write_atomic
 from teefl.federation.fedavg import UpdateRejected, check_update, make_aggregator
 from teefl.federation.runinfo import update_run_json
@@ -46,8 +48,6 @@ class StaleUpdate(UpdateRejected):
 
 
 def _has_unknown_fields(msg: Any) -> bool:
-    from google.protobuf.unknown_fields import UnknownFieldSet
-
     return len(UnknownFieldSet(msg)) > 0 or (
         msg.HasField("header") and len(UnknownFieldSet(msg.header)) > 0
     )
@@ -89,6 +89,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.slots = threading.BoundedSemaphore(fed.max_inflight_updates)
         self.download_slots = threading.BoundedSemaphore(fed.max_concurrent_downloads)
         self.active = self.peak_active = 0  # updates being received right now, and the peak
+        self.adding = 0  # acknowledged updates whose FedAvg add is still running
+        self.tokens: dict[str, bytes] = {}  # collaborator -> its data-plane token (from Join)
+        self.data_port = 0  # the data plane's port once serving (0: the gRPC streams only)
         self.model_info = {
             "parameters": int(sum(p.numel() for p in model.parameters())),
             "size_bytes": len(codec.encode_state(self.global_state)),
@@ -263,9 +266,17 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             self.joined.add(name)
         log.info("%s joined from %s", name, context.peer())
         self.rec.info("joined", collaborator=name, peer=context.peer())
-        return teefl_pb2.JoinReply(
+        reply = teefl_pb2.JoinReply(
             run_id=self.run_id, rounds=self.rounds, current_round=self.round, nonce=os.urandom(32)
         )
+        if self.data_port:
+            # a fresh token at every Join: a data connection is authorised only by the latest
+            # (authorised, and with attestation, attested) Join of that collaborator
+            token = os.urandom(32)
+            with self.cond:
+                self.tokens[name] = token
+            reply.data_port, reply.data_token = self.data_port, token
+        return reply
 
     def WaitRound(self, request: teefl_pb2.WaitRequest, context: grpc.ServicerContext):
         name = self._known(request.collaborator, context)
@@ -366,20 +377,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     with self.cond:
                         self.active -= 1
         except UpdateRejected as exc:
+            self._report_rejected(name, h.round, exc)
             stale = isinstance(exc, StaleUpdate)
-            log.warning(
-                "%s update of %s for round %d: %s",
-                "stale" if stale else "rejected",
-                name,
-                h.round,
-                exc,
-            )
-            self.rec.info(
-                "update_stale" if stale else "update_rejected",
-                collaborator=name,
-                round=h.round,
-                reason=str(exc),
-            )
             code = (
                 grpc.StatusCode.FAILED_PRECONDITION if stale else grpc.StatusCode.INVALID_ARGUMENT
             )
@@ -392,7 +391,173 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             with self.cond:
                 self.inflight.pop(name, None)
 
-    def _receive(self, name: str, h, first, chunks, context, t0: float) -> teefl_pb2.UpdateAck:
+    # -- data plane (see dataplane.py) -------------------------------------------------------
+    def data_hello(self, conn: dataplane.Connection, name: str, token: bytes) -> None:
+        """Authorise a data connection: the token of the latest Join, the mtls certificate's
+        CN, and with attestation the very key the evidence was bound to."""
+
+        def refuse(code: str, reason: str) -> None:
+            log.warning("refused data connection %s from %s: %s", name, conn.peer, reason)
+            self.rec.info("refused", collaborator=name, peer=conn.peer, reason=reason)
+            raise dataplane.RemoteError(code, reason)
+
+        if name not in self.names:
+            refuse("PERMISSION_DENIED", f"'{name}' is not a collaborator of this plan")
+        with self.cond:
+            expected = self.tokens.get(name)
+        if expected is None or not hmac.compare_digest(expected, token):
+            refuse("UNAUTHENTICATED", f"unknown or outdated data token for {name}: Join first")
+        transport = self.plan.security.transport or "none"
+        if transport == "mtls":
+            cn = dataplane.common_name(conn.sock.getpeercert())
+            if cn != name:
+                refuse("PERMISSION_DENIED", f"certificate CN '{cn}' does not match '{name}'")
+        if self.verifier is not None:
+            from cryptography import x509
+
+            der = conn.sock.getpeercert(binary_form=True)
+            spki = attest.spki_der_of(x509.load_der_x509_certificate(der)) if der else None
+            if spki is None or attest.fingerprint(spki) != self.attested.get(name):
+                refuse("PERMISSION_DENIED", f"{name} has not passed attestation on this TLS key")
+
+    def data_get(self, conn: dataplane.Connection, body: bytes) -> None:
+        """One download: the MODEL header, then the round's payload straight from memory."""
+        name = conn.name
+        try:
+            req = teefl_pb2.ModelRequest.FromString(body)
+        except Exception:  # protobuf's DecodeError, or worse: a malformed request
+            dataplane.send_error(conn.sock, "INVALID_ARGUMENT", "malformed model request")
+            return
+        with self.cond:
+            if req.round != self.round or self.done:
+                dataplane.send_error(
+                    conn.sock,
+                    "FAILED_PRECONDITION",
+                    f"round {req.round} is not open (open round: {self.round})",
+                )
+                return
+            payload, digest, rnd = self.payload, self.digest, self.round
+        t0 = time.monotonic()
+        with self.download_slots:  # a bounded number stream at once, as on the gRPC path
+            t1 = time.monotonic()
+            header = teefl_pb2.Header(
+                collaborator=name,
+                round=rnd,
+                total_size=len(payload),
+                sha256=digest,
+                format=codec.FORMAT,
+            )
+            dataplane.send_frame(conn.sock, dataplane.MODEL, header.SerializeToString())
+            dataplane.send_payload(conn.sock, payload)
+        self.rec.record(
+            "serve_download",
+            t1,
+            time.monotonic(),
+            round=rnd,
+            bytes=len(payload),
+            collaborator=name,
+            queued_s=round(t1 - t0, 6),
+        )
+
+    def data_put(self, conn: dataplane.Connection, body: bytes) -> None:
+        """One upload: PUT header -> GO once a receive slot is ours -> payload -> ACK.
+
+        Every check that needs no payload byte runs before GO, so a refused upload costs the
+        uploader only its header, and the connection stays in step after any refusal. The
+        FedAvg add runs after the ACK has gone out (the update is stored and counted first).
+        """
+        t0 = time.monotonic()
+        name = conn.name
+        try:
+            h = teefl_pb2.Header.FromString(body)
+        except Exception:
+            dataplane.send_error(conn.sock, "INVALID_ARGUMENT", "malformed update header")
+            return
+        if h.collaborator != name:
+            dataplane.send_error(
+                conn.sock, "PERMISSION_DENIED", f"this connection belongs to {name}"
+            )
+            return
+        try:
+            if len(UnknownFieldSet(h)) > 0:
+                raise UpdateRejected("message carries unknown fields")
+            if h.evaluate_only:
+                raise UpdateRejected("evaluation reports travel over gRPC (PutUpdate)")
+            with self.slots:
+                with self.cond:
+                    self.active += 1
+                    self.peak_active = max(self.peak_active, self.active)
+                try:
+                    dup = self._open_update(name, h, conn)
+                    if dup is not None:
+                        dataplane.send_frame(conn.sock, dataplane.ACK, dup.SerializeToString())
+                        return
+                    try:
+                        asm = codec.Assembler(h.total_size, h.sha256, self.update_limit)
+                    except codec.PayloadError as exc:
+                        raise UpdateRejected(str(exc)) from None
+                    dataplane.send_frame(conn.sock, dataplane.GO)
+                    conn.sock.settimeout(self.plan.federation.idle_timeout)
+                    try:
+                        asm.receive(
+                            dataplane.reader(conn.sock),
+                            dataplane.STEP,
+                            lambda: self._touch(name, conn),
+                        )
+                    except codec.PayloadError:  # the peer ended mid-payload
+                        raise dataplane.Closed("upload ended before its announced size") from None
+                    finally:
+                        conn.sock.settimeout(None)
+                    payload, state = self._decode_update(asm)
+                    metrics = {k: float(v) for k, v in h.metrics.items()}
+                    ack, add = self._accept(
+                        name,
+                        h.round,
+                        state,
+                        int(h.num_samples),
+                        metrics,
+                        payload,
+                        t0,
+                        h.sha256,
+                        defer_add=True,
+                    )
+                    try:
+                        dataplane.send_frame(conn.sock, dataplane.ACK, ack.SerializeToString())
+                    finally:
+                        if add is not None:
+                            add()  # even if the ACK was lost: the update is counted and stored
+                finally:
+                    with self.cond:
+                        self.active -= 1
+            self._close_pending_round()
+        except UpdateRejected as exc:
+            self._report_rejected(name, h.round, exc)
+            stale = isinstance(exc, StaleUpdate)
+            code = "FAILED_PRECONDITION" if stale else "INVALID_ARGUMENT"
+            verdict = "stale" if stale else "rejected"
+            dataplane.send_error(conn.sock, code, f"update {verdict}: {exc}")
+        except dataplane.Closed:
+            log.warning("upload of %s for round %d broke off; discarded", name, h.round)
+            self.rec.info("update_broken", collaborator=name, round=h.round)
+            raise
+        finally:
+            with self.cond:
+                self.inflight.pop(name, None)
+
+    def _report_rejected(self, name: str, rnd: int, exc: UpdateRejected) -> None:
+        stale = isinstance(exc, StaleUpdate)
+        log.warning(
+            "%s update of %s for round %d: %s", "stale" if stale else "rejected", name, rnd, exc
+        )
+        self.rec.info(
+            "update_stale" if stale else "update_rejected",
+            collaborator=name,
+            round=rnd,
+            reason=str(exc),
+        )
+
+    def _open_update(self, name: str, h, handle: Any) -> teefl_pb2.UpdateAck | None:
+        """Checks before any payload byte is taken; a duplicate is answered at once (the ack)."""
         with self.cond:
             if h.round != self.round or self.done:
                 raise StaleUpdate(f"round {h.round} is not open (open round: {self.round})")
@@ -401,54 +566,91 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     accepted=True, round=h.round, message="duplicate: already counted once"
                 )
             evaluating = self.evaluating
-            self.inflight[name] = (time.monotonic(), context)
+            self.inflight[name] = (time.monotonic(), handle)
         if h.evaluate_only != evaluating:
             raise UpdateRejected("metrics-only report outside the evaluation pass, or vice versa")
-        metrics = {k: float(v) for k, v in h.metrics.items()}
-        samples = int(h.num_samples)
         bound = self.plan.federation.max_samples_per_update
-        if not 0 < samples <= bound:
-            raise UpdateRejected(f"sample count {samples} outside 1..{bound}")
-        if evaluating:
-            if h.total_size or first.data or next(chunks, None) is not None:
-                raise UpdateRejected("evaluation report must not carry a payload")
-            return self._accept(name, h.round, None, samples, metrics, None, t0)
-        if h.format != codec.FORMAT:
+        if not 0 < int(h.num_samples) <= bound:
+            raise UpdateRejected(f"sample count {int(h.num_samples)} outside 1..{bound}")
+        if not evaluating and h.format != codec.FORMAT:
             raise UpdateRejected(f"unsupported payload format {h.format!r}")
+        return None
+
+    def _touch(self, name: str, handle: Any) -> None:
+        with self.cond:
+            self.inflight[name] = (time.monotonic(), handle)
+
+    def _decode_update(self, asm: codec.Assembler) -> tuple[codec.ReceivedPayload, Any]:
         try:
-            asm = codec.Assembler(h.total_size, h.sha256, self.update_limit)
-            if first.data:
-                raise UpdateRejected("the header message must not carry data")
-            for chunk in chunks:
-                if chunk.HasField("header"):
-                    raise UpdateRejected("a second header inside the stream")
-                if _has_unknown_fields(chunk):
-                    raise UpdateRejected("message carries unknown fields")
-                if chunk.offset != asm.filled:
-                    raise UpdateRejected(
-                        f"out-of-order chunk: offset {chunk.offset}, expected {asm.filled}"
-                    )
-                asm.add(chunk.data)
-                with self.cond:
-                    self.inflight[name] = (time.monotonic(), context)
             payload = asm.finish()  # decoded in place: the tensors share this buffer
             state = codec.decode_state(payload)
         except codec.PayloadError as exc:
             raise UpdateRejected(str(exc)) from None
         check_update(self.global_state, state)  # before anything is stored or summed
-        return self._accept(name, h.round, state, samples, metrics, payload, t0, h.sha256)
+        return payload, state
+
+    def _receive(self, name: str, h, first, chunks, context, t0: float) -> teefl_pb2.UpdateAck:
+        dup = self._open_update(name, h, context)
+        if dup is not None:
+            return dup
+        metrics = {k: float(v) for k, v in h.metrics.items()}
+        samples = int(h.num_samples)
+        if h.evaluate_only:
+            if h.total_size or first.data or next(chunks, None) is not None:
+                raise UpdateRejected("evaluation report must not carry a payload")
+            return self._accept(name, h.round, None, samples, metrics, None, t0)[0]
+        try:
+            asm = codec.Assembler(h.total_size, h.sha256, self.update_limit)
+        except codec.PayloadError as exc:
+            raise UpdateRejected(str(exc)) from None
+        if first.data:
+            raise UpdateRejected("the header message must not carry data")
+        for chunk in chunks:
+            if chunk.HasField("header"):
+                raise UpdateRejected("a second header inside the stream")
+            if _has_unknown_fields(chunk):
+                raise UpdateRejected("message carries unknown fields")
+            if chunk.offset != asm.filled:
+                raise UpdateRejected(
+                    f"out-of-order chunk: offset {chunk.offset}, expected {asm.filled}"
+                )
+            try:
+                asm.add(chunk.data)
+            except codec.PayloadError as exc:
+                raise UpdateRejected(str(exc)) from None
+            self._touch(name, context)
+        payload, state = self._decode_update(asm)
+        return self._accept(name, h.round, state, samples, metrics, payload, t0, h.sha256)[0]
 
     def _accept(
-        self, name, rnd, state, samples, metrics, payload, t0, digest: bytes | None = None
-    ) -> teefl_pb2.UpdateAck:
+        self,
+        name,
+        rnd,
+        state,
+        samples,
+        metrics,
+        payload,
+        t0,
+        digest: bytes | None = None,
+        defer_add: bool = False,
+    ) -> tuple[teefl_pb2.UpdateAck, Any]:
+        """Store, count and (unless deferred) add one checked update; returns (ack, add).
+
+        ``defer_add``: the FedAvg add is returned as ``add`` for the caller to run *after* it
+        has sent the acknowledgement (the data plane can; a unary gRPC answer cannot). The
+        update is stored and counted first, so a crash after the ack still loses nothing, and
+        the round does not close before every deferred add has run (see `_close_round`).
+        """
         with self.cond:
             if rnd != self.round:
                 raise StaleUpdate(f"round {rnd} closed while the update was in transit")
             if name in self.received or name in self.persisting:
-                return teefl_pb2.UpdateAck(
+                dup = teefl_pb2.UpdateAck(
                     accepted=True, round=rnd, message="duplicate: already counted once"
                 )
+                return dup, None
             self.persisting.add(name)
+        add = None
         try:
             if payload is not None:
                 # stored before the acknowledgement: a crash after the ack loses nothing
@@ -460,9 +662,12 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 if rnd != self.round:
                     self.store.discard_update(rnd, name)
                     raise StaleUpdate(f"round {rnd} closed while the update was in transit")
-                if state is not None:
+                if state is not None and defer_add:
+                    self.adding += 1
+                    add = self._deferred_add(rnd, name, state, samples)
+                elif state is not None:
                     ta = time.monotonic()
-                    self.fedavg.add(state, samples, checked=True)  # checked in _receive
+                    self.fedavg.add(state, samples, checked=True)  # checked in _decode_update
                     self.rec.record("aggregate", ta, time.monotonic(), round=rnd, collaborator=name)
                 self.received[name] = {"samples": samples, **metrics}
                 self.rec.record(
@@ -479,15 +684,36 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     # closed right after this acknowledgement is sent (see PutUpdate): the update
                     # is already stored, and the uploader's time is not spent on our checkpoint
                     self.close_pending = True
-                return teefl_pb2.UpdateAck(accepted=True, round=rnd, message="accepted")
+                return teefl_pb2.UpdateAck(accepted=True, round=rnd, message="accepted"), add
         finally:
             with self.cond:
                 self.persisting.discard(name)
 
+    def _deferred_add(self, rnd: int, name: str, state, samples: int):
+        def add() -> None:
+            with self.cond:
+                try:
+                    ta = time.monotonic()
+                    self.fedavg.add(state, samples, checked=True)
+                    self.rec.record("aggregate", ta, time.monotonic(), round=rnd, collaborator=name)
+                except BaseException as exc:  # a counted update missing from the sum: fail loudly
+                    self.failed = f"FedAvg add of {name}'s update for round {rnd} failed: {exc}"
+                    raise
+                finally:
+                    self.adding -= 1
+                    self.cond.notify_all()
+
+        return add
+
     def _close_round(self) -> None:
         """Called with the lock held once every collaborator's update is in."""
-        self.close_pending = False
         rnd = self.round
+        # acknowledged updates may still be being summed (deferred adds); while we wait, the
+        # lock is free, so another closer may get there first: then there is nothing to do
+        self.cond.wait_for(lambda: self.adding == 0 or self.round != rnd or self.done)
+        if self.round != rnd or self.done:
+            return
+        self.close_pending = False
         self._write_metrics(rnd)
         if self.evaluating:
             self.done = True
@@ -545,12 +771,14 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         )
         add_to_server(self, server)
         bound = bind(server, self.plan, listen, port)
+        data = self._data_server(listen)
         server.start()
         log.info(
-            "aggregator listening on %s:%d (transport %s)",
+            "aggregator listening on %s:%d (transport %s%s)",
             listen,
             bound,
             self.plan.security.transport or "none",
+            f", data plane on port {self.data_port}" if data else ", data over gRPC",
         )
         if port_file is not None:
             write_atomic(port_file, str(bound).encode())
@@ -558,8 +786,30 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         try:
             self._supervise()
         finally:
+            if data is not None:
+                data.stop()
             server.stop(grace=2.0).wait(5.0)
             update_run_json(self.run_dir, peak_inflight_updates=self.peak_active)
+
+    def _data_server(self, listen: str) -> dataplane.DataServer | None:
+        """Start the data plane (plan ``network.data_plane: socket``) on the gRPC host."""
+        net = self.plan.network
+        if net.data_plane != "socket":
+            return None
+        transport = self.plan.security.transport or "none"
+        tls = None
+        if transport != "none":
+            t = self.plan.security.tls
+            assert t.server_cert is not None and t.server_key is not None  # checked by bind()
+            tls = dataplane.server_context(
+                t.ca, t.server_cert, t.server_key, require_client_cert=transport == "mtls"
+            )
+        data = dataplane.DataServer(
+            listen, net.data_port, tls, self.data_hello, self.data_get, self.data_put
+        )
+        data.start()
+        self.data_port = data.port
+        return data
 
     def _supervise(self) -> None:
         """Enforce the round timeout: close with a quorum, or fail the run naming who is missing."""

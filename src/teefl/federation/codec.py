@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from safetensors.torch import load as st_load
@@ -257,6 +257,29 @@ class Assembler:
             self._view[self.filled : end] = data
             self._hash.update(data)
         self.filled = end
+
+    def receive(
+        self, recv_into: Callable[[memoryview], int], step: int, tick: Callable[[], None] | None
+    ) -> None:
+        """Fill the rest of the buffer straight from a socket (no intermediate copy).
+
+        ``recv_into(view)`` returns the bytes it wrote into ``view`` (0 at end of stream); each
+        ``step`` bytes are hashed as soon as they are in, then ``tick`` reports progress.
+        """
+        while self.filled < self.total:
+            end = min(self.total, self.filled + step)
+            pos = self.filled
+            while pos < end:
+                k = recv_into(self._view[pos:end])
+                if k == 0:
+                    raise PayloadError(
+                        f"stream ended after {pos} of {self.total} announced bytes (truncated)"
+                    )
+                pos += k
+            self._hash.update(self._view[self.filled : end])
+            self.filled = end
+            if tick is not None:
+                tick()
 
     def finish(self) -> ReceivedPayload:
         if self.filled != self.total:

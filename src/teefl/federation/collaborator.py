@@ -6,6 +6,7 @@ The channel is opened once and kept for the whole run (one TLS handshake, record
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ import grpc
 import torch
 
 from teefl.errors import TeeflError
-from teefl.federation import codec, teefl_pb2, teefl_pb2_grpc
+from teefl.federation import codec, dataplane, teefl_pb2, teefl_pb2_grpc
 from teefl.federation.transport import client_certs, open_channel
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
@@ -72,6 +73,8 @@ class Collaborator:
         self.process = f"collaborator-{name}"
         self.rec: EventRecorder | None = None
         self._aggregator_verdict: dict[str, Any] | None = None
+        self._aggregator_spki: bytes | None = None  # its attested TLS key, when we checked it
+        self.data: Any = None  # the data-plane socket (None: model and updates over gRPC)
 
     # -- set-up ------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -122,13 +125,42 @@ class Collaborator:
                     )
                     if self.rec is not None:
                         self.rec.info("lost_aggregator", reason=str(exc))
+                    self._close_data()
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
                     t_conn = time.monotonic()
         finally:
+            self._close_data()
             channel.close()
             if self.rec is not None:
                 self.rec.close()
+
+    def _close_data(self) -> None:
+        if self.data is not None:
+            with contextlib.suppress(OSError):
+                self.data.close()
+            self.data = None
+
+    def _open_data(self, reply: teefl_pb2.JoinReply) -> None:
+        """The data-plane connection the Join reply offers (see dataplane.py), if any."""
+        self._close_data()
+        if not reply.data_port:
+            return
+        from teefl.security.tls import split_target
+
+        host, _ = split_target(self.address)
+        tls = None
+        certs = client_certs(self.plan, self.name)
+        if certs is not None:
+            tls = dataplane.client_context(certs.ca, certs.cert, certs.key)
+        try:
+            self.data = dataplane.connect(
+                host, reply.data_port, self.name, reply.data_token, tls, self._aggregator_spki
+            )
+        except dataplane.Closed as exc:
+            raise _Lost(str(exc)) from None
+        except dataplane.RemoteError as exc:
+            raise self._status(exc.code, exc.message) from None
 
     def _join(self, stub, t0: float, t_data: float, t_conn: float) -> tuple[str, int]:
         """(Attest and) join; the first time also opens the event file and writes env."""
@@ -137,6 +169,7 @@ class Collaborator:
         if att.enabled:
             self._attest(stub, request)
         reply = self._call(stub.Join, request)
+        self._open_data(reply)
         t_join = time.monotonic()
         # with attestation, Join carries the evidence: the whole exchange is `attest`
         phase = "attest" if att.enabled else "join"
@@ -196,6 +229,7 @@ class Collaborator:
                 raise TeeflError(f"aggregator attestation failed: {exc}") from None
             record.update(accepted=True, verdict=verdict.to_dict())
             self._aggregator_verdict = record
+            self._aggregator_spki = spki
         if reply.evidence_required:
             certs = client_certs(self.plan, self.name)
             if certs is None or certs.cert is None:
@@ -245,7 +279,12 @@ class Collaborator:
 
     def _classify(self, exc: grpc.RpcError) -> Exception:
         """Lost contact -> rejoin; a closed round -> next round; anything else is fatal."""
-        code, details = exc.code(), exc.details() or ""
+        return self._status(exc.code(), exc.details() or "")
+
+    def _status(self, code: grpc.StatusCode | str, details: str) -> Exception:
+        """`_classify` for a status code or its name (the data plane sends names)."""
+        if isinstance(code, str):
+            code = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
         if code in (
             grpc.StatusCode.UNAVAILABLE,
             grpc.StatusCode.CANCELLED,
@@ -382,6 +421,8 @@ class Collaborator:
         queued behind the aggregator's bound would park up to a whole HTTP/2 window of data in
         the aggregator's memory, and its memory would grow with the number of collaborators.
         """
+        if self.data is not None:
+            return self._upload_data(header, payload, r)
         started = threading.Event()
         holder: list[Any] = []
         call = stub.PutUpdate.future(self._upload_stream(header, payload, r, started, holder))
@@ -412,7 +453,47 @@ class Collaborator:
             offset += len(piece)
             _fault("upload", r)
 
+    def _upload_data(self, header: teefl_pb2.Header, payload, r: int) -> teefl_pb2.UpdateAck:
+        """The same over the data plane: PUT header, wait for GO, the payload, wait for ACK."""
+        sock = self.data
+        try:
+            dataplane.send_frame(sock, dataplane.PUT, header.SerializeToString())
+            kind, body = dataplane.recv_frame(sock)
+            if kind == dataplane.ERROR:
+                dataplane.raise_error(body)
+            if kind == dataplane.ACK:  # already counted (e.g. we restarted after its ack)
+                return teefl_pb2.UpdateAck.FromString(body)
+            if kind != dataplane.GO:
+                raise dataplane.Closed(f"unexpected frame {kind} instead of GO")
+            dataplane.send_payload(sock, payload, tick=lambda: _fault("upload", r))
+            return teefl_pb2.UpdateAck.FromString(dataplane.expect(sock, dataplane.ACK))
+        except dataplane.RemoteError as exc:
+            raise self._status(exc.code, exc.message) from None
+        except (dataplane.Closed, OSError) as exc:
+            raise _Lost(f"data plane: {exc}") from None
+
+    def _download_data(self, r: int) -> tuple[dict[str, torch.Tensor], int]:
+        """The round's model over the data plane, received straight into its final buffer."""
+        sock = self.data
+        request = teefl_pb2.ModelRequest(collaborator=self.name, round=r)
+        try:
+            dataplane.send_frame(sock, dataplane.GET, request.SerializeToString())
+            h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
+            asm = codec.Assembler(h.total_size, h.sha256, limit=1 << 40)
+            try:
+                asm.receive(dataplane.reader(sock), dataplane.STEP, lambda: _fault("download", r))
+            except codec.PayloadError as exc:  # the connection ended mid-payload
+                raise dataplane.Closed(str(exc)) from None
+        except dataplane.RemoteError as exc:
+            raise self._status(exc.code, exc.message) from None
+        except (dataplane.Closed, OSError) as exc:
+            raise _Lost(f"data plane: {exc}") from None
+        payload = asm.finish()  # a checksum mismatch here is corruption: fatal, not a retry
+        return codec.decode_state(payload), h.total_size
+
     def _download(self, stub, r: int) -> tuple[dict[str, torch.Tensor], int]:
+        if self.data is not None:
+            return self._download_data(r)
         stream = stub.GetModel(teefl_pb2.ModelRequest(collaborator=self.name, round=r))
         try:
             first = next(stream)

@@ -49,16 +49,20 @@ class JoinRequest(_message.Message):
     def __init__(self, collaborator: _Optional[str] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("run_id", "rounds", "current_round", "nonce")
+    __slots__ = ("run_id", "rounds", "current_round", "nonce", "data_port", "data_token")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    DATA_TOKEN_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rounds: int
     current_round: int
     nonce: bytes
-    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    data_port: int
+    data_token: bytes
+    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., data_port: _Optional[int] = ..., data_token: _Optional[bytes] = ...) -> None: ...
 
 class WaitRequest(_message.Message):
     __slots__ = ("collaborator", "after_round")
