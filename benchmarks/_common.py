@@ -119,10 +119,15 @@ def payload_of(spec: str) -> bytes:
 
 
 # -- raw sockets -------------------------------------------------------------------------------
+#: bytes per recv_into call: 256 KiB pieces were the fastest here (asking for the whole
+#: remaining payload at once was up to ~1.5x slower), and teefl's data plane receives the same way
+RECV_PIECE = 256 << 10
+
+
 def _recv_exact(sock: Any, view: memoryview) -> None:
     got, n = 0, len(view)
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        k = sock.recv_into(view[got : min(n, got + RECV_PIECE)])
         if k == 0:
             raise ConnectionError("peer closed the connection")
         got += k

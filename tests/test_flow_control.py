@@ -172,6 +172,7 @@ def test_put_update_grants_the_slot_in_initial_metadata(agg: Aggregator) -> None
         round=agg.round,
         total_size=len(payload),
         sha256=codec.sha256(payload),
+        crc32c=codec.crc32c(payload),
         num_samples=10,
         format=codec.FORMAT,
     )

@@ -69,6 +69,7 @@ def test_mutated_updates_never_corrupt_the_model(
     before = {k: v.clone() for k, v in agg.global_state.items()}
     payload = bytearray(agg.payload)
     digest = hashlib.sha256(payload).digest()
+    crc = codec.crc32c(payload)  # what transport none checks (network.payload_check auto)
     for kind, pos, val in muts:
         if not payload:
             break
@@ -81,11 +82,13 @@ def test_mutated_updates_never_corrupt_the_model(
             payload.insert(i, val)
     if fix_checksum:
         digest = hashlib.sha256(payload).digest()
+        crc = codec.crc32c(payload)
     header = dict(
         collaborator="col1",
         round=1,
         total_size=len(payload),
         sha256=digest,
+        crc32c=crc,
         num_samples=max(samples, 0),
         format=codec.FORMAT,
     )

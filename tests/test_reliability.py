@@ -112,6 +112,7 @@ def _header(state_payload: bytes, **over) -> teefl_pb2.Header:
         round=1,
         total_size=len(state_payload),
         sha256=hashlib.sha256(state_payload).digest(),
+        crc32c=codec.crc32c(state_payload),
         num_samples=100,
         format=codec.FORMAT,
     )
@@ -153,9 +154,9 @@ def _bad_streams(good: dict[str, torch.Tensor]) -> dict[str, tuple[list, str]]:
         [teefl_pb2.Chunk(header=_header(base, total_size=len(base) + 10)), *_chunks(base)],
         "truncated",
     )
-    out["checksum"] = (
-        [teefl_pb2.Chunk(header=_header(base, sha256=b"\0" * 32)), *_chunks(base)],
-        "SHA-256",
+    out["checksum"] = (  # transport none: the CRC32C is what the aggregator checks
+        [teefl_pb2.Chunk(header=_header(base, crc32c=codec.crc32c(base) ^ 1)), *_chunks(base)],
+        "CRC32C",
     )
     out["oversized"] = (
         [teefl_pb2.Chunk(header=_header(base, total_size=len(base) * 4)), *_chunks(base * 4)],

@@ -41,6 +41,27 @@ def test_transport_does_not_change_training(tmp_path: Path) -> None:
         assert torch.equal(t, states["tls"][key]) and torch.equal(t, states["mtls"][key]), key
 
 
+@pytest.mark.slow
+def test_data_plane_does_not_change_training(tmp_path: Path) -> None:
+    """The gRPC streams (``network.data_plane: grpc``, here under mtls) and the socket data
+    plane (the default, here plaintext) deliver the same bytes: the same final model."""
+    finals = {}
+    for data_plane, transport in (("grpc", "mtls"), ("socket", "none")):
+        d = tmp_path / data_plane
+        d.mkdir()
+        plan = write_plan(d / "plan.yaml", {**SYNTHETIC, "network": {"data_plane": data_plane}})
+        res = teefl(
+            "run", str(plan), "--transport", transport, "--runs-dir", "runs", "--no-progress", cwd=d
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        run = run_dir_of(d / "runs")
+        log = (run / "logs" / "aggregator.log").read_text()
+        assert ("data over gRPC" in log) == (data_plane == "grpc"), log[-2000:]
+        finals[data_plane] = final_state(run)
+    for key, t in finals["grpc"].items():
+        assert torch.equal(t, finals["socket"][key]), key
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from teefl.federation import attest, codec, dataplane, teefl_pb2, teefl_pb2_grpc
 from teefl.federation.durable import RoundStore, write_atomic
 from teefl.federation.fedavg import UpdateRejected, check_update, make_aggregator
 from teefl.federation.runinfo import update_run_json
-from teefl.federation.transport import bind, server_options
+from teefl.federation.transport import bind, payload_check, server_options
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
 from teefl.security.tls import IdentityError, authorize, peer_certificate_pem
@@ -41,6 +42,10 @@ UPLOAD_GO = "teefl-upload-go"
 
 #: a long poll returns after this long with "nothing new", so dead connections surface
 WAIT_KEEPALIVE_S = 15.0
+
+
+def _crc_of(header: teefl_pb2.Header) -> int | None:
+    return header.crc32c if header.HasField("crc32c") else None
 
 
 class StaleUpdate(UpdateRejected):
@@ -75,6 +80,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
 
             self.seal_key = load_key(at_rest.key_file, at_rest.key_env)
         self.store = RoundStore(self.run_dir, self.seal_key, keep=fed.keep_updates)
+        self.check = payload_check(plan)  # what received updates are checked against
         self.cond = threading.Condition()
         self.round = 1  # the open round; rounds+1 is the final evaluation pass
         self.done = False
@@ -97,6 +103,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             "size_bytes": len(codec.encode_state(self.global_state)),
             "tensors": len(self.global_state),
         }
+        #: checkpoints of closed rounds waiting to be written (see `_checkpoints`)
+        self.ckpt_queue: queue.Queue[tuple[int, bytearray, bytes] | None] = queue.Queue()
+        threading.Thread(target=self._checkpoints, name="checkpoint", daemon=True).start()
         self.resumed_from: int | None = None
         resume = self.store.load_state()
         if resume is not None:
@@ -157,12 +166,21 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         """
         self.payload = codec.encode_state(self.global_state)
         self.digest = codec.sha256(self.payload)
+        self.crc = codec.crc32c(self.payload)
         self.update_limit = len(self.payload) + (64 << 10)
-        size = self.plan.network.chunk_size
-        self.wire_chunks = [
-            teefl_pb2.Chunk(data=bytes(piece), offset=i * size).SerializeToString()
-            for i, piece in enumerate(codec.iter_chunks(self.payload, size))
-        ]
+        self._wire: list[bytes] | None = None  # made by the round's first gRPC download
+
+    @property
+    def wire_chunks(self) -> list[bytes]:
+        """The payload as serialized gRPC chunk messages, made once per round on first use:
+        with the data plane nobody downloads over gRPC, and this would be one more model copy."""
+        if self._wire is None:
+            size = self.plan.network.chunk_size
+            self._wire = [
+                teefl_pb2.Chunk(data=bytes(piece), offset=i * size).SerializeToString()
+                for i, piece in enumerate(codec.iter_chunks(self.payload, size))
+            ]
+        return self._wire
 
     def _refuse(self, context, name: str, code: grpc.StatusCode, reason: str):
         peer = context.peer()
@@ -310,20 +328,33 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     f"round {request.round} is not open (open round: {self.round})",
                 )
             size, digest, rnd, chunks = len(self.payload), self.digest, self.round, self.wire_chunks
+            crc = self.crc
         t0 = time.monotonic()
         # a bounded number of downloads stream at once; the slot is given back when the RPC
         # ends for any reason (finished, cancelled, peer gone), so it can never leak
         self.download_slots.acquire()
         if not context.add_callback(self.download_slots.release):
             self.download_slots.release()  # the RPC already ended
-        return self._stream(size, digest, rnd, chunks, name, t0)
+        return self._stream(size, digest, crc, rnd, chunks, name, t0)
 
     def _stream(
-        self, size: int, digest: bytes, rnd: int, chunks: list[bytes], name: str, t0: float
+        self,
+        size: int,
+        digest: bytes,
+        crc: int,
+        rnd: int,
+        chunks: list[bytes],
+        name: str,
+        t0: float,
     ) -> Iterator[Any]:
         t1 = time.monotonic()
         header = teefl_pb2.Header(
-            collaborator=name, round=rnd, total_size=size, sha256=digest, format=codec.FORMAT
+            collaborator=name,
+            round=rnd,
+            total_size=size,
+            sha256=digest,
+            format=codec.FORMAT,
+            crc32c=crc,
         )
         yield teefl_pb2.Chunk(header=header)
         yield from chunks
@@ -436,7 +467,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     f"round {req.round} is not open (open round: {self.round})",
                 )
                 return
-            payload, digest, rnd = self.payload, self.digest, self.round
+            payload, digest, crc, rnd = self.payload, self.digest, self.crc, self.round
         t0 = time.monotonic()
         with self.download_slots:  # a bounded number stream at once, as on the gRPC path
             t1 = time.monotonic()
@@ -446,6 +477,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 total_size=len(payload),
                 sha256=digest,
                 format=codec.FORMAT,
+                crc32c=crc,
             )
             dataplane.send_frame(conn.sock, dataplane.MODEL, header.SerializeToString())
             dataplane.send_payload(conn.sock, payload)
@@ -468,6 +500,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         """
         t0 = time.monotonic()
         name = conn.name
+        target = None  # the update's file, until it is committed
         try:
             h = teefl_pb2.Header.FromString(body)
         except Exception:
@@ -493,9 +526,18 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         dataplane.send_frame(conn.sock, dataplane.ACK, dup.SerializeToString())
                         return
                     try:
-                        asm = codec.Assembler(h.total_size, h.sha256, self.update_limit)
-                    except codec.PayloadError as exc:
+                        codec.Assembler.check_announced(h.total_size, h.sha256, self.update_limit)
+                    except codec.PayloadError as exc:  # checked before a file is made for it
                         raise UpdateRejected(str(exc)) from None
+                    target = self.store.open_update(h.round, name, h.total_size)
+                    asm = codec.Assembler(
+                        h.total_size,
+                        h.sha256,
+                        self.update_limit,
+                        check=self.check,
+                        expected_crc32c=_crc_of(h),
+                        buffer=target.buffer if target else None,
+                    )
                     dataplane.send_frame(conn.sock, dataplane.GO)
                     conn.sock.settimeout(self.plan.federation.idle_timeout)
                     try:
@@ -508,7 +550,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         raise dataplane.Closed("upload ended before its announced size") from None
                     finally:
                         conn.sock.settimeout(None)
-                    payload, state = self._decode_update(asm)
+                    payload, state = self._decode_update(asm, owned=target is not None)
                     metrics = {k: float(v) for k, v in h.metrics.items()}
                     ack, add = self._accept(
                         name,
@@ -520,7 +562,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         t0,
                         h.sha256,
                         defer_add=True,
+                        stored=target,
                     )
+                    target = None  # committed: its file is the stored update now
                     try:
                         dataplane.send_frame(conn.sock, dataplane.ACK, ack.SerializeToString())
                     finally:
@@ -531,6 +575,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         self.active -= 1
             self._close_pending_round()
         except UpdateRejected as exc:
+            if target is not None:  # gone before the uploader hears of the refusal
+                target.abort()
+                target = None
             self._report_rejected(name, h.round, exc)
             stale = isinstance(exc, StaleUpdate)
             code = "FAILED_PRECONDITION" if stale else "INVALID_ARGUMENT"
@@ -541,6 +588,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             self.rec.info("update_broken", collaborator=name, round=h.round)
             raise
         finally:
+            if target is not None:
+                target.abort()
             with self.cond:
                 self.inflight.pop(name, None)
 
@@ -580,10 +629,10 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         with self.cond:
             self.inflight[name] = (time.monotonic(), handle)
 
-    def _decode_update(self, asm: codec.Assembler) -> tuple[codec.ReceivedPayload, Any]:
+    def _decode_update(self, asm: codec.Assembler, owned: bool = False) -> tuple[Any, Any]:
         try:
             payload = asm.finish()  # decoded in place: the tensors share this buffer
-            state = codec.decode_state(payload)
+            state = codec.decode_state(payload, owned=owned)
         except codec.PayloadError as exc:
             raise UpdateRejected(str(exc)) from None
         check_update(self.global_state, state)  # before anything is stored or summed
@@ -600,7 +649,13 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 raise UpdateRejected("evaluation report must not carry a payload")
             return self._accept(name, h.round, None, samples, metrics, None, t0)[0]
         try:
-            asm = codec.Assembler(h.total_size, h.sha256, self.update_limit)
+            asm = codec.Assembler(
+                h.total_size,
+                h.sha256,
+                self.update_limit,
+                check=self.check,
+                expected_crc32c=_crc_of(h),
+            )
         except codec.PayloadError as exc:
             raise UpdateRejected(str(exc)) from None
         if first.data:
@@ -633,6 +688,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         t0,
         digest: bytes | None = None,
         defer_add: bool = False,
+        stored: Any = None,
     ) -> tuple[teefl_pb2.UpdateAck, Any]:
         """Store, count and (unless deferred) add one checked update; returns (ack, add).
 
@@ -640,6 +696,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         has sent the acknowledgement (the data plane can; a unary gRPC answer cannot). The
         update is stored and counted first, so a crash after the ack still loses nothing, and
         the round does not close before every deferred add has run (see `_close_round`).
+        ``stored``: the `UpdateFile` the payload was received into (committed here instead of
+        writing the payload out again).
         """
         with self.cond:
             if rnd != self.round:
@@ -656,7 +714,12 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 # stored before the acknowledgement: a crash after the ack loses nothing
                 with self.rec.span("persist_update", round=rnd, collaborator=name) as s:
                     meta = {"samples": samples, "metrics": metrics}
-                    self.store.save_update(rnd, name, payload, meta, sha256=digest)
+                    if stored is not None and digest is not None:
+                        stored.commit(meta, digest, verified=self.check == "sha256")
+                    else:
+                        self.store.save_update(
+                            rnd, name, payload, meta, sha256=digest, verified=self.check == "sha256"
+                        )
                     s["bytes"] = len(payload)
             with self.cond:
                 if rnd != self.round:
@@ -722,22 +785,57 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             return
         with self.rec.span("aggregate", round=rnd, final=True):
             self.global_state = self.fedavg.result()
-        with self.rec.span("checkpoint", round=rnd) as s:
+        with self.rec.span("publish", round=rnd) as s:
             self._publish()
-            target = self.store.save_checkpoint(
-                rnd, self.payload, final=rnd == self.rounds, sha256=self.digest
-            )
             s["bytes"] = len(self.payload)
-        self.store.drop_updates(rnd)
+        if rnd == self.rounds:  # the final model is on disk before anyone hears of the end
+            self.ckpt_queue.join()
+            self._write_checkpoint(rnd, self.payload, self.digest)
+        else:
+            self.ckpt_queue.put((rnd, self.payload, self.digest))
         self.rec.info("round_closed", round=rnd)
         if rnd == self.rounds:
             self.rec.record("run", self.t_start, time.monotonic())
-            self.rec.info("final_model_written", path=str(target))
+            self.rec.info("final_model_written", path=str(self.store.final_path()))
         self.round += 1
         self.received = {}
         self.fedavg = self._new_round_aggregator()
         self.round_opened = time.monotonic()
         self.cond.notify_all()
+
+    def _write_checkpoint(self, rnd: int, payload: bytearray, digest: bytes) -> None:
+        with self.rec.span("checkpoint", round=rnd) as s:
+            self.store.save_checkpoint(rnd, payload, final=rnd == self.rounds, sha256=digest)
+            s["bytes"] = len(payload)
+        # only now: until its checkpoint is durable, a restart rebuilds the round from these
+        self.store.drop_updates(rnd)
+
+    def _checkpoints(self) -> None:
+        """Write closed rounds' checkpoints in order, off the critical path.
+
+        Why: the fsync'd write of a 45 MB checkpoint took 300-500 ms here, during which no
+        collaborator could start the next round. The next round now opens as soon as the new
+        model is serialized; a crash before the checkpoint is durable loses nothing either,
+        because the round's acknowledged updates stay on disk until then: a restart resumes
+        from the previous checkpoint and closes the round again from the same updates (and
+        replays the next round's, see `serve`). The final round's checkpoint is written
+        synchronously (after this queue has drained).
+        """
+        while True:
+            item = self.ckpt_queue.get()
+            try:
+                if item is None:
+                    return
+                rnd, payload, digest = item
+                try:
+                    self._write_checkpoint(rnd, payload, digest)
+                except Exception as exc:  # a checkpoint that cannot be written fails the run
+                    log.error("checkpoint of round %d failed: %s", rnd, exc)
+                    with self.cond:
+                        self.failed = f"checkpoint of round {rnd} could not be written: {exc}"
+                        self.cond.notify_all()
+            finally:
+                self.ckpt_queue.task_done()
 
     def _write_metrics(self, rnd: int) -> None:
         total = sum(m["samples"] for m in self.received.values()) or 1
@@ -761,8 +859,11 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         """Serve until the final evaluation is done and every collaborator was told so."""
         self.t_start = t_start if t_start is not None else time.monotonic()
         with self.cond:
-            if not self.evaluating and len(self.received) == len(self.names):
-                self._close_round()  # crashed between the last acknowledgement and the close
+            # crashed between the last acknowledgement and the close, or before the checkpoint
+            # of a closed round was durable: close again from the stored updates, round by round
+            while not self.evaluating and len(self.received) == len(self.names):
+                self._close_round()
+                self._replay_open_round()
         workers = max(8, 3 * len(self.names) + 4)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agg"),
@@ -786,6 +887,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         try:
             self._supervise()
         finally:
+            self.ckpt_queue.join()  # every closed round's checkpoint is on disk
             if data is not None:
                 data.stop()
             server.stop(grace=2.0).wait(5.0)
@@ -818,6 +920,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         with self.cond:
             while not self.done:
                 self.cond.wait(timeout=0.5)
+                if self.failed:  # a checkpoint or a deferred add failed: the run cannot go on
+                    raise TeeflError(self.failed)
                 now = time.monotonic()
                 idle_limit = self.plan.federation.idle_timeout
                 for name, (last, ctx) in list(self.inflight.items()):

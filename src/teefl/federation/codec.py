@@ -13,7 +13,9 @@ import hashlib
 import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
+import crc32c as _crc32c
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -183,11 +185,13 @@ def _parse_header(view: memoryview) -> tuple[int, list[tuple[str, torch.dtype, l
     return start, [(n, dt, sh, b) for n, dt, sh, b, _ in entries]
 
 
-def decode_state(payload: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
+def decode_state(payload: Any, *, owned: bool = False) -> dict[str, torch.Tensor]:
     """Parse and check a safetensors payload; any malformation becomes a `PayloadError`.
 
-    Zero-copy for a `ReceivedPayload` (the tensors share its memory, see there); every other
-    input is copied once into a buffer the tensors then own, so they never alias caller memory.
+    Zero-copy for a `ReceivedPayload` (the tensors share its memory, see there) and for a
+    writable buffer the caller hands over with ``owned=True`` (an `Assembler`'s memory-mapped
+    update file); every other input is copied once into a buffer the tensors then own, so they
+    never alias caller memory.
     """
     if not _LITTLE:  # torch.frombuffer reads native byte order; safetensors is little-endian
         try:
@@ -199,8 +203,10 @@ def decode_state(payload: bytes | bytearray | memoryview) -> dict[str, torch.Ten
         view = view.cast("B")
     start, entries = _parse_header(view)
     if isinstance(payload, ReceivedPayload) and not getattr(payload, "_shared", False):
-        buf: bytearray = payload
+        buf: Any = payload
         payload._shared = True  # a second decode of the same buffer gets its own copy
+    elif owned:
+        buf = payload
     else:
         buf = bytearray(view)
     out: dict[str, torch.Tensor] = {}
@@ -220,11 +226,26 @@ def sha256(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def crc32c(data: bytes | bytearray | memoryview) -> int:
+    """CRC32C (Castagnoli, hardware-accelerated: ~10 GB/s here against SHA-256's ~1.8 GB/s)."""
+    return _crc32c.crc32c(data)
+
+
+#: what a receiver checks a payload against: nothing (TLS authenticated every record already),
+#: its CRC32C (accidental corruption, e.g. over plain TCP), or its SHA-256
+CHECKS = ("none", "crc32c", "sha256")
+
+
 def iter_chunks(payload: bytes | bytearray | memoryview, chunk_size: int) -> Iterator[memoryview]:
     """Slices of the payload without copying it; the transport copies each slice once."""
     view = memoryview(payload)
     for offset in range(0, len(view), chunk_size):
         yield view[offset : offset + chunk_size]
+
+
+#: bytes hashed at a time while receiving from a socket: small enough that they are hashed
+#: while still in the CPU cache the receive just wrote them through (4 MiB pieces cost ~2x more)
+HASH_PIECE = 256 << 10
 
 
 class Assembler:
@@ -234,19 +255,49 @@ class Assembler:
     declared size lets the receiver refuse an oversized stream before buffering it. Why hash on
     arrival: the SHA-256 of each chunk is computed while gRPC receives the next one (hashlib
     releases the GIL), instead of one pass over the whole payload after the last chunk.
+
+    ``check`` (one of `CHECKS`): "sha256" verifies ``expected_sha256``; "crc32c" verifies
+    ``expected_crc32c`` instead (5 ms per 45 MB instead of 25 ms: enough against accidental
+    corruption, which is all a checksum can catch on a connection without TLS); "none" for a
+    payload that came over TLS, whose records are each authenticated by their AEAD tag.
+    ``buffer``: receive into this writable buffer of exactly ``total_size`` bytes (the
+    aggregator's memory-mapped update file) instead of a fresh one.
     """
 
-    def __init__(self, total_size: int, expected_sha256: bytes, limit: int) -> None:
+    def __init__(
+        self,
+        total_size: int,
+        expected_sha256: bytes,
+        limit: int,
+        *,
+        check: str = "sha256",
+        expected_crc32c: int | None = None,
+        buffer: Any = None,
+    ) -> None:
+        self.check_announced(total_size, expected_sha256, limit)
+        if check not in CHECKS:
+            raise ValueError(f"unknown payload check {check!r}")
+        if check == "crc32c" and expected_crc32c is None:
+            raise PayloadError("header carries no CRC32C (the receiver checks one)")
+        self.total = total_size
+        self.expected = expected_sha256
+        self.expected_crc = expected_crc32c
+        self.check = check
+        self._crc = 0
+        self.buf = ReceivedPayload(total_size) if buffer is None else buffer
+        self._view = memoryview(self.buf).cast("B")
+        if len(self._view) != total_size:
+            raise ValueError("receive buffer does not have the announced size")
+        self._hash = hashlib.sha256()
+        self.filled = 0
+
+    @staticmethod
+    def check_announced(total_size: int, expected_sha256: bytes, limit: int) -> None:
+        """The header checks, before any buffer (or file) is made for the payload."""
         if total_size > limit:
             raise PayloadError(f"announced payload of {total_size} bytes exceeds limit {limit}")
         if len(expected_sha256) != 32:
             raise PayloadError("header carries no valid SHA-256")
-        self.total = total_size
-        self.expected = expected_sha256
-        self.buf = ReceivedPayload(total_size)
-        self._view = memoryview(self.buf)
-        self._hash = hashlib.sha256()
-        self.filled = 0
 
     def add(self, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
@@ -255,29 +306,39 @@ class Assembler:
             raise PayloadError(f"stream carries more than the announced {self.total} bytes")
         if n:
             self._view[self.filled : end] = data
-            self._hash.update(data)
+            self._digest(data)
         self.filled = end
+
+    def _digest(self, data: bytes | bytearray | memoryview) -> None:
+        if self.check == "sha256":
+            self._hash.update(data)
+        elif self.check == "crc32c":
+            self._crc = _crc32c.crc32c(data, self._crc)
 
     def receive(
         self, recv_into: Callable[[memoryview], int], step: int, tick: Callable[[], None] | None
     ) -> None:
         """Fill the rest of the buffer straight from a socket (no intermediate copy).
 
-        ``recv_into(view)`` returns the bytes it wrote into ``view`` (0 at end of stream); each
-        ``step`` bytes are hashed as soon as they are in, then ``tick`` reports progress.
+        ``recv_into(view)`` returns the bytes it wrote into ``view`` (0 at end of stream); the
+        bytes are hashed in `HASH_PIECE` pieces as they come in, and ``tick`` reports progress
+        after every ``step`` bytes.
         """
+        piece = min(step, HASH_PIECE)
         while self.filled < self.total:
             end = min(self.total, self.filled + step)
-            pos = self.filled
-            while pos < end:
-                k = recv_into(self._view[pos:end])
-                if k == 0:
-                    raise PayloadError(
-                        f"stream ended after {pos} of {self.total} announced bytes (truncated)"
-                    )
-                pos += k
-            self._hash.update(self._view[self.filled : end])
-            self.filled = end
+            while self.filled < end:
+                start = pos = self.filled
+                stop = min(end, start + piece)
+                while pos < stop:
+                    k = recv_into(self._view[pos:stop])
+                    if k == 0:
+                        raise PayloadError(
+                            f"stream ended after {pos} of {self.total} announced bytes (truncated)"
+                        )
+                    pos += k
+                self._digest(self._view[start:stop])
+                self.filled = stop
             if tick is not None:
                 tick()
 
@@ -286,7 +347,9 @@ class Assembler:
             raise PayloadError(
                 f"stream ended after {self.filled} of {self.total} announced bytes (truncated)"
             )
-        if self._hash.digest() != self.expected:
+        if self.check == "sha256" and self._hash.digest() != self.expected:
             raise PayloadError("payload SHA-256 does not match its header (corrupted in transit)")
+        if self.check == "crc32c" and self._crc != self.expected_crc:
+            raise PayloadError("payload CRC32C does not match its header (corrupted in transit)")
         self._view.release()
         return self.buf

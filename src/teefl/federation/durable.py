@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import mmap
 import os
 import shutil
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from typing import Any
 from teefl.errors import TeeflError
 
 STATE = "state.json"
+
+log = logging.getLogger("teefl.durable")
 
 
 def write_atomic(path: Path, data: bytes | bytearray, fsync: bool = True) -> None:
@@ -35,6 +39,52 @@ def write_atomic(path: Path, data: bytes | bytearray, fsync: bool = True) -> Non
             fh.flush()
             os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+class UpdateFile:
+    """An update received straight into its file in the page cache (a shared memory map).
+
+    Why: writing a received 45 MB update to disk before acknowledging it is one more full copy
+    (~15 ms here, far more when the kernel is busy writing back a checkpoint). Receiving into a
+    mapping of the file itself makes the receive *be* the write; `commit` then only renames the
+    file into place and writes the metadata -- the same crash guarantee as `save_update`
+    (survives the aggregator process, not a power loss). Not used for sealed storage, whose file
+    holds ciphertext.
+
+    ``reuse``: a file of an earlier round, consumed and dropped since (see
+    `RoundStore.drop_updates`), to overwrite instead of making a new one: its pages are still in
+    the page cache, and writing into them costs a third of faulting in fresh ones (~13 vs ~40 ms
+    per 45 MB here).
+    """
+
+    def __init__(self, final: Path, meta_path: Path, size: int, reuse: Path | None = None) -> None:
+        self.final, self.meta_path = final, meta_path
+        self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        flags = os.O_RDWR | os.O_CREAT
+        try:
+            if reuse is None:
+                raise FileNotFoundError
+            os.replace(reuse, self.tmp)
+        except FileNotFoundError:
+            flags |= os.O_TRUNC
+        fd = os.open(self.tmp, flags, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self.buffer = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+
+    def commit(self, meta: dict[str, Any], sha256: bytes, verified: bool) -> None:
+        """The payload is complete and checked: put it in place, then its metadata (last);
+        ``verified`` as in `RoundStore.save_update`."""
+        os.replace(self.tmp, self.final)
+        meta = {**meta, "sha256": sha256.hex(), "verified": verified}
+        write_atomic(self.meta_path, json.dumps(meta).encode(), fsync=False)
+
+    def abort(self) -> None:
+        """Nothing of a refused or broken upload stays on disk."""
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
 
 
 @dataclass
@@ -93,6 +143,9 @@ class RoundStore:
         write_atomic(self.run_dir / STATE, json.dumps(state, indent=2).encode())
         return path
 
+    def final_path(self) -> Path:
+        return self.model_dir / f"final{self._suffix()}"
+
     def load_state(self) -> tuple[int, bytes] | None:
         """(last completed round, its global model payload), or None for a fresh run."""
         path = self.run_dir / STATE
@@ -118,15 +171,29 @@ class RoundStore:
         payload: bytes | bytearray,
         meta: dict[str, Any],
         sha256: bytes | None = None,
+        verified: bool = True,
     ) -> None:
-        """Store an acknowledged update; ``sha256``: its already verified digest, if known."""
+        """Store an acknowledged update; ``sha256``: its digest, if known (``verified``: checked
+        against the bytes received, else the sender's claim for a payload that came over TLS)."""
         d = self._round_dir(rnd)
         d.mkdir(parents=True, exist_ok=True)
         self._write(d / f"{name}{self._suffix()}", payload, fsync=False)
         digest = sha256.hex() if sha256 else hashlib.sha256(payload).hexdigest()
-        meta = {**meta, "sha256": digest}
+        meta = {**meta, "sha256": digest, "verified": verified or sha256 is None}
         # the metadata is written last: an update counts only once both files exist
         write_atomic(d / f"{name}.json", json.dumps(meta).encode(), fsync=False)
+
+    def open_update(self, rnd: int, name: str, size: int) -> UpdateFile | None:
+        """A file to receive an update into (see `UpdateFile`); None when sealed or empty."""
+        if self.seal_key is not None or size <= 0:
+            return None
+        d = self._round_dir(rnd)
+        d.mkdir(parents=True, exist_ok=True)
+        file = f"{name}{self._suffix()}"
+        return UpdateFile(d / file, d / f"{name}.json", size, reuse=self._spare_dir() / file)
+
+    def _spare_dir(self) -> Path:
+        return self.run_dir / "updates" / "spare"
 
     def discard_update(self, rnd: int, name: str) -> None:
         """Forget an update that was stored but never counted (its round closed meanwhile)."""
@@ -146,11 +213,26 @@ class RoundStore:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
             payload = self._read(d / f"{name}{self._suffix()}")
             if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+                if meta.get("verified", True) is False:
+                    # its digest is the sender's claim, never checked (it came over TLS): the
+                    # sender's own digest was wrong, so the update is not trusted after all
+                    log.warning("stored update %s does not match its sender's digest", name)
+                    self.discard_update(rnd, name)
+                    continue
                 raise TeeflError(f"stored update {meta_file} fails its checksum")
             out.append(SavedUpdate(name, payload, meta))
         return out
 
     def drop_updates(self, rnd: int) -> None:
-        if not self.keep:
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(self._round_dir(rnd))
+        """Forget a closed round's updates; their payload files are kept aside as spares for
+        the next round to receive into (`UpdateFile`), never read again as updates."""
+        if self.keep:
+            return
+        d = self._round_dir(rnd)
+        if self.seal_key is None and d.is_dir():
+            spare = self._spare_dir()
+            spare.mkdir(parents=True, exist_ok=True)
+            for path in d.glob(f"*{self._suffix()}"):
+                os.replace(path, spare / path.name)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(d)

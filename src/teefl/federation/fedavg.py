@@ -32,6 +32,7 @@ def check_update(reference: Mapping[str, torch.Tensor], update: Mapping[str, tor
         if extra:
             parts.append(f"unknown tensors {sorted(extra)[:3]}")
         raise UpdateRejected("update does not match the model: " + ", ".join(parts))
+    floats: list[tuple[str, torch.Tensor]] = []
     for name, ref in reference.items():
         t = update[name]
         if t.dtype != ref.dtype:
@@ -40,8 +41,25 @@ def check_update(reference: Mapping[str, torch.Tensor], update: Mapping[str, tor
             raise UpdateRejected(
                 f"tensor {name}: shape {tuple(t.shape)} instead of {tuple(ref.shape)}"
             )
-        if t.is_floating_point() and not _all_finite(t):
-            raise UpdateRejected(f"tensor {name}: contains NaN or Inf")
+        if t.is_floating_point() and t.numel():
+            floats.append((name, t))
+    if not _sums_finite([t for _, t in floats]):
+        for name, t in floats:  # which one: the exact check, only on this rare path
+            if not _all_finite(t):
+                raise UpdateRejected(f"tensor {name}: contains NaN or Inf")
+
+
+def _sums_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor's sum is finite, with one host synchronisation per dtype.
+
+    Asking ``bool(isfinite(t.sum()))`` per tensor costs ~10 us of Python and a sync each: 2.8 ms
+    for MobileNetV3-Small's 210 float tensors, against 1.1 ms for this. A False here proves
+    nothing by itself (finite values may overflow a sum); the caller then checks exactly.
+    """
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t.sum())
+    return all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in groups.values())
 
 
 def _all_finite(t: torch.Tensor) -> bool:

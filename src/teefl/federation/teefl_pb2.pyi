@@ -91,7 +91,7 @@ class ModelRequest(_message.Message):
     def __init__(self, collaborator: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class Header(_message.Message):
-    __slots__ = ("collaborator", "round", "total_size", "sha256", "num_samples", "metrics", "evaluate_only", "format")
+    __slots__ = ("collaborator", "round", "total_size", "sha256", "num_samples", "metrics", "evaluate_only", "format", "crc32c")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class Header(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     collaborator: str
     round: int
     total_size: int
@@ -115,7 +116,8 @@ class Header(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     evaluate_only: bool
     format: str
-    def __init__(self, collaborator: _Optional[str] = ..., round: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., evaluate_only: _Optional[bool] = ..., format: _Optional[str] = ...) -> None: ...
+    crc32c: int
+    def __init__(self, collaborator: _Optional[str] = ..., round: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., evaluate_only: _Optional[bool] = ..., format: _Optional[str] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("header", "data", "offset")

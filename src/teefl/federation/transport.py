@@ -43,6 +43,15 @@ def channel_options(plan: Plan) -> list[tuple[str, int | str]]:
     return [*message_options(plan.network.chunk_size), *_KEEPALIVE]
 
 
+def payload_check(plan: Plan) -> str:
+    """What received payloads are checked against (``network.payload_check``, see plan.py):
+    one of `teefl.federation.codec.CHECKS`."""
+    check = plan.network.payload_check
+    if check != "auto":
+        return check
+    return "crc32c" if (plan.security.transport or "none") == "none" else "none"
+
+
 @dataclass(frozen=True)
 class ClientCerts:
     ca: Path

@@ -38,6 +38,7 @@ PHASES = (
     "wait",
     "aggregate",
     "checkpoint",
+    "publish",
 )
 
 

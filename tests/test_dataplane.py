@@ -1,0 +1,397 @@
+"""The data plane (model and updates over one TCP/TLS socket): framing, receiving at every
+chunk boundary, the checks before any model byte flows, and what a refused or broken upload
+leaves behind (nothing)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedutil import SYNTHETIC
+from teefl.federation import codec, dataplane, teefl_pb2
+from teefl.federation.aggregator import Aggregator
+from teefl.federation.durable import RoundStore
+from teefl.measure.events import EventRecorder
+from teefl.plan import plan_from_dict
+from teefl.security import pki
+
+
+# -- framing and receiving -----------------------------------------------------------------------
+def test_frames_round_trip_and_garbage_is_refused() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        dataplane.send_frame(a, dataplane.GET, b"hello")
+        dataplane.send_frame(a, dataplane.OK)
+        assert dataplane.recv_frame(b) == (dataplane.GET, b"hello")
+        assert dataplane.recv_frame(b) == (dataplane.OK, b"")
+        dataplane.send_error(a, "FAILED_PRECONDITION", "round 3 is not open")
+        with pytest.raises(dataplane.RemoteError) as err:
+            dataplane.expect(b, dataplane.MODEL)
+        assert err.value.code == "FAILED_PRECONDITION"
+        dataplane.send_frame(a, dataplane.OK)
+        with pytest.raises(dataplane.Closed, match="unexpected frame"):
+            dataplane.expect(b, dataplane.MODEL)
+    for garbage in (
+        b"\x63" + (5).to_bytes(4, "little") + b"abcde",  # unknown kind
+        bytes([dataplane.PUT]) + (dataplane.MAX_FRAME + 1).to_bytes(4, "little"),  # too big
+    ):
+        a, b = socket.socketpair()
+        with a, b:
+            a.sendall(garbage)
+            with pytest.raises(dataplane.Closed, match="not a teefl peer"):
+                dataplane.recv_frame(b)
+    a, b = socket.socketpair()
+    with b:
+        a.sendall(bytes([dataplane.ACK]))  # a header cut short
+        a.close()
+        with pytest.raises(dataplane.Closed, match="closed"):
+            dataplane.recv_frame(b)
+
+
+class _Trickle:
+    """A recv_into that hands out at most ``sizes[i]`` bytes per call, cycling."""
+
+    def __init__(self, data: bytes, sizes: list[int]) -> None:
+        self.data, self.sizes, self.pos, self.calls = data, sizes, 0, 0
+
+    def __call__(self, view: memoryview) -> int:
+        n = min(len(view), self.sizes[self.calls % len(self.sizes)], len(self.data) - self.pos)
+        view[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        self.calls += 1
+        return n
+
+
+@pytest.mark.parametrize("check", codec.CHECKS)
+@pytest.mark.parametrize("sizes", [[1], [7, 1, 300], [4096], [1 << 20]])
+@pytest.mark.parametrize("step", [1, 3, 1000, 1 << 22])
+def test_receive_at_every_boundary(check: str, sizes: list[int], step: int) -> None:
+    data = os.urandom(5000)
+    asm = codec.Assembler(
+        len(data), codec.sha256(data), 1 << 20, check=check, expected_crc32c=codec.crc32c(data)
+    )
+    ticks = []
+    asm.receive(_Trickle(data, sizes), step, lambda: ticks.append(asm.filled))
+    assert bytes(asm.finish()) == data
+    assert ticks[-1] == len(data) and ticks == sorted(ticks)
+    assert len(ticks) == -(-len(data) // step)
+
+
+@pytest.mark.parametrize("check", ["crc32c", "sha256"])
+def test_receive_detects_corruption_and_truncation(check: str) -> None:
+    data = os.urandom(3000)
+    bad = bytearray(data)
+    bad[1234] ^= 0x10
+    asm = codec.Assembler(
+        len(data), codec.sha256(data), 1 << 20, check=check, expected_crc32c=codec.crc32c(data)
+    )
+    asm.receive(_Trickle(bytes(bad), [512]), 1000, None)
+    with pytest.raises(codec.PayloadError, match="corrupted in transit"):
+        asm.finish()
+    asm = codec.Assembler(len(data), codec.sha256(data), 1 << 20, check=check, expected_crc32c=1)
+    with pytest.raises(codec.PayloadError, match="truncated"):
+        asm.receive(_Trickle(data[:2000], [512]), 1000, None)
+
+
+def test_crc_check_needs_a_crc_and_buffer_must_fit() -> None:
+    with pytest.raises(codec.PayloadError, match="no CRC32C"):
+        codec.Assembler(10, b"x" * 32, 100, check="crc32c")
+    with pytest.raises(ValueError, match="announced size"):
+        codec.Assembler(10, b"x" * 32, 100, check="none", buffer=bytearray(9))
+    with pytest.raises(codec.PayloadError, match="exceeds limit"):
+        codec.Assembler.check_announced(101, b"x" * 32, 100)
+
+
+def test_crc32c_is_the_castagnoli_checksum() -> None:
+    assert codec.crc32c(b"123456789") == 0xE3069283  # the standard check value
+
+
+# -- the update file -----------------------------------------------------------------------------
+def test_update_file_commits_in_place_and_spares_are_reused(tmp_path: Path) -> None:
+    store = RoundStore(tmp_path)
+    data = os.urandom(4096)
+    f = store.open_update(1, "col1", len(data))
+    assert f is not None
+    f.buffer[:] = data
+    f.commit({"samples": 3}, codec.sha256(data), verified=True)
+    [saved] = store.load_updates(1)
+    assert saved.payload == data and saved.meta["samples"] == 3
+    inode = (tmp_path / "updates/round-0001/col1.safetensors").stat().st_ino
+    store.drop_updates(1)
+    assert not (tmp_path / "updates/round-0001").exists()
+    g = store.open_update(2, "col1", len(data))  # the dropped file, overwritten
+    assert g is not None
+    g.buffer[:] = data[::-1]
+    g.commit({"samples": 1}, codec.sha256(data[::-1]), verified=True)
+    assert (tmp_path / "updates/round-0002/col1.safetensors").stat().st_ino == inode
+    assert store.load_updates(2)[0].payload == data[::-1]
+    h = store.open_update(3, "col2", 100)
+    assert h is not None
+    h.abort()
+    assert not list((tmp_path / "updates/round-0003").iterdir())
+
+
+def test_unverified_update_with_a_false_digest_is_dropped_on_replay(tmp_path: Path) -> None:
+    store = RoundStore(tmp_path)
+    data = os.urandom(100)
+    store.save_update(1, "col1", data, {"samples": 1}, sha256=b"\0" * 32, verified=False)
+    assert store.load_updates(1) == []  # the sender's claim was false: not trusted
+    store.save_update(1, "col2", data, {"samples": 1}, sha256=b"\0" * 32, verified=True)
+    with pytest.raises(Exception, match="fails its checksum"):
+        store.load_updates(1)
+
+
+def test_sealed_storage_receives_into_memory(tmp_path: Path) -> None:
+    assert RoundStore(tmp_path, seal_key=b"k" * 32).open_update(1, "col1", 100) is None
+    assert RoundStore(tmp_path).open_update(1, "col1", 0) is None
+
+
+# -- against a real aggregator -------------------------------------------------------------------
+class _Ctx:
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def auth_context(self) -> dict:
+        return {}
+
+    def abort(self, code, details):
+        raise RuntimeError(f"{code}: {details}")
+
+
+@pytest.fixture
+def served(tmp_path):
+    """An aggregator with its data plane on loopback (no gRPC server: Join is called directly)."""
+    plan = plan_from_dict({**SYNTHETIC, "collaborators": ["col1", "col2"]})
+    agg = Aggregator(plan, tmp_path, "dp", EventRecorder(tmp_path, "dp", "aggregator", "agg"))
+    server = agg._data_server("127.0.0.1")
+    assert server is not None
+    yield agg
+    server.stop()
+
+
+def _join(agg: Aggregator, name: str) -> bytes:
+    reply = agg.Join(teefl_pb2.JoinRequest(collaborator=name), _Ctx())
+    assert reply.data_port == agg.data_port and len(reply.data_token) == 32
+    return reply.data_token
+
+
+def _connect(agg: Aggregator, name: str, token: bytes):
+    return dataplane.connect("127.0.0.1", agg.data_port, name, token, None)
+
+
+def _header(agg: Aggregator, name: str, payload, **kw) -> teefl_pb2.Header:
+    return teefl_pb2.Header(
+        collaborator=name,
+        round=kw.pop("round", 1),
+        total_size=len(payload),
+        sha256=codec.sha256(payload),
+        crc32c=codec.crc32c(payload),
+        num_samples=10,
+        format=codec.FORMAT,
+        **kw,
+    )
+
+
+def _put(sock, header: teefl_pb2.Header, payload) -> teefl_pb2.UpdateAck:
+    dataplane.send_frame(sock, dataplane.PUT, header.SerializeToString())
+    dataplane.expect(sock, dataplane.GO)
+    dataplane.send_payload(sock, payload)
+    return teefl_pb2.UpdateAck.FromString(dataplane.expect(sock, dataplane.ACK))
+
+
+def _files(agg: Aggregator) -> list[str]:
+    d = agg.run_dir / "updates"
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) if d.exists() else []
+
+
+def test_connection_needs_the_token_of_the_latest_join(served: Aggregator) -> None:
+    with pytest.raises(dataplane.RemoteError, match="Join first") as err:
+        _connect(served, "col1", b"\0" * 32)  # never joined
+    assert err.value.code == "UNAUTHENTICATED"
+    old = _join(served, "col1")
+    new = _join(served, "col1")
+    with pytest.raises(dataplane.RemoteError, match="outdated"):
+        _connect(served, "col1", old)
+    with pytest.raises(dataplane.RemoteError, match="not a collaborator") as err:
+        _connect(served, "mallory", new)
+    assert err.value.code == "PERMISSION_DENIED"
+    with pytest.raises(dataplane.RemoteError, match="outdated"):
+        _connect(served, "col2", new)  # col1's token does not open col2's connection
+    _connect(served, "col1", new).close()
+
+
+def test_download_is_the_published_payload(served: Aggregator) -> None:
+    sock = _connect(served, "col1", _join(served, "col1"))
+    with sock:
+        req = teefl_pb2.ModelRequest(collaborator="col1", round=1)
+        dataplane.send_frame(sock, dataplane.GET, req.SerializeToString())
+        h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
+        asm = codec.Assembler(h.total_size, h.sha256, 1 << 30, expected_crc32c=h.crc32c)
+        asm.receive(dataplane.reader(sock), 4096, None)
+        assert bytes(asm.finish()) == bytes(served.payload)
+        assert h.crc32c == codec.crc32c(served.payload)
+        req.round = 2  # not open yet: refused, and the connection stays usable
+        dataplane.send_frame(sock, dataplane.GET, req.SerializeToString())
+        with pytest.raises(dataplane.RemoteError, match="not open") as err:
+            dataplane.expect(sock, dataplane.MODEL)
+        assert err.value.code == "FAILED_PRECONDITION"
+        req.round = 1
+        dataplane.send_frame(sock, dataplane.GET, req.SerializeToString())
+        h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
+        assert h.total_size == len(served.payload)
+
+
+def _wait(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_upload_is_stored_counted_and_summed_then_duplicates_are_not(served: Aggregator) -> None:
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in served.global_state.items()}
+    payload = codec.encode_state(state)
+    with _connect(served, "col1", _join(served, "col1")) as sock:
+        ack = _put(sock, _header(served, "col1", payload), payload)
+        assert ack.accepted and ack.message == "accepted"
+        assert "col1" in served.received
+        _wait(lambda: served.adding == 0 and served.fedavg.count == 1)
+        assert _files(served) == ["round-0001/col1.json", "round-0001/col1.safetensors"]
+        stored = (served.run_dir / "updates/round-0001/col1.safetensors").read_bytes()
+        assert stored == bytes(payload)
+        # a second upload of the same round is answered at once, without its data
+        dataplane.send_frame(
+            sock, dataplane.PUT, _header(served, "col1", payload).SerializeToString()
+        )
+        dup = teefl_pb2.UpdateAck.FromString(dataplane.expect(sock, dataplane.ACK))
+        assert dup.accepted and "already counted" in dup.message
+    assert served.fedavg.count == 1
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "nan", "size", "stale", "evaluate_only"])
+def test_refused_upload_leaves_nothing_and_the_connection_in_step(
+    served: Aggregator, fault: str
+) -> None:
+    state = {k: v.clone() for k, v in served.global_state.items()}
+    if fault == "nan":
+        next(v for v in state.values() if v.is_floating_point()).view(-1)[3] = float("nan")
+    payload = codec.encode_state(state)
+    header = _header(served, "col1", payload)
+    if fault == "corrupt":
+        header.crc32c ^= 1
+    elif fault == "size":
+        header.total_size = served.update_limit + 1
+    elif fault == "stale":
+        header.round = 7
+    elif fault == "evaluate_only":
+        header.evaluate_only = True
+    with _connect(served, "col1", _join(served, "col1")) as sock:
+        dataplane.send_frame(sock, dataplane.PUT, header.SerializeToString())
+        with pytest.raises(dataplane.RemoteError) as err:
+            if dataplane.expect(sock, dataplane.GO) == b"":
+                dataplane.send_payload(sock, payload)
+                dataplane.expect(sock, dataplane.ACK)
+        expected = {
+            "corrupt": "CRC32C",
+            "nan": "NaN",
+            "size": "exceeds limit",
+            "stale": "not open",
+            "evaluate_only": "gRPC",
+        }[fault]
+        assert expected in err.value.message
+        assert err.value.code == ("FAILED_PRECONDITION" if fault == "stale" else "INVALID_ARGUMENT")
+        assert "col1" not in served.received and _files(served) == []
+        good = codec.encode_state(served.global_state)  # the same connection still works
+        assert _put(sock, _header(served, "col1", good), good).accepted
+
+
+def test_upload_broken_mid_stream_is_discarded(served: Aggregator) -> None:
+    payload = codec.encode_state(served.global_state)
+    sock = _connect(served, "col1", _join(served, "col1"))
+    dataplane.send_frame(sock, dataplane.PUT, _header(served, "col1", payload).SerializeToString())
+    dataplane.expect(sock, dataplane.GO)
+    sock.sendall(memoryview(payload)[: len(payload) // 2])
+    sock.close()
+    _wait(lambda: not served.inflight)
+    assert "col1" not in served.received and _files(served) == []
+    events = (served.run_dir / "events").rglob("*.jsonl")
+    assert any("update_broken" in p.read_text() for p in events)
+
+
+def test_round_closes_only_after_the_deferred_adds(served: Aggregator) -> None:
+    payloads = {}
+    for i, name in enumerate(("col1", "col2")):
+        st = {k: v + i if v.is_floating_point() else v for k, v in served.global_state.items()}
+        payloads[name] = (st, codec.encode_state(st))
+    socks = {n: _connect(served, n, _join(served, n)) for n in payloads}
+    threads = [
+        threading.Thread(target=_put, args=(socks[n], _header(served, n, p), p))
+        for n, (_, p) in payloads.items()
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    _wait(lambda: served.round == 2)
+    for name, t in served.global_state.items():  # the mean of +0 and +1 (equal weights)
+        ref = payloads["col1"][0][name]
+        if ref.is_floating_point():
+            torch.testing.assert_close(t, ref + 0.5)
+    for s in socks.values():
+        s.close()
+
+
+# -- TLS: the collaborator's certificate and the attested key -----------------------------------
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    pki.init_ca(d)
+    pki.issue_aggregator(d, ["127.0.0.1"])
+    for name in ("col1", "col2"):
+        pki.issue_collaborator(d, name)
+    return d
+
+
+def test_mtls_data_connection_needs_the_collaborators_own_certificate(tmp_path, certs) -> None:
+    server_cert, server_key = pki.aggregator_paths(certs)
+    plan = plan_from_dict(
+        {
+            **SYNTHETIC,
+            "collaborators": ["col1", "col2"],
+            "security": {
+                "transport": "mtls",
+                "tls": {
+                    "ca": str(certs / "ca.crt"),
+                    "server_cert": str(server_cert),
+                    "server_key": str(server_key),
+                    "client_dir": str(certs),
+                },
+            },
+        }
+    )
+    agg = Aggregator(plan, tmp_path, "dp", EventRecorder(tmp_path, "dp", "aggregator", "agg"))
+    server = agg._data_server("127.0.0.1")
+    try:
+        token = agg.tokens["col1"] = os.urandom(32)  # as Join would (its gRPC CN check aside)
+        col2 = dataplane.client_context(certs / "ca.crt", *pki.collaborator_paths(certs, "col2"))
+        with pytest.raises(dataplane.RemoteError, match="does not match") as err:
+            dataplane.connect("127.0.0.1", agg.data_port, "col1", token, col2)
+        assert err.value.code == "PERMISSION_DENIED"
+        no_cert = dataplane.client_context(certs / "ca.crt", None, None)
+        with pytest.raises((dataplane.Closed, ConnectionError, OSError)):
+            s = dataplane.connect("127.0.0.1", agg.data_port, "col1", token, no_cert)
+            dataplane.recv_frame(s)  # TLS 1.3 reports a refused client certificate late
+        col1 = dataplane.client_context(certs / "ca.crt", *pki.collaborator_paths(certs, "col1"))
+        with pytest.raises(Exception, match="attestation was bound to"):
+            dataplane.connect(
+                "127.0.0.1", agg.data_port, "col1", token, col1, expected_spki=b"another key"
+            )
+        dataplane.connect("127.0.0.1", agg.data_port, "col1", token, col1).close()
+    finally:
+        server.stop()
