@@ -119,7 +119,7 @@ def test_update_file_commits_in_place_and_spares_are_reused(tmp_path: Path) -> N
     f = store.open_update(1, "col1", len(data))
     assert f is not None
     f.buffer[:] = data
-    f.commit({"samples": 3}, codec.sha256(data), verified=True)
+    f.commit({"samples": 3}, {"sha256": codec.sha256(data)}, verified=True)
     [saved] = store.load_updates(1)
     assert saved.payload == data and saved.meta["samples"] == 3
     inode = (tmp_path / "updates/round-0001/col1.safetensors").stat().st_ino
@@ -128,7 +128,7 @@ def test_update_file_commits_in_place_and_spares_are_reused(tmp_path: Path) -> N
     g = store.open_update(2, "col1", len(data))  # the dropped file, overwritten
     assert g is not None
     g.buffer[:] = data[::-1]
-    g.commit({"samples": 1}, codec.sha256(data[::-1]), verified=True)
+    g.commit({"samples": 1}, {"crc32c": codec.crc32c(data[::-1])}, verified=True)
     assert (tmp_path / "updates/round-0002/col1.safetensors").stat().st_ino == inode
     assert store.load_updates(2)[0].payload == data[::-1]
     h = store.open_update(3, "col2", 100)
@@ -140,9 +140,11 @@ def test_update_file_commits_in_place_and_spares_are_reused(tmp_path: Path) -> N
 def test_unverified_update_with_a_false_digest_is_dropped_on_replay(tmp_path: Path) -> None:
     store = RoundStore(tmp_path)
     data = os.urandom(100)
-    store.save_update(1, "col1", data, {"samples": 1}, sha256=b"\0" * 32, verified=False)
-    assert store.load_updates(1) == []  # the sender's claim was false: not trusted
-    store.save_update(1, "col2", data, {"samples": 1}, sha256=b"\0" * 32, verified=True)
+    store.save_update(1, "col1", data, {"samples": 1}, {"crc32c": 7}, verified=False)
+    store.save_update(1, "col3", data, {"samples": 1}, {"sha256": b"\0" * 32}, verified=False)
+    assert store.load_updates(1) == []  # the senders' claims were false: not trusted
+    assert not list((tmp_path / "updates/round-0001").iterdir())
+    store.save_update(1, "col2", data, {"samples": 1}, {"sha256": b"\0" * 32}, verified=True)
     with pytest.raises(Exception, match="fails its checksum"):
         store.load_updates(1)
 
@@ -232,7 +234,10 @@ def test_download_is_the_published_payload(served: Aggregator) -> None:
         req = teefl_pb2.ModelRequest(collaborator="col1", round=1)
         dataplane.send_frame(sock, dataplane.GET, req.SerializeToString())
         h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
-        asm = codec.Assembler(h.total_size, h.sha256, 1 << 30, expected_crc32c=h.crc32c)
+        assert h.sha256 == b""  # payload_check auto: nobody checks a SHA-256, none is made
+        asm = codec.Assembler(
+            h.total_size, h.sha256, 1 << 30, check="crc32c", expected_crc32c=h.crc32c
+        )
         asm.receive(dataplane.reader(sock), 4096, None)
         assert bytes(asm.finish()) == bytes(served.payload)
         assert h.crc32c == codec.crc32c(served.payload)
@@ -395,3 +400,38 @@ def test_mtls_data_connection_needs_the_collaborators_own_certificate(tmp_path, 
         dataplane.connect("127.0.0.1", agg.data_port, "col1", token, col1).close()
     finally:
         server.stop()
+
+
+def test_payload_check_sha256_is_enforced_end_to_end(tmp_path: Path) -> None:
+    plan = plan_from_dict({**SYNTHETIC, "network": {"payload_check": "sha256"}})
+    agg = Aggregator(plan, tmp_path, "dp", EventRecorder(tmp_path, "dp", "aggregator", "agg"))
+    assert agg.digest == codec.sha256(agg.payload)  # published: collaborators check it
+    server = agg._data_server("127.0.0.1")
+    try:
+        with _connect(agg, "col1", _join(agg, "col1")) as sock:
+            payload = codec.encode_state(agg.global_state)
+            header = _header(agg, "col1", payload)
+            header.sha256 = b"\1" * 32  # the CRC32C is right: only the SHA-256 can catch it
+            dataplane.send_frame(sock, dataplane.PUT, header.SerializeToString())
+            dataplane.expect(sock, dataplane.GO)
+            dataplane.send_payload(sock, payload)
+            with pytest.raises(dataplane.RemoteError, match="SHA-256"):
+                dataplane.expect(sock, dataplane.ACK)
+            header.sha256 = b""
+            dataplane.send_frame(sock, dataplane.PUT, header.SerializeToString())
+            with pytest.raises(dataplane.RemoteError, match="no valid SHA-256"):
+                dataplane.expect(sock, dataplane.GO)
+            assert _put(sock, _header(agg, "col1", payload), payload).accepted
+        meta = (tmp_path / "updates/round-0001/col1.json").read_text()
+        assert '"sha256"' in meta and '"verified": true' in meta
+    finally:
+        server.stop()
+
+
+def test_sha256_may_be_left_out_only_where_nobody_checks_it() -> None:
+    for check in ("none", "crc32c"):
+        codec.Assembler.check_announced(10, b"", 100, check)
+        with pytest.raises(codec.PayloadError):
+            codec.Assembler.check_announced(10, b"short", 100, check)
+    with pytest.raises(codec.PayloadError, match="no valid SHA-256"):
+        codec.Assembler.check_announced(10, b"", 100, "sha256")

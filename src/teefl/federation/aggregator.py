@@ -165,7 +165,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         the model in Python, only what gRPC holds for the one message each has in flight.
         """
         self.payload = codec.encode_state(self.global_state)
-        self.digest = codec.sha256(self.payload)
+        # the SHA-256 only where a collaborator checks it; the checkpoint's own is then computed
+        # by the background writer, off the critical path
+        self.digest = codec.sha256(self.payload) if self.check == "sha256" else b""
         self.crc = codec.crc32c(self.payload)
         self.update_limit = len(self.payload) + (64 << 10)
         self._wire: list[bytes] | None = None  # made by the round's first gRPC download
@@ -526,7 +528,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         dataplane.send_frame(conn.sock, dataplane.ACK, dup.SerializeToString())
                         return
                     try:
-                        codec.Assembler.check_announced(h.total_size, h.sha256, self.update_limit)
+                        codec.Assembler.check_announced(
+                            h.total_size, h.sha256, self.update_limit, self.check
+                        )
                     except codec.PayloadError as exc:  # checked before a file is made for it
                         raise UpdateRejected(str(exc)) from None
                     target = self.store.open_update(h.round, name, h.total_size)
@@ -563,6 +567,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         h.sha256,
                         defer_add=True,
                         stored=target,
+                        crc=_crc_of(h),
                     )
                     target = None  # committed: its file is the stored update now
                     try:
@@ -675,7 +680,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 raise UpdateRejected(str(exc)) from None
             self._touch(name, context)
         payload, state = self._decode_update(asm)
-        return self._accept(name, h.round, state, samples, metrics, payload, t0, h.sha256)[0]
+        return self._accept(
+            name, h.round, state, samples, metrics, payload, t0, h.sha256, crc=_crc_of(h)
+        )[0]
 
     def _accept(
         self,
@@ -689,6 +696,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         digest: bytes | None = None,
         defer_add: bool = False,
         stored: Any = None,
+        crc: int | None = None,
     ) -> tuple[teefl_pb2.UpdateAck, Any]:
         """Store, count and (unless deferred) add one checked update; returns (ack, add).
 
@@ -714,12 +722,11 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 # stored before the acknowledgement: a crash after the ack loses nothing
                 with self.rec.span("persist_update", round=rnd, collaborator=name) as s:
                     meta = {"samples": samples, "metrics": metrics}
-                    if stored is not None and digest is not None:
-                        stored.commit(meta, digest, verified=self.check == "sha256")
+                    digests, verified = self._digests(digest, crc)
+                    if stored is not None:
+                        stored.commit(meta, digests, verified)
                     else:
-                        self.store.save_update(
-                            rnd, name, payload, meta, sha256=digest, verified=self.check == "sha256"
-                        )
+                        self.store.save_update(rnd, name, payload, meta, digests, verified)
                     s["bytes"] = len(payload)
             with self.cond:
                 if rnd != self.round:
@@ -751,6 +758,15 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         finally:
             with self.cond:
                 self.persisting.discard(name)
+
+    def _digests(self, sha256: bytes | None, crc: int | None) -> tuple[dict[str, Any], bool]:
+        """What an update is stored with, and whether it was checked on arrival: the digest
+        that was verified, else (over TLS) the sender's claim -- the CRC32C, faster to replay."""
+        if self.check == "sha256":
+            return {"sha256": sha256}, True
+        if self.check == "crc32c":
+            return {"crc32c": crc}, True
+        return ({"crc32c": crc} if crc is not None else {"sha256": sha256 or None}), False
 
     def _deferred_add(self, rnd: int, name: str, state, samples: int):
         def add() -> None:
@@ -805,7 +821,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
 
     def _write_checkpoint(self, rnd: int, payload: bytearray, digest: bytes) -> None:
         with self.rec.span("checkpoint", round=rnd) as s:
-            self.store.save_checkpoint(rnd, payload, final=rnd == self.rounds, sha256=digest)
+            self.store.save_checkpoint(
+                rnd, payload, final=rnd == self.rounds, sha256=digest or None
+            )
             s["bytes"] = len(payload)
         # only now: until its checkpoint is durable, a restart rebuilds the round from these
         self.store.drop_updates(rnd)
@@ -864,7 +882,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             while not self.evaluating and len(self.received) == len(self.names):
                 self._close_round()
                 self._replay_open_round()
-        workers = max(8, 3 * len(self.names) + 4)
+        # a long poll per collaborator, plus its streams when the data travels over gRPC
+        per = 1 if self.plan.network.data_plane == "socket" else 3
+        workers = max(8, per * len(self.names) + 8)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agg"),
             options=server_options(self.plan),

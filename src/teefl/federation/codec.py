@@ -274,7 +274,7 @@ class Assembler:
         expected_crc32c: int | None = None,
         buffer: Any = None,
     ) -> None:
-        self.check_announced(total_size, expected_sha256, limit)
+        self.check_announced(total_size, expected_sha256, limit, check)
         if check not in CHECKS:
             raise ValueError(f"unknown payload check {check!r}")
         if check == "crc32c" and expected_crc32c is None:
@@ -292,11 +292,14 @@ class Assembler:
         self.filled = 0
 
     @staticmethod
-    def check_announced(total_size: int, expected_sha256: bytes, limit: int) -> None:
-        """The header checks, before any buffer (or file) is made for the payload."""
+    def check_announced(
+        total_size: int, expected_sha256: bytes, limit: int, check: str = "sha256"
+    ) -> None:
+        """The header checks, before any buffer (or file) is made for the payload. A sender
+        leaves the SHA-256 out (empty) where nobody checks it (`CHECKS`)."""
         if total_size > limit:
             raise PayloadError(f"announced payload of {total_size} bytes exceeds limit {limit}")
-        if len(expected_sha256) != 32:
+        if len(expected_sha256) != 32 and (check == "sha256" or expected_sha256):
             raise PayloadError("header carries no valid SHA-256")
 
     def add(self, data: bytes | bytearray | memoryview) -> None:

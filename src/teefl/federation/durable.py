@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import crc32c as _crc32c
+
 from teefl.errors import TeeflError
 
 STATE = "state.json"
@@ -74,17 +76,35 @@ class UpdateFile:
         finally:
             os.close(fd)
 
-    def commit(self, meta: dict[str, Any], sha256: bytes, verified: bool) -> None:
+    def commit(self, meta: dict[str, Any], digests: dict[str, Any], verified: bool) -> None:
         """The payload is complete and checked: put it in place, then its metadata (last);
-        ``verified`` as in `RoundStore.save_update`."""
+        ``digests`` and ``verified`` as in `RoundStore.save_update`."""
+        if not _digest_meta(digests):  # nothing claimed (an old sender over TLS): compute one
+            digests, verified = {"sha256": hashlib.sha256(self.buffer).digest()}, True
         os.replace(self.tmp, self.final)
-        meta = {**meta, "sha256": sha256.hex(), "verified": verified}
+        meta = {**meta, **_digest_meta(digests), "verified": verified}
         write_atomic(self.meta_path, json.dumps(meta).encode(), fsync=False)
 
     def abort(self) -> None:
         """Nothing of a refused or broken upload stays on disk."""
         with contextlib.suppress(FileNotFoundError):
             self.tmp.unlink()
+
+
+def _digest_meta(digests: dict[str, Any]) -> dict[str, Any]:
+    """``{"sha256": bytes, "crc32c": int}`` (either may be missing) as stored in JSON."""
+    out: dict[str, Any] = {}
+    if digests.get("sha256"):
+        out["sha256"] = digests["sha256"].hex()
+    if digests.get("crc32c") is not None:
+        out["crc32c"] = int(digests["crc32c"])
+    return out
+
+
+def _matches(payload: bytes, meta: dict[str, Any]) -> bool:
+    if "sha256" in meta:
+        return hashlib.sha256(payload).hexdigest() == meta["sha256"]
+    return _crc32c.crc32c(payload) == meta["crc32c"]
 
 
 @dataclass
@@ -170,16 +190,20 @@ class RoundStore:
         name: str,
         payload: bytes | bytearray,
         meta: dict[str, Any],
-        sha256: bytes | None = None,
+        digests: dict[str, Any] | None = None,
         verified: bool = True,
     ) -> None:
-        """Store an acknowledged update; ``sha256``: its digest, if known (``verified``: checked
-        against the bytes received, else the sender's claim for a payload that came over TLS)."""
+        """Store an acknowledged update with its digests (``{"sha256": bytes, "crc32c": int}``,
+        either may be missing; with none, its SHA-256 is computed here). ``verified``: the
+        digests were checked against the bytes received, else they are the sender's claim (a
+        payload that came over TLS), see `load_updates`."""
         d = self._round_dir(rnd)
         d.mkdir(parents=True, exist_ok=True)
         self._write(d / f"{name}{self._suffix()}", payload, fsync=False)
-        digest = sha256.hex() if sha256 else hashlib.sha256(payload).hexdigest()
-        meta = {**meta, "sha256": digest, "verified": verified or sha256 is None}
+        digests = {k: v for k, v in (digests or {}).items() if v is not None and v != b""}
+        if not digests:
+            digests, verified = {"sha256": hashlib.sha256(payload).digest()}, True
+        meta = {**meta, **_digest_meta(digests), "verified": verified}
         # the metadata is written last: an update counts only once both files exist
         write_atomic(d / f"{name}.json", json.dumps(meta).encode(), fsync=False)
 
@@ -212,7 +236,7 @@ class RoundStore:
             name = meta_file.stem
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
             payload = self._read(d / f"{name}{self._suffix()}")
-            if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+            if not _matches(payload, meta):
                 if meta.get("verified", True) is False:
                     # its digest is the sender's claim, never checked (it came over TLS): the
                     # sender's own digest was wrong, so the update is not trusted after all
