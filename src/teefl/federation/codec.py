@@ -85,7 +85,29 @@ def encode_state(state: Mapping[str, torch.Tensor]) -> bytearray:
         if t.dtype not in _CODES or not _LITTLE:
             return bytearray(st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
         items.append((name, t))
-    items.sort(key=lambda it: (-it[1].element_size(), it[0]))
+    out, views = _layout(items)
+    for name, t in items:
+        if t.numel():
+            views[name].copy_(t)
+    return out
+
+
+def allocate_state(
+    like: Mapping[str, torch.Tensor],
+) -> tuple[bytearray, dict[str, torch.Tensor]] | None:
+    """An `encode_state` payload for tensors shaped like ``like``, not filled in yet, and a
+    writable view into it per tensor: whoever computes the tensors writes them straight into
+    the payload (the aggregator's FedAvg result, see `RunningFedAvg.result_into`), saving one
+    copy of the model and one allocation. None where `encode_state` would not lay tensors out
+    itself (an unknown dtype, a big-endian host)."""
+    items = [(n, t.detach()) for n, t in like.items()]
+    if not _LITTLE or any(t.dtype not in _CODES for _, t in items):
+        return None
+    return _layout(items)
+
+
+def _layout(items: list[tuple[str, torch.Tensor]]) -> tuple[bytearray, dict[str, torch.Tensor]]:
+    items = sorted(items, key=lambda it: (-it[1].element_size(), it[0]))
     header: dict[str, dict[str, object]] = {}
     offset = 0
     for name, t in items:
@@ -102,14 +124,15 @@ def encode_state(state: Mapping[str, torch.Tensor]) -> bytearray:
     out = bytearray(start + offset)
     out[:8] = len(head).to_bytes(8, "little")
     out[8:start] = head
+    views: dict[str, torch.Tensor] = {}
     for name, t in items:
         n = t.numel()
         if n == 0:
+            views[name] = torch.empty(t.shape, dtype=t.dtype)
             continue
         begin = start + header[name]["data_offsets"][0]  # type: ignore[index]
-        dst = torch.frombuffer(out, dtype=t.dtype, count=n, offset=begin)
-        dst.view(t.shape).copy_(t)
-    return out
+        views[name] = torch.frombuffer(out, dtype=t.dtype, count=n, offset=begin).view(t.shape)
+    return out, views
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:

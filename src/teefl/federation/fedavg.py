@@ -111,16 +111,20 @@ class RunningFedAvg:
         self.count += 1
 
     def result(self) -> dict[str, torch.Tensor]:
+        out = {n: torch.empty(ref.shape, dtype=ref.dtype) for n, ref in self.reference.items()}
+        self.result_into(out)
+        return out
+
+    def result_into(self, out: Mapping[str, torch.Tensor]) -> None:
+        """Write the weighted mean into ``out`` (tensors shaped like the reference), in one pass
+        per tensor: the float64 sum is divided and rounded to the model's dtype on the way."""
         if self.count == 0:
             raise TeeflError("no update was accepted in this round")
-        out: dict[str, torch.Tensor] = {}
         for name, acc in self.sums.items():
-            ref = self.reference[name]
             if acc.is_floating_point():
-                out[name] = (acc / self.total_samples).to(ref.dtype)
+                torch.div(acc, self.total_samples, out=out[name])
             else:
-                out[name] = acc.clone()
-        return out
+                out[name].copy_(acc)
 
 
 class CoordinateRobust:
