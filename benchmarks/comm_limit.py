@@ -13,10 +13,9 @@ per-byte cost of each model, and PASS/FAIL lines for the targets:
   - teefl/raw <= 1.5 and teefl-tls/raw-tls <= 1.5 for ResNet-18 and MobileNetV3-Small;
   - MobileNetV3-Small's per-byte cost at most 20 % above ResNet-18's.
 
-The teefl figure is what a run reports as communication time. Until the aggregator acknowledges an
-update before closing the round, the last collaborator's ``upload`` span also contains the
-aggregator's round closing (FedAvg result, serializing the new model, the fsync'd checkpoint); the
-"open" columns subtract that part (read from the aggregator's ``aggregate``/``checkpoint`` spans).
+The teefl figure is what a run reports as communication time: the aggregator acknowledges an update
+once it is checked, stored and counted, and sums it, closes the round and writes the checkpoint
+after that, so none of these is in the figure (the profile shows what they cost).
 
     .venv/bin/python benchmarks/comm_limit.py            # ~4-6 min on 2 cores
     .venv/bin/python benchmarks/comm_limit.py --quick    # no 200 MB payload, 5 repetitions
@@ -122,8 +121,8 @@ def main() -> int:
         )
     )
     print(
-        "\nteefl = download + upload spans as a run reports them (the aggregator acknowledges "
-        "the last update before it closes the round).\n"
+        "\nteefl = download + upload spans as a run reports them (the ack comes once an update is "
+        "checked, stored and counted; the sum and the round close follow it).\n"
     )
     print("profile, transport none (median ms per round; agg = aggregator, col = collaborator):")
     phases = [
@@ -132,10 +131,11 @@ def main() -> int:
         ("col:serialize", "collaborator serialize (not communication)"),
         ("col:upload", "collaborator upload span"),
         ("agg:receive_update", "  aggregator: stream start -> update counted"),
-        ("agg:persist_update", "    of which: update written to disk"),
-        ("agg:aggregate", "    of which: FedAvg add (running sum)"),
-        ("agg:aggregate:close", "  round closing: FedAvg result"),
-        ("agg:checkpoint", "  round closing: serialize + fsync'd checkpoint"),
+        ("agg:persist_update", "    of which: stored update committed (rename + metadata)"),
+        ("agg:aggregate", "  after the ack: FedAvg add (running sum)"),
+        ("agg:aggregate:close", "  round closing: FedAvg mean into the new payload"),
+        ("agg:publish", "  round closing: checksums of the new payload"),
+        ("agg:checkpoint", "  background (idle priority): fsync'd checkpoint"),
     ]
     prof_rows = [
         [label, *(f"{C.median(profiles[s].get(key, [])) * 1e3:.1f}" for s in profiles)]

@@ -45,19 +45,6 @@ UPLOAD_GO = "teefl-upload-go"
 WAIT_KEEPALIVE_S = 15.0
 
 
-def _idle_priority() -> None:
-    """Run the calling thread only when a core is otherwise idle (Linux SCHED_IDLE).
-
-    The background checkpoint (hashing and writing 45 MB) competed for the 2 cores here with the
-    next round's transfers, which were then up to 2x slower; at idle priority it runs in the
-    gaps (collaborators training, waiting). Where the policy is unavailable, nothing changes.
-    """
-    policy = getattr(os, "SCHED_IDLE", None)
-    if policy is not None:
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, policy, os.sched_param(0))  # 0: this thread
-
-
 def _crc_of(header: teefl_pb2.Header) -> int | None:
     return header.crc32c if header.HasField("crc32c") else None
 
@@ -110,6 +97,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.download_slots = threading.BoundedSemaphore(fed.max_concurrent_downloads)
         self.active = self.peak_active = 0  # updates being received right now, and the peak
         self.adding = 0  # acknowledged updates whose FedAvg add is still running
+        self.transfers = 0  # model or update bytes moving right now (the checkpoint yields)
+        self.quiet = threading.Condition()  # guards transfers/served; notified when they change
+        self.served = 0  # downloads of the open round's model completed so far
         self.sum_lock = threading.Lock()  # serializes deferred adds (see `_deferred_add`)
         self.tokens: dict[str, bytes] = {}  # collaborator -> its data-plane token (from Join)
         self.data_port = 0  # the data plane's port once serving (0: the gRPC streams only)
@@ -119,7 +109,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             "tensors": len(self.global_state),
         }
         #: checkpoints of closed rounds waiting to be written (see `_checkpoints`)
-        self.ckpt_queue: queue.Queue[tuple[int, bytearray, bytes] | None] = queue.Queue()
+        self.ckpt_queue: queue.Queue[tuple[int, bytearray, bytes, int] | None] = queue.Queue()
         threading.Thread(target=self._checkpoints, name="checkpoint", daemon=True).start()
         self.resumed_from: int | None = None
         resume = self.store.load_state()
@@ -497,7 +487,11 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 crc32c=crc,
             )
             dataplane.send_frame(conn.sock, dataplane.MODEL, header.SerializeToString())
-            dataplane.send_payload(conn.sock, payload)
+            with self._moving():
+                dataplane.send_payload(conn.sock, payload)
+            with self.quiet:
+                self.served += 1
+                self.quiet.notify_all()
         self.rec.record(
             "serve_download",
             t1,
@@ -518,6 +512,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         t0 = time.monotonic()
         name = conn.name
         target = None  # the update's file, until it is committed
+        moving = contextlib.ExitStack()  # entered once the upload's bytes may flow
         try:
             h = teefl_pb2.Header.FromString(body)
         except Exception:
@@ -557,6 +552,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         expected_crc32c=_crc_of(h),
                         buffer=target.buffer if target else None,
                     )
+                    # from GO to ACK the upload is "moving": a background checkpoint waits
+                    moving = contextlib.ExitStack()
+                    moving.enter_context(self._moving())
                     dataplane.send_frame(conn.sock, dataplane.GO)
                     conn.sock.settimeout(self.plan.federation.idle_timeout)
                     try:
@@ -588,12 +586,15 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     try:
                         dataplane.send_frame(conn.sock, dataplane.ACK, ack.SerializeToString())
                     finally:
+                        moving.close()
                         if add is not None:
                             add()  # even if the ACK was lost: the update is counted and stored
                 finally:
+                    moving.close()
                     with self.cond:
                         self.active -= 1
-            self._close_pending_round()
+            if self.close_pending:  # in its own thread: this one frees the update meanwhile
+                threading.Thread(target=self._close_pending_round, name="close-round").start()
         except UpdateRejected as exc:
             if target is not None:  # gone before the uploader hears of the refusal
                 target.abort()
@@ -837,27 +838,59 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             s["bytes"] = len(self.payload)
         if rnd == self.rounds:  # the final model is on disk before anyone hears of the end
             self.ckpt_queue.join()
-            self._write_checkpoint(rnd, self.payload, self.digest)
+            self._write_checkpoint(rnd, self.payload, self.digest, self.crc)
         else:
-            self.ckpt_queue.put((rnd, self.payload, self.digest))
+            self.ckpt_queue.put((rnd, self.payload, self.digest, self.crc))
         self.rec.info("round_closed", round=rnd)
         if rnd == self.rounds:
             self.rec.record("run", self.t_start, time.monotonic())
             self.rec.info("final_model_written", path=str(self.store.final_path()))
         self.round += 1
+        self.served = 0
         self.received = {}
         self.fedavg = self._new_round_aggregator()
         self.round_opened = time.monotonic()
         self.cond.notify_all()
 
-    def _write_checkpoint(self, rnd: int, payload: bytearray, digest: bytes) -> None:
+    def _write_checkpoint(
+        self, rnd: int, payload: bytearray, digest: bytes, crc: int, background: bool = False
+    ) -> None:
         with self.rec.span("checkpoint", round=rnd) as s:
             self.store.save_checkpoint(
-                rnd, payload, final=rnd == self.rounds, sha256=digest or None
+                rnd,
+                payload,
+                final=rnd == self.rounds,
+                sha256=digest or None,
+                crc32c=crc,
+                pause=self._give_way if background else None,
             )
             s["bytes"] = len(payload)
         # only now: until its checkpoint is durable, a restart rebuilds the round from these
         self.store.drop_updates(rnd)
+
+    @contextlib.contextmanager
+    def _moving(self) -> Iterator[None]:
+        """Counts a download or an upload whose bytes are moving (see `_give_way`)."""
+        with self.quiet:
+            self.transfers += 1
+        try:
+            yield
+        finally:
+            with self.quiet:
+                self.transfers -= 1
+                self.quiet.notify_all()
+
+    def _give_way(self) -> None:
+        """Between two slices of a background checkpoint: wait while a model or an update is on
+        the move (for at most 2 s, so a checkpoint is never starved for good). Without it, the
+        writes' page-cache copies and the writeback slowed the next round's transfers about 2x
+        on 2 cores. (Idle CPU priority for this thread was tried and dropped: holding the GIL
+        at idle priority, it stalled the data plane's threads by ~15 ms.)
+        """
+        with self.quiet:  # no polling: a thread waking every few ms costs the others the GIL
+            self.quiet.wait_for(
+                lambda: not self.transfers and self.served >= len(self.names), timeout=2.0
+            )
 
     def _checkpoints(self) -> None:
         """Write closed rounds' checkpoints in order, off the critical path.
@@ -870,15 +903,14 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         replays the next round's, see `serve`). The final round's checkpoint is written
         synchronously (after this queue has drained).
         """
-        _idle_priority()
         while True:
             item = self.ckpt_queue.get()
             try:
                 if item is None:
                     return
-                rnd, payload, digest = item
+                rnd, payload, digest, crc = item
                 try:
-                    self._write_checkpoint(rnd, payload, digest)
+                    self._write_checkpoint(rnd, payload, digest, crc, background=True)
                 except Exception as exc:  # a checkpoint that cannot be written fails the run
                     log.error("checkpoint of round %d failed: %s", rnd, exc)
                     with self.cond:

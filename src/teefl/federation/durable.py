@@ -19,6 +19,7 @@ import logging
 import mmap
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,29 @@ STATE = "state.json"
 log = logging.getLogger("teefl.durable")
 
 
-def write_atomic(path: Path, data: bytes | bytearray, fsync: bool = True) -> None:
-    """Temp file, (fsync), rename: a crash leaves either the old file or the new one, never half."""
+#: bytes per write() when a writer yields between slices (see `write_atomic`)
+WRITE_SLICE = 4 << 20
+
+
+def write_atomic(
+    path: Path,
+    data: bytes | bytearray,
+    fsync: bool = True,
+    pause: Callable[[], None] | None = None,
+) -> None:
+    """Temp file, (fsync), rename: a crash leaves either the old file or the new one, never half.
+
+    ``pause``: called before each `WRITE_SLICE` bytes, so a background writer can give way.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
-        fh.write(data)
+        if pause is None:
+            fh.write(data)
+        else:
+            view = memoryview(data)
+            for start in range(0, len(view), WRITE_SLICE):
+                pause()
+                fh.write(view[start : start + WRITE_SLICE])
         if fsync:
             fh.flush()
             os.fsync(fh.fileno())
@@ -126,9 +145,15 @@ class RoundStore:
     def _suffix(self) -> str:
         return ".safetensors.sealed" if self.seal_key else ".safetensors"
 
-    def _write(self, path: Path, payload: bytes | bytearray, fsync: bool = True) -> Path:
+    def _write(
+        self,
+        path: Path,
+        payload: bytes | bytearray,
+        fsync: bool = True,
+        pause: Callable[[], None] | None = None,
+    ) -> Path:
         if self.seal_key is None:
-            write_atomic(path, payload, fsync)
+            write_atomic(path, payload, fsync, pause)
             return path
         from teefl.security.sealed import seal_bytes
 
@@ -144,22 +169,36 @@ class RoundStore:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(
-        self, rnd: int, payload: bytes, final: bool, sha256: bytes | None = None
+        self,
+        rnd: int,
+        payload: bytes,
+        final: bool,
+        sha256: bytes | None = None,
+        crc32c: int | None = None,
+        pause: Callable[[], None] | None = None,
     ) -> Path:
         """Checkpoint of a completed round, then the resume pointer; the final model too.
 
-        ``sha256``: the payload's digest when the caller already has it (the aggregator computed
-        it to announce the download), so the round close does not hash the model twice.
+        The resume pointer records the payload's digest the caller already has -- its SHA-256,
+        else its CRC32C (both computed to announce the download) -- and only without either is
+        the model hashed here. A CRC catches the accidental corruption this check is for;
+        sealed checkpoints are authenticated by AES-GCM as well. ``pause``: see `write_atomic`.
         """
-        path = self._write(self.model_dir / f"round-{rnd:04d}{self._suffix()}", payload)
+        name = f"round-{rnd:04d}{self._suffix()}"
+        path = self._write(self.model_dir / name, payload, True, pause)
         if final:
-            path = self._write(self.model_dir / f"final{self._suffix()}", payload)
-        state = {
+            path = self._write(self.model_dir / f"final{self._suffix()}", payload, True, pause)
+        state: dict[str, Any] = {
             "completed_round": rnd,
             "checkpoint": str(path.relative_to(self.run_dir)),
-            "sha256": sha256.hex() if sha256 else hashlib.sha256(payload).hexdigest(),
             "final": final,
         }
+        if sha256:
+            state["sha256"] = sha256.hex()
+        elif crc32c is not None:
+            state["crc32c"] = int(crc32c)
+        else:
+            state["sha256"] = hashlib.sha256(payload).hexdigest()
         write_atomic(self.run_dir / STATE, json.dumps(state, indent=2).encode())
         return path
 
@@ -176,7 +215,7 @@ class RoundStore:
             payload = self._read(self.run_dir / state["checkpoint"])
         except (OSError, ValueError, KeyError) as exc:
             raise TeeflError(f"cannot resume from {path}: {exc}") from None
-        if hashlib.sha256(payload).hexdigest() != state["sha256"]:
+        if not _matches(payload, state):
             raise TeeflError(f"cannot resume: checkpoint {state['checkpoint']} fails its checksum")
         return int(state["completed_round"]), payload
 
