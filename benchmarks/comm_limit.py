@@ -135,7 +135,7 @@ def main() -> int:
         ("agg:aggregate", "  after the ack: FedAvg add (running sum)"),
         ("agg:aggregate:close", "  round closing: FedAvg mean into the new payload"),
         ("agg:publish", "  round closing: checksums of the new payload"),
-        ("agg:checkpoint", "  background (idle priority): fsync'd checkpoint"),
+        ("agg:checkpoint", "  background (gives way to transfers): fsync'd checkpoint"),
     ]
     prof_rows = [
         [label, *(f"{C.median(profiles[s].get(key, [])) * 1e3:.1f}" for s in profiles)]

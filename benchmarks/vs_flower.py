@@ -422,8 +422,10 @@ def flower_figures(res: dict[str, Any]) -> dict[str, float]:
 
 # -- teefl -------------------------------------------------------------------------------------
 def teefl_notrain(spec: str, transport: str, work: Path) -> dict[str, float]:
-    r = C.fed_transfer(spec, transport, ROUNDS - 1, work, collaborators=CLIENTS, warmup=0)
-    rounds = r.rounds  # rounds 2..3: round 1 opens before the collaborators connect
+    # ROUNDS rounds, as Flower runs; rounds 2..3 are measured (round 1 opens before the
+    # collaborators connect), the last one including the final model's synchronous write
+    r = C.fed_transfer(spec, transport, ROUNDS, work, collaborators=CLIENTS, warmup=0)
+    rounds = r.rounds
     return {
         "round": C.median(rounds),
         "overhead": C.median(rounds),
