@@ -180,3 +180,32 @@ def replay_matches_checkpoints(run_dir: Path, rounds: int) -> None:
         replay = agg.result()
         for k, t in ckpt.items():
             assert torch.equal(replay[k], t), f"round {r}: {k} differs from the replay"
+
+
+class FakeContext:
+    """A gRPC servicer context for calling handlers directly: records callbacks and initial
+    metadata; `ended` mimics an RPC already over; `abort` raises."""
+
+    def __init__(self, ended: bool = False) -> None:
+        self.ended, self.callbacks, self.metadata = ended, [], []
+
+    def add_callback(self, fn) -> bool:
+        if self.ended:
+            return False
+        self.callbacks.append(fn)
+        return True
+
+    def send_initial_metadata(self, md) -> None:
+        self.metadata.append(tuple(md))
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def auth_context(self) -> dict:
+        return {}
+
+    def abort(self, code, details):
+        raise RuntimeError(f"{code}: {details}")
+
+    def cancel(self) -> None:
+        pass

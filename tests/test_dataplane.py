@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fedutil import SYNTHETIC
+from fedutil import FakeContext as _Ctx
 from teefl.federation import codec, dataplane, teefl_pb2
 from teefl.federation.aggregator import Aggregator
 from teefl.federation.durable import RoundStore
@@ -155,17 +156,6 @@ def test_sealed_storage_receives_into_memory(tmp_path: Path) -> None:
 
 
 # -- against a real aggregator -------------------------------------------------------------------
-class _Ctx:
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:1"
-
-    def auth_context(self) -> dict:
-        return {}
-
-    def abort(self, code, details):
-        raise RuntimeError(f"{code}: {details}")
-
-
 @pytest.fixture
 def served(tmp_path):
     """An aggregator with its data plane on loopback (no gRPC server: Join is called directly)."""

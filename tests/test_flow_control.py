@@ -8,39 +8,12 @@ import threading
 import pytest
 
 from fedutil import SYNTHETIC
+from fedutil import FakeContext as _Ctx
 from teefl.federation import codec, teefl_pb2
 from teefl.federation.aggregator import UPLOAD_GO, Aggregator, _chunk_to_wire
 from teefl.federation.collaborator import Collaborator
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
-
-
-class _Ctx:
-    """A servicer context that records callbacks; `ended` mimics an RPC already over."""
-
-    def __init__(self, ended: bool = False) -> None:
-        self.ended, self.callbacks, self.metadata = ended, [], []
-
-    def add_callback(self, fn) -> bool:
-        if self.ended:
-            return False
-        self.callbacks.append(fn)
-        return True
-
-    def send_initial_metadata(self, md) -> None:
-        self.metadata.append(tuple(md))
-
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:1"
-
-    def auth_context(self) -> dict:
-        return {}
-
-    def abort(self, code, details):
-        raise RuntimeError(f"{code}: {details}")
-
-    def cancel(self) -> None:
-        pass
 
 
 @pytest.fixture

@@ -544,14 +544,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     except codec.PayloadError as exc:  # checked before a file is made for it
                         raise UpdateRejected(str(exc)) from None
                     target = self.store.open_update(h.round, name, h.total_size)
-                    asm = codec.Assembler(
-                        h.total_size,
-                        h.sha256,
-                        self.update_limit,
-                        check=self.check,
-                        expected_crc32c=_crc_of(h),
-                        buffer=target.buffer if target else None,
-                    )
+                    buffer = target.buffer if target else None
+                    asm = codec.Assembler.for_header(h, self.update_limit, self.check, buffer)
                     # from GO to ACK the upload is "moving": a background checkpoint waits
                     moving = contextlib.ExitStack()
                     moving.enter_context(self._moving())
@@ -670,13 +664,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 raise UpdateRejected("evaluation report must not carry a payload")
             return self._accept(name, h.round, None, samples, metrics, None, t0)[0]
         try:
-            asm = codec.Assembler(
-                h.total_size,
-                h.sha256,
-                self.update_limit,
-                check=self.check,
-                expected_crc32c=_crc_of(h),
-            )
+            asm = codec.Assembler.for_header(h, self.update_limit, self.check)
         except codec.PayloadError as exc:
             raise UpdateRejected(str(exc)) from None
         if first.data:

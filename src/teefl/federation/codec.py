@@ -314,6 +314,19 @@ class Assembler:
         self._hash = hashlib.sha256()
         self.filled = 0
 
+    @classmethod
+    def for_header(cls, header: Any, limit: int, check: str, buffer: Any = None) -> Assembler:
+        """The assembler a wire `Header` (teefl.proto) announces: its size and digests."""
+        crc = header.crc32c if header.HasField("crc32c") else None
+        return cls(
+            header.total_size,
+            header.sha256,
+            limit,
+            check=check,
+            expected_crc32c=crc,
+            buffer=buffer,
+        )
+
     @staticmethod
     def check_announced(
         total_size: int, expected_sha256: bytes, limit: int, check: str = "sha256"

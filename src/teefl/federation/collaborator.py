@@ -506,14 +506,7 @@ class Collaborator:
             h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
             if self._rx is None or len(self._rx) != h.total_size:
                 self._rx = bytearray(h.total_size)
-            asm = codec.Assembler(
-                h.total_size,
-                h.sha256,
-                limit=1 << 40,
-                check=self.check,
-                expected_crc32c=h.crc32c if h.HasField("crc32c") else None,
-                buffer=self._rx,
-            )
+            asm = codec.Assembler.for_header(h, 1 << 40, self.check, buffer=self._rx)
             try:
                 asm.receive(dataplane.reader(sock), dataplane.STEP, lambda: _fault("download", r))
             except codec.PayloadError as exc:  # the connection ended mid-payload
@@ -534,13 +527,7 @@ class Collaborator:
             if not first.HasField("header"):
                 raise TeeflError("model stream did not start with a header")
             h = first.header
-            asm = codec.Assembler(
-                h.total_size,
-                h.sha256,
-                limit=1 << 40,
-                check=self.check,
-                expected_crc32c=h.crc32c if h.HasField("crc32c") else None,
-            )
+            asm = codec.Assembler.for_header(h, 1 << 40, self.check)
             for chunk in stream:
                 if chunk.offset != asm.filled:
                     raise TeeflError(f"model stream out of order at offset {chunk.offset}")
