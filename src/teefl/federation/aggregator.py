@@ -103,11 +103,6 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.sum_lock = threading.Lock()  # serializes deferred adds (see `_deferred_add`)
         self.tokens: dict[str, bytes] = {}  # collaborator -> its data-plane token (from Join)
         self.data_port = 0  # the data plane's port once serving (0: the gRPC streams only)
-        self.model_info = {
-            "parameters": int(sum(p.numel() for p in model.parameters())),
-            "size_bytes": len(codec.encode_state(self.global_state)),
-            "tensors": len(self.global_state),
-        }
         #: checkpoints of closed rounds waiting to be written (see `_checkpoints`)
         self.ckpt_queue: queue.Queue[tuple[int, bytearray, bytes, int] | None] = queue.Queue()
         threading.Thread(target=self._checkpoints, name="checkpoint", daemon=True).start()
@@ -120,6 +115,11 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.fedavg = self._new_round_aggregator()
         self.round_opened = time.monotonic()
         self._publish()
+        self.model_info = {
+            "parameters": int(sum(p.numel() for p in model.parameters())),
+            "size_bytes": len(self.payload),  # the model as it travels, serialized once
+            "tensors": len(self.global_state),
+        }
         if resume is not None:
             self._replay_open_round()
 
@@ -377,9 +377,14 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
 
     def PutUpdate(self, request_iterator, context: grpc.ServicerContext):
         ack = self._put_update(request_iterator, context)
+        self._close_soon()
+        return ack
+
+    def _close_soon(self) -> None:
+        """Close the round in its own thread once every update is in: the uploader that
+        completed it is answered without waiting for the close."""
         if self.close_pending:
             threading.Thread(target=self._close_pending_round, name="close-round").start()
-        return ack
 
     def _close_pending_round(self) -> None:
         with self.cond:
@@ -547,7 +552,6 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     buffer = target.buffer if target else None
                     asm = codec.Assembler.for_header(h, self.update_limit, self.check, buffer)
                     # from GO to ACK the upload is "moving": a background checkpoint waits
-                    moving = contextlib.ExitStack()
                     moving.enter_context(self._moving())
                     dataplane.send_frame(conn.sock, dataplane.GO)
                     conn.sock.settimeout(self.plan.federation.idle_timeout)
@@ -587,8 +591,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     moving.close()
                     with self.cond:
                         self.active -= 1
-            if self.close_pending:  # in its own thread: this one frees the update meanwhile
-                threading.Thread(target=self._close_pending_round, name="close-round").start()
+            self._close_soon()  # meanwhile this thread frees the update
         except UpdateRejected as exc:
             if target is not None:  # gone before the uploader hears of the refusal
                 target.abort()
