@@ -17,7 +17,7 @@ from fedutil import SYNTHETIC
 from fedutil import FakeContext as _Ctx
 from teefl.federation import codec, dataplane, teefl_pb2
 from teefl.federation.aggregator import Aggregator
-from teefl.federation.durable import RoundStore
+from teefl.federation.durable import BufferPool, RoundStore
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
 from teefl.security import pki
@@ -117,25 +117,79 @@ def test_crc32c_is_the_castagnoli_checksum() -> None:
 def test_update_file_commits_in_place_and_spares_are_reused(tmp_path: Path) -> None:
     store = RoundStore(tmp_path)
     data = os.urandom(4096)
-    f = store.open_update(1, "col1", len(data))
+    f = store.open_update(1, "col1", bytearray(len(data)))
     assert f is not None
-    f.buffer[:] = data
+    f.buffer[:] = data  # filled without the sink: commit writes it
     f.commit({"samples": 3}, {"sha256": codec.sha256(data)}, verified=True)
     [saved] = store.load_updates(1)
     assert saved.payload == data and saved.meta["samples"] == 3
     inode = (tmp_path / "updates/round-0001/col1.safetensors").stat().st_ino
     store.drop_updates(1)
     assert not (tmp_path / "updates/round-0001").exists()
-    g = store.open_update(2, "col1", len(data))  # the dropped file, overwritten
+    g = store.open_update(2, "col1", bytearray(len(data)))  # the dropped file, overwritten
     assert g is not None
     g.buffer[:] = data[::-1]
     g.commit({"samples": 1}, {"crc32c": codec.crc32c(data[::-1])}, verified=True)
     assert (tmp_path / "updates/round-0002/col1.safetensors").stat().st_ino == inode
     assert store.load_updates(2)[0].payload == data[::-1]
-    h = store.open_update(3, "col2", 100)
+    h = store.open_update(3, "col2", bytearray(100))
     assert h is not None
     h.abort()
     assert not list((tmp_path / "updates/round-0003").iterdir())
+
+
+@pytest.mark.parametrize("cut", [0, 1, 4095, 4096, 4097, 9999])
+def test_update_file_is_written_while_received(tmp_path: Path, cut: int) -> None:
+    """The assembler's sink writes every piece through, in order, at every boundary; a
+    shorter spare file is extended and a longer one cut to the update's size."""
+    store = RoundStore(tmp_path)
+    spare = tmp_path / "updates/spare"
+    spare.mkdir(parents=True)
+    (spare / "col1.safetensors").write_bytes(b"x" * 20000)  # longer than the update
+    data = os.urandom(10000)
+    f = store.open_update(1, "col1", bytearray(len(data)))
+    assert f is not None
+    asm = codec.Assembler(
+        len(data),
+        b"",
+        1 << 20,
+        check="crc32c",
+        expected_crc32c=codec.crc32c(data),
+        buffer=f.buffer,
+        sink=f.write,
+    )
+    asm.add(data[:cut])
+    pos = cut
+
+    def recv(view: memoryview) -> int:  # a socket handing out at most 3000 bytes per call
+        nonlocal pos
+        piece = data[pos : pos + min(len(view), 3000)]
+        view[: len(piece)] = piece
+        pos += len(piece)
+        return len(piece)
+
+    asm.receive(recv, 4096, None)
+    asm.finish()
+    assert f.written == len(data)
+    f.commit({"samples": 1}, {"crc32c": codec.crc32c(data)}, verified=True)
+    assert (tmp_path / "updates/round-0001/col1.safetensors").read_bytes() == data
+    g = store.open_update(2, "col1", bytearray(10))
+    assert g is not None
+    with pytest.raises(ValueError, match="expected"):
+        g.write(memoryview(b"ab"), 5)  # out of order: refused, never a hole in the file
+    g.abort()
+
+
+def test_buffer_pool_reuses_and_bounds_its_buffers() -> None:
+    pool = BufferPool(keep=2)
+    a, b, c = pool.take(10), pool.take(10), pool.take(10)
+    assert len({id(a), id(b), id(c)}) == 3
+    for buf in (a, b, c):
+        pool.give(buf)
+    assert len(pool.free) == 2  # no more than keep are held
+    got = pool.take(10)
+    assert got is b or got is c
+    assert len(pool.take(20)) == 20  # another size: a new one
 
 
 def test_unverified_update_with_a_false_digest_is_dropped_on_replay(tmp_path: Path) -> None:
@@ -151,8 +205,8 @@ def test_unverified_update_with_a_false_digest_is_dropped_on_replay(tmp_path: Pa
 
 
 def test_sealed_storage_receives_into_memory(tmp_path: Path) -> None:
-    assert RoundStore(tmp_path, seal_key=b"k" * 32).open_update(1, "col1", 100) is None
-    assert RoundStore(tmp_path).open_update(1, "col1", 0) is None
+    assert RoundStore(tmp_path, seal_key=b"k" * 32).open_update(1, "col1", bytearray(9)) is None
+    assert RoundStore(tmp_path).open_update(1, "col1", bytearray()) is None
 
 
 # -- against a real aggregator -------------------------------------------------------------------

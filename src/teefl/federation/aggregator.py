@@ -26,7 +26,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from teefl.errors import TeeflError
 from teefl.federation import attest, codec, dataplane, teefl_pb2, teefl_pb2_grpc
-from teefl.federation.durable import RoundStore, write_atomic
+from teefl.federation.durable import BufferPool, RoundStore, write_atomic
 from teefl.federation.fedavg import RunningFedAvg, UpdateRejected, check_update, make_aggregator
 from teefl.federation.runinfo import update_run_json
 from teefl.federation.transport import bind, payload_check, server_options
@@ -94,6 +94,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         #: uploads in progress: collaborator -> (time of its last chunk, its RPC context)
         self.inflight: dict[str, tuple[float, grpc.ServicerContext]] = {}
         self.slots = threading.BoundedSemaphore(fed.max_inflight_updates)
+        self.rx_pool = BufferPool(fed.max_inflight_updates)  # data-plane update buffers
         self.download_slots = threading.BoundedSemaphore(fed.max_concurrent_downloads)
         self.active = self.peak_active = 0  # updates being received right now, and the peak
         self.adding = 0  # acknowledged updates whose FedAvg add is still running
@@ -517,6 +518,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         t0 = time.monotonic()
         name = conn.name
         target = None  # the update's file, until it is committed
+        buffer = None  # the pooled receive buffer, until its update has been summed
+        done_with = False  # no longer in flight (forgotten before the round close starts)
         moving = contextlib.ExitStack()  # entered once the upload's bytes may flow
         try:
             h = teefl_pb2.Header.FromString(body)
@@ -548,9 +551,10 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         )
                     except codec.PayloadError as exc:  # checked before a file is made for it
                         raise UpdateRejected(str(exc)) from None
-                    target = self.store.open_update(h.round, name, h.total_size)
-                    buffer = target.buffer if target else None
-                    asm = codec.Assembler.for_header(h, self.update_limit, self.check, buffer)
+                    buffer = self.rx_pool.take(h.total_size)
+                    target = self.store.open_update(h.round, name, buffer)
+                    sink = target.write if target is not None else None
+                    asm = codec.Assembler.for_header(h, self.update_limit, self.check, buffer, sink)
                     # from GO to ACK the upload is "moving": a background checkpoint waits
                     moving.enter_context(self._moving())
                     dataplane.send_frame(conn.sock, dataplane.GO)
@@ -565,7 +569,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         raise dataplane.Closed("upload ended before its announced size") from None
                     finally:
                         conn.sock.settimeout(None)
-                    payload, state = self._decode_update(asm, owned=target is not None)
+                    payload, state = self._decode_update(asm, owned=True)
                     metrics = {k: float(v) for k, v in h.metrics.items()}
                     ack, add = self._accept(
                         name,
@@ -589,9 +593,16 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                             add()  # even if the ACK was lost: the update is counted and stored
                 finally:
                     moving.close()
+                    if buffer is not None:  # summed or refused: nothing reads it any more
+                        self.rx_pool.give(buffer)
                     with self.cond:
                         self.active -= 1
-            self._close_soon()  # meanwhile this thread frees the update
+                        self.inflight.pop(name, None)
+                        done_with = True
+            # this thread is back waiting for the next frame before the close takes the lock
+            # (it holds it for the whole mean): the round's first GET used to find it blocked
+            # here and was answered ~10 ms late
+            self._close_soon()
         except UpdateRejected as exc:
             if target is not None:  # gone before the uploader hears of the refusal
                 target.abort()
@@ -608,8 +619,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         finally:
             if target is not None:
                 target.abort()
-            with self.cond:
-                self.inflight.pop(name, None)
+            if not done_with:
+                with self.cond:
+                    self.inflight.pop(name, None)
 
     def _report_rejected(self, name: str, rnd: int, exc: UpdateRejected) -> None:
         stale = isinstance(exc, StaleUpdate)

@@ -283,8 +283,10 @@ class Assembler:
     ``expected_crc32c`` instead (5 ms per 45 MB instead of 25 ms: enough against accidental
     corruption, which is all a checksum can catch on a connection without TLS); "none" for a
     payload that came over TLS, whose records are each authenticated by their AEAD tag.
-    ``buffer``: receive into this writable buffer of exactly ``total_size`` bytes (the
-    aggregator's memory-mapped update file) instead of a fresh one.
+    ``buffer``: receive into this writable buffer of exactly ``total_size`` bytes (a buffer
+    kept from round to round) instead of a fresh one. ``sink(piece, offset)``: called with each
+    piece once it is in the buffer and checksummed, in order (the aggregator writes it to the
+    update's file while it is still in the CPU cache).
     """
 
     def __init__(
@@ -296,6 +298,7 @@ class Assembler:
         check: str = "sha256",
         expected_crc32c: int | None = None,
         buffer: Any = None,
+        sink: Callable[[memoryview, int], None] | None = None,
     ) -> None:
         self.check_announced(total_size, expected_sha256, limit, check)
         if check not in CHECKS:
@@ -313,9 +316,17 @@ class Assembler:
             raise ValueError("receive buffer does not have the announced size")
         self._hash = hashlib.sha256()
         self.filled = 0
+        self.sink = sink
 
     @classmethod
-    def for_header(cls, header: Any, limit: int, check: str, buffer: Any = None) -> Assembler:
+    def for_header(
+        cls,
+        header: Any,
+        limit: int,
+        check: str,
+        buffer: Any = None,
+        sink: Callable[[memoryview, int], None] | None = None,
+    ) -> Assembler:
         """The assembler a wire `Header` (teefl.proto) announces: its size and digests."""
         crc = header.crc32c if header.HasField("crc32c") else None
         return cls(
@@ -325,6 +336,7 @@ class Assembler:
             check=check,
             expected_crc32c=crc,
             buffer=buffer,
+            sink=sink,
         )
 
     @staticmethod
@@ -346,6 +358,8 @@ class Assembler:
         if n:
             self._view[self.filled : end] = data
             self._digest(data)
+            if self.sink is not None:
+                self.sink(self._view[self.filled : end], self.filled)
         self.filled = end
 
     def _digest(self, data: bytes | bytearray | memoryview) -> None:
@@ -377,6 +391,8 @@ class Assembler:
                         )
                     pos += k
                 self._digest(self._view[start:stop])
+                if self.sink is not None:
+                    self.sink(self._view[start:stop], start)
                 self.filled = stop
             if tick is not None:
                 tick()
