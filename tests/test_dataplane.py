@@ -479,3 +479,34 @@ def test_sha256_may_be_left_out_only_where_nobody_checks_it() -> None:
             codec.Assembler.check_announced(10, b"short", 100, check)
     with pytest.raises(codec.PayloadError, match="no valid SHA-256"):
         codec.Assembler.check_announced(10, b"", 100, "sha256")
+
+
+def test_update_of_the_models_layout_is_summed_flat_and_others_per_tensor(
+    served: Aggregator,
+) -> None:
+    from teefl.federation.fedavg import FlatUpdate, UpdateRejected
+
+    def decoded(state):
+        payload = codec.encode_state(state)
+        asm = codec.Assembler(len(payload), b"", 1 << 30, check="none")
+        asm.add(payload)
+        return served._decode_update(asm)[1]
+
+    same = {k: v + 1 if v.is_floating_point() else v for k, v in served.global_state.items()}
+    assert isinstance(decoded(same), FlatUpdate)
+    nan = {k: v.clone() for k, v in served.global_state.items()}
+    name = next(k for k, v in nan.items() if v.is_floating_point())
+    nan[name].view(-1)[0] = float("nan")
+    with pytest.raises(UpdateRejected, match=f"{name}.*NaN"):  # the exact check names it
+        decoded(nan)
+    extra = dict(same, extra=torch.zeros(1))
+    with pytest.raises(UpdateRejected, match="unknown tensors"):
+        decoded(extra)
+    # both kinds sum into the same FedAvg: the mean of +1 and +3 is +2
+    served.fedavg.add(decoded(same), 1, checked=True)
+    ref = served.global_state
+    served.fedavg.add({k: v + 3 if v.is_floating_point() else v for k, v in ref.items()}, 1)
+    mean = served.fedavg.result()
+    for k, v in ref.items():
+        want = v + 2 if v.is_floating_point() else v
+        assert torch.allclose(mean[k], want), k

@@ -27,7 +27,13 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from teefl.errors import TeeflError
 from teefl.federation import attest, codec, dataplane, teefl_pb2, teefl_pb2_grpc
 from teefl.federation.durable import BufferPool, RoundStore, write_atomic
-from teefl.federation.fedavg import RunningFedAvg, UpdateRejected, check_update, make_aggregator
+from teefl.federation.fedavg import (
+    FlatUpdate,
+    RunningFedAvg,
+    UpdateRejected,
+    check_update,
+    make_aggregator,
+)
 from teefl.federation.runinfo import update_run_json
 from teefl.federation.transport import bind, payload_check, server_options
 from teefl.measure.events import EventRecorder
@@ -95,6 +101,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.inflight: dict[str, tuple[float, grpc.ServicerContext]] = {}
         self.slots = threading.BoundedSemaphore(fed.max_inflight_updates)
         self.rx_pool = BufferPool(fed.max_inflight_updates)  # data-plane update buffers
+        self.spares = codec.Spares()  # earlier rounds' payloads, reused when free
         self.download_slots = threading.BoundedSemaphore(fed.max_concurrent_downloads)
         self.active = self.peak_active = 0  # updates being received right now, and the peak
         self.adding = 0  # acknowledged updates whose FedAvg add is still running
@@ -126,7 +133,22 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
 
     def _new_round_aggregator(self):
         fed = self.plan.federation
-        return make_aggregator(self.global_state, fed.aggregation, fed.trim_ratio)
+        old = self.__dict__.get("fedavg")
+        return make_aggregator(
+            self.global_state,
+            fed.aggregation,
+            fed.trim_ratio,
+            layout=self._model_layout(),
+            reuse=old if isinstance(old, RunningFedAvg) else None,
+        )
+
+    def _model_layout(self) -> codec.Layout | None:
+        """The global model's payload layout (`codec.Layout`), computed again only when the
+        global state was replaced by something other than a payload of that layout."""
+        if self.__dict__.get("_layout_for") is not self.global_state:
+            self.layout = codec.Layout.of_state(self.global_state)
+            self._layout_for = self.global_state
+        return self.layout
 
     def _replay_open_round(self) -> None:
         """After a restart: count again the updates acknowledged before the crash, once each."""
@@ -660,8 +682,25 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             self.inflight[name] = (time.monotonic(), handle)
 
     def _decode_update(self, asm: codec.Assembler, owned: bool = False) -> tuple[Any, Any]:
+        """The checked update: a `FlatUpdate` where the payload has exactly the global model's
+        layout (its header bytes prove names, dtypes and shapes; one finiteness check per run)
+        and FedAvg sums it; else decoded and checked tensor by tensor (which also names the
+        offending tensor of a non-finite update)."""
         try:
             payload = asm.finish()  # decoded in place: the tensors share this buffer
+        except codec.PayloadError as exc:
+            raise UpdateRejected(str(exc)) from None
+        layout = self._model_layout()
+        if (
+            layout is not None
+            and isinstance(self.fedavg, RunningFedAvg)
+            and self.fedavg.layout is layout
+            and layout.matches(payload)
+        ):
+            flat = FlatUpdate(layout, payload)
+            if flat.finite():
+                return payload, flat
+        try:
             state = codec.decode_state(payload, owned=owned)
         except codec.PayloadError as exc:
             raise UpdateRejected(str(exc)) from None
@@ -829,16 +868,23 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             return
         with self.rec.span("aggregate", round=rnd, final=True):
             # the mean is written straight into the next download's payload where it can be
-            layout = codec.allocate_state(self.global_state)
-            if layout is not None and isinstance(self.fedavg, RunningFedAvg):
-                payload, views = layout
-                self.fedavg.result_into(views)
-                self.global_state = views
+            # (run by run where the sums are kept in the payload's layout)
+            layout = self._model_layout()
+            if isinstance(self.fedavg, RunningFedAvg) and layout is not None:
+                payload = self.spares.take(layout)
+                if self.fedavg.layout is not None:
+                    self.fedavg.result_into(layout.run_views(payload))
+                else:
+                    self.fedavg.result_into(layout.tensor_views(payload))
+                self.global_state = self._layout_for = layout.tensor_views(payload)
             else:
                 payload, self.global_state = None, self.fedavg.result()
         with self.rec.span("publish", round=rnd) as s:
+            previous = self.payload
             self._publish(payload)
             s["bytes"] = len(self.payload)
+        self.spares.give(previous)
+        del previous
         if rnd == self.rounds:  # the final model is on disk before anyone hears of the end
             self.ckpt_queue.join()
             self._write_checkpoint(rnd, self.payload, self.digest, self.crc)

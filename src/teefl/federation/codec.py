@@ -85,7 +85,10 @@ def encode_state(state: Mapping[str, torch.Tensor]) -> bytearray:
         if t.dtype not in _CODES or not _LITTLE:
             return bytearray(st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
         items.append((name, t))
-    out, views = _layout(items)
+    layout = Layout.of_state(dict(items))
+    assert layout is not None  # every dtype is known and the host is little-endian (above)
+    out = layout.allocate()
+    views = layout.tensor_views(out)
     for name, t in items:
         if t.numel():
             views[name].copy_(t)
@@ -100,39 +103,121 @@ def allocate_state(
     the payload (the aggregator's FedAvg result, see `RunningFedAvg.result_into`), saving one
     copy of the model and one allocation. None where `encode_state` would not lay tensors out
     itself (an unknown dtype, a big-endian host)."""
-    items = [(n, t.detach()) for n, t in like.items()]
-    if not _LITTLE or any(t.dtype not in _CODES for _, t in items):
+    layout = Layout.of_state(like)
+    if layout is None:
         return None
-    return _layout(items)
+    out = layout.allocate()
+    return out, layout.tensor_views(out)
 
 
-def _layout(items: list[tuple[str, torch.Tensor]]) -> tuple[bytearray, dict[str, torch.Tensor]]:
-    items = sorted(items, key=lambda it: (-it[1].element_size(), it[0]))
-    header: dict[str, dict[str, object]] = {}
-    offset = 0
-    for name, t in items:
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": _CODES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # tensor data starts 8-byte aligned, as safetensors does
-    start = 8 + len(head)
-    out = bytearray(start + offset)
-    out[:8] = len(head).to_bytes(8, "little")
-    out[8:start] = head
-    views: dict[str, torch.Tensor] = {}
-    for name, t in items:
-        n = t.numel()
-        if n == 0:
-            views[name] = torch.empty(t.shape, dtype=t.dtype)
-            continue
-        begin = start + header[name]["data_offsets"][0]  # type: ignore[index]
-        views[name] = torch.frombuffer(out, dtype=t.dtype, count=n, offset=begin).view(t.shape)
-    return out, views
+class Layout:
+    """Where an `encode_state` payload keeps each tensor, known without a payload.
+
+    ``head``: the payload's bytes before the first tensor byte (size, JSON header, padding),
+    which fix every tensor's name, dtype, shape and place: a payload that starts with exactly
+    these bytes has exactly this layout, with no parsing. ``runs``: (dtype, byte offset, element
+    count) of each stretch of consecutive tensors of one dtype (tensors are laid out by element
+    size, then name, so a float32 model is one or two runs): whoever only needs the elements --
+    a finiteness check, the FedAvg sum -- makes a few calls on runs instead of one per tensor
+    (244 for MobileNetV3-Small, each ~5-10 us of Python).
+    """
+
+    def __init__(self, head: bytes, entries: list[tuple[str, torch.dtype, list[int], int, int]]):
+        self.head = head
+        self.entries = entries  # (name, dtype, shape, absolute byte offset, element count)
+        self.size = len(head) + sum(n * dt.itemsize for _, dt, _, _, n in entries)
+        runs: list[list[Any]] = []
+        for _, dtype, _, begin, n in entries:
+            if not n:
+                continue
+            if (
+                runs
+                and runs[-1][0] == dtype
+                and runs[-1][1] + runs[-1][2] * dtype.itemsize == begin
+            ):
+                runs[-1][2] += n
+            else:
+                runs.append([dtype, begin, n])
+        self.runs: list[tuple[torch.dtype, int, int]] = [(d, b, n) for d, b, n in runs]
+
+    @classmethod
+    def of_state(cls, state: Mapping[str, torch.Tensor]) -> Layout | None:
+        """The layout `encode_state` gives ``state``; None where it would not lay it out
+        itself (an unknown dtype, a big-endian host)."""
+        items = [(n, t.detach()) for n, t in state.items()]
+        if not _LITTLE or any(t.dtype not in _CODES for _, t in items):
+            return None
+        items.sort(key=lambda it: (-it[1].element_size(), it[0]))
+        header: dict[str, dict[str, object]] = {}
+        offset = 0
+        for name, t in items:
+            nbytes = t.numel() * t.element_size()
+            header[name] = {
+                "dtype": _CODES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # tensor data starts 8-byte aligned, as safetensors does
+        start = 8 + len(head)
+        entries = [
+            (name, t.dtype, list(t.shape), start + header[name]["data_offsets"][0], t.numel())  # type: ignore[index]
+            for name, t in items
+        ]
+        return cls(len(head).to_bytes(8, "little") + head, entries)
+
+    def allocate(self) -> bytearray:
+        """A payload of this layout: the header written, the tensor bytes still zero."""
+        out = bytearray(self.size)
+        out[: len(self.head)] = self.head
+        return out
+
+    def matches(self, payload: Any) -> bool:
+        """Whether ``payload`` has exactly this layout (its size and its header bytes)."""
+        return len(payload) == self.size and memoryview(payload)[: len(self.head)] == self.head
+
+    def tensor_views(self, buf: Any) -> dict[str, torch.Tensor]:
+        """One view per tensor into ``buf`` (a payload of this layout), in layout order."""
+        views: dict[str, torch.Tensor] = {}
+        for name, dtype, shape, begin, n in self.entries:
+            if n == 0:
+                views[name] = torch.empty(shape, dtype=dtype)
+            else:
+                views[name] = torch.frombuffer(buf, dtype=dtype, count=n, offset=begin).view(shape)
+        return views
+
+    def run_views(self, buf: Any) -> list[torch.Tensor]:
+        """One flat view per run into ``buf`` (a payload of this layout)."""
+        return [torch.frombuffer(buf, dtype=d, count=n, offset=b) for d, b, n in self.runs]
+
+
+class Spares:
+    """Payload buffers of earlier rounds, reused for a new payload once nothing refers to them.
+
+    Why: a fresh 45 MB buffer costs ~23 ms of page faults and zeroing here, every round. Why it
+    is safe: a buffer is handed out again only when this list holds the sole reference to it
+    (CPython's reference count: no download still sending it, no checkpoint still to write, no
+    tensor view into it).
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self.bufs: list[bytearray] = []
+
+    def give(self, buf: bytearray) -> None:
+        self.bufs.append(buf)
+        del self.bufs[: -self.keep]
+
+    def take(self, layout: Layout) -> bytearray:
+        """A payload of ``layout`` with its header written (tensor bytes undefined)."""
+        for i in range(len(self.bufs)):
+            # 2: the list's reference and getrefcount's own argument -- nobody else's
+            if len(self.bufs[i]) == layout.size and sys.getrefcount(self.bufs[i]) == 2:
+                buf = self.bufs.pop(i)
+                buf[: len(layout.head)] = layout.head
+                return buf
+        return layout.allocate()
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:

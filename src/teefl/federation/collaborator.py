@@ -21,6 +21,7 @@ import torch
 
 from teefl.errors import TeeflError
 from teefl.federation import codec, dataplane, teefl_pb2, teefl_pb2_grpc
+from teefl.federation.resident import ResidentModel
 from teefl.federation.transport import client_certs, open_channel, payload_check
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
@@ -80,6 +81,9 @@ class Collaborator:
         #: costs ~30 ms here, more than receiving into memory already mapped. The tensors decoded
         #: from it live only until `load_state_dict` has copied them into the model.
         self._rx: bytearray | None = None
+        #: the model's tensors inside its wire payload (None on a GPU, or for a model whose
+        #: tensors cannot be moved there): downloads land in the model, uploads send it as is
+        self.resident: ResidentModel | None = None
 
     # -- set-up ------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -118,6 +122,7 @@ class Collaborator:
         """
         t0 = time.monotonic()
         self._prepare()
+        self.resident = ResidentModel.bind(self.model)
         t_data = time.monotonic()
         channel = open_channel(self.plan, self.name, self.address, timeout=60.0)
         t_conn = time.monotonic()
@@ -347,7 +352,8 @@ class Collaborator:
             try:
                 with rec.span(phase, round=span_round) as s:
                     state, s["bytes"] = self._download(stub, r)
-                    self._load(state)
+                    if state is not None:  # None: it was received straight into the model
+                        self._load(state)
                     del state  # may share the receive buffer, which the next download refills
             except _Stale as exc:  # the round closed (quorum) before we asked: wait for the next
                 log.warning("%s: %s; waiting for the next round", self.name, exc)
@@ -379,7 +385,10 @@ class Collaborator:
                 continue
             metrics = self._round(r)
             with rec.span("serialize", round=r) as s:
-                payload = codec.encode_state(self.model.state_dict())
+                if self.resident is not None and self.resident.intact():
+                    payload = self.resident.payload  # the model's own memory, sent as it is
+                else:
+                    payload = codec.encode_state(self.model.state_dict())
                 # the SHA-256 only where the aggregator checks it (payload_check sha256)
                 digest = codec.sha256(payload) if self.check == "sha256" else b""
                 crc = codec.crc32c(payload)
@@ -497,16 +506,34 @@ class Collaborator:
         except (dataplane.Closed, OSError) as exc:
             raise _Lost(f"data plane: {exc}") from None
 
-    def _download_data(self, r: int) -> tuple[dict[str, torch.Tensor], int]:
-        """The round's model over the data plane, received straight into its final buffer."""
+    def _download_data(self, r: int) -> tuple[dict[str, torch.Tensor] | None, int]:
+        """The round's model over the data plane, received straight into its final buffer:
+        the model itself when the payload's header is exactly the model's layout (then the
+        state returned is None: nothing is left to load), else a kept receive buffer."""
         sock = self.data
         request = teefl_pb2.ModelRequest(collaborator=self.name, round=r)
+        resident = self.resident
+        into_model = False
         try:
             dataplane.send_frame(sock, dataplane.GET, request.SerializeToString())
             h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
-            if self._rx is None or len(self._rx) != h.total_size:
-                self._rx = bytearray(h.total_size)
-            asm = codec.Assembler.for_header(h, 1 << 40, self.check, buffer=self._rx)
+            codec.Assembler.check_announced(h.total_size, h.sha256, 1 << 40, self.check)
+            head = b""
+            if resident is not None and h.total_size == len(resident.payload):
+                # the header first: only a byte-identical layout may be written into the model
+                # (a broken connection after it leaves the model half-overwritten, which is
+                # harmless: the model is used only after a complete, checked download)
+                head = bytearray(len(resident.head))
+                dataplane.recv_exact(sock, memoryview(head))
+                into_model = head == resident.head and resident.intact()
+            if into_model:
+                buffer = resident.payload
+            else:
+                if self._rx is None or len(self._rx) != h.total_size:
+                    self._rx = bytearray(h.total_size)
+                buffer = self._rx
+            asm = codec.Assembler.for_header(h, 1 << 40, self.check, buffer=buffer)
+            asm.add(head)
             try:
                 asm.receive(dataplane.reader(sock), dataplane.STEP, lambda: _fault("download", r))
             except codec.PayloadError as exc:  # the connection ended mid-payload
@@ -516,9 +543,11 @@ class Collaborator:
         except (dataplane.Closed, OSError) as exc:
             raise _Lost(f"data plane: {exc}") from None
         payload = asm.finish()  # a checksum mismatch here is corruption: fatal, not a retry
+        if into_model:
+            return None, h.total_size
         return codec.decode_state(payload, owned=True), h.total_size
 
-    def _download(self, stub, r: int) -> tuple[dict[str, torch.Tensor], int]:
+    def _download(self, stub, r: int) -> tuple[dict[str, torch.Tensor] | None, int]:
         if self.data is not None:
             return self._download_data(r)
         stream = stub.GetModel(teefl_pb2.ModelRequest(collaborator=self.name, round=r))

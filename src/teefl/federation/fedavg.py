@@ -11,10 +11,12 @@ reported, which is the same for every collaborator that ran the same number of s
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from teefl.errors import TeeflError
+from teefl.federation import codec
 
 
 class UpdateRejected(TeeflError):
@@ -75,35 +77,100 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-class RunningFedAvg:
-    """Accumulates sample-weighted updates of one round; `result` gives the new global model."""
+class FlatUpdate:
+    """An update whose payload has exactly the global model's `codec.Layout`, seen as that
+    layout's runs (a few flat tensors instead of one per tensor), for `RunningFedAvg.add`."""
 
-    def __init__(self, reference: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, layout: codec.Layout, payload: Any) -> None:
+        self.layout, self.runs = layout, layout.run_views(payload)
+
+    def finite(self) -> bool:
+        """Whether every float element is finite (cheap; False proves nothing, see
+        `_sums_finite`: the caller then checks tensor by tensor)."""
+        return _sums_finite([t for t in self.runs if t.is_floating_point()])
+
+
+class RunningFedAvg:
+    """Accumulates sample-weighted updates of one round; `result` gives the new global model.
+
+    ``layout``: the global model's payload layout; the sums are then kept per run of it, so an
+    update with that layout (a `FlatUpdate`) is added with a few calls instead of one per tensor
+    and the mean written into the next payload the same way. Per-tensor adds still work (the
+    per-tensor sums are views of the same memory). The first update is written into the sums
+    instead of added to zeros: one pass over the model less per round.
+    """
+
+    def __init__(
+        self,
+        reference: Mapping[str, torch.Tensor],
+        layout: codec.Layout | None = None,
+        reuse: RunningFedAvg | None = None,
+    ) -> None:
+        """``reuse``: a finished aggregator of the same layout whose sum memory this one takes
+        over (its pages are mapped already: a fresh 90 MB of float64 sums for ResNet-18 costs
+        ~20 ms of page faults here)."""
         self.reference = reference
         self.sums: dict[str, torch.Tensor] = {}
         self.total_samples = 0
         self.count = 0
-        for name, ref in reference.items():
-            if ref.is_floating_point():
-                self.sums[name] = torch.zeros(ref.shape, dtype=torch.float64)
+        if layout is not None and {e[0]: (e[1], tuple(e[2])) for e in layout.entries} != {
+            k: (v.dtype, tuple(v.shape)) for k, v in reference.items()
+        }:
+            layout = None  # not the reference's layout: per-tensor sums
+        self.layout = layout
+        self.run_sums: list[torch.Tensor] = []
+        if layout is not None:
+            if reuse is not None and reuse.layout is not None and reuse.layout.head == layout.head:
+                self.run_sums = reuse.run_sums
+                reuse.run_sums, reuse.sums, reuse.count = [], {}, 0  # it cannot be used again
             else:
-                self.sums[name] = torch.full(ref.shape, torch.iinfo(ref.dtype).min, dtype=ref.dtype)
+                self.run_sums = [torch.empty(n, dtype=_sum_dtype(d)) for d, _, n in layout.runs]
+            bases = {b: i for i, (_, b, _) in enumerate(layout.runs)}
+            run, pos = -1, 0
+            for name, dtype, shape, begin, n in layout.entries:
+                if not n:
+                    self.sums[name] = torch.empty(shape, dtype=_sum_dtype(dtype))
+                    continue
+                if begin in bases:
+                    run, pos = bases[begin], 0
+                self.sums[name] = self.run_sums[run][pos : pos + n].view(shape)
+                pos += n
+        else:
+            for name, ref in reference.items():
+                self.sums[name] = torch.empty(ref.shape, dtype=_sum_dtype(ref.dtype))
 
     def add(
-        self, update: Mapping[str, torch.Tensor], num_samples: int, *, checked: bool = False
+        self,
+        update: Mapping[str, torch.Tensor] | FlatUpdate,
+        num_samples: int,
+        *,
+        checked: bool = False,
     ) -> None:
         """Check then add one update in place; a rejected update leaves the sum untouched.
 
         ``checked=True``: the caller has just run `check_update` on this very update (the
-        aggregator does, before storing it), so the check is not paid twice on the upload path.
+        aggregator does, before storing it), so the check is not paid twice on the upload path;
+        a `FlatUpdate` is checked by its layout (and its caller's `FlatUpdate.finite`).
         """
         if num_samples <= 0:
             raise UpdateRejected(f"sample count must be positive, got {num_samples}")
-        if not checked:
-            check_update(self.reference, update)
-        for name, acc in self.sums.items():
-            t = update[name]
-            if acc.is_floating_point():
+        if isinstance(update, FlatUpdate):
+            if update.layout is not self.layout and (
+                self.layout is None or update.layout.head != self.layout.head
+            ):
+                raise UpdateRejected("update does not have the global model's layout")
+            pairs = list(zip(self.run_sums, update.runs, strict=True))
+        else:
+            if not checked:
+                check_update(self.reference, update)
+            pairs = [(acc, update[name]) for name, acc in self.sums.items() if acc.numel()]
+        first = self.count == 0
+        for acc, t in pairs:
+            if first:
+                acc.copy_(t)  # widened exactly; then scaled in float64, as the add would
+                if acc.is_floating_point() and num_samples != 1:
+                    acc.mul_(num_samples)
+            elif acc.is_floating_point():
                 acc.add_(t, alpha=num_samples)
             else:
                 torch.maximum(acc, t, out=acc)
@@ -115,16 +182,27 @@ class RunningFedAvg:
         self.result_into(out)
         return out
 
-    def result_into(self, out: Mapping[str, torch.Tensor]) -> None:
-        """Write the weighted mean into ``out`` (tensors shaped like the reference), in one pass
-        per tensor: the float64 sum is divided and rounded to the model's dtype on the way."""
+    def result_into(self, out: Mapping[str, torch.Tensor] | list[torch.Tensor]) -> None:
+        """Write the weighted mean into ``out`` -- tensors shaped like the reference, or the
+        runs of a payload of this layout (`codec.Layout.run_views`) -- in one pass per tensor
+        or run: the float64 sum is divided and rounded to the model's dtype on the way."""
         if self.count == 0:
             raise TeeflError("no update was accepted in this round")
-        for name, acc in self.sums.items():
+        if isinstance(out, list):
+            pairs = list(zip(self.run_sums, out, strict=True))
+        else:
+            pairs = [(acc, out[name]) for name, acc in self.sums.items() if acc.numel()]
+        for acc, dst in pairs:
             if acc.is_floating_point():
-                torch.div(acc, self.total_samples, out=out[name])
+                torch.div(acc, self.total_samples, out=dst)
             else:
-                out[name].copy_(acc)
+                dst.copy_(acc)
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 sums for every float dtype (precision over many updates); integers (counters
+    such as BatchNorm's) keep their dtype and aggregate by maximum."""
+    return torch.float64 if dtype.is_floating_point else dtype
 
 
 class CoordinateRobust:
@@ -177,9 +255,13 @@ class CoordinateRobust:
 
 
 def make_aggregator(
-    reference: Mapping[str, torch.Tensor], method: str = "fedavg", trim_ratio: float = 0.1
+    reference: Mapping[str, torch.Tensor],
+    method: str = "fedavg",
+    trim_ratio: float = 0.1,
+    layout: codec.Layout | None = None,
+    reuse: RunningFedAvg | None = None,
 ) -> RunningFedAvg | CoordinateRobust:
-    """The plan's aggregation rule for one round."""
+    """The plan's aggregation rule for one round (``layout``, ``reuse``: see `RunningFedAvg`)."""
     if method == "fedavg":
-        return RunningFedAvg(reference)
+        return RunningFedAvg(reference, layout, reuse)
     return CoordinateRobust(reference, method, trim_ratio)
