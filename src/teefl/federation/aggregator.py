@@ -388,6 +388,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         )
         yield teefl_pb2.Chunk(header=header)
         yield from chunks
+        with self.quiet:  # as on the data plane: a background checkpoint waits for downloads
+            self.served += 1
+            self.quiet.notify_all()
         self.rec.record(
             "serve_download",
             t1,
@@ -862,6 +865,11 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.close_pending = False
         self._write_metrics(rnd)
         if self.evaluating:
+            # the final model is on disk before anyone hears of the end: its write ran in the
+            # background during the evaluation pass (waiting frees the lock for the writer)
+            self.cond.wait_for(lambda: self.ckpt_queue.unfinished_tasks == 0 or bool(self.failed))
+            if self.failed:
+                return  # `_supervise` ends the run with the failure
             self.done = True
             self.rec.info("evaluation_done", round=rnd)
             self.cond.notify_all()
@@ -885,15 +893,10 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             s["bytes"] = len(self.payload)
         self.spares.give(previous)
         del previous
-        if rnd == self.rounds:  # the final model is on disk before anyone hears of the end
-            self.ckpt_queue.join()
-            self._write_checkpoint(rnd, self.payload, self.digest, self.crc)
-        else:
-            self.ckpt_queue.put((rnd, self.payload, self.digest, self.crc))
+        # the final round's too: the evaluation pass overlaps it, and ends only once it is
+        # durable (above); the run's span ends when the final model is on disk
+        self.ckpt_queue.put((rnd, self.payload, self.digest, self.crc))
         self.rec.info("round_closed", round=rnd)
-        if rnd == self.rounds:
-            self.rec.record("run", self.t_start, time.monotonic())
-            self.rec.info("final_model_written", path=str(self.store.final_path()))
         self.round += 1
         self.served = 0
         self.received = {}
@@ -914,6 +917,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 pause=self._give_way if background else None,
             )
             s["bytes"] = len(payload)
+        if rnd == self.rounds:
+            self.rec.record("run", self.t_start, time.monotonic())
+            self.rec.info("final_model_written", path=str(self.store.final_path()))
         # only now: until its checkpoint is durable, a restart rebuilds the round from these
         self.store.drop_updates(rnd)
 
@@ -949,8 +955,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         model is serialized; a crash before the checkpoint is durable loses nothing either,
         because the round's acknowledged updates stay on disk until then: a restart resumes
         from the previous checkpoint and closes the round again from the same updates (and
-        replays the next round's, see `serve`). The final round's checkpoint is written
-        synchronously (after this queue has drained).
+        replays the next round's, see `serve`). The final round's checkpoint too: the
+        evaluation pass runs meanwhile, and the run ends only once it is durable.
         """
         while True:
             item = self.ckpt_queue.get()
@@ -967,6 +973,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         self.cond.notify_all()
             finally:
                 self.ckpt_queue.task_done()
+                with self.cond:  # the evaluation pass's close may be waiting for it
+                    self.cond.notify_all()
 
     def _write_metrics(self, rnd: int) -> None:
         total = sum(m["samples"] for m in self.received.values()) or 1
