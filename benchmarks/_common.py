@@ -442,6 +442,13 @@ def _apply_patches(patches: list[str]) -> None:
                     if hasattr(mod, fn):
                         orig_fn = getattr(mod, fn)
                         setattr(mod, fn, lambda plan, _f=orig_fn, _x=extra: [*_f(plan), *_x])
+        elif p == "no-checkpoint":
+            # a diagnostic, not a candidate: how much the background per-round checkpoint
+            # costs the transfers of a loop without training (docs/benchmarks.md)
+            def no_checkpoint(self, rnd, *a, **k):
+                self.store.drop_updates(rnd)
+
+            agg_mod.Aggregator._write_checkpoint = no_checkpoint
         else:
             raise SystemExit(f"unknown patch {p!r}")
 

@@ -42,6 +42,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="skip the 200 MB synthetic payload")
     ap.add_argument("--passes", type=int, default=2, help="interleaved passes (pooled medians)")
     ap.add_argument("--chunk-size", type=int, default=None, help="network.chunk_size override")
+    ap.add_argument(
+        "--patch",
+        action="append",
+        default=[],
+        help="a candidate change or diagnostic applied in the children (see _common.py)",
+    )
     args = ap.parse_args()
     specs = ["resnet18", "mobilenet_v3_small"] + ([] if args.quick else ["synthetic200"])
     t_all = time.monotonic()
@@ -49,7 +55,7 @@ def main() -> int:
     print(f"at start: {C.load()}")
     print(
         f"repetitions: {args.passes} interleaved passes x {args.reps} (+1 warm-up each); "
-        "figures are medians; loopback\n"
+        f"figures are medians; loopback; patches: {', '.join(args.patch) or 'none'}\n"
     )
     rows, results, profiles = [], {}, {}
     pooled: dict[str, dict[str, list[float]]] = {}
@@ -72,7 +78,12 @@ def main() -> int:
                 del payload
                 for t in ("none", "tls"):
                     f = C.fed_transfer(
-                        spec, t, args.reps, work / f"{spec}-{t}-{n}", chunk_size=args.chunk_size
+                        spec,
+                        t,
+                        args.reps,
+                        work / f"{spec}-{t}-{n}",
+                        chunk_size=args.chunk_size,
+                        patches=args.patch,
                     )
                     acc.setdefault(t, []).extend(f.comm)
                     if t == "none":
