@@ -423,7 +423,7 @@ def flower_figures(res: dict[str, Any]) -> dict[str, float]:
 # -- teefl -------------------------------------------------------------------------------------
 def teefl_notrain(spec: str, transport: str, work: Path) -> dict[str, float]:
     # ROUNDS rounds, as Flower runs; rounds 2..3 are measured (round 1 opens before the
-    # collaborators connect), the last one including the final model's synchronous write
+    # collaborators connect); the final model is written during the evaluation pass
     r = C.fed_transfer(spec, transport, ROUNDS, work, collaborators=CLIENTS, warmup=0)
     rounds = r.rounds
     return {
