@@ -133,7 +133,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
 
     def _new_round_aggregator(self):
         fed = self.plan.federation
-        old = self.__dict__.get("fedavg")
+        old = getattr(self, "fedavg", None)  # the finished round's, whose sums are reused
         return make_aggregator(
             self.global_state,
             fed.aggregation,
@@ -145,7 +145,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
     def _model_layout(self) -> codec.Layout | None:
         """The global model's payload layout (`codec.Layout`), computed again only when the
         global state was replaced by something other than a payload of that layout."""
-        if self.__dict__.get("_layout_for") is not self.global_state:
+        if getattr(self, "_layout_for", None) is not self.global_state:
             self.layout = codec.Layout.of_state(self.global_state)
             self._layout_for = self.global_state
         return self.layout
@@ -693,13 +693,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             payload = asm.finish()  # decoded in place: the tensors share this buffer
         except codec.PayloadError as exc:
             raise UpdateRejected(str(exc)) from None
-        layout = self._model_layout()
-        if (
-            layout is not None
-            and isinstance(self.fedavg, RunningFedAvg)
-            and self.fedavg.layout is layout
-            and layout.matches(payload)
-        ):
+        layout = self.fedavg.layout if isinstance(self.fedavg, RunningFedAvg) else None
+        if layout is not None and layout.matches(payload):
             flat = FlatUpdate(layout, payload)
             if flat.finite():
                 return payload, flat
@@ -875,16 +870,14 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             self.cond.notify_all()
             return
         with self.rec.span("aggregate", round=rnd, final=True):
-            # the mean is written straight into the next download's payload where it can be
-            # (run by run where the sums are kept in the payload's layout)
-            layout = self._model_layout()
-            if isinstance(self.fedavg, RunningFedAvg) and layout is not None:
+            # the mean is written run by run straight into the next download's payload where
+            # the sums are kept in the model's layout (the layout stays the global model's)
+            layout = self.fedavg.layout if isinstance(self.fedavg, RunningFedAvg) else None
+            if layout is not None:
                 payload = self.spares.take(layout)
-                if self.fedavg.layout is not None:
-                    self.fedavg.result_into(layout.run_views(payload))
-                else:
-                    self.fedavg.result_into(layout.tensor_views(payload))
+                self.fedavg.result_into(layout.run_views(payload))
                 self.global_state = self._layout_for = layout.tensor_views(payload)
+                self.layout = layout
             else:
                 payload, self.global_state = None, self.fedavg.result()
         with self.rec.span("publish", round=rnd) as s:
@@ -904,9 +897,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.round_opened = time.monotonic()
         self.cond.notify_all()
 
-    def _write_checkpoint(
-        self, rnd: int, payload: bytearray, digest: bytes, crc: int, background: bool = False
-    ) -> None:
+    def _write_checkpoint(self, rnd: int, payload: bytearray, digest: bytes, crc: int) -> None:
+        """Called by the background writer (`_checkpoints`), which gives way to transfers."""
         with self.rec.span("checkpoint", round=rnd) as s:
             self.store.save_checkpoint(
                 rnd,
@@ -914,7 +906,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 final=rnd == self.rounds,
                 sha256=digest or None,
                 crc32c=crc,
-                pause=self._give_way if background else None,
+                pause=self._give_way,
             )
             s["bytes"] = len(payload)
         if rnd == self.rounds:
@@ -965,7 +957,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     return
                 rnd, payload, digest, crc = item
                 try:
-                    self._write_checkpoint(rnd, payload, digest, crc, background=True)
+                    self._write_checkpoint(rnd, payload, digest, crc)
                 except Exception as exc:  # a checkpoint that cannot be written fails the run
                     log.error("checkpoint of round %d failed: %s", rnd, exc)
                     with self.cond:

@@ -95,21 +95,6 @@ def encode_state(state: Mapping[str, torch.Tensor]) -> bytearray:
     return out
 
 
-def allocate_state(
-    like: Mapping[str, torch.Tensor],
-) -> tuple[bytearray, dict[str, torch.Tensor]] | None:
-    """An `encode_state` payload for tensors shaped like ``like``, not filled in yet, and a
-    writable view into it per tensor: whoever computes the tensors writes them straight into
-    the payload (the aggregator's FedAvg result, see `RunningFedAvg.result_into`), saving one
-    copy of the model and one allocation. None where `encode_state` would not lay tensors out
-    itself (an unknown dtype, a big-endian host)."""
-    layout = Layout.of_state(like)
-    if layout is None:
-        return None
-    out = layout.allocate()
-    return out, layout.tensor_views(out)
-
-
 class Layout:
     """Where an `encode_state` payload keeps each tensor, known without a payload.
 

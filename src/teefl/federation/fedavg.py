@@ -155,9 +155,7 @@ class RunningFedAvg:
         if num_samples <= 0:
             raise UpdateRejected(f"sample count must be positive, got {num_samples}")
         if isinstance(update, FlatUpdate):
-            if update.layout is not self.layout and (
-                self.layout is None or update.layout.head != self.layout.head
-            ):
+            if self.layout is None or update.layout.head != self.layout.head:
                 raise UpdateRejected("update does not have the global model's layout")
             pairs = list(zip(self.run_sums, update.runs, strict=True))
         else:

@@ -30,10 +30,10 @@ class ResidentModel:
         self,
         module: torch.nn.Module,
         payload: bytearray,
+        head: bytes,
         bindings: list[tuple[dict, str, int]],
     ) -> None:
-        self.module, self.payload = module, payload
-        self.head = bytes(payload[: 8 + int.from_bytes(payload[:8], "little")])
+        self.module, self.payload, self.head = module, payload, head
         #: (the submodule's ``_parameters`` or ``_buffers``, the name there, where it must live)
         self._bindings = bindings
 
@@ -47,10 +47,11 @@ class ResidentModel:
         storages = [t.untyped_storage().data_ptr() for t in state.values() if t.numel()]
         if len(set(storages)) != len(storages):
             return None  # tied or shared tensors: one memory under two names
-        layout = codec.allocate_state(state)
+        layout = codec.Layout.of_state(state)
         if layout is None:
             return None
-        payload, views = layout
+        payload = layout.allocate()
+        views = layout.tensor_views(payload)
         with torch.no_grad():
             for name, t in state.items():
                 if t.numel():
@@ -71,7 +72,7 @@ class ResidentModel:
                     bound.add(key)
                     if views[key].numel():
                         bindings.append((table, tname, views[key].data_ptr()))
-        resident = cls(module, payload, bindings)
+        resident = cls(module, payload, layout.head, bindings)
         if bound != set(state) or not resident.intact():
             return None  # a tensor the state dict shows but we could not rebind
         return resident
