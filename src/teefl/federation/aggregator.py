@@ -112,7 +112,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.tokens: dict[str, bytes] = {}  # collaborator -> its data-plane token (from Join)
         self.data_port = 0  # the data plane's port once serving (0: the gRPC streams only)
         #: checkpoints of closed rounds waiting to be written (see `_checkpoints`)
-        self.ckpt_queue: queue.Queue[tuple[int, bytearray, bytes, int] | None] = queue.Queue()
+        self.ckpt_queue: queue.Queue[tuple[int, codec.Buffer, bytes, int] | None] = queue.Queue()
         threading.Thread(target=self._checkpoints, name="checkpoint", daemon=True).start()
         self.resumed_from: int | None = None
         resume = self.store.load_state()
@@ -185,7 +185,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
     def evaluating(self) -> bool:
         return self.round == self.rounds + 1
 
-    def _publish(self, payload: bytearray | None = None) -> None:
+    def _publish(self, payload: codec.Buffer | None = None) -> None:
         """Serialize the global model once per round; every download streams the same bytes.
 
         ``payload``: the global model's tensors already live in it (`_close_round`). The data
@@ -897,7 +897,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.round_opened = time.monotonic()
         self.cond.notify_all()
 
-    def _write_checkpoint(self, rnd: int, payload: bytearray, digest: bytes, crc: int) -> None:
+    def _write_checkpoint(self, rnd: int, payload: codec.Buffer, digest: bytes, crc: int) -> None:
         """Called by the background writer (`_checkpoints`), which gives way to transfers."""
         with self.rec.span("checkpoint", round=rnd) as s:
             self.store.save_checkpoint(

@@ -29,7 +29,7 @@ class ResidentModel:
     def __init__(
         self,
         module: torch.nn.Module,
-        payload: bytearray,
+        payload: codec.Buffer,
         head: bytes,
         bindings: list[tuple[dict, str, int]],
     ) -> None:
