@@ -18,7 +18,7 @@ once it is checked, stored and counted, and sums it, closes the round and writes
 after that, so none of these is in the figure (the profile shows what they cost).
 
     .venv/bin/python benchmarks/comm_limit.py            # ~4-6 min on 2 cores
-    .venv/bin/python benchmarks/comm_limit.py --quick    # no 200 MB payload, 5 repetitions
+    .venv/bin/python benchmarks/comm_limit.py --quick    # without the 200 MB payload
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ TARGET_PER_BYTE = 1.2
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5, help="measured repetitions (>= 5)")
+    ap.add_argument("--reps", type=int, default=10, help="measured repetitions per pass (>= 5)")
     ap.add_argument("--quick", action="store_true", help="skip the 200 MB synthetic payload")
     ap.add_argument("--passes", type=int, default=2, help="interleaved passes (pooled medians)")
     ap.add_argument("--chunk-size", type=int, default=None, help="network.chunk_size override")
