@@ -238,6 +238,7 @@ def bench_plan(
     names: list[str],
     tls: dict[str, str] | None,
     chunk_size: int | None = None,
+    compression: str = "none",
 ) -> dict[str, Any]:
     model = spec if spec in ("resnet18", "mobilenet_v3_small") else "small_cnn"
     plan: dict[str, Any] = {
@@ -255,6 +256,8 @@ def bench_plan(
     }
     if chunk_size:
         plan["network"]["chunk_size"] = chunk_size
+    if compression != "none":
+        plan["network"]["compression"] = compression
     if transport != "none":
         assert tls is not None
         plan["security"]["tls"] = tls
@@ -308,6 +311,7 @@ def fed_transfer(
     timeout: float = 600,
     warmup: int = 1,
     rss_timeline: bool = False,
+    compression: str = "none",
 ) -> FedResult:
     """Run ``warmup`` + ``reps`` rounds of a no-training federation; the collaborators' spans
     per measured round. ``rss_timeline``: the aggregator also samples its RSS every 5 ms (a
@@ -317,7 +321,7 @@ def fed_transfer(
     tls = pki_for(workdir / "pki", names) if transport != "none" else None
     import yaml
 
-    plan = bench_plan(spec, transport, reps + warmup, names, tls, chunk_size)
+    plan = bench_plan(spec, transport, reps + warmup, names, tls, chunk_size, compression)
     plan_path = workdir / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(plan), encoding="utf-8")
     run_dir = workdir / "run"

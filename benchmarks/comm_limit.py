@@ -43,6 +43,12 @@ def main() -> int:
     ap.add_argument("--passes", type=int, default=2, help="interleaved passes (pooled medians)")
     ap.add_argument("--chunk-size", type=int, default=None, help="network.chunk_size override")
     ap.add_argument(
+        "--compression",
+        choices=["none", "zstd"],
+        default="none",
+        help="network.compression for teefl's runs (the raw baselines send the payload as is)",
+    )
+    ap.add_argument(
         "--patch",
         action="append",
         default=[],
@@ -55,7 +61,8 @@ def main() -> int:
     print(f"at start: {C.load()}")
     print(
         f"repetitions: {args.passes} interleaved passes x {args.reps} (+1 warm-up each); "
-        f"figures are medians; loopback; patches: {', '.join(args.patch) or 'none'}\n"
+        f"figures are medians; loopback; patches: {', '.join(args.patch) or 'none'}; "
+        f"compression: {args.compression}\n"
     )
     rows, results, profiles = [], {}, {}
     pooled: dict[str, dict[str, list[float]]] = {}
@@ -84,6 +91,7 @@ def main() -> int:
                         work / f"{spec}-{t}-{n}",
                         chunk_size=args.chunk_size,
                         patches=args.patch,
+                        compression=args.compression,
                     )
                     acc.setdefault(t, []).extend(f.comm)
                     if t == "none":

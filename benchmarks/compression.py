@@ -5,8 +5,10 @@ compressed size / raw size, compression and decompression time, and the link spe
 sending fewer bytes saves more time than the compression and decompression cost -- the
 break-even: saved bytes x 8 / (compress + decompress seconds).
 
-zlib (standard library) always; zstd and lz4 when the `zstandard` / `lz4` packages are
-importable (they are not teefl dependencies: `pip install zstandard lz4` to include them).
+zlib (standard library), zstd (`zstandard`, a teefl dependency) and teefl's own frame codec
+(`codec.compress` / `codec.decompress`: zstd with content size and checksum, what
+``network.compression: zstd`` sends), and lz4 when the `lz4` package is importable (not a
+dependency: `pip install lz4` to include it).
 
     .venv/bin/python benchmarks/compression.py      # ~10 s
 """
@@ -41,6 +43,10 @@ def _codecs() -> list[tuple[str, Callable[[bytes], bytes], Callable[[bytes, int]
             )
     except ImportError:
         print("(zstandard not installed: zstd skipped)")
+    else:
+        from teefl.federation import codec
+
+        out.append(("teefl zstd-1", codec.compress, lambda z, n: codec.decompress(z, n, n)))
     try:
         import lz4.frame
 

@@ -105,6 +105,20 @@ class NetworkSpec(_Strict):
     #: by their AEAD tag; "crc32c" or "sha256" = that, whatever the transport (SHA-256 costs
     #: ~25 ms per 45 MB on each side here, CRC32C ~5 ms)
     payload_check: Literal["auto", "crc32c", "sha256"] = "auto"
+    #: the model and the updates compressed on the data plane (off by default): zstd saves
+    #: ~8 % of float32 weights at ~90 + ~50 ms per 45 MB here, so it pays only on links
+    #: slower than ~200 Mb/s (docs/benchmarks.md); data_plane socket only
+    compression: Literal["none", "zstd"] = "none"
+    #: zstd level: 1 is the fastest; higher levels barely shrink float weights further
+    compression_level: int = Field(1, ge=1, le=19)
+
+    @model_validator(mode="after")
+    def _compression_on_the_data_plane(self) -> NetworkSpec:
+        if self.compression != "none" and self.data_plane != "socket":
+            raise ValueError(
+                f"network.compression: {self.compression} needs network.data_plane: socket"
+            )
+        return self
 
 
 class TlsSpec(_Strict):

@@ -199,6 +199,12 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.crc = codec.crc32c(self.payload)
         self.update_limit = len(self.payload) + (64 << 10)
         self._wire: list[bytes] | None = None  # made by the round's first gRPC download
+        net = self.plan.network
+        self.compressed: tuple[bytes, bytes, int] | None = None  # (zstd frame, SHA-256, CRC32C)
+        if net.compression == "zstd":  # compressed once per round, sent to everyone
+            frame = codec.compress(self.payload, net.compression_level)
+            sha = codec.sha256(frame) if self.check == "sha256" else b""
+            self.compressed = (frame, sha, codec.crc32c(frame))
 
     @property
     def wire_chunks(self) -> list[bytes]:
@@ -506,6 +512,10 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 )
                 return
             payload, digest, crc, rnd = self.payload, self.digest, self.crc, self.round
+            encoding, raw_size = "", 0
+            if self.compressed is not None:
+                raw_size, encoding = len(payload), "zstd"
+                payload, digest, crc = self.compressed
         t0 = time.monotonic()
         with self.download_slots:  # a bounded number stream at once, as on the gRPC path
             t1 = time.monotonic()
@@ -516,6 +526,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 sha256=digest,
                 format=codec.FORMAT,
                 crc32c=crc,
+                encoding=encoding,
+                raw_size=raw_size,
             )
             dataplane.send_frame(conn.sock, dataplane.MODEL, header.SerializeToString())
             with self._moving():
@@ -576,8 +588,12 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         )
                     except codec.PayloadError as exc:  # checked before a file is made for it
                         raise UpdateRejected(str(exc)) from None
-                    buffer = self.rx_pool.take(h.total_size)
-                    target = self.store.open_update(h.round, name, buffer)
+                    zstd = self._encoding_of(h) == "zstd"
+                    if zstd:  # the frame in memory; the payload is decompressed and stored
+                        buffer = None
+                    else:
+                        buffer = self.rx_pool.take(h.total_size)
+                        target = self.store.open_update(h.round, name, buffer)
                     sink = target.write if target is not None else None
                     asm = codec.Assembler.for_header(h, self.update_limit, self.check, buffer, sink)
                     # from GO to ACK the upload is "moving": a background checkpoint waits
@@ -594,6 +610,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         raise dataplane.Closed("upload ended before its announced size") from None
                     finally:
                         conn.sock.settimeout(None)
+                    digest, crc = h.sha256, _crc_of(h)
+                    if zstd:
+                        asm, digest, crc = self._decompressed(asm, h)
                     payload, state = self._decode_update(asm, owned=True)
                     metrics = {k: float(v) for k, v in h.metrics.items()}
                     ack, add = self._accept(
@@ -604,10 +623,10 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         metrics,
                         payload,
                         t0,
-                        h.sha256,
+                        digest,
                         defer_add=True,
                         stored=target,
-                        crc=_crc_of(h),
+                        crc=crc,
                     )
                     target = None  # committed: its file is the stored update now
                     try:
@@ -647,6 +666,34 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             if not done_with:
                 with self.cond:
                     self.inflight.pop(name, None)
+
+    def _encoding_of(self, h) -> str:
+        """The update's wire encoding, refused unless the plan's compression is that one."""
+        want = "zstd" if self.plan.network.compression == "zstd" else ""
+        if h.encoding != want:
+            raise UpdateRejected(
+                f"update encoding {h.encoding or 'none'!r}, the plan's network.compression is "
+                f"{self.plan.network.compression!r}"
+            )
+        if want and h.raw_size > self.update_limit:  # before anything is received
+            raise UpdateRejected(
+                f"announced payload of {h.raw_size} bytes exceeds limit {self.update_limit}"
+            )
+        return want
+
+    def _decompressed(self, asm: codec.Assembler, h) -> tuple[codec.Assembler, bytes, int]:
+        """A received zstd frame (checked against the header's digest) -> an assembler holding
+        the payload, and the digests the payload is stored with (computed here)."""
+        try:
+            frame = asm.finish()
+            raw = codec.decompress(frame, h.raw_size, self.update_limit)
+        except codec.PayloadError as exc:
+            raise UpdateRejected(str(exc)) from None
+        del frame
+        out = codec.Assembler(len(raw), b"", self.update_limit, check="none")
+        out.add(raw)
+        sha = codec.sha256(raw) if self.check == "sha256" else b""
+        return out, sha, codec.crc32c(raw)
 
     def _report_rejected(self, name: str, rnd: int, exc: UpdateRejected) -> None:
         stale = isinstance(exc, StaleUpdate)
@@ -721,6 +768,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             raise UpdateRejected(str(exc)) from None
         if first.data:
             raise UpdateRejected("the header message must not carry data")
+        if h.encoding:
+            raise UpdateRejected("compressed updates travel over the data plane only")
         for chunk in chunks:
             if chunk.HasField("header"):
                 raise UpdateRejected("a second header inside the stream")

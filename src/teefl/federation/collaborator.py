@@ -389,6 +389,11 @@ class Collaborator:
                     payload = self.resident.payload  # the model's own memory, sent as it is
                 else:
                     payload = codec.encode_state(self.model.state_dict())
+                encoding, raw_size = "", 0
+                net = self.plan.network
+                if net.compression == "zstd" and self.data is not None:
+                    encoding, raw_size = "zstd", len(payload)
+                    payload = codec.compress(payload, net.compression_level)
                 # the SHA-256 only where the aggregator checks it (payload_check sha256)
                 digest = codec.sha256(payload) if self.check == "sha256" else b""
                 crc = codec.crc32c(payload)
@@ -402,6 +407,8 @@ class Collaborator:
                 metrics=metrics,
                 format=codec.FORMAT,
                 crc32c=crc,
+                encoding=encoding,
+                raw_size=raw_size,
             )
             try:
                 with rec.span("upload", round=r) as s:
@@ -517,6 +524,8 @@ class Collaborator:
         try:
             dataplane.send_frame(sock, dataplane.GET, request.SerializeToString())
             h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
+            if h.encoding:
+                return self._download_frame(h, r)
             head = b""
             if resident is not None and h.total_size == len(resident.payload):
                 # the header first: only a byte-identical layout may be written into the model
@@ -545,6 +554,33 @@ class Collaborator:
         if into_model:
             return None, h.total_size
         return codec.decode_state(payload, owned=True), h.total_size
+
+    def _download_frame(self, h, r: int) -> tuple[dict[str, torch.Tensor] | None, int]:
+        """A compressed model (``network.compression``): the frame, checked against the header,
+        then decompressed into the model where its layout is the model's."""
+        want = "zstd" if self.plan.network.compression == "zstd" else ""
+        if h.encoding != want:
+            raise TeeflError(
+                f"the aggregator sent the model as {h.encoding!r}; this plan's "
+                f"network.compression is {self.plan.network.compression!r}"
+            )
+        asm = codec.Assembler.for_header(h, 1 << 40, self.check)
+        try:
+            asm.receive(dataplane.reader(self.data), dataplane.STEP, lambda: _fault("download", r))
+        except codec.PayloadError as exc:  # the connection ended mid-payload
+            raise dataplane.Closed(str(exc)) from None
+        # a checksum mismatch or a malformed frame here is corruption: fatal, not a retry
+        raw = codec.decompress(asm.finish(), h.raw_size, 1 << 40)
+        resident = self.resident
+        if (
+            resident is not None
+            and len(raw) == len(resident.payload)
+            and raw[: len(resident.head)] == resident.head
+            and resident.intact()
+        ):
+            memoryview(resident.payload)[:] = raw
+            return None, h.total_size
+        return codec.decode_state(raw), h.total_size
 
     def _download(self, stub, r: int) -> tuple[dict[str, torch.Tensor] | None, int]:
         if self.data is not None:

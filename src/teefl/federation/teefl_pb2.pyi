@@ -91,7 +91,7 @@ class ModelRequest(_message.Message):
     def __init__(self, collaborator: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class Header(_message.Message):
-    __slots__ = ("collaborator", "round", "total_size", "sha256", "num_samples", "metrics", "evaluate_only", "format", "crc32c")
+    __slots__ = ("collaborator", "round", "total_size", "sha256", "num_samples", "metrics", "evaluate_only", "format", "crc32c", "encoding", "raw_size")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,8 @@ class Header(_message.Message):
     EVALUATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
     collaborator: str
     round: int
     total_size: int
@@ -117,7 +119,9 @@ class Header(_message.Message):
     evaluate_only: bool
     format: str
     crc32c: int
-    def __init__(self, collaborator: _Optional[str] = ..., round: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., evaluate_only: _Optional[bool] = ..., format: _Optional[str] = ..., crc32c: _Optional[int] = ...) -> None: ...
+    encoding: str
+    raw_size: int
+    def __init__(self, collaborator: _Optional[str] = ..., round: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., evaluate_only: _Optional[bool] = ..., format: _Optional[str] = ..., crc32c: _Optional[int] = ..., encoding: _Optional[str] = ..., raw_size: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("header", "data", "offset")
