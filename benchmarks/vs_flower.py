@@ -25,7 +25,9 @@ How each figure is measured (the same way for both frameworks wherever possible)
   - round time: the time from the start of round r to the start of round r+1 (teefl: the
     aggregator's ``round_closed`` events; Flower: a wrapper around the ServerApp's ``Grid`` that
     timestamps each ``send_and_receive`` of the training step), median over rounds 2..3 (round 1
-    also connects / spawns in both);
+    also connects / spawns in both); for teefl's no-training variant, whose rounds are short
+    and vary more, one federation of 7 rounds and the median of rounds 2..7 (a Flower round
+    costs ~12 s; its figure stays rounds 2..3 of its 3-round run);
   - communication per round: teefl's own ``download`` + ``upload`` spans (median collaborator);
     and, for both, "overhead" = round time minus the slowest client's compute (validate + train +
     validate, timed inside the client) -- Flower has no transfer spans of its own to read;
@@ -60,6 +62,8 @@ import _common as C
 CACHE = Path(os.environ.get("TEEFL_BENCH_CACHE", Path.home() / ".cache" / "teefl-bench"))
 VENV = CACHE / "flwr-venv"
 ROUNDS = 3
+#: rounds of teefl's no-training federation (its per-round figure: median of rounds 2..)
+TEEFL_NOTRAIN_ROUNDS = 7
 CLIENTS = 3
 TARGET_NOTRAIN = 1 / 20
 TARGET_WALL = 0.8
@@ -422,9 +426,11 @@ def flower_figures(res: dict[str, Any]) -> dict[str, float]:
 
 # -- teefl -------------------------------------------------------------------------------------
 def teefl_notrain(spec: str, transport: str, work: Path) -> dict[str, float]:
-    # ROUNDS rounds, as Flower runs; rounds 2..3 are measured (round 1 opens before the
-    # collaborators connect); the final model is written during the evaluation pass
-    r = C.fed_transfer(spec, transport, ROUNDS, work, collaborators=CLIENTS, warmup=0)
+    # TEEFL_NOTRAIN_ROUNDS rounds; rounds 2.. are measured (round 1 opens before the
+    # collaborators connect); the final model is written during the evaluation pass. More rounds
+    # than Flower's 3: a teefl round is ~0.1-0.5 s and its median of two varied 1.5x between
+    # runs (2026-12-02: 438 / 620 ms for ResNet-18), while one more Flower round costs ~12 s
+    r = C.fed_transfer(spec, transport, TEEFL_NOTRAIN_ROUNDS, work, collaborators=CLIENTS, warmup=0)
     rounds = r.rounds
     return {
         "round": C.median(rounds),
@@ -513,9 +519,12 @@ def main() -> int:
         tls = C.pki_for(work / "pki", [f"col{i + 1}" for i in range(CLIENTS)])
         import yaml
 
-        for transport in ("none", "tls"):
-            variants = ["notrain", "train"] if (transport == "none" or args.full) else ["notrain"]
-            fw = work / f"flower-{transport}"
+        # the no-training comparisons first, so that a slow machine skips a training one first
+        blocks = [("none", ["notrain"]), ("tls", ["notrain"]), ("none", ["train"])]
+        if args.full:
+            blocks.append(("tls", ["train"]))
+        for n, (transport, variants) in enumerate(blocks):
+            fw = work / f"flower-{transport}-{n}"
             with FlowerFederation(fw, tls if transport == "tls" else None) as fed:
                 for variant in variants:
                     for spec in specs:
@@ -580,8 +589,10 @@ def main() -> int:
     )
     print(
         "\nwall: teefl = aggregator's run span (collaborator start-up included) for training, the "
-        "harness's federation wall for no training; Flower = `flwr run` submission to end.\n"
-        "round: start of round r to start of r+1, median of rounds 2..3. overhead: round time "
+        f"harness's federation wall for no training ({TEEFL_NOTRAIN_ROUNDS} rounds); Flower = "
+        "`flwr run` submission to end (3 rounds).\n"
+        "round: start of round r to start of r+1, median of rounds 2..3 (teefl no training: "
+        f"2..{TEEFL_NOTRAIN_ROUNDS}). overhead: round time "
         "minus the slowest client's validate+train+validate. teefl comm: download+upload spans.\n"
     )
     ok_all = True

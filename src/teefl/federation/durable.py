@@ -115,6 +115,8 @@ def _write_direct(fd: int, view: memoryview, pause: Callable[[], None] | None) -
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while len(view):
         n = os.pwrite(fd, view, offset)
+        if n <= 0:  # never for a regular file; a loop that cannot end if it ever were
+            raise OSError(errno.EIO, f"write of {len(view)} bytes at {offset} made no progress")
         view, offset = view[n:], offset + n
 
 
