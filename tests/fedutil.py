@@ -44,6 +44,18 @@ def teefl(*args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | Non
     )
 
 
+def run_plan(d: Path, data: dict[str, Any], transport: str):
+    """``teefl run`` of the plan ``data`` in a new folder ``d`` under ``transport``; it must
+    succeed. Returns (its run directory, the CompletedProcess)."""
+    d.mkdir(parents=True, exist_ok=True)
+    plan = write_plan(d / "plan.yaml", data)
+    res = teefl(
+        "run", str(plan), "--transport", transport, "--runs-dir", "runs", "--no-progress", cwd=d
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    return run_dir_of(d / "runs"), res
+
+
 def run_dir_of(runs: Path) -> Path:
     dirs = [d for d in runs.iterdir() if d.is_dir()]
     assert len(dirs) == 1, dirs

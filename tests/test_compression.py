@@ -11,7 +11,7 @@ import pytest
 import torch
 import zstandard
 
-from fedutil import SYNTHETIC, FakeContext, read_jsonl, run_dir_of, teefl, write_plan
+from fedutil import SYNTHETIC, FakeContext, read_jsonl, run_plan
 from teefl.errors import TeeflError
 from teefl.federation import codec, dataplane, teefl_pb2
 from teefl.federation.aggregator import Aggregator, final_state
@@ -150,14 +150,8 @@ def test_refused_compressed_uploads_leave_nothing(tmp_path: Path, case: str) -> 
 def test_compressed_federation_trains_the_same_model(tmp_path: Path) -> None:
     finals, wire = {}, {}
     for compression, transport in (("none", "none"), ("zstd", "tls")):
-        d = tmp_path / compression
-        d.mkdir()
-        plan = write_plan(d / "plan.yaml", {**SYNTHETIC, "network": {"compression": compression}})
-        res = teefl(
-            "run", str(plan), "--transport", transport, "--runs-dir", "runs", "--no-progress", cwd=d
-        )
-        assert res.returncode == 0, res.stdout + res.stderr
-        run = run_dir_of(d / "runs")
+        data = {**SYNTHETIC, "network": {"compression": compression}}
+        run, _ = run_plan(tmp_path / compression, data, transport)
         finals[compression] = final_state(run)
         events = read_jsonl(run / "events" / "collaborator-col1.jsonl")
         wire[compression] = [

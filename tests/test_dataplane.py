@@ -490,7 +490,7 @@ def test_update_of_the_models_layout_is_summed_flat_and_others_per_tensor(
         payload = codec.encode_state(state)
         asm = codec.Assembler(len(payload), b"", 1 << 30, check="none")
         asm.add(payload)
-        return served._decode_update(asm)[1]
+        return served._decode_update(asm.finish())[1]
 
     same = {k: v + 1 if v.is_floating_point() else v for k, v in served.global_state.items()}
     assert isinstance(decoded(same), FlatUpdate)

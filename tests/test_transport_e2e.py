@@ -12,21 +12,17 @@ import grpc
 import pytest
 import torch
 
-from fedutil import SYNTHETIC, final_accuracy, read_jsonl, run_dir_of, teefl, write_plan
+from fedutil import SYNTHETIC, final_accuracy, read_jsonl, run_dir_of, run_plan, write_plan
 from teefl.federation import teefl_pb2, teefl_pb2_grpc
 from teefl.federation.aggregator import final_state
 from teefl.security import pki
 
 
 def _run(tmp: Path, transport: str) -> Path:
-    plan = write_plan(tmp / "plan.yaml", SYNTHETIC)
-    res = teefl(
-        "run", str(plan), "--transport", transport, "--runs-dir", "runs", "--no-progress", cwd=tmp
-    )
-    assert res.returncode == 0, res.stdout + res.stderr
+    run, res = run_plan(tmp, SYNTHETIC, transport)
     if transport != "none":
         assert "throwaway" in res.stdout
-    return run_dir_of(tmp / "runs")
+    return run
 
 
 def test_transport_does_not_change_training(tmp_path: Path) -> None:
@@ -47,14 +43,8 @@ def test_data_plane_does_not_change_training(tmp_path: Path) -> None:
     plane (the default, here plaintext) deliver the same bytes: the same final model."""
     finals = {}
     for data_plane, transport in (("grpc", "mtls"), ("socket", "none")):
-        d = tmp_path / data_plane
-        d.mkdir()
-        plan = write_plan(d / "plan.yaml", {**SYNTHETIC, "network": {"data_plane": data_plane}})
-        res = teefl(
-            "run", str(plan), "--transport", transport, "--runs-dir", "runs", "--no-progress", cwd=d
-        )
-        assert res.returncode == 0, res.stdout + res.stderr
-        run = run_dir_of(d / "runs")
+        data = {**SYNTHETIC, "network": {"data_plane": data_plane}}
+        run, _ = run_plan(tmp_path / data_plane, data, transport)
         log = (run / "logs" / "aggregator.log").read_text()
         assert ("data over gRPC" in log) == (data_plane == "grpc"), log[-2000:]
         finals[data_plane] = final_state(run)

@@ -55,6 +55,14 @@ def _crc_of(header: teefl_pb2.Header) -> int | None:
     return header.crc32c if header.HasField("crc32c") else None
 
 
+def _finished(asm: codec.Assembler) -> codec.ReceivedPayload:
+    """The received payload, checked against the header's digest; a mismatch refuses it."""
+    try:
+        return asm.finish()
+    except codec.PayloadError as exc:
+        raise UpdateRejected(str(exc)) from None
+
+
 class StaleUpdate(UpdateRejected):
     """An update for a round that is closed (or not open yet): refused, never counted."""
 
@@ -610,10 +618,11 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         raise dataplane.Closed("upload ended before its announced size") from None
                     finally:
                         conn.sock.settimeout(None)
-                    digest, crc = h.sha256, _crc_of(h)
+                    payload, digest, crc = _finished(asm), h.sha256, _crc_of(h)
                     if zstd:
-                        asm, digest, crc = self._decompressed(asm, h)
-                    payload, state = self._decode_update(asm, owned=True)
+                        payload, digest, crc = self._decompressed(payload, h)
+                    # decoded in place: the tensors share the received buffer
+                    payload, state = self._decode_update(payload, owned=True)
                     metrics = {k: float(v) for k, v in h.metrics.items()}
                     ack, add = self._accept(
                         name,
@@ -669,7 +678,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
 
     def _encoding_of(self, h) -> str:
         """The update's wire encoding, refused unless the plan's compression is that one."""
-        want = "zstd" if self.plan.network.compression == "zstd" else ""
+        want = codec.encoding_of(self.plan.network.compression)
         if h.encoding != want:
             raise UpdateRejected(
                 f"update encoding {h.encoding or 'none'!r}, the plan's network.compression is "
@@ -681,19 +690,15 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             )
         return want
 
-    def _decompressed(self, asm: codec.Assembler, h) -> tuple[codec.Assembler, bytes, int]:
-        """A received zstd frame (checked against the header's digest) -> an assembler holding
-        the payload, and the digests the payload is stored with (computed here)."""
+    def _decompressed(self, frame: Any, h) -> tuple[codec.ReceivedPayload, bytes, int]:
+        """A received zstd frame (checked against the header's digest) -> the payload in a
+        buffer of its own, and the digests it is stored with (computed here)."""
         try:
-            frame = asm.finish()
             raw = codec.decompress(frame, h.raw_size, self.update_limit)
         except codec.PayloadError as exc:
             raise UpdateRejected(str(exc)) from None
-        del frame
-        out = codec.Assembler(len(raw), b"", self.update_limit, check="none")
-        out.add(raw)
         sha = codec.sha256(raw) if self.check == "sha256" else b""
-        return out, sha, codec.crc32c(raw)
+        return codec.ReceivedPayload(raw), sha, codec.crc32c(raw)
 
     def _report_rejected(self, name: str, rnd: int, exc: UpdateRejected) -> None:
         stale = isinstance(exc, StaleUpdate)
@@ -731,15 +736,11 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         with self.cond:
             self.inflight[name] = (time.monotonic(), handle)
 
-    def _decode_update(self, asm: codec.Assembler, owned: bool = False) -> tuple[Any, Any]:
+    def _decode_update(self, payload: Any, owned: bool = False) -> tuple[Any, Any]:
         """The checked update: a `FlatUpdate` where the payload has exactly the global model's
         layout (its header bytes prove names, dtypes and shapes; one finiteness check per run)
         and FedAvg sums it; else decoded and checked tensor by tensor (which also names the
-        offending tensor of a non-finite update)."""
-        try:
-            payload = asm.finish()  # decoded in place: the tensors share this buffer
-        except codec.PayloadError as exc:
-            raise UpdateRejected(str(exc)) from None
+        offending tensor of a non-finite update). ``owned``: see `codec.decode_state`."""
         layout = self.fedavg.layout if isinstance(self.fedavg, RunningFedAvg) else None
         if layout is not None and layout.matches(payload):
             flat = FlatUpdate(layout, payload)
@@ -784,7 +785,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             except codec.PayloadError as exc:
                 raise UpdateRejected(str(exc)) from None
             self._touch(name, context)
-        payload, state = self._decode_update(asm)
+        payload, state = self._decode_update(_finished(asm))
         return self._accept(
             name, h.round, state, samples, metrics, payload, t0, h.sha256, crc=_crc_of(h)
         )[0]

@@ -357,8 +357,10 @@ def crc32c(data: bytes | bytearray | memoryview) -> int:
 #: its CRC32C (accidental corruption, e.g. over plain TCP), or its SHA-256
 CHECKS = ("none", "crc32c", "sha256")
 
-#: payload encodings on the wire (`Header.encoding`): "" = the payload itself
-ENCODINGS = ("", "zstd")
+
+def encoding_of(compression: str) -> str:
+    """The `Header.encoding` that ``network.compression`` sends: "" = the payload itself."""
+    return "" if compression == "none" else compression
 
 
 def compress(payload: Any, level: int = 1) -> bytes:

@@ -389,10 +389,12 @@ class Collaborator:
                     payload = self.resident.payload  # the model's own memory, sent as it is
                 else:
                     payload = codec.encode_state(self.model.state_dict())
-                encoding, raw_size = "", 0
                 net = self.plan.network
-                if net.compression == "zstd" and self.data is not None:
-                    encoding, raw_size = "zstd", len(payload)
+                encoding, raw_size = "", 0
+                if self.data is not None:  # compressed updates travel over the data plane only
+                    encoding = codec.encoding_of(net.compression)
+                if encoding:
+                    raw_size = len(payload)
                     payload = codec.compress(payload, net.compression_level)
                 # the SHA-256 only where the aggregator checks it (payload_check sha256)
                 digest = codec.sha256(payload) if self.check == "sha256" else b""
@@ -558,7 +560,7 @@ class Collaborator:
     def _download_frame(self, h, r: int) -> tuple[dict[str, torch.Tensor] | None, int]:
         """A compressed model (``network.compression``): the frame, checked against the header,
         then decompressed into the model where its layout is the model's."""
-        want = "zstd" if self.plan.network.compression == "zstd" else ""
+        want = codec.encoding_of(self.plan.network.compression)
         if h.encoding != want:
             raise TeeflError(
                 f"the aggregator sent the model as {h.encoding!r}; this plan's "
