@@ -188,8 +188,12 @@ class Layout:
         return out
 
     def matches(self, payload: Any) -> bool:
-        """Whether ``payload`` has exactly this layout (its size and its header bytes)."""
-        return len(payload) == self.size and memoryview(payload)[: len(self.head)] == self.head
+        """Whether ``payload`` has exactly this layout (its size and its header bytes). The
+        header is copied out to compare: memoryview's own comparison goes byte by byte (~24 us
+        for MobileNetV3-Small's 23 KB header here, against ~1 us)."""
+        if len(payload) != self.size:
+            return False
+        return bytes(memoryview(payload)[: len(self.head)]) == self.head
 
     def tensor_views(self, buf: Any) -> dict[str, torch.Tensor]:
         """One view per tensor into ``buf`` (a payload of this layout), in layout order."""
