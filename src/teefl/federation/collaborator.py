@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import torch
 
 from teefl.errors import TeeflError
 from teefl.federation import codec, dataplane, teefl_pb2, teefl_pb2_grpc
+from teefl.federation.faults import fault
 from teefl.federation.resident import ResidentModel
 from teefl.federation.transport import client_certs, open_channel, payload_check
 from teefl.measure.events import EventRecorder
@@ -39,18 +39,6 @@ class _Lost(Exception):
 
 class _Stale(Exception):
     """The round closed before our request arrived: carry on with the next round."""
-
-
-#: test hook: ``point:round`` (points: download, train, upload) makes this process SIGKILL
-#: itself there, so crash/restart tests hit exact moments; unset in normal use
-FAULT_ENV = "TEEFL_FAULT_INJECT"
-
-
-def _fault(point: str, rnd: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if spec and spec == f"{point}:{rnd}":
-        log.warning("fault injection: killing myself at %s of round %d", point, rnd)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
@@ -227,7 +215,6 @@ class Collaborator:
         Nothing of the model is requested before this succeeds; the aggregator in turn refuses
         every model call from a collaborator whose evidence it has not accepted.
         """
-        import os
 
         from teefl.federation import attest
 
@@ -437,7 +424,7 @@ class Collaborator:
         with rec.span("validate_global", round=r) as s:
             vg = evaluate(self.model, self.x_test, self.y_test, bs, self.device)
             s["metrics"], s["samples"] = vg, vg["samples"]
-        _fault("train", r)
+        fault("train", r)
         with rec.span("train", round=r) as s:
             seed = plan.seed * 1_000_003 + self.index * 1009 + r
             tr = train_local(
@@ -494,7 +481,7 @@ class Collaborator:
         for piece in codec.iter_chunks(payload, self.plan.network.chunk_size):
             yield teefl_pb2.Chunk(data=bytes(piece), offset=offset)
             offset += len(piece)
-            _fault("upload", r)
+            fault("upload", r)
 
     def _upload_data(self, header: teefl_pb2.Header, payload, r: int) -> teefl_pb2.UpdateAck:
         """The same over the data plane: PUT header, wait for GO, the payload, wait for ACK."""
@@ -508,7 +495,7 @@ class Collaborator:
                 return teefl_pb2.UpdateAck.FromString(body)
             if kind != dataplane.GO:
                 raise dataplane.Closed(f"unexpected frame {kind} instead of GO")
-            dataplane.send_payload(sock, payload, tick=lambda: _fault("upload", r))
+            dataplane.send_payload(sock, payload, tick=lambda: fault("upload", r))
             return teefl_pb2.UpdateAck.FromString(dataplane.expect(sock, dataplane.ACK))
         except dataplane.RemoteError as exc:
             raise self._status(exc.code, exc.message) from None
@@ -545,7 +532,7 @@ class Collaborator:
             asm = codec.Assembler.for_header(h, 1 << 40, self.check, buffer=buffer)
             asm.add(head)
             try:
-                asm.receive(dataplane.reader(sock), dataplane.STEP, lambda: _fault("download", r))
+                asm.receive(dataplane.reader(sock), dataplane.STEP, lambda: fault("download", r))
             except codec.PayloadError as exc:  # the connection ended mid-payload
                 raise dataplane.Closed(str(exc)) from None
         except dataplane.RemoteError as exc:
@@ -568,7 +555,7 @@ class Collaborator:
             )
         asm = codec.Assembler.for_header(h, 1 << 40, self.check)
         try:
-            asm.receive(dataplane.reader(self.data), dataplane.STEP, lambda: _fault("download", r))
+            asm.receive(dataplane.reader(self.data), dataplane.STEP, lambda: fault("download", r))
         except codec.PayloadError as exc:  # the connection ended mid-payload
             raise dataplane.Closed(str(exc)) from None
         # a checksum mismatch or a malformed frame here is corruption: fatal, not a retry
@@ -598,7 +585,7 @@ class Collaborator:
                 if chunk.offset != asm.filled:
                     raise TeeflError(f"model stream out of order at offset {chunk.offset}")
                 asm.add(chunk.data)
-                _fault("download", r)
+                fault("download", r)
             payload = asm.finish()
         except grpc.RpcError as exc:
             raise self._classify(exc) from None

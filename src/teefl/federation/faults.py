@@ -1,0 +1,24 @@
+"""Fault injection for the crash tests: a process kills itself at an exact point of a round.
+
+``TEEFL_FAULT_INJECT=<point>:<round>`` makes the process that reaches ``point`` in that round
+SIGKILL itself. Collaborator points: ``download``, ``train``, ``upload``; aggregator point:
+``settle`` (an update acknowledged from shared memory, not yet moved to the run directory).
+Unset in normal use, where `fault` costs one environment lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+FAULT_ENV = "TEEFL_FAULT_INJECT"
+
+log = logging.getLogger("teefl.faults")
+
+
+def fault(point: str, rnd: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if spec and spec == f"{point}:{rnd}":
+        log.warning("fault injection: killing myself at %s of round %d", point, rnd)
+        os.kill(os.getpid(), signal.SIGKILL)
