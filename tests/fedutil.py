@@ -105,7 +105,7 @@ class Parties:
         self.procs[key] = p
         return p
 
-    def aggregator(self) -> subprocess.Popen:
+    def aggregator(self, env: dict[str, str] | None = None) -> subprocess.Popen:
         return self._start(
             "aggregator",
             [
@@ -117,7 +117,7 @@ class Parties:
                 "--run-id",
                 "rel",
             ],
-            None,
+            env,
         )
 
     def collaborator(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:

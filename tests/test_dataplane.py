@@ -210,15 +210,23 @@ def test_sealed_storage_receives_into_memory(tmp_path: Path) -> None:
 
 
 # -- against a real aggregator -------------------------------------------------------------------
-@pytest.fixture
-def served(tmp_path):
-    """An aggregator with its data plane on loopback (no gRPC server: Join is called directly)."""
-    plan = plan_from_dict({**SYNTHETIC, "collaborators": ["col1", "col2"]})
-    agg = Aggregator(plan, tmp_path, "dp", EventRecorder(tmp_path, "dp", "aggregator", "agg"))
+@pytest.fixture(params=["memory", "disk"])
+def served(tmp_path, request):
+    """An aggregator with its data plane on loopback (no gRPC server: Join is called directly),
+    staging updates in shared memory (a folder of the test's own) or writing them to disk."""
+    fed = {"update_staging": request.param, "staging_dir": str(tmp_path / "shm")}
+    plan = plan_from_dict({**SYNTHETIC, "collaborators": ["col1", "col2"], "federation": fed})
+    run = tmp_path / "run"
+    agg = Aggregator(plan, run, "dp", EventRecorder(run, "dp", "aggregator", "agg"))
+    assert (agg.staging is not None) == (request.param == "memory")
     server = agg._data_server("127.0.0.1")
     assert server is not None
     yield agg
+    _wait(lambda: agg.adding == 0)  # an acknowledged update is moved to disk after the ack
     server.stop()
+    if agg.staging is not None:
+        agg.staging.close()
+        assert not list((tmp_path / "shm").rglob("*.*")), "a staged file was left behind"
 
 
 def _join(agg: Aggregator, name: str) -> bytes:
@@ -252,8 +260,12 @@ def _put(sock, header: teefl_pb2.Header, payload) -> teefl_pb2.UpdateAck:
 
 
 def _files(agg: Aggregator) -> list[str]:
+    """The update files in the run directory, and any update staged in shared memory."""
     d = agg.run_dir / "updates"
-    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) if d.exists() else []
+    files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) if d.exists() else []
+    if agg.staging is not None:  # free slots are named *-slot-N, staged updates *.safetensors
+        files += sorted(f"staged:{p.name}" for p in agg.staging.directory.glob("*.*"))
+    return files
 
 
 def test_connection_needs_the_token_of_the_latest_join(served: Aggregator) -> None:

@@ -105,6 +105,46 @@ def test_aggregator_killed_and_restarted_resumes_the_right_round(tmp_path: Path)
     assert final_accuracy(run) > 0.3
 
 
+@pytest.mark.slow
+def test_aggregator_killed_between_ack_and_disk_replays_the_staged_update(tmp_path: Path) -> None:
+    """An update acknowledged from shared memory, the aggregator killed before it is written to
+    the run directory: the restarted aggregator reads it from shared memory, counts it once,
+    moves it to the run directory and leaves nothing staged."""
+    import os
+
+    from teefl.federation.staging import StagingArea
+
+    shm = Path("/dev/shm") / f"teefl-{os.getuid()}"
+    probe = StagingArea.open(shm, 1)
+    if probe is None:
+        pytest.skip("no usable /dev/shm on this host: updates are not staged there")
+    probe.close()
+    parties = Parties(_plan(tmp_path), tmp_path / "run", tmp_path / "procs.log")
+    try:
+        victim = parties.aggregator(env={"TEEFL_FAULT_INJECT": "settle:2"})
+        parties.wait_running()
+        for name in ("col1", "col2", "col3"):
+            parties.collaborator(name)
+        assert victim.wait(timeout=120) == -signal.SIGKILL
+        staged = list(shm.glob(f"{victim.pid}-*-round-0002-*.safetensors"))
+        assert len(staged) == 1, "the acknowledged update should be waiting in shared memory"
+        parties.aggregator()  # same run directory: resume
+        _finish(parties)
+    finally:
+        parties.stop()
+    run = tmp_path / "run"
+    assert not staged[0].exists() and not list(shm.glob(f"{victim.pid}-*"))
+    replay_matches_checkpoints(run, ROUNDS)
+    events = read_jsonl(run / "events" / "aggregator.jsonl")
+    accepted = [
+        (e["round"], e["collaborator"]) for e in events if e.get("what") == "update_accepted"
+    ]
+    assert len(accepted) == len(set(accepted))  # the staged one was replayed, not sent again
+    for m in read_jsonl(run / "metrics.jsonl"):
+        assert set(m["collaborators"]) == {"col1", "col2", "col3"}, m
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
 # -- hostile input ------------------------------------------------------------------------------
 def _header(state_payload: bytes, **over) -> teefl_pb2.Header:
     h = dict(

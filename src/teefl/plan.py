@@ -221,6 +221,15 @@ class FederationSpec(_Strict):
     max_concurrent_downloads: int = Field(4, ge=1)
     #: keep every accepted update on disk after its round (audit / replay); else deleted
     keep_updates: bool = False
+    #: where a received update waits for its acknowledgement. "memory": received straight into
+    #: a file in shared memory (``staging_dir``, a tmpfs), which outlives the aggregator
+    #: process, and moved to the run directory after the ack; "disk": written to the run
+    #: directory piece by piece while it arrives (a copy of every byte before the ack). Both
+    #: survive a crash of the aggregator process, neither a crash of its host. "memory" falls
+    #: back to "disk" where it cannot be used: sealed storage, a Gramine launcher, no usable tmpfs
+    update_staging: Literal["memory", "disk"] = "memory"
+    #: the tmpfs for "memory" staging (teefl makes a folder ``teefl-<uid>`` in it)
+    staging_dir: Path = Path("/dev/shm")
 
 
 class Plan(_Strict):

@@ -27,7 +27,9 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from teefl.errors import TeeflError
 from teefl.federation import attest, codec, dataplane, teefl_pb2, teefl_pb2_grpc
 from teefl.federation.durable import BufferPool, RoundStore, write_atomic
+from teefl.federation.faults import fault
 from teefl.federation.fedavg import (
+    FiniteScan,
     FlatUpdate,
     RunningFedAvg,
     UpdateRejected,
@@ -35,6 +37,7 @@ from teefl.federation.fedavg import (
     make_aggregator,
 )
 from teefl.federation.runinfo import update_run_json
+from teefl.federation.staging import StagingArea
 from teefl.federation.transport import bind, payload_check, server_options
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
@@ -53,6 +56,19 @@ WAIT_KEEPALIVE_S = 15.0
 
 def _crc_of(header: teefl_pb2.Header) -> int | None:
     return header.crc32c if header.HasField("crc32c") else None
+
+
+def _sinks(*sinks: Any) -> Any:
+    """One `codec.Assembler` sink calling each of ``sinks`` that is not None, in order."""
+    live = [s for s in sinks if s is not None]
+    if len(live) < 2:
+        return live[0] if live else None
+
+    def both(piece: memoryview, offset: int) -> None:
+        for sink in live:
+            sink(piece, offset)
+
+    return both
 
 
 def _finished(asm: codec.Assembler) -> codec.ReceivedPayload:
@@ -109,6 +125,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.inflight: dict[str, tuple[float, grpc.ServicerContext]] = {}
         self.slots = threading.BoundedSemaphore(fed.max_inflight_updates)
         self.rx_pool = BufferPool(fed.max_inflight_updates)  # data-plane update buffers
+        #: shared-memory receive slots (see staging.py); None: updates go to disk as they arrive
+        self.staging = self._open_staging()
         self.spares = codec.Spares()  # earlier rounds' payloads, reused when free
         self.download_slots = threading.BoundedSemaphore(fed.max_concurrent_downloads)
         self.active = self.peak_active = 0  # updates being received right now, and the peak
@@ -138,6 +156,16 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         }
         if resume is not None:
             self._replay_open_round()
+
+    def _open_staging(self) -> StagingArea | None:
+        fed = self.plan.federation
+        if (
+            fed.update_staging != "memory"
+            or self.seal_key is not None  # stored as ciphertext: never in plain shared memory
+            or self.plan.runtime.launcher != "native"  # Gramine: no tmpfs of the host's to trust
+        ):
+            return None
+        return StagingArea.open(fed.staging_dir / f"teefl-{os.getuid()}", fed.max_inflight_updates)
 
     def _new_round_aggregator(self):
         fed = self.plan.federation
@@ -564,6 +592,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         name = conn.name
         target = None  # the update's file, until it is committed
         buffer = None  # the pooled receive buffer, until its update has been summed
+        slot = None  # or the shared-memory slot it is received into (staging.py)
         done_with = False  # no longer in flight (forgotten before the round close starts)
         moving = contextlib.ExitStack()  # entered once the upload's bytes may flow
         try:
@@ -597,12 +626,17 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     except codec.PayloadError as exc:  # checked before a file is made for it
                         raise UpdateRejected(str(exc)) from None
                     zstd = self._encoding_of(h) == "zstd"
+                    if not zstd and self.staging is not None and h.total_size:
+                        slot = self.staging.take(h.total_size)
                     if zstd:  # the frame in memory; the payload is decompressed and stored
                         buffer = None
+                    elif slot is not None:  # stored once received: nothing to write meanwhile
+                        buffer = slot.mem
                     else:
                         buffer = self.rx_pool.take(h.total_size)
                         target = self.store.open_update(h.round, name, buffer)
-                    sink = target.write if target is not None else None
+                    scan = self._finite_scan(h, buffer)
+                    sink = _sinks(target.write if target is not None else None, scan)
                     asm = codec.Assembler.for_header(h, self.update_limit, self.check, buffer, sink)
                     # from GO to ACK the upload is "moving": a background checkpoint waits
                     moving.enter_context(self._moving())
@@ -622,7 +656,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     if zstd:
                         payload, digest, crc = self._decompressed(payload, h)
                     # decoded in place: the tensors share the received buffer
-                    payload, state = self._decode_update(payload, owned=True)
+                    payload, state = self._decode_update(payload, owned=True, scan=scan)
                     metrics = {k: float(v) for k, v in h.metrics.items()}
                     ack, add = self._accept(
                         name,
@@ -636,6 +670,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         defer_add=True,
                         stored=target,
                         crc=crc,
+                        staged=slot if not zstd else None,
                     )
                     target = None  # committed: its file is the stored update now
                     try:
@@ -646,7 +681,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                             add()  # even if the ACK was lost: the update is counted and stored
                 finally:
                     moving.close()
-                    if buffer is not None:  # summed or refused: nothing reads it any more
+                    if slot is not None:  # summed and moved, or refused: nothing reads it
+                        self.staging.give(slot)
+                    elif buffer is not None:  # summed or refused: nothing reads it any more
                         self.rx_pool.give(buffer)
                     with self.cond:
                         self.active -= 1
@@ -736,15 +773,25 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         with self.cond:
             self.inflight[name] = (time.monotonic(), handle)
 
-    def _decode_update(self, payload: Any, owned: bool = False) -> tuple[Any, Any]:
+    def _finite_scan(self, h, buffer: Any) -> FiniteScan | None:
+        """The finiteness check to run while an update of the global model's size arrives."""
+        layout = self.fedavg.layout if isinstance(self.fedavg, RunningFedAvg) else None
+        if layout is None or buffer is None or h.total_size != layout.size:
+            return None
+        return FiniteScan(layout, buffer)
+
+    def _decode_update(
+        self, payload: Any, owned: bool = False, scan: FiniteScan | None = None
+    ) -> tuple[Any, Any]:
         """The checked update: a `FlatUpdate` where the payload has exactly the global model's
-        layout (its header bytes prove names, dtypes and shapes; one finiteness check per run)
-        and FedAvg sums it; else decoded and checked tensor by tensor (which also names the
-        offending tensor of a non-finite update). ``owned``: see `codec.decode_state`."""
+        layout (its header bytes prove names, dtypes and shapes; one finiteness check per run,
+        or the ``scan`` made while it arrived) and FedAvg sums it; else decoded and checked
+        tensor by tensor (which also names the offending tensor of a non-finite update).
+        ``owned``: see `codec.decode_state`."""
         layout = self.fedavg.layout if isinstance(self.fedavg, RunningFedAvg) else None
         if layout is not None and layout.matches(payload):
             flat = FlatUpdate(layout, payload)
-            if flat.finite():
+            if (scan is not None and scan.finite()) or flat.finite():
                 return payload, flat
         try:
             state = codec.decode_state(payload, owned=owned)
@@ -803,6 +850,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         defer_add: bool = False,
         stored: Any = None,
         crc: int | None = None,
+        staged: Any = None,
     ) -> tuple[teefl_pb2.UpdateAck, Any]:
         """Store, count and (unless deferred) add one checked update; returns (ack, add).
 
@@ -811,7 +859,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         update is stored and counted first, so a crash after the ack still loses nothing, and
         the round does not close before every deferred add has run (see `_close_round`).
         ``stored``: the `UpdateFile` the payload was received into (committed here instead of
-        writing the payload out again).
+        writing the payload out again). ``staged``: the shared-memory `staging.Slot` it was
+        received into instead: committed there, moved to the run directory with the add.
         """
         with self.cond:
             if rnd != self.round:
@@ -823,6 +872,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 return dup, None
             self.persisting.add(name)
         add = None
+        pending = None  # a staged update still to be moved into the run directory
         try:
             if payload is not None:
                 # stored before the acknowledgement: a crash after the ack loses nothing
@@ -831,21 +881,30 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     digests, verified = self._digests(digest, crc)
                     if stored is not None:
                         stored.commit(meta, digests, verified)
+                    elif staged is not None:
+                        pending = self.store.commit_staged(
+                            rnd, name, staged, meta, digests, verified
+                        )
                     else:
                         self.store.save_update(rnd, name, payload, meta, digests, verified)
                     s["bytes"] = len(payload)
             with self.cond:
                 if rnd != self.round:
+                    if pending is not None:  # back to a free slot before its name is gone
+                        pending.slot.unlink()
                     self.store.discard_update(rnd, name)
                     raise StaleUpdate(f"round {rnd} closed while the update was in transit")
                 if state is not None and defer_add:
                     self.adding += 1
-                    add = self._deferred_add(rnd, name, state, samples)
+                    add = self._deferred_add(rnd, name, state, samples, pending)
+                    pending = None
                 elif state is not None:
                     ta = time.monotonic()
                     with self.sum_lock:
                         self.fedavg.add(state, samples, checked=True)  # checked in _decode_update
                     self.rec.record("aggregate", ta, time.monotonic(), round=rnd, collaborator=name)
+                if pending is not None:  # counted without a deferred add: moved right away
+                    pending.settle()
                 self.received[name] = {"samples": samples, **metrics}
                 self.rec.record(
                     "receive_update",
@@ -875,22 +934,31 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             return {"crc32c": crc}, True
         return ({"crc32c": crc} if crc is not None else {"sha256": sha256 or None}), False
 
-    def _deferred_add(self, rnd: int, name: str, state, samples: int):
+    def _deferred_add(self, rnd: int, name: str, state, samples: int, staged=None):
         """The add, to run after the ACK. Called with ``cond`` held; the add itself runs under
         ``sum_lock`` only: holding ``cond`` for its ~50 ms (ResNet-18) stalled every other
         upload's receive loop and every long poll. The round cannot close (and replace
-        ``fedavg``) while ``adding`` counts it."""
+        ``fedavg``) while ``adding`` counts it. ``staged``: a `durable.StagedUpdate` moved into
+        the run directory after the add -- so before the round closes, and long before its
+        checkpoint lets the round's updates go."""
         fedavg = self.fedavg
 
         def add() -> None:
+            what = "FedAvg add"
             try:
                 with self.sum_lock:
                     ta = time.monotonic()
                     fedavg.add(state, samples, checked=True)
                 self.rec.record("aggregate", ta, time.monotonic(), round=rnd, collaborator=name)
+                if staged is not None:
+                    fault("settle", rnd)  # crash tests: acknowledged, only in shared memory
+                    what = "storing"
+                    with self.rec.span("settle_update", round=rnd, collaborator=name) as s:
+                        staged.settle()
+                        s["bytes"] = staged.slot.size
             except BaseException as exc:  # a counted update missing from the sum: fail loudly
                 with self.cond:
-                    self.failed = f"FedAvg add of {name}'s update for round {rnd} failed: {exc}"
+                    self.failed = f"{what} of {name}'s update for round {rnd} failed: {exc}"
                 raise
             finally:
                 with self.cond:
@@ -1074,6 +1142,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             if data is not None:
                 data.stop()
             server.stop(grace=2.0).wait(5.0)
+            if self.staging is not None:
+                self.staging.close()
             update_run_json(self.run_dir, peak_inflight_updates=self.peak_active)
 
     def _data_server(self, listen: str) -> dataplane.DataServer | None:

@@ -10,9 +10,11 @@ reported, which is the same for every collaborator that ran the same number of s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from teefl.errors import TeeflError
@@ -88,6 +90,64 @@ class FlatUpdate:
         """Whether every float element is finite (cheap; False proves nothing, see
         `_sums_finite`: the caller then checks tensor by tensor)."""
         return _sums_finite([t for t in self.runs if t.is_floating_point()])
+
+
+class FiniteScan:
+    """The finiteness check of an update of a known layout, made piece by piece while it is
+    received (an `codec.Assembler` sink): each piece's float elements are summed right after
+    the receive loop wrote and checksummed them, while they are still in the CPU cache.
+
+    Why: checked after the last byte, the same sums read the whole update back from memory on
+    the acknowledgement's critical path -- ~0.7 ms of MobileNetV3-Small's 3.5 ms upload on
+    loopback here, against ~10 us per 256 KiB piece inside the loop; on a link slower than the
+    CPU the pieces are summed while the next ones are still on the wire, for nothing. Summed
+    with NumPy, which never spreads a sum over threads: torch's intra-op threads, woken for
+    every piece while the sender holds the other core, made ResNet-18's upload 2.6x slower.
+    As `FlatUpdate.finite`: every partial sum finite proves every element finite; a False (or
+    a scan that did not see every float byte exactly once, in element-aligned pieces, or a
+    dtype NumPy lacks: bfloat16) proves nothing, and the caller then checks the whole update
+    the usual way.
+    """
+
+    def __init__(self, layout: codec.Layout, buffer: Any) -> None:
+        self.buffer = buffer
+        self.runs = [
+            (b, b + n * d.itemsize, _NUMPY.get(d)) for d, b, n in layout.runs if d.is_floating_point
+        ]
+        self.expected = sum(e - b for b, e, _ in self.runs)
+        self.seen = 0
+        self.complete = all(dt is not None for _, _, dt in self.runs)
+        self.sums: list[float] = []
+
+    def __call__(self, piece: memoryview, offset: int) -> None:
+        if not self.complete:
+            return
+        end = offset + len(piece)
+        for begin, stop, dtype in self.runs:
+            lo, hi = max(begin, offset), min(stop, end)
+            if lo >= hi:
+                continue
+            if (lo - begin) % dtype.itemsize or (hi - lo) % dtype.itemsize:
+                self.complete = False  # an element split between pieces: not summed here
+                return
+            n = (hi - lo) // dtype.itemsize
+            with np.errstate(over="ignore", invalid="ignore"):  # inf / NaN are the answer
+                self.sums.append(float(np.frombuffer(self.buffer, dtype, n, lo).sum()))
+            self.seen += hi - lo
+
+    def finite(self) -> bool:
+        """True only where every float element was summed and every sum is finite."""
+        if not self.complete or self.seen != self.expected:
+            return False
+        return all(math.isfinite(x) for x in self.sums)
+
+
+#: the float dtypes `FiniteScan` sums with NumPy, as little-endian NumPy dtypes
+_NUMPY = {
+    torch.float16: np.dtype("<f2"),
+    torch.float32: np.dtype("<f4"),
+    torch.float64: np.dtype("<f8"),
+}
 
 
 class RunningFedAvg:

@@ -1,0 +1,267 @@
+"""Updates staged in shared memory (staging.py): slots kept and named only while they hold an
+acknowledged update, what a restart finds, and the finiteness check made while receiving."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from teefl.federation import codec
+from teefl.federation.durable import RoundStore
+from teefl.federation.fedavg import FiniteScan, FlatUpdate
+from teefl.federation.staging import StagingArea
+from teefl.workload.models import build_model
+
+
+def _names(area: StagingArea) -> list[str]:
+    return sorted(os.listdir(area.directory))
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        pid += 1
+
+
+# -- slots ---------------------------------------------------------------------------------------
+def test_slots_are_kept_for_their_size_and_freed_on_close(tmp_path: Path) -> None:
+    area = StagingArea(tmp_path / "shm", keep=2)
+    a = area.take(10_000)
+    assert a is not None and len(a.mem) == 10_000
+    a.mem[:5] = b"hello"
+    area.give(a)
+    assert area.take(10_000) is a  # kept from round to round, its pages with it
+    b, c = area.take(10_000), area.take(20_000)
+    for slot in (a, b, c):
+        area.give(slot)
+    assert len(area.free) == 2 and a not in area.free  # at most `keep`, the oldest goes
+    assert len(_names(area)) == 2 and all("-slot-" in n for n in _names(area))
+    area.close()
+    assert _names(area) == []  # free slots are not data: nothing outlives a clean close
+
+
+def test_a_named_slot_holds_its_bytes_under_that_name_until_unlinked(tmp_path: Path) -> None:
+    area = StagingArea(tmp_path / "shm", keep=2)
+    slot = area.take(4096)
+    slot.mem[:] = b"u" * 4096
+    path = slot.link(slot.name_for(3, "col1"))
+    assert path.read_bytes() == b"u" * 4096 and "round-0003-col1" in path.name
+    slot.unlink()
+    assert not path.exists() and slot.name is None
+    area.give(slot)
+    again = area.take(4096)
+    assert again is slot and again.link(again.name_for(4, "col1")).exists()  # named again
+    again.unlink()
+    area.give(again)
+    area.close()
+
+
+def test_a_slot_still_named_is_never_reused_and_survives_close(tmp_path: Path) -> None:
+    area = StagingArea(tmp_path / "shm", keep=2)
+    slot = area.take(4096)
+    slot.mem[:3] = b"acq"
+    path = slot.link(slot.name_for(1, "col2"))
+    area.give(slot)  # its move to the run directory failed: the only copy of an acked update
+    assert slot not in area.free
+    area.close()
+    assert path.read_bytes()[:3] == b"acq"
+
+
+def test_free_slots_of_dead_aggregators_are_swept_their_staged_updates_kept(
+    tmp_path: Path,
+) -> None:
+    d = tmp_path / "shm"
+    d.mkdir(mode=0o700)
+    dead = _dead_pid()
+    (d / f"{dead}-abcd-slot-1").write_bytes(b"x")
+    (d / f"{dead}-abcd-round-0002-col1.safetensors").write_bytes(b"acked")
+    (d / f"{os.getpid()}-ef01-slot-9").write_bytes(b"alive")
+    area = StagingArea(d, keep=1)
+    assert _names(area) == sorted(
+        [f"{dead}-abcd-round-0002-col1.safetensors", f"{os.getpid()}-ef01-slot-9"]
+    )
+    area.close()
+
+
+def test_unusable_staging_directories_fall_back(tmp_path: Path, caplog) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with caplog.at_level(logging.INFO, logger="teefl.staging"):
+        assert StagingArea.open(tmp_path / "file" / "shm", keep=1) is None
+        assert StagingArea.open(Path("/proc/teefl-nowhere"), keep=1) is None
+    assert "written to the run directory" in caplog.text
+
+
+def test_a_full_tmpfs_refuses_a_slot_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    area = StagingArea(tmp_path / "shm", keep=1)
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert area.take(1 << 20) is None  # the update is then received the disk way
+    assert _names(area) == []
+    area.close()
+
+
+# -- what the run directory and a restart see ----------------------------------------------------
+def _staged(tmp_path: Path, data: bytes, rnd: int = 1):
+    store = RoundStore(tmp_path / "run")
+    area = StagingArea(tmp_path / "shm", keep=2)
+    slot = area.take(len(data))
+    slot.mem[:] = data
+    staged = store.commit_staged(
+        rnd, "col1", slot, {"samples": 7}, {"crc32c": codec.crc32c(data)}, True
+    )
+    return store, area, staged
+
+
+def test_a_restart_reads_a_staged_update_and_moves_it_to_the_run_directory(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(10_000)
+    _, area, staged = _staged(tmp_path, data)
+    meta_file = tmp_path / "run/updates/round-0001/col1.json"
+    where = Path(json.loads(meta_file.read_text())["staged"])
+    assert where.read_bytes() == data  # acknowledged from here: nothing in the run dir yet
+    assert not (tmp_path / "run/updates/round-0001/col1.safetensors").exists()
+    # the aggregator dies here; a new one on the same run directory replays the round
+    (saved,) = RoundStore(tmp_path / "run").load_updates(1)
+    assert saved.payload == data and saved.meta["samples"] == 7 and "staged" not in saved.meta
+    assert (tmp_path / "run/updates/round-0001/col1.safetensors").read_bytes() == data
+    assert not where.exists() and "staged" not in json.loads(meta_file.read_text())
+    (again,) = RoundStore(tmp_path / "run").load_updates(1)  # and once more: the same
+    assert again.payload == data
+    staged.slot.name = None  # its file went with the replay
+    area.close()
+
+
+def test_settle_moves_it_and_frees_the_slot(tmp_path: Path) -> None:
+    data = os.urandom(5000)
+    store, area, staged = _staged(tmp_path, data)
+    staged.settle()
+    assert (tmp_path / "run/updates/round-0001/col1.safetensors").read_bytes() == data
+    assert staged.slot.name is None and all("-slot-" in n for n in _names(area))
+    (saved,) = store.load_updates(1)  # the metadata still names the staged file, now gone
+    assert saved.payload == data
+    area.give(staged.slot)
+    area.close()
+
+
+def test_a_staged_update_whose_file_is_gone_was_never_committed(tmp_path: Path, caplog) -> None:
+    data = os.urandom(5000)
+    store, area, staged = _staged(tmp_path, data)
+    staged.slot.unlink()  # as a crash between the metadata and the rename leaves it
+    with caplog.at_level(logging.WARNING, logger="teefl.durable"):
+        assert store.load_updates(1) == []
+    assert "which is gone" in caplog.text
+    assert not (tmp_path / "run/updates/round-0001/col1.json").exists()
+    area.give(staged.slot)
+    area.close()
+
+
+def test_a_corrupted_staged_update_is_not_trusted(tmp_path: Path) -> None:
+    data = os.urandom(5000)
+    store, area, staged = _staged(tmp_path, data)
+    staged.slot.mem[:1] = bytes([data[0] ^ 1])
+    with pytest.raises(Exception, match="fails its checksum"):
+        store.load_updates(1)
+    staged.slot.unlink()
+    area.give(staged.slot)
+    area.close()
+
+
+def test_discarding_a_staged_update_removes_its_file(tmp_path: Path) -> None:
+    store, area, staged = _staged(tmp_path, os.urandom(5000))
+    staged.slot.unlink()  # back to a free slot first, as the aggregator does
+    store.discard_update(1, "col1")
+    assert store.load_updates(1) == [] and all("-slot-" in n for n in _names(area))
+    area.give(staged.slot)
+    area.close()
+
+
+# -- the finiteness check made while receiving ---------------------------------------------------
+def _payload(name: str = "mobilenet_v3_small", dtype: torch.dtype | None = None):
+    model = build_model(name, 3, 10, seed=0)
+    if dtype is not None:
+        model = model.to(dtype)
+    state = model.state_dict()
+    return codec.Layout.of_state(state), bytearray(codec.encode_state(state))
+
+
+def _scanned(layout: codec.Layout, payload: bytearray, piece: int) -> FiniteScan:
+    scan = FiniteScan(layout, payload)
+    asm = codec.Assembler(len(payload), b"", 1 << 40, check="none", buffer=bytearray(payload))
+    scan.buffer = asm.buf
+    view = memoryview(payload)
+    pos = 0
+
+    def recv_into(dst: memoryview) -> int:
+        nonlocal pos
+        n = min(len(dst), 7919)  # the socket returns odd amounts; pieces stay whole
+        dst[:n] = view[pos : pos + n]
+        pos += n
+        return n
+
+    asm.sink = scan
+    asm.receive(recv_into, piece, None)
+    return scan
+
+
+@pytest.mark.parametrize("piece", [4096, codec.HASH_PIECE, 4 << 20])
+def test_scan_while_receiving_agrees_with_the_whole_check(piece: int) -> None:
+    layout, payload = _payload()
+    assert _scanned(layout, payload, piece).finite()
+    float_bytes = [(b, b + n * d.itemsize) for d, b, n in layout.runs if d.is_floating_point]
+    begin, end = float_bytes[0]
+    # a NaN at the first and last float, and on both sides of a piece boundary
+    for at in (begin, end - 4, begin + codec.HASH_PIECE - 4, begin + codec.HASH_PIECE):
+        bad = bytearray(payload)
+        bad[at : at + 4] = torch.tensor([float("nan")]).numpy().tobytes()
+        assert not FlatUpdate(layout, bad).finite()
+        assert not _scanned(layout, bad, piece).finite(), at
+
+
+def test_scan_proves_nothing_where_it_did_not_see_every_element() -> None:
+    layout, payload = _payload()
+    first = next(b for d, b, _ in layout.runs if d == torch.float32)
+    cut = first + 1001  # inside a float32 element
+    scan = FiniteScan(layout, payload)
+    scan(memoryview(payload)[:cut], 0)  # a piece ending inside an element
+    scan(memoryview(payload)[cut:], cut)
+    assert not scan.finite()
+    whole = FiniteScan(layout, payload)
+    whole(memoryview(payload)[: cut - 1], 0)  # element-aligned: fine
+    whole(memoryview(payload)[cut - 1 :], cut - 1)
+    assert whole.finite()
+    half = FiniteScan(layout, payload)
+    half(memoryview(payload)[: len(payload) // 2], 0)  # the rest never arrived
+    assert not half.finite()
+
+
+def test_scan_leaves_bfloat16_to_the_whole_check() -> None:
+    layout, payload = _payload("small_cnn", torch.bfloat16)
+    assert not _scanned(layout, payload, codec.HASH_PIECE).finite()
+    assert FlatUpdate(layout, payload).finite()  # which still accepts it
+
+
+def test_a_slot_whose_file_was_removed_under_it_commits_nothing(tmp_path: Path) -> None:
+    store = RoundStore(tmp_path / "run")
+    area = StagingArea(tmp_path / "shm", keep=2)
+    slot = area.take(4096)
+    os.unlink(area.directory / slot.free_name)  # e.g. swept by a process in another namespace
+    with pytest.raises(FileNotFoundError):
+        store.commit_staged(1, "col1", slot, {"samples": 1}, {"crc32c": 0}, True)
+    assert not (tmp_path / "run/updates/round-0001/col1.json").exists()  # not acknowledged
+    area.give(slot)
+    assert slot not in area.free  # never staged again
+    area.close()
