@@ -46,6 +46,7 @@ MODELS = {
     "resnet18": "ResNet-18",
     "mobilenet_v3_small": "MobileNetV3-Small",
     "synthetic200": "synthetic 200 MB",
+    "synthetic6": "synthetic 6 MB",
 }
 
 
@@ -104,6 +105,11 @@ def build_module(spec: str):
         torch.manual_seed(0)
         # 12 x (2048x2048 + 2048) float32 = 201 MB in 24 tensors
         return nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(12)])
+    if spec == "synthetic6":
+        torch.manual_seed(0)
+        # 1240x1240 + 1240 float32 = 6.2 MB in 2 tensors: MobileNetV3-Small's size, 1/122 of
+        # its tensors (does a small payload cost more per byte because of its tensor count?)
+        return nn.Sequential(nn.Linear(1240, 1240))
     if spec.startswith("linear"):  # "linear<N>": a tiny model for scale tests
         n = int(spec.removeprefix("linear") or 16)
         return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, n), nn.ReLU(), nn.Linear(n, 10))
@@ -457,6 +463,10 @@ def _apply_patches(patches: list[str]) -> None:
                 self.store.drop_updates(rnd)
 
             agg_mod.Aggregator._write_checkpoint = no_checkpoint
+        elif p == "disk-staging":
+            # the path before shared-memory staging (plan federation.update_staging: disk):
+            # each received piece written to the run directory before the ack
+            agg_mod.Aggregator._open_staging = lambda self: None
         else:
             raise SystemExit(f"unknown patch {p!r}")
 
