@@ -670,7 +670,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                         defer_add=True,
                         stored=target,
                         crc=crc,
-                        staged=slot if not zstd else None,
+                        staged=slot,
                     )
                     target = None  # committed: its file is the stored update now
                     try:
@@ -860,8 +860,10 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         the round does not close before every deferred add has run (see `_close_round`).
         ``stored``: the `UpdateFile` the payload was received into (committed here instead of
         writing the payload out again). ``staged``: the shared-memory `staging.Slot` it was
-        received into instead: committed there, moved to the run directory with the add.
+        received into instead: committed there, moved to the run directory with the (deferred)
+        add.
         """
+        assert staged is None or defer_add  # the move runs after the ack, with the add
         with self.cond:
             if rnd != self.round:
                 raise StaleUpdate(f"round {rnd} closed while the update was in transit")
@@ -903,8 +905,6 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     with self.sum_lock:
                         self.fedavg.add(state, samples, checked=True)  # checked in _decode_update
                     self.rec.record("aggregate", ta, time.monotonic(), round=rnd, collaborator=name)
-                if pending is not None:  # counted without a deferred add: moved right away
-                    pending.settle()
                 self.received[name] = {"samples": samples, **metrics}
                 self.rec.record(
                     "receive_update",

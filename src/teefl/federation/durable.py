@@ -472,12 +472,14 @@ class RoundStore:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
             staged = meta.pop("staged", None)
             file = d / f"{name}{self._suffix()}"
-            payload, from_staged = None, False
+            payload, from_staged, ok = None, False, False
             if staged:  # still staged, or moved here since (then its staged file is gone)
                 with contextlib.suppress(FileNotFoundError):
                     payload, from_staged = Path(staged).read_bytes(), True
-                if (payload is None or not _matches(payload, meta)) and file.exists():
+                ok = payload is not None and _matches(payload, meta)
+                if not ok and file.exists():
                     payload, from_staged = self._read(file), False
+                    ok = _matches(payload, meta)
                 if payload is None:
                     log.warning(
                         "update of %s for round %d was staged in %s, which is gone (never "
@@ -490,7 +492,8 @@ class RoundStore:
                     continue
             else:
                 payload = self._read(file)
-            if not _matches(payload, meta):
+                ok = _matches(payload, meta)
+            if not ok:
                 if meta.get("verified", True) is False:
                     # its digest is the sender's claim, never checked (it came over TLS): the
                     # sender's own digest was wrong, so the update is not trusted after all
