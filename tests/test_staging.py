@@ -101,14 +101,19 @@ def test_unusable_staging_directories_fall_back(tmp_path: Path, caplog) -> None:
     assert "written to the run directory" in caplog.text
 
 
-def test_a_full_tmpfs_refuses_a_slot_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+def test_a_full_tmpfs_refuses_a_slot_and_leaves_nothing(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
     area = StagingArea(tmp_path / "shm", keep=1)
 
     def full(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    assert area.take(1 << 20) is None  # the update is then received the disk way
+    with caplog.at_level(logging.WARNING, logger="teefl.staging"):
+        assert area.take(1 << 20) is None  # the update is then received the disk way
+        assert area.take(1 << 20) is None
+    assert caplog.text.count("cannot stage") == 1  # said once, not at every upload
     assert _names(area) == []
     area.close()
 

@@ -116,6 +116,7 @@ class StagingArea:
         self.free: list[Slot] = []
         self.lock = threading.Lock()
         self._count = 0
+        self.refused = False  # a slot was refused for want of room (warned once)
         try:
             self._sweep()
             probe = Slot(self, mmap.PAGESIZE)  # a slot's whole life once, before relying on it
@@ -175,7 +176,17 @@ class StagingArea:
         try:
             return Slot(self, size)
         except OSError as exc:
-            log.warning("cannot stage a %d-byte update in %s: %s", size, self.directory, exc)
+            # said once (a small /dev/shm, e.g. Docker's 64 MB, would say it every upload)
+            level = logging.DEBUG if self.refused else logging.WARNING
+            self.refused = True
+            log.log(
+                level,
+                "cannot stage a %d-byte update in %s (%s): such updates are written to the run "
+                "directory as they arrive",
+                size,
+                self.directory,
+                exc,
+            )
             return None
 
     def give(self, slot: Slot) -> None:
