@@ -3,11 +3,13 @@
 - After every round: the checkpoint ``model/round-NNNN.safetensors`` (sealed when the plan says
   so) and ``state.json`` naming it with its SHA-256, both written atomically (temp file, fsync,
   rename). A restarted aggregator resumes from the last completed round.
-- Before an update is acknowledged: the update itself under ``updates/round-NNNN/`` (payload and
-  metadata with its SHA-256). A restarted aggregator replays the open round's acknowledged
-  updates, so no acknowledged update is lost; a collaborator re-sending one is told it is already
-  counted (uploads are idempotent per collaborator and round). Updates are written without fsync:
-  they survive a crash of the aggregator process, not a power loss of the host.
+- Before an update is acknowledged: its metadata (samples, metrics, digest) under
+  ``updates/round-NNNN/``, and its payload there too -- or in a shared-memory slot the metadata
+  names (`commit_staged`, see staging.py), moved there after the acknowledgement
+  (`StagedUpdate.settle`). A restarted aggregator replays the open round's acknowledged updates
+  from either place, so no acknowledged update is lost; a collaborator re-sending one is told it
+  is already counted (uploads are idempotent per collaborator and round). Updates are written
+  without fsync: they survive a crash of the aggregator process, not a crash of the host.
 """
 
 from __future__ import annotations
