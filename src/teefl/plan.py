@@ -227,6 +227,7 @@ class FederationSpec(_Strict):
     #: directory piece by piece while it arrives (a copy of every byte before the ack). Both
     #: survive a crash of the aggregator process, neither a crash of its host. "memory" falls
     #: back to "disk" where it cannot be used: sealed storage, a Gramine launcher, no usable tmpfs
+    #: (and is not used with `network.data_plane: grpc`, whose updates are stored after decoding)
     update_staging: Literal["memory", "disk"] = "memory"
     #: the tmpfs for "memory" staging (teefl makes a folder ``teefl-<uid>`` in it)
     staging_dir: Path = Path("/dev/shm")

@@ -161,6 +161,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         fed = self.plan.federation
         if (
             fed.update_staging != "memory"
+            or self.plan.network.data_plane != "socket"  # gRPC uploads are stored after decode
             or self.seal_key is not None  # stored as ciphertext: never in plain shared memory
             or self.plan.runtime.launcher != "native"  # Gramine: no tmpfs of the host's to trust
         ):

@@ -80,8 +80,9 @@ class Slot:
     def unlink(self) -> None:
         """Back to its free name (the update is in the run directory, or was refused)."""
         if self.name is not None:
+            assert self.free_name is not None  # `link` named it from its free name
             try:
-                self._rename(self.name, str(self.free_name))
+                self._rename(self.name, self.free_name)
             except FileNotFoundError:  # removed under us: unusable for staging from now on
                 self.free_name = None
             self.name = None
