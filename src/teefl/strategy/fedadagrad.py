@@ -22,5 +22,5 @@ class FedAdagrad(FedOpt):
     Options = FedAdagradOptions
     options: FedAdagradOptions
 
-    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
-        return v.add_(d2)
+    def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> None:
+        v.addcmul_(delta, delta)

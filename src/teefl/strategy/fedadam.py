@@ -15,6 +15,6 @@ class FedAdam(FedOpt):
     Options = FedOptBeta2Options
     options: FedOptBeta2Options
 
-    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+    def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> None:
         b2 = self.options.beta_2
-        return v.mul_(b2).add_(d2, alpha=1 - b2)
+        v.mul_(b2).addcmul_(delta, delta, value=1 - b2)

@@ -10,9 +10,10 @@ streaming: one float64 sum, whatever the number of collaborators):
     x'    = x + eta * m / (sqrt(v) + tau)
 
 with m = 0 and v = tau^2 before the first round (the paper's v_{-1} >= tau^2); no bias
-correction, as in the paper. The math runs in float64, chunk by chunk; m and v are kept in
-float32 (float64 for a float64 model) and saved with every checkpoint (`state`), with t, so a
-restarted aggregator continues exactly.
+correction, as in the paper. delta comes from FedAvg's float64 mean; m, v and the step are in
+float32 (float64 for a float64 model: the moments' dtype), in place, chunk by chunk -- about ten
+passes over the model at the round's close. m and v are saved with every checkpoint (`state`),
+with t, so a restarted aggregator continues exactly.
 
 Not stepped: integer tensors (counters, which take FedAvg's largest value) and tensors named in
 ``mean_only`` (BatchNorm's running statistics by default: statistics, not parameters, and a step
@@ -71,9 +72,9 @@ class FedOpt(Strategy):
         self._restored: dict[str, torch.Tensor] | None = None
 
     @abstractmethod
-    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
-        """The new v from the old ``v`` and ``delta**2`` (float64 stretches; ``v`` may be
-        updated in place)."""
+    def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> None:
+        """Update ``v`` in place from this round's ``delta`` (stretches of the moments'
+        dtype)."""
 
     def configure(self, rnd: int) -> RoundConfig:
         return {} if self.options.eta_l is None else {LR: self.options.eta_l}
@@ -200,21 +201,16 @@ class FedOpt(Strategy):
             if m is None or v is None:
                 target.copy_(acc_sum)  # integer counters: FedAvg's largest value
                 continue
-            keep = pieces.plain_mask(i, plain)
             for lo, hi in chunks(pieces.sizes[i]):
-                mean = torch.div(acc_sum[lo:hi], total)  # FedAvg's mean, as RunningFedAvg
-                x = xs[i][lo:hi].to(torch.float64, copy=True)  # stepped in place
-                delta = mean - x
-                m64 = m[lo:hi].double().mul_(opt.beta_1).add_(delta, alpha=1 - opt.beta_1)
-                v64 = self.second_moment(v[lo:hi].double(), delta.square())
-                new = x.add_(m64.div(v64.sqrt().add_(opt.tau)).mul_(opt.eta))
-                for a, b in keep:
-                    a, b = max(a, lo), min(b, hi)
-                    if a < b:
-                        new[a - lo : b - lo] = mean[a - lo : b - lo]
-                m[lo:hi].copy_(m64)
-                v[lo:hi].copy_(v64)
-                target[lo:hi].copy_(new)
+                x, mt, vt = xs[i][lo:hi], m[lo:hi], v[lo:hi]
+                # the delta from FedAvg's float64 mean, then rounded to the moments' dtype
+                delta = torch.div(acc_sum[lo:hi], total).sub_(x).to(mt.dtype)
+                mt.lerp_(delta, 1 - opt.beta_1)  # beta_1 m + (1 - beta_1) delta
+                self.second_moment(vt, delta)
+                denom = vt.sqrt().add_(opt.tau)
+                torch.addcdiv(x, mt, denom, value=opt.eta, out=target[lo:hi])
+            for a, b in pieces.plain_mask(i, plain):  # FedAvg's mean, exactly as RunningFedAvg
+                torch.div(acc_sum[a:b], total, out=target[a:b])
         pieces.finish(out, dst)
         self.t = acc.rnd
 

@@ -17,5 +17,6 @@ class FedYogi(FedOpt):
     Options = FedOptBeta2Options
     options: FedOptBeta2Options
 
-    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
-        return v.sub_(d2 * torch.sign(v - d2), alpha=1 - self.options.beta_2)
+    def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> None:
+        d2 = delta.square()
+        v.addcmul_(d2, torch.sign(v - d2), value=-(1 - self.options.beta_2))

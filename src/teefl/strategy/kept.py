@@ -3,8 +3,8 @@
 Why they keep them: a median, a trimmed mean or Krum's distances need all n values of a
 coordinate at once, so memory is n model copies (in the model's dtype) instead of FedAvg's one
 float64 sum. The updates are kept as flat pieces (`pieces.Pieces`), copied out of the receive
-buffer once; the result is computed piece by piece in `pieces.CHUNK`-element stretches, so the
-temporaries (a float64 stack of n values per coordinate, its sort) stay small.
+buffer once; the result is computed piece by piece in stretches of `pieces.CHUNK` / n coordinates,
+so the temporaries (a float64 stack of n values per coordinate, its sort) stay at ~30 MiB.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class KeptUpdates:
         chosen = self.select()
         dst = self.pieces.targets(out)
         for i, target in enumerate(dst):
-            for lo, hi in chunks(self.pieces.sizes[i]):
+            for lo, hi in chunks(self.pieces.sizes[i], per=len(chosen)):
                 stack = torch.stack([self.updates[j][i][lo:hi] for j in chosen])
                 if stack.is_floating_point():
                     target[lo:hi].copy_(self.combine(stack))

@@ -133,9 +133,10 @@ class Pieces:
         ]
 
 
-def chunks(n: int, size: int | None = None) -> Iterator[tuple[int, int]]:
-    """(begin, end) stretches of ``size`` (default `CHUNK`) elements covering ``range(n)``."""
-    size = size or CHUNK
+def chunks(n: int, size: int | None = None, per: int = 1) -> Iterator[tuple[int, int]]:
+    """(begin, end) stretches of ``size`` (default `CHUNK`) elements covering ``range(n)``;
+    ``per``: values per element (a stack of n updates), which shortens the stretch as much."""
+    size = max(1, (size or CHUNK) // max(1, per))
     for lo in range(0, n, size):
         yield lo, min(n, lo + size)
 
