@@ -135,6 +135,8 @@ def test_register_refuses_clashes_and_non_strategies() -> None:
         assert register_strategy("test-mine")(Mine) is Mine
         assert register_strategy("test-mine")(Mine) is Mine  # again: a no-op
         assert Mine.name == "test-mine" and resolve_strategy("test-mine") is Mine
+        register_strategy("test-alias")(FedAdam)
+        assert resolve_strategy("test-alias") is FedAdam and FedAdam.name == "fedadam"
         with pytest.raises(TeeflError, match="'fedavg' is registered already"):
             register_strategy("fedavg")(Mine)
         with pytest.raises(TeeflError, match="not a teefl strategy"):
@@ -143,6 +145,7 @@ def test_register_refuses_clashes_and_non_strategies() -> None:
             register_strategy("a:b")
     finally:
         STRATEGIES._entries.pop("test-mine", None)
+        STRATEGIES._entries.pop("test-alias", None)
 
 
 def test_the_core_is_generic() -> None:
@@ -162,7 +165,7 @@ def test_the_core_is_generic() -> None:
 
 
 def test_a_strategy_written_outside_teefl() -> None:
-    """The docs' example: subclass, options, register, build by name."""
+    """docs/strategies.md's example in substance: subclass, options, register, build by name."""
     import torch
 
     from teefl.strategy import StrategyOptions

@@ -104,8 +104,10 @@ class Strategy(ABC):
 
     @classmethod
     def __registered__(cls, name: str) -> None:
-        """Called by the registry: the state is saved under the registered name."""
-        cls.name = name
+        """Called by the registry: the state is saved under the first registered name (a
+        second name, an alias, must not change where existing states say they belong)."""
+        if cls.name == f"{cls.__module__}:{cls.__qualname__}":
+            cls.name = name
 
     def __init__(self, options: StrategyOptions | Mapping[str, Any] | None = None) -> None:
         self.options = self.validate_options(options)
