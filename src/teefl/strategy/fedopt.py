@@ -209,7 +209,7 @@ class FedOpt(Strategy):
                 self.second_moment(vt, delta)
                 denom = vt.sqrt().add_(opt.tau)
                 torch.addcdiv(x, mt, denom, value=opt.eta, out=target[lo:hi])
-            for a, b in pieces.plain_mask(i, plain):  # FedAvg's mean, exactly as RunningFedAvg
+            for a, b in pieces.ranges_named(i, plain):  # FedAvg's mean, exactly as RunningFedAvg
                 torch.div(acc_sum[a:b], total, out=target[a:b])
         pieces.finish(out, dst)
         self.t = acc.rnd

@@ -36,7 +36,6 @@ class Pieces:
         self.dtypes: list[torch.dtype] = []
         self.sizes: list[int] = []
         self.members: list[list[tuple[str, int, int, tuple[int, ...]]]] = []
-        self.empty = [name for name, t in reference.items() if not t.numel()]
         if layout is not None:
             bases = {b: i for i, (_, b, _) in enumerate(layout.runs)}
             for dtype, _, n in layout.runs:
@@ -124,7 +123,7 @@ class Pieces:
                 if t.data_ptr() != flat.data_ptr() or len(members) > 1:
                     t.copy_(flat[pos : pos + n].view(shape))
 
-    def plain_mask(self, i: int, names: set[str]) -> list[tuple[int, int]]:
+    def ranges_named(self, i: int, names: set[str]) -> list[tuple[int, int]]:
         """Element ranges of piece ``i`` whose tensor's last name component is in ``names``."""
         return [
             (pos, pos + n)
