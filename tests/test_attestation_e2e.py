@@ -24,19 +24,39 @@ from fedutil import SYNTHETIC, final_accuracy, phases, read_jsonl, run_dir_of, t
 from teefl.federation import attest, teefl_pb2, teefl_pb2_grpc
 from teefl.plan import load_plan
 from teefl.security import pki
-from teefl.security.tee.evidence import SimulatedProvider, default_simulated_measurements
+from teefl.security.tee.evidence import (
+    SimulatedProvider,
+    default_simulated_measurements,
+    load_or_create_simulated_key,
+    simulated_key_fingerprint,
+)
 
-ATTEST = {
-    "collaborators": "required",
-    "aggregator": "required",
-    "provider": "simulated",
-    "allow_simulated": True,
-    "policy": {"mrtd": [default_simulated_measurements()["mrtd"].hex()]},
-}
+
+def pinned_attestation(tmp_path: Path) -> dict:
+    """security.attestation with simulated evidence pinned as a plan must pin it: the simulated
+    signing key (``tmp_path/sim.pem``, shared by every party like a platform's attestation key)
+    by fingerprint, and the simulated measurements, in both roles' policies."""
+    key_file = tmp_path / "sim.pem"
+    policy = {
+        "allow_simulated": True,
+        "simulated_keys": [simulated_key_fingerprint(load_or_create_simulated_key(key_file))],
+        **{k: [v.hex()] for k, v in default_simulated_measurements().items()},
+    }
+    return {
+        "collaborators": "required",
+        "aggregator": "required",
+        "provider": "simulated",
+        "allow_simulated": True,
+        "simulated_key": str(key_file),
+        "policies": {"aggregator": policy, "collaborators": policy},
+    }
 
 
 def test_attested_federation_completes(tmp_path: Path) -> None:
-    data = {**SYNTHETIC, "security": {"transport": "mtls", "attestation": ATTEST}}
+    data = {
+        **SYNTHETIC,
+        "security": {"transport": "mtls", "attestation": pinned_attestation(tmp_path)},
+    }
     plan = write_plan(tmp_path / "plan.yaml", data)
     res = teefl("run", str(plan), "--runs-dir", "runs", "--no-progress", cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -58,7 +78,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _hostile(port: int, issued, mode: str) -> tuple[str, int]:
+def _hostile(port: int, issued, mode: str, key_file: Path) -> tuple[str, int]:
     """col3 with bad evidence: returns (Join refusal, model bytes it managed to get)."""
     cdir = issued.client_dir
     creds = grpc.ssl_channel_credentials(
@@ -68,7 +88,7 @@ def _hostile(port: int, issued, mode: str) -> tuple[str, int]:
     measurements = None
     if mode == "measurement":
         measurements = {"mrtd": b"\x66" * 48}
-    provider = SimulatedProvider(allow_simulated=True, measurements=measurements)
+    provider = SimulatedProvider(allow_simulated=True, measurements=measurements, key_file=key_file)
     with grpc.secure_channel(f"127.0.0.1:{port}", creds) as ch:
         stub = teefl_pb2_grpc.FederationStub(ch)
         nonce = stub.Challenge(teefl_pb2.ChallengeRequest(collaborator="col3"), timeout=10).nonce
@@ -112,7 +132,7 @@ def test_bad_evidence_is_refused_and_the_others_finish(tmp_path: Path) -> None:
     issued = pki.issue_for_plan(load_plan(plan_path), tmp_path / "pki")
     data["security"] = {
         "transport": "mtls",
-        "attestation": ATTEST,
+        "attestation": pinned_attestation(tmp_path),
         "tls": {
             "ca": str(issued.ca),
             "server_cert": str(issued.server_cert),
@@ -146,7 +166,7 @@ def test_bad_evidence_is_refused_and_the_others_finish(tmp_path: Path) -> None:
             "measurement": "MRTD 666666666666",
         }
         for mode, message in expected.items():
-            refusal, got = _hostile(port, issued, mode)
+            refusal, got = _hostile(port, issued, mode, tmp_path / "sim.pem")
             assert message in refusal, (mode, refusal)
             assert got == 0, mode
         for name in ("col1", "col2"):

@@ -35,8 +35,33 @@ def test_collaborator_count_expands_to_names() -> None:
         ),
         ({"security": {"at_rest": {"mode": "sealed"}}}, "key_file or key_env"),
         (
-            {"security": {"attestation": {"policy": {"mrtd": ["zz"]}}}},
-            "security.attestation.policy",
+            {"security": {"attestation": {"policies": {"collaborators": {"mrtd": ["zz"]}}}}},
+            "security.attestation.policies.collaborators.mrtd",
+        ),
+        (  # the single policy of earlier plans: one line saying what replaces it
+            {"security": {"attestation": {"policy": {"mrtd": ["00" * 48]}}}},
+            "security.attestation: the single `policy:` is replaced by one policy per role",
+        ),
+        (
+            {"security": {"attestation": {"policies": {"aggregators": {}}}}},
+            "security.attestation.policies.aggregators: unknown key",
+        ),
+        (  # a role policy cannot open simulated evidence behind the plan's back
+            {
+                "security": {
+                    "attestation": {
+                        "policies": {
+                            "aggregator": {
+                                "allow_simulated": True,
+                                "simulated_keys": ["00" * 32],
+                                **{k: ["00" * 48] for k in ("mrtd", "rtmr0", "rtmr1")},
+                                "tdx_unpinned": ["rtmr2", "rtmr3"],
+                            }
+                        }
+                    }
+                }
+            },
+            "policies.aggregator.allow_simulated needs allow_simulated: true",
         ),
         ({"network": {"port": 70000}}, "network.port"),
     ],

@@ -19,6 +19,7 @@ from teefl.security.tee.evidence import (
     SimulatedProvider,
     TsmFs,
     default_provider,
+    simulated_key_fingerprint,
 )
 from teefl.security.tee.verify import (
     AttestationError,
@@ -118,6 +119,72 @@ def test_configfs_tsm_unique_directory_per_request(tmp_path: Path) -> None:
     assert a.kind == b.kind == "sev-snp"
     assert len(set(fs.created)) == 2
     assert fs.requests == {}
+
+
+class FakeSevGuest(FakeConfigfs):
+    """configfs-tsm with provider ``sev_guest``: outblob is an SEV-SNP report signed by the
+    stand-in AMD chain over the inblob, auxblob the GHCB certificate table with that chain."""
+
+    def __init__(self, root: Path, amd, table: bytes | None) -> None:
+        super().__init__(root, provider="sev_guest")
+        self.amd, self.table = amd, table
+        self.key = None
+
+    def exists(self, path: Path) -> bool:
+        if path.name == "auxblob" and path.parent in self.requests:
+            return self.table is not None
+        return super().exists(path)
+
+    def read(self, path: Path) -> bytes:
+        req = self.requests[path.parent]
+        if path.name == "outblob":
+            from snputil import sign_report, synthetic_report
+
+            return sign_report(synthetic_report(report_data=bytes(req["inblob"])), self.key)
+        if path.name == "auxblob":
+            assert self.table is not None
+            return self.table
+        return super().read(path)
+
+
+def test_configfs_tsm_sev_guest_report_with_certificate_table(tmp_path: Path) -> None:
+    """The SNP path end to end on a fake kernel: report + auxblob -> verified, bound, policed."""
+    from datetime import UTC, datetime
+
+    from snputil import FakeAmd, der, milan_fields, synthetic_report
+
+    from teefl.security.tee.policy import enforce_policy, policy_block
+    from teefl.security.tee.snp import build_cert_table
+    from teefl.security.tee.snp.collateral import SnpCollateral
+
+    amd = FakeAmd()
+    vcek, key = amd.vcek(*milan_fields(synthetic_report()))
+    table = build_cert_table([("vcek", der(vcek)), ("ask", der(amd.ask)), ("ark", der(amd.ark))])
+    fs = FakeSevGuest(tmp_path, amd, table)
+    fs.key = key
+    ev = ConfigfsTsmProvider(tmp_path, fs=fs).get_evidence(REPORT_DATA)
+    assert (ev.kind, ev.provider) == ("sev-snp", "configfs-tsm/sev_guest")
+    assert ev.extra["auxblob"] == table and len(ev.quote) == 1184
+    assert Evidence.from_dict(ev.to_dict()) == ev  # survives the wire (base64 in extra)
+    assert fs.requests == {}
+    when = datetime(2024, 6, 1, tzinfo=UTC)
+    trusting = SnpCollateral(trusted_arks=amd.trusted)  # nothing but the guest's table
+    verdict = verify_evidence(ev, now=when, snp_collateral=trusting)
+    assert verdict.report_data == REPORT_DATA
+    policy = Policy.model_validate(policy_block(verdict))
+    enforce_policy(verdict, policy, REPORT_DATA, require_pinned=True)
+    with pytest.raises(AttestationError, match="report data does not bind the TLS key"):
+        enforce_policy(verdict, policy, bytes(64), require_pinned=True)
+    # AMD's roots only (the default): the same table is a forger's chain
+    with pytest.raises(AttestationError, match="not a trusted AMD root"):
+        verify_evidence(ev, now=when)
+    # a guest without a certificate table and a verifier without files: nothing to check with
+    bare = FakeSevGuest(tmp_path, amd, None)
+    bare.key = key
+    ev = ConfigfsTsmProvider(tmp_path, fs=bare).get_evidence(REPORT_DATA)
+    assert "auxblob" not in ev.extra
+    with pytest.raises(AttestationError, match="no VCEK for this report"):
+        verify_evidence(ev, now=when, snp_collateral=trusting)
 
 
 def test_configfs_tsm_concurrent_user_detected(tmp_path: Path) -> None:
@@ -232,6 +299,16 @@ def test_simulated_refused_without_opt_in() -> None:
         SimulatedVerifier()
 
 
+def sim_policy(provider: SimulatedProvider, **over) -> Policy:
+    """A policy pinning ``provider``'s key and the simulated measurements (what a plan must do)."""
+    pins = {k: [v.hex()] for k, v in provider.measurements.items()}
+    return Policy(
+        allow_simulated=True,
+        simulated_keys=[simulated_key_fingerprint(provider.public_key)],
+        **{**pins, **over},
+    )
+
+
 def test_simulated_round_trip_with_binding(caplog: pytest.LogCaptureFixture) -> None:
     nonce = bytes(32)
     rd = report_data_for(b"fake spki", nonce)
@@ -242,12 +319,31 @@ def test_simulated_round_trip_with_binding(caplog: pytest.LogCaptureFixture) -> 
         verdict = verify_evidence(ev, simulated_verifier=verifier)
     assert caplog.text.count("SIMULATED ATTESTATION IN USE") >= 4  # loud, on every use
     assert verdict.tee_type == "simulated" and verdict.report_data == rd
-    assert check_policy(verdict, Policy(allow_simulated=True), rd) == []
+    assert verdict.details["signing_key_sha256"] == simulated_key_fingerprint(provider.key)
+    assert check_policy(verdict, sim_policy(provider), rd, require_pinned=True) == []
     assert check_policy(verdict, Policy(), rd) == [
         "simulated evidence not accepted (policy allow_simulated is false)"
     ]
-    assert check_policy(verdict, Policy(allow_simulated=True), bytes(64)) == [
+    assert check_policy(verdict, sim_policy(provider), bytes(64)) == [
         "report data does not bind the TLS key"
+    ]
+
+
+def test_unpinned_simulated_policy_refused() -> None:
+    """allow_simulated without the keys and measurements it accepts is not a policy."""
+    provider = SimulatedProvider(allow_simulated=True)
+    with pytest.raises(ValueError, match=r"missing: simulated_keys .*, mrtd, rtmr0"):
+        Policy(allow_simulated=True)
+    fp = simulated_key_fingerprint(provider.public_key)
+    with pytest.raises(ValueError, match="missing: rtmr0, rtmr1, rtmr2, rtmr3"):
+        Policy(allow_simulated=True, simulated_keys=[fp], mrtd=["00" * 48])
+    # evidence signed by any other simulated key is refused, whatever it carries
+    other = SimulatedProvider(allow_simulated=True)
+    verdict = SimulatedVerifier(allow_simulated=True).verify(other.get_evidence(REPORT_DATA).quote)
+    failures = check_policy(verdict, sim_policy(provider), REPORT_DATA, require_pinned=True)
+    assert failures == [
+        f"simulated signing key {simulated_key_fingerprint(other.key)[:16]}… not in policy "
+        "simulated_keys"
     ]
 
 
@@ -273,9 +369,9 @@ def test_simulated_measurements_checked_by_policy() -> None:
     verdict = SimulatedVerifier(allow_simulated=True).verify(
         provider.get_evidence(REPORT_DATA).quote
     )
-    good = Policy(allow_simulated=True, mrtd=[verdict.measurements["mrtd"]])
+    good = sim_policy(provider)
     assert check_policy(verdict, good, REPORT_DATA) == []
-    wrong = Policy(allow_simulated=True, mrtd=["00" * 48])
+    wrong = sim_policy(provider, mrtd=["00" * 48])
     failures = check_policy(verdict, wrong, REPORT_DATA)
     assert len(failures) == 1 and failures[0].startswith("MRTD ") and "not in policy" in failures[0]
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from teefl.errors import TeeflError
+from teefl.security.tee.policy import AttestationPolicies
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -132,10 +133,28 @@ class TlsSpec(_Strict):
     client_dir: Path | None = None
 
 
+class SnpCollateralSpec(_Strict):
+    """Where an SEV-SNP verifier finds AMD's certificates (besides the guest's own table)."""
+
+    #: ARK/ASK/ASVK cert_chain files and VCEK/VLEK certificates (PEM or DER, any order)
+    certs: list[Path] = Field(default_factory=list)
+    #: AMD CRLs (``/vcek/v1/<product>/crl``); each is used for the chain of its ARK
+    crls: list[Path] = Field(default_factory=list)
+    #: fetch what is missing (VCEK, cert_chain, CRL) from AMD's KDS: needs network
+    kds: bool = False
+    #: where KDS answers are kept; None = $XDG_CACHE_HOME/teefl/amd-kds (~/.cache/...)
+    kds_cache: Path | None = None
+    #: refuse a report whose chain has no (fresh, ARK-signed) CRL
+    require_crl: bool = False
+
+
 class AttestationSpec(_Strict):
     """Who must prove its TEE, with which evidence, judged by which policy.
 
-    Evidence is bound to the party's TLS key, so attestation needs transport tls or mtls.
+    Evidence is bound to the party's TLS key, so attestation needs transport tls or mtls. Each
+    role's evidence is judged by its own policy (``policies.aggregator`` /
+    ``policies.collaborators``), which must pin the TEE identity where that role is required
+    (checked when a verifying party starts; see teefl.security.tee.policy).
     """
 
     #: the aggregator verifies every collaborator's evidence at join
@@ -146,19 +165,38 @@ class AttestationSpec(_Strict):
     provider: Literal["auto", "configfs-tsm", "gramine", "simulated"] = "auto"
     #: the simulated provider proves nothing; it must be allowed explicitly (tests, demos)
     allow_simulated: bool = False
+    #: the simulated provider's signing key (PEM, ECDSA P-256) -- what policies pin by fingerprint
+    simulated_key: Path | None = None
     #: DCAP collateral: a JSON file (offline) or a PCCS URL
     collateral: Path | None = None
     pccs_url: str | None = None
-    #: accepted TCB statuses and measurement allow-lists (see teefl.security.tee.verify.Policy)
-    policy: dict[str, Any] = Field(default_factory=dict)
+    #: SEV-SNP collateral: AMD certificate/CRL files, KDS access
+    snp: SnpCollateralSpec = SnpCollateralSpec()
+    #: what each role's evidence must show (see teefl.security.tee.policy.Policy)
+    policies: AttestationPolicies = AttestationPolicies()
 
-    @field_validator("policy")
+    @model_validator(mode="before")
     @classmethod
-    def _policy(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from teefl.security.tee.verify import Policy
+    def _old_policy_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "policy" in data:
+            raise ValueError(
+                "the single `policy:` is replaced by one policy per role: write "
+                "`policies: {aggregator: {...}, collaborators: {...}}` (the aggregator's "
+                "evidence is judged by `aggregator`, each collaborator's by `collaborators`); "
+                "`teefl tee policy QUOTE --role ROLE` prints a pinned one"
+            )
+        return data
 
-        Policy.model_validate(v)  # errors carry the offending key
-        return v
+    @model_validator(mode="after")
+    def _simulated_switch(self) -> AttestationSpec:
+        for key in ("aggregator", "collaborators"):
+            policy = getattr(self.policies, key)
+            if policy is not None and policy.allow_simulated and not self.allow_simulated:
+                raise ValueError(
+                    f"policies.{key}.allow_simulated needs allow_simulated: true beside it "
+                    "(simulated evidence is for tests and demos only)"
+                )
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -360,7 +398,12 @@ def _resolve_paths(plan: Plan, base: Path) -> None:
         return (base / p).resolve()
 
     plan.dataset.root = fix(plan.dataset.root)
-    plan.security.attestation.collateral = fix(plan.security.attestation.collateral)
+    att = plan.security.attestation
+    att.collateral = fix(att.collateral)
+    att.simulated_key = fix(att.simulated_key)
+    att.snp.certs = [p for p in map(fix, att.snp.certs) if p is not None]
+    att.snp.crls = [p for p in map(fix, att.snp.crls) if p is not None]
+    att.snp.kds_cache = fix(att.snp.kds_cache)
     plan.security.at_rest.key_file = fix(plan.security.at_rest.key_file)
     plan.runtime.sign_key = fix(plan.runtime.sign_key)
     tls = plan.security.tls

@@ -92,6 +92,10 @@ def run(
 
         issue_throwaway_pki(plan, run_dir, console)
     require_transport(plan)
+    if plan.security.attestation.enabled:  # an unpinned policy: one line now, not at each party
+        from teefl.federation.attest import check_policies
+
+        check_policies(plan.security.attestation)
     _announce_dataset(plan, data_dir, console)
     console.print(
         f"teefl run [bold]{rid}[/bold]: {len(plan.collaborators)} collaborators, "

@@ -112,58 +112,245 @@ def _parse_time(value: str | None) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+def _snp_collateral(certs: list[Path], crls: list[Path], kds: bool, kds_cache: Path | None):
+    from teefl.security.tee.snp import SnpCollateral
+
+    cache = None
+    if kds:
+        import os
+
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        cache = kds_cache or base / "teefl" / "amd-kds"
+    return SnpCollateral.from_files(certs, crls, kds_cache=cache)
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TeeflError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _load_policy(path: Path):
+    import yaml
+    from pydantic import ValidationError
+
+    from teefl.security.tee.policy import Policy
+
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return Policy.model_validate(raw)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        first = str(exc).splitlines()
+        raise TeeflError(f"policy {path}: {' '.join(first[:3])}") from None
+
+
+_SNP_CERTS = typer.Option(
+    [], "--snp-certs", help="AMD cert_chain / VCEK / VLEK file (PEM or DER; repeatable)."
+)
+_SNP_CRL = typer.Option([], "--snp-crl", help="AMD CRL file (repeatable).")
+_CERT_TABLE = typer.Option(
+    None, "--cert-table", help="The guest's SNP certificate table (configfs-tsm auxblob)."
+)
+_KDS = typer.Option(False, "--kds", help="Fetch missing SNP collateral from AMD KDS (network).")
+
+
 @tee_app.command("verify")
 def verify(
-    quote: Path = typer.Argument(..., help="Raw quote file (binary)."),
+    quote: Path = typer.Argument(
+        ..., help="Raw quote or SEV-SNP report file (binary; format detected)."
+    ),
     collateral: Path | None = typer.Option(None, "--collateral", help="Collateral JSON file."),
     pccs_url: str | None = typer.Option(None, "--pccs-url", help="Fetch collateral (network)."),
+    snp_certs: list[Path] = _SNP_CERTS,
+    snp_crl: list[Path] = _SNP_CRL,
+    cert_table: Path | None = _CERT_TABLE,
+    kds: bool = _KDS,
     at: str | None = typer.Option(None, "--at", help="Verify as of this UTC time (ISO 8601)."),
-    policy_file: Path | None = typer.Option(None, "--policy", help="Policy YAML file."),
+    policy_file: Path | None = typer.Option(
+        None, "--policy", help="Policy YAML (one role's policy); it must pin the identity."
+    ),
     report_data: str | None = typer.Option(
         None, "--report-data", help="Expected REPORTDATA (128 hex chars); without it no binding."
     ),
+    allow_simulated: bool = typer.Option(
+        False, "--allow-simulated", help="Accept a simulated quote (tests only)."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Verify a DCAP quote and apply a policy; exit non-zero with the failed checks if refused."""
-    from teefl.security.tee.verify import Policy, enforce_policy, verify_quote
+    """Verify a DCAP quote or an SEV-SNP report and apply a policy; exit non-zero with the
+    failed checks if refused. Without --policy only the defaults apply (TCB status UpToDate,
+    no debug TEE) and nothing is pinned."""
+    from teefl.security.tee.policy import Policy, enforce_policy
+    from teefl.security.tee.verify import verify_any, verify_snp
 
-    try:
-        quote_bytes = quote.read_bytes()
-        collateral_text = collateral.read_text() if collateral else None
-    except OSError as exc:
-        raise TeeflError(f"cannot read {exc.filename}: {exc.strerror}") from exc
-    verdict = verify_quote(quote_bytes, collateral_text, pccs_url, _parse_time(at))
+    data = _read_bytes(quote, "quote")
+    collateral_text = _read_bytes(collateral, "collateral").decode() if collateral else None
+    when = _parse_time(at)
+    snp = _snp_collateral(snp_certs, snp_crl, kds, None)
+    if cert_table is not None:
+        verdict = verify_snp(data, snp, when, guest_table=_read_bytes(cert_table, "table"))
+    else:
+        verdict = verify_any(
+            data,
+            collateral_json=collateral_text,
+            pccs_url=pccs_url,
+            snp_collateral=snp,
+            now=when,
+            allow_simulated=allow_simulated,
+        )
     expected = None
     if report_data is not None:
         try:
             expected = bytes.fromhex(report_data)
         except ValueError as exc:
             raise TeeflError("--report-data must be hex") from exc
-    if policy_file is not None:
-        import yaml
-        from pydantic import ValidationError
-
-        try:
-            raw = yaml.safe_load(policy_file.read_text()) or {}
-            policy = Policy.model_validate(raw)
-        except (OSError, yaml.YAMLError, ValidationError) as exc:
-            raise TeeflError(f"policy {policy_file}: {exc}") from exc
-    else:
-        policy = Policy(require_binding=expected is not None)
+    pinned = policy_file is not None
+    policy = (
+        _load_policy(policy_file) if policy_file else Policy(require_binding=expected is not None)
+    )
     if as_json:
         typer.echo(json.dumps(verdict.to_dict(), indent=2))
     else:
-        console = _console()
-        console.print(f"quote: {verdict.tee_type} v{verdict.quote_version}, signature valid")
-        console.print(f"TCB status: [bold]{verdict.status}[/bold]")
-        if verdict.advisory_ids:
-            console.print("advisories: " + ", ".join(verdict.advisory_ids))
-        for name, value in verdict.measurements.items():
-            console.print(f"{name}: {value}", soft_wrap=True)
-        console.print(f"report_data: {verdict.report_data.hex()}", soft_wrap=True)
-    enforce_policy(verdict, policy, expected)
+        _print_verdict(verdict)
+    enforce_policy(verdict, policy, expected, require_pinned=pinned)
     if not as_json:
-        _console().print("[green]accepted by policy[/green]")
+        what = "accepted by policy" if pinned else "accepted (no --policy: nothing pinned)"
+        _console().print(f"[green]{what}[/green]")
+
+
+def _print_verdict(verdict) -> None:
+    console = _console()
+    kind = verdict.tee_type
+    if kind == "sev-snp":
+        snp = verdict.details["snp"]
+        console.print(
+            f"report: sev-snp v{verdict.quote_version}, {snp['product']}, signed by the "
+            f"{snp['signer'].upper()} (chain to the AMD root checked"
+            f"{', CRL checked' if snp['crl_checked'] else ', no CRL'})"
+        )
+        tcb = " ".join(f"{k}={v}" for k, v in snp["reported_tcb"].items() if k != "raw")
+        console.print(f"reported TCB: [bold]{tcb}[/bold]")
+        console.print(
+            f"guest policy: {snp['policy']} (debug {'ALLOWED' if snp['debug'] else 'off'}), "
+            f"VMPL {snp['vmpl']}, SMT {'on' if snp['smt_enabled'] else 'off'}"
+        )
+    else:
+        console.print(f"quote: {kind} v{verdict.quote_version}, signature valid")
+        console.print(f"TCB status: [bold]{verdict.status}[/bold]")
+    if verdict.advisory_ids:
+        console.print("advisories: " + ", ".join(verdict.advisory_ids))
+    for name, value in verdict.measurements.items():
+        console.print(f"{name}: {value}", soft_wrap=True)
+    console.print(f"report_data: {verdict.report_data.hex()}", soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# teefl tee policy
+# ----------------------------------------------------------------------------------------------
+
+
+def _unverified(data: bytes):
+    """A verdict from parsing alone (no signature checked), for printing pins."""
+    from teefl.security.tee.snp import looks_like_snp_report, parse_report
+    from teefl.security.tee.verdict import QuoteVerdict
+    from teefl.security.tee.verify import parse_quote_fields
+
+    if looks_like_snp_report(data):
+        report = parse_report(data)
+        fields = report.to_dict()
+        fields["signer"] = fields["signing_key"]
+        return QuoteVerdict(
+            "sev-snp", report.version, "n/a", (), report.report_data, {}, details={"snp": fields}
+        )
+    f = parse_quote_fields(data)
+    return QuoteVerdict(
+        f.tee_type,
+        f.version,
+        "UpToDate",
+        (),
+        f.report_data,
+        f.measurements,
+        f.isv_prod_id,
+        f.isv_svn,
+    )
+
+
+@tee_app.command("policy")
+def policy(
+    quote: Path | None = typer.Argument(
+        None, metavar="QUOTE_OR_REPORT", help="TDX/SGX quote or SEV-SNP report (format detected)."
+    ),
+    role: Role | None = typer.Option(
+        None, "--role", help="Print it under security.attestation.policies.<role> for a plan."
+    ),
+    collateral: Path | None = typer.Option(None, "--collateral", help="Collateral JSON file."),
+    pccs_url: str | None = typer.Option(None, "--pccs-url", help="Fetch collateral (network)."),
+    snp_certs: list[Path] = _SNP_CERTS,
+    snp_crl: list[Path] = _SNP_CRL,
+    kds: bool = _KDS,
+    at: str | None = typer.Option(None, "--at", help="Verify as of this UTC time (ISO 8601)."),
+    simulated_key: Path | None = typer.Option(
+        None,
+        "--simulated-key",
+        help="Tests only: the simulated provider's key (created 0600 if absent); prints the "
+        "policy pinning it and the simulated measurements.",
+    ),
+) -> None:
+    """Print the values to pin from a quote or report, as YAML ready to paste into the plan.
+
+    With collateral (--collateral/--pccs-url for DCAP, --snp-certs/--kds for SNP) the evidence
+    is verified first; without it the values are read unverified and the output says so: pin
+    only values read from a machine you control.
+    """
+    import yaml
+
+    from teefl.security.tee.policy import ROLE_KEYS, policy_block
+    from teefl.security.tee.verify import verify_any
+
+    if (quote is None) == (simulated_key is None):
+        raise TeeflError("give a QUOTE_OR_REPORT file or --simulated-key FILE (one of them)")
+    note: str
+    if simulated_key is not None:
+        from teefl.security.tee.evidence import SimulatedProvider
+        from teefl.security.tee.verify import SimulatedVerifier
+
+        provider = SimulatedProvider(allow_simulated=True, key_file=simulated_key)
+        evidence = provider.get_evidence(bytes(64))
+        verdict = SimulatedVerifier(allow_simulated=True).verify(evidence.quote)
+        note = f"SIMULATED evidence signed by {simulated_key} (tests and demos only)"
+    else:
+        assert quote is not None
+        data = _read_bytes(quote, "quote")
+        from teefl.security.tee.snp import looks_like_snp_report
+
+        snp = looks_like_snp_report(data)
+        can_verify = (snp and (snp_certs or kds)) or (not snp and (collateral or pccs_url))
+        if can_verify:
+            verdict = verify_any(
+                data,
+                collateral_json=_read_bytes(collateral, "collateral").decode()
+                if collateral
+                else None,
+                pccs_url=pccs_url,
+                snp_collateral=_snp_collateral(snp_certs, snp_crl, kds, None),
+                now=_parse_time(at),
+            )
+            note = f"from {quote}, verified ({verdict.tee_type})"
+        else:
+            verdict = _unverified(data)
+            note = (
+                f"from {quote}, NOT VERIFIED (no collateral given): pin only values read from a "
+                "machine you control"
+            )
+    body = policy_block(verdict)
+    doc = (
+        {"security": {"attestation": {"policies": {ROLE_KEYS[role.value]: body}}}}
+        if role is not None
+        else body
+    )
+    typer.echo(f"# teefl tee policy: {note}")
+    typer.echo(yaml.safe_dump(doc, sort_keys=False, width=200), nl=False)
 
 
 # ----------------------------------------------------------------------------------------------

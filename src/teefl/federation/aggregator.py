@@ -209,7 +209,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         att = self.plan.security.attestation
         self.attested: dict[str, str] = {}  # collaborator -> SHA-256 of its attested TLS key
         self.nonces = attest.NonceBook()
-        self.verifier = attest.Verifier(att) if att.collaborators == "required" else None
+        self.verifier = (
+            attest.Verifier(att, "collaborator") if att.collaborators == "required" else None
+        )
         self.provider = None
         if att.aggregator == "required":
             self.provider = attest.make_provider(att)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import socket
 import ssl
@@ -33,9 +34,9 @@ from teefl.security.tee.evidence import (
     SimulatedProvider,
     default_provider,
 )
+from teefl.security.tee.policy import ROLE_KEYS, ROLES, require_pinned
 from teefl.security.tee.verify import (
     AttestationError,
-    Policy,
     QuoteVerdict,
     SimulatedVerifier,
     enforce_policy,
@@ -43,6 +44,8 @@ from teefl.security.tee.verify import (
     spki_der_of,
     verify_evidence,
 )
+
+log = logging.getLogger("teefl.attest")
 
 NONCE_SIZE = 32
 #: a Challenge nonce must be used within this many seconds
@@ -52,12 +55,12 @@ NONCE_TTL_S = 120.0
 def make_provider(spec: AttestationSpec) -> EvidenceProvider:
     """This host's evidence source, as the plan asks."""
     if spec.provider == "simulated":
-        return SimulatedProvider(allow_simulated=spec.allow_simulated)
+        return SimulatedProvider(allow_simulated=spec.allow_simulated, key_file=spec.simulated_key)
     if spec.provider == "configfs-tsm":
         return ConfigfsTsmProvider()
     if spec.provider == "gramine":
         return GramineProvider(Path("/"))
-    return default_provider(allow_simulated=spec.allow_simulated)
+    return default_provider(allow_simulated=spec.allow_simulated, simulated_key=spec.simulated_key)
 
 
 def to_proto(ev: Evidence) -> teefl_pb2.Evidence:
@@ -95,15 +98,36 @@ def fingerprint(spki: bytes) -> str:
 
 
 class Verifier:
-    """Checks a peer's evidence against the plan's policy and collateral."""
+    """Checks the evidence of a party of one role against that role's policy and collateral.
 
-    def __init__(self, spec: AttestationSpec) -> None:
-        policy = dict(spec.policy)
-        policy.setdefault("allow_simulated", spec.allow_simulated)
-        self.policy = Policy.model_validate(policy)
-        self.collateral = spec.collateral.read_text() if spec.collateral else None
+    ``role`` is the role of the party WHOSE evidence is verified ("aggregator": a collaborator
+    checks the aggregator; "collaborator": the aggregator checks a collaborator). Construction
+    is the start-time check: a policy that pins no TEE identity (see
+    ``teefl.security.tee.policy.require_pinned``) stops the party with one line, and a stated
+    TDX subset or ``allow_debug`` is warned about at every start.
+    """
+
+    def __init__(self, spec: AttestationSpec, role: str) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        self.role = role
+        where = f"security.attestation.policies.{ROLE_KEYS[role]}"
+        policy = spec.policies.for_role(role)
+        for warning in require_pinned(policy, where):
+            log.warning("ATTESTATION POLICY WARNING: %s", warning)
+        assert policy is not None  # require_pinned refuses None
+        if policy.allow_simulated and not spec.allow_simulated:  # the plan validator says so too
+            raise AttestationError(f"{where}.allow_simulated needs allow_simulated: true")
+        self.policy = policy
+        try:
+            self.collateral = spec.collateral.read_text() if spec.collateral else None
+        except OSError as exc:
+            raise TeeflError(
+                f"cannot read security.attestation.collateral {spec.collateral}: {exc.strerror}"
+            ) from None
         self.pccs_url = spec.pccs_url
-        self.simulated = SimulatedVerifier(allow_simulated=True) if spec.allow_simulated else None
+        self.simulated = SimulatedVerifier(allow_simulated=True) if policy.allow_simulated else None
+        self.snp = snp_collateral(spec) if "sev-snp" in policy.pinned_kinds() else None
 
     def verify(self, evidence: Evidence, spki: bytes, nonce: bytes) -> QuoteVerdict:
         verdict = verify_evidence(
@@ -111,9 +135,32 @@ class Verifier:
             collateral_json=self.collateral,
             pccs_url=self.pccs_url,
             simulated_verifier=self.simulated,
+            snp_collateral=self.snp,
         )
-        enforce_policy(verdict, self.policy, report_data_for(spki, nonce))
+        enforce_policy(verdict, self.policy, report_data_for(spki, nonce), require_pinned=True)
         return verdict
+
+
+def snp_collateral(spec: AttestationSpec) -> Any:
+    """The plan's SEV-SNP collateral (files, and AMD KDS with a disk cache when allowed)."""
+    from teefl.security.tee.snp import SnpCollateral
+
+    snp = spec.snp
+    cache = None
+    if snp.kds:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        cache = snp.kds_cache or base / "teefl" / "amd-kds"
+    return SnpCollateral.from_files(
+        snp.certs, snp.crls, kds_cache=cache, require_crl=snp.require_crl
+    )
+
+
+def check_policies(spec: AttestationSpec) -> None:
+    """Refuse, before anything starts, a required role whose policy pins no identity (what each
+    verifying party would refuse at its own start; ``teefl run`` calls this for both roles)."""
+    for role, key in (("collaborator", "collaborators"), ("aggregator", "aggregator")):
+        if getattr(spec, key) == "required":
+            Verifier(spec, role)
 
 
 @dataclass

@@ -45,6 +45,14 @@ def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
     return {f"{prefix}.{k}": float(v) for k, v in metrics.items() if k != "samples"}
 
 
+def _aggregator_verifier(plan: Plan) -> Any:
+    """The check of the aggregator's evidence (``attest.Verifier`` for role "aggregator")."""
+    from teefl.federation import attest
+
+    att = plan.security.attestation
+    return attest.Verifier(att, "aggregator") if att.aggregator == "required" else None
+
+
 class Collaborator:
     """One party holding a private shard of the data."""
 
@@ -63,6 +71,7 @@ class Collaborator:
         self.rec: EventRecorder | None = None
         self._aggregator_verdict: dict[str, Any] | None = None
         self._aggregator_spki: bytes | None = None  # its attested TLS key, when we checked it
+        self._verifier = _aggregator_verifier(plan)  # an unpinned policy stops us here, at start
         self.data: Any = None  # the data-plane socket (None: model and updates over gRPC)
         self.check = payload_check(plan)  # what downloads are checked against
         #: the data plane's receive buffer, kept from round to round: faulting in 45 fresh MB
@@ -233,7 +242,8 @@ class Collaborator:
                 if not reply.HasField("aggregator_evidence"):
                     raise attest.AttestationError("the aggregator sent no evidence")
                 spki = attest.server_spki(self.address, tls.ca)
-                verdict = attest.Verifier(att).verify(
+                assert self._verifier is not None
+                verdict = self._verifier.verify(
                     attest.from_proto(reply.aggregator_evidence), spki, my_nonce
                 )
             except TeeflError as exc:

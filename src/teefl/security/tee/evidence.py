@@ -323,6 +323,15 @@ def default_simulated_measurements() -> dict[str, bytes]:
     }
 
 
+def simulated_key_fingerprint(key: ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) -> str:
+    """SHA-256 (hex) of the DER SubjectPublicKeyInfo: what a policy's ``simulated_keys`` lists."""
+    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
+    der = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
 def load_or_create_simulated_key(path: Path | None) -> ec.EllipticCurvePrivateKey:
     """P-256 key from a PEM file (created 0600 if absent), or a fresh per-process key."""
     if path is None:
@@ -340,7 +349,10 @@ def load_or_create_simulated_key(path: Path | None) -> ec.EllipticCurvePrivateKe
         serialization.NoEncryption(),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process of the same run created it first: use theirs
+        return load_or_create_simulated_key(path)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
     return key
@@ -458,9 +470,12 @@ def verify_simulated_signature(
         raise TeeflError("simulated quote signature invalid") from exc
 
 
-def default_provider(root: Path = Path("/"), *, allow_simulated: bool = False) -> EvidenceProvider:
+def default_provider(
+    root: Path = Path("/"), *, allow_simulated: bool = False, simulated_key: Path | None = None
+) -> EvidenceProvider:
     """The provider this machine supports: Gramine-SGX, then configfs-tsm, then (if allowed)
-    simulated. Raises EvidenceError naming what is missing when nothing fits."""
+    simulated, signing with ``simulated_key``. Raises EvidenceError naming what is missing when
+    nothing fits."""
     gramine = GramineProvider(root)
     if gramine.dir.is_dir() and gramine.attestation_type() not in (None, "", "none"):
         return gramine
@@ -468,7 +483,7 @@ def default_provider(root: Path = Path("/"), *, allow_simulated: bool = False) -
     if tsm.available():
         return tsm
     if allow_simulated:
-        return SimulatedProvider(allow_simulated=True)
+        return SimulatedProvider(allow_simulated=True, key_file=simulated_key)
     raise EvidenceError(
         "no attestation source: not inside gramine-sgx and no configfs-tsm "
         "(/sys/kernel/config/tsm/report); run in a TDX/SEV-SNP guest or under gramine-sgx, or "
@@ -490,6 +505,7 @@ __all__ = [
     "default_simulated_measurements",
     "load_or_create_simulated_key",
     "parse_simulated_quote",
+    "simulated_key_fingerprint",
     "verify_simulated_signature",
     "warn_simulated",
 ]

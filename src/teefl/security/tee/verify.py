@@ -1,4 +1,5 @@
-"""Quote verification (Intel DCAP via dcap-qvl), quote parsing and the attestation policy.
+"""Evidence verification: Intel DCAP quotes (via dcap-qvl), AMD SEV-SNP reports (``snp``), the
+simulated stand-in; and, re-exported from ``policy``, the attestation policy.
 
 Why three layers:
 
@@ -8,9 +9,10 @@ Why three layers:
 2. ``parse_quote_fields`` reads the measured identity (MRTD/RTMRs or MRENCLAVE/MRSIGNER) and the
    64-byte REPORTDATA from the quote body ourselves, with offsets from Intel's quote format
    specification, so the policy never depends on a library's JSON shape.
-3. ``check_policy`` answers "do *we* accept it?": TCB status, measurements, and the binding of
-   REPORTDATA to the TLS key of this very connection. Without the binding a genuine quote could be
-   replayed by any machine-in-the-middle; with it, the quote vouches for the TLS endpoint.
+3. ``check_policy`` (``policy.py``) answers "do *we* accept it?": TCB status, measurements, debug
+   attributes, and the binding of REPORTDATA to the TLS key of this very connection. Without the
+   binding a genuine quote could be replayed by any machine-in-the-middle; with it, the quote
+   vouches for the TLS endpoint.
 
 Binding: ``report_data_for(spki_der, nonce) = SHA-512(DER SubjectPublicKeyInfo || nonce)``; the
 nonce (32 bytes, chosen by the verifier) makes each quote fresh.
@@ -21,29 +23,39 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
-import hmac
 import json
 import logging
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from teefl.errors import TeeflError
+from teefl.security.tee.errors import AttestationError
 from teefl.security.tee.evidence import (
-    REPORT_DATA_SIZE,
     Evidence,
     parse_simulated_quote,
     verify_simulated_signature,
     warn_simulated,
 )
+from teefl.security.tee.policy import (
+    AttestationPolicies,
+    Policy,
+    check_policy,
+    enforce_policy,
+    policy_block,
+    require_pinned,
+)
+from teefl.security.tee.verdict import QuoteVerdict
+
+if TYPE_CHECKING:
+    from teefl.security.tee.snp import SnpCollateral
 
 log = logging.getLogger("teefl.tee")
 
@@ -86,10 +98,6 @@ _TDX_FIELDS = {
 }
 _TDX10_BODY_SIZE = 584
 _TDX15_BODY_SIZE = 648
-
-
-class AttestationError(TeeflError):
-    """A peer's evidence was refused; the message names the check that failed."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,40 +219,6 @@ def parse_quote_fields(quote: bytes) -> QuoteFields:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class QuoteVerdict:
-    """A quote that passed cryptographic verification, with what it says about the platform."""
-
-    tee_type: str  # "tdx" | "sgx" | "simulated"
-    quote_version: int
-    status: str  # Intel TCB status, e.g. "UpToDate"; "Simulated" for simulated evidence
-    advisory_ids: tuple[str, ...]
-    report_data: bytes
-    measurements: dict[str, str]
-    isv_prod_id: int | None = None
-    isv_svn: int | None = None
-    verified_at: datetime | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def simulated(self) -> bool:
-        return self.tee_type == "simulated"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "tee_type": self.tee_type,
-            "quote_version": self.quote_version,
-            "status": self.status,
-            "advisory_ids": list(self.advisory_ids),
-            "report_data": self.report_data.hex(),
-            "measurements": dict(self.measurements),
-            "isv_prod_id": self.isv_prod_id,
-            "isv_svn": self.isv_svn,
-            "verified_at": self.verified_at.isoformat() if self.verified_at else None,
-            "details": self.details,
-        }
-
-
 def _as_utc(now: datetime) -> datetime:
     if now.tzinfo is None:
         raise AttestationError("verification time must be timezone-aware (use UTC)")
@@ -353,8 +327,10 @@ def verify_quote(
 class SimulatedVerifier:
     """Checks simulated evidence. Refused unless ``allow_simulated=True``; warns on every use.
 
-    ``trusted_keys`` pins the signing keys (e.g. loaded from a shared key file); without it any
-    self-consistent simulated quote passes, which is enough to exercise the protocol and no more.
+    ``trusted_keys`` restricts the signing keys here already; the federation instead pins them in
+    the policy (``simulated_keys``: SHA-256 of each key's SubjectPublicKeyInfo), which the verdict
+    carries as ``details["signing_key_sha256"]`` -- a policy cannot accept simulated evidence
+    without naming its keys.
     """
 
     def __init__(
@@ -388,6 +364,7 @@ class SimulatedVerifier:
             report_data=parsed.report_data,
             measurements={k: v.hex() for k, v in parsed.measurements.items()},
             verified_at=_as_utc(now) if now else datetime.now(UTC),
+            details={"signing_key_sha256": hashlib.sha256(parsed.public_key_der).hexdigest()},
         )
 
 
@@ -398,9 +375,12 @@ def verify_evidence(
     pccs_url: str | None = None,
     now: datetime | None = None,
     simulated_verifier: SimulatedVerifier | None = None,
+    snp_collateral: SnpCollateral | None = None,
 ) -> QuoteVerdict:
-    """Dispatch on ``evidence.kind``: DCAP for "tdx"/"sgx", the simulated verifier for tests."""
-    when = now or datetime.now(UTC)
+    """Dispatch on ``evidence.kind``: DCAP for "tdx"/"sgx", AMD's chain for "sev-snp" (with the
+    guest's certificate table from ``extra["auxblob"]`` when it sent one), the simulated
+    verifier for tests."""
+    when = _as_utc(now) if now else datetime.now(UTC)
     if evidence.kind == "simulated":
         if simulated_verifier is None:
             raise AttestationError(
@@ -409,143 +389,77 @@ def verify_evidence(
         return simulated_verifier.verify(evidence.quote, when)
     if evidence.kind in ("tdx", "sgx"):
         return verify_quote(evidence.quote, collateral_json, pccs_url, when)
+    if evidence.kind == "sev-snp":
+        table = evidence.extra.get("auxblob")
+        if table is not None and not isinstance(table, bytes):
+            raise AttestationError("malformed evidence: SNP certificate table is not bytes")
+        return verify_snp(evidence.quote, snp_collateral, when, guest_table=table)
     raise AttestationError(
         f"no verifier for {evidence.kind!r} evidence (from {evidence.provider}); "
-        "only Intel TDX/SGX DCAP quotes are verified so far"
+        "Intel TDX/SGX DCAP quotes and AMD SEV-SNP reports are verified"
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Policy
-# --------------------------------------------------------------------------------------------
+def verify_snp(
+    report: bytes,
+    collateral: SnpCollateral | None,
+    now: datetime,
+    *,
+    guest_table: bytes | None = None,
+) -> QuoteVerdict:
+    """Verify an SEV-SNP report (see ``teefl.security.tee.snp``) and return its verdict."""
+    from teefl.security.tee.snp import SnpCollateral, verify_snp_evidence
+
+    verified, fields = verify_snp_evidence(
+        report, guest_table, collateral or SnpCollateral(), _as_utc(now)
+    )
+    rep = verified.report
+    return QuoteVerdict(
+        tee_type="sev-snp",
+        quote_version=rep.version,
+        status="n/a",
+        advisory_ids=(),
+        report_data=rep.report_data,
+        measurements={
+            "measurement": rep.measurement.hex(),
+            "host_data": rep.host_data.hex(),
+            "id_key_digest": rep.id_key_digest.hex(),
+            "author_key_digest": rep.author_key_digest.hex(),
+            "family_id": rep.family_id.hex(),
+            "image_id": rep.image_id.hex(),
+        },
+        verified_at=_as_utc(now),
+        details={"snp": fields},
+    )
 
 
-def _hex_list(values: list[str] | None, size: int, name: str) -> list[str] | None:
-    if values is None:
-        return None
-    out = []
-    for value in values:
-        v = str(value).strip().lower().removeprefix("0x")
-        if not re.fullmatch(r"[0-9a-f]*", v) or len(v) != 2 * size:
-            raise ValueError(f"{name}: {value!r} is not {size} bytes of hex")
-        out.append(v)
-    return out
+def verify_any(
+    data: bytes,
+    *,
+    collateral_json: str | None = None,
+    pccs_url: str | None = None,
+    snp_collateral: SnpCollateral | None = None,
+    now: datetime,
+    allow_simulated: bool = False,
+) -> QuoteVerdict:
+    """Verify a quote or report file whose format is detected: SEV-SNP report (1184 bytes,
+    version 2-5), simulated quote (magic), else an Intel DCAP quote (`teefl tee verify`)."""
+    from teefl.security.tee.evidence import SIMULATED_MAGIC
+    from teefl.security.tee.snp import looks_like_snp_report
 
-
-class Policy(BaseModel):
-    """What a verifier accepts. ``None`` for a measurement list means "not checked".
-
-    Defaults are strict where it is cheap to be: only ``UpToDate`` platforms, and the quote must
-    bind the TLS key of the connection. Measurement allow-lists are empty-by-default (``None``)
-    because their values depend on the image the operator built.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    accepted_tcb_statuses: list[str] = Field(default_factory=lambda: ["UpToDate"])
-    # TDX
-    mrtd: list[str] | None = None
-    rtmr0: list[str] | None = None
-    rtmr1: list[str] | None = None
-    rtmr2: list[str] | None = None
-    rtmr3: list[str] | None = None
-    # SGX
-    mrenclave: list[str] | None = None
-    mrsigner: list[str] | None = None
-    isv_prod_id: int | None = None
-    min_isv_svn: int | None = None
-    # Binding and test switch
-    require_binding: bool = True
-    allow_simulated: bool = False
-
-    @field_validator("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3")
-    @classmethod
-    def _tdx_hex(cls, v: list[str] | None, info: Any) -> list[str] | None:
-        return _hex_list(v, 48, info.field_name)
-
-    @field_validator("mrenclave", "mrsigner")
-    @classmethod
-    def _sgx_hex(cls, v: list[str] | None, info: Any) -> list[str] | None:
-        return _hex_list(v, 32, info.field_name)
-
-
-_DISPLAY = {
-    "mrtd": "MRTD",
-    "rtmr0": "RTMR0",
-    "rtmr1": "RTMR1",
-    "rtmr2": "RTMR2",
-    "rtmr3": "RTMR3",
-    "mrenclave": "MRENCLAVE",
-    "mrsigner": "MRSIGNER",
-}
-
-
-def _short(hex_value: str) -> str:
-    return f"{hex_value[:16]}…" if len(hex_value) > 16 else hex_value
-
-
-def check_policy(
-    verdict: QuoteVerdict, policy: Policy, expected_report_data: bytes | None
-) -> list[str]:
-    """Every policy check the verdict fails, as readable sentences (empty list = accepted)."""
-    failures: list[str] = []
-    if verdict.simulated:
-        if not policy.allow_simulated:
-            failures.append("simulated evidence not accepted (policy allow_simulated is false)")
-        # A simulated quote has no TCB; its status is not compared with real statuses.
-    elif verdict.status not in policy.accepted_tcb_statuses:
-        advisories = (
-            f" (advisories {', '.join(verdict.advisory_ids)})" if verdict.advisory_ids else ""
-        )
-        failures.append(f"TCB status {verdict.status} not accepted{advisories}")
-
-    tdx_like = verdict.tee_type in ("tdx", "simulated")
-    for name in ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mrenclave", "mrsigner"):
-        allowed = getattr(policy, name)
-        if allowed is None:
-            continue
-        applies = tdx_like if name.startswith(("mrtd", "rtmr")) else verdict.tee_type == "sgx"
-        if not applies:
-            failures.append(
-                f"{_DISPLAY[name]} required by policy but a {verdict.tee_type} quote has none"
-            )
-            continue
-        value = verdict.measurements.get(name, "")
-        if value not in allowed:
-            failures.append(f"{_DISPLAY[name]} {_short(value)} not in policy")
-    if verdict.tee_type == "sgx":
-        if policy.isv_prod_id is not None and verdict.isv_prod_id != policy.isv_prod_id:
-            failures.append(f"ISV PROD ID {verdict.isv_prod_id} is not {policy.isv_prod_id}")
-        if policy.min_isv_svn is not None and (verdict.isv_svn or 0) < policy.min_isv_svn:
-            failures.append(f"ISV SVN {verdict.isv_svn} below minimum {policy.min_isv_svn}")
-    elif policy.isv_prod_id is not None or policy.min_isv_svn is not None:
-        # A policy that pins SGX identity must not wave through a quote of another kind.
-        failures.append(
-            f"ISV PROD ID/SVN required by policy but a {verdict.tee_type} quote has none"
-        )
-
-    if policy.require_binding:
-        if expected_report_data is None:
-            failures.append("report data binding required but no expected value was given")
-        elif len(verdict.report_data) != REPORT_DATA_SIZE or not hmac.compare_digest(
-            verdict.report_data, bytes(expected_report_data)
-        ):
-            failures.append("report data does not bind the TLS key")
-    return failures
-
-
-def enforce_policy(
-    verdict: QuoteVerdict, policy: Policy, expected_report_data: bytes | None
-) -> None:
-    """Raise AttestationError naming every failed check; return quietly when accepted."""
-    failures = check_policy(verdict, policy, expected_report_data)
-    if failures:
-        raise AttestationError("attestation refused: " + "; ".join(failures))
+    if looks_like_snp_report(data):
+        return verify_snp(data, snp_collateral, now)
+    if data.startswith(SIMULATED_MAGIC):
+        if not allow_simulated:
+            raise AttestationError("simulated quote: pass --allow-simulated (tests only)")
+        return SimulatedVerifier(allow_simulated=True).verify(data, now)
+    return verify_quote(data, collateral_json, pccs_url, now)
 
 
 __all__ = [
     "NONCE_SIZE",
     "AttestationError",
+    "AttestationPolicies",
     "Policy",
     "QuoteFields",
     "QuoteVerdict",
@@ -553,8 +467,12 @@ __all__ = [
     "check_policy",
     "enforce_policy",
     "parse_quote_fields",
+    "policy_block",
     "report_data_for",
+    "require_pinned",
     "spki_der_of",
+    "verify_any",
     "verify_evidence",
     "verify_quote",
+    "verify_snp",
 ]
