@@ -414,6 +414,13 @@ def test_guest_certificate_table_is_used() -> None:
     verdict = verify_evidence(ev, now=AT)  # no plan files at all: the guest carried the chain
     assert verdict.details["snp"]["signer"] == "vcek"
     assert verdict.report_data == data[0x50:0x90]
+    # an entry the host filled with garbage is skipped; the rest of the table still counts
+    messy = build_cert_table(
+        [("ask", b"not a certificate"), ("vcek", der(chain.key_cert)), ("ask", der(chain.ask))]
+    )
+    ark_file = SnpCollateral([chain.ark])
+    ev = Evidence("sev-snp", data, "configfs-tsm/sev_guest", {"auxblob": messy})
+    assert verify_evidence(ev, now=AT, snp_collateral=ark_file).details["snp"]["signer"] == "vcek"
     # a table whose ARK is a forger's is worth nothing
     amd = FakeAmd()
     vcek, key = amd.vcek(*milan_fields(data))

@@ -113,14 +113,9 @@ def _parse_time(value: str | None) -> datetime:
 
 
 def _snp_collateral(certs: list[Path], crls: list[Path], kds: bool, kds_cache: Path | None):
-    from teefl.security.tee.snp import SnpCollateral
+    from teefl.security.tee.snp.collateral import SnpCollateral, default_kds_cache
 
-    cache = None
-    if kds:
-        import os
-
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        cache = kds_cache or base / "teefl" / "amd-kds"
+    cache = (kds_cache or default_kds_cache()) if kds else None
     return SnpCollateral.from_files(certs, crls, kds_cache=cache)
 
 

@@ -143,13 +143,10 @@ class Verifier:
 
 def snp_collateral(spec: AttestationSpec) -> Any:
     """The plan's SEV-SNP collateral (files, and AMD KDS with a disk cache when allowed)."""
-    from teefl.security.tee.snp import SnpCollateral
+    from teefl.security.tee.snp.collateral import SnpCollateral, default_kds_cache
 
     snp = spec.snp
-    cache = None
-    if snp.kds:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        cache = snp.kds_cache or base / "teefl" / "amd-kds"
+    cache = (snp.kds_cache or default_kds_cache()) if snp.kds else None
     return SnpCollateral.from_files(
         snp.certs, snp.crls, kds_cache=cache, require_crl=snp.require_crl
     )

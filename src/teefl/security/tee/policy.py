@@ -137,7 +137,7 @@ class Policy(BaseModel):
                 return []
             return [
                 k for k in ("mrsigner", "isv_prod_id", "min_isv_svn") if getattr(self, k) is None
-            ] or []
+            ]
         if kind == "sev-snp":
             return (
                 ["snp.measurement", "snp.min_tcb"]

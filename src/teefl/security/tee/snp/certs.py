@@ -225,7 +225,8 @@ def check_crl(crl: x509.CertificateRevocationList, ark: x509.Certificate, now: d
     if crl.signature_algorithm_oid.dotted_string != RSASSA_PSS_OID:
         raise AttestationError("CRL is not signed with RSASSA-PSS")
     key = ark.public_key()
-    assert isinstance(key, rsa.RSAPublicKey)  # checked when the ARK was accepted
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise AttestationError(f"{common_name(ark.subject)} does not hold an RSA key")
     try:
         key.verify(crl.signature, crl.tbs_certlist_bytes, _PSS, hashes.SHA384())
     except InvalidSignature:

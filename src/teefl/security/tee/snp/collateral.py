@@ -15,6 +15,7 @@ is trusted: ``verify.verify_report`` checks every signature up to a pinned AMD r
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import urllib.request
 import uuid
@@ -116,6 +117,12 @@ def _https_get(url: str) -> bytes:
         raise AttestationError(f"AMD KDS fetch {url} failed: {exc}") from None
 
 
+def default_kds_cache() -> Path:
+    """$XDG_CACHE_HOME/teefl/amd-kds, else ~/.cache/teefl/amd-kds."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "teefl" / "amd-kds"
+
+
 class KdsClient:
     """AMD KDS (AMD spec 57230): cert_chain, CRL and VCEK per product, cached under ``cache``.
 
@@ -213,10 +220,15 @@ class SnpCollateral:
         crls = list(self.crls)
         if guest_table:
             for kind, data in parse_cert_table(guest_table):
-                if kind == "crl":
-                    crls += load_crls(data)
-                elif kind in ("ark", "ask", "vcek", "vlek"):
-                    pool += load_certificates(data)
+                # the host fills this table: an entry that does not parse is skipped (said in
+                # the log), since nothing in it is trusted before the chain check anyway
+                try:
+                    if kind == "crl":
+                        crls += load_crls(data)
+                    elif kind in ("ark", "ask", "vcek", "vlek"):
+                        pool += load_certificates(data)
+                except AttestationError as exc:
+                    log.warning("SNP certificate table: %s entry skipped: %s", kind, exc)
         pool += self.certs
         want = "vlek" if report.signing_key == 1 else "vcek"
         key_cert = self._key_cert(report, pool, want)
@@ -297,6 +309,7 @@ __all__ = [
     "KdsClient",
     "SnpCollateral",
     "build_cert_table",
+    "default_kds_cache",
     "guid_bytes",
     "parse_cert_table",
 ]
