@@ -435,6 +435,8 @@ def test_guest_certificate_table_is_used() -> None:
 def test_certificate_table_malformed() -> None:
     with pytest.raises(AttestationError, match="truncated"):
         parse_cert_table(b"\x01" * 20)
+    empty_slot = build_cert_table([("vcek", b"")])  # a slot the host left empty is skipped
+    assert parse_cert_table(empty_slot) == []
     bad = bytearray(build_cert_table([("vcek", b"x" * 10)]))
     bad[16:20] = (4096).to_bytes(4, "little")
     with pytest.raises(AttestationError, match="points outside the table"):
@@ -494,11 +496,16 @@ def test_kds_url_for_turin_uses_fmc_and_the_8_byte_hwid(tmp_path: Path) -> None:
     ]
 
 
-def test_kds_default_transport_refuses_other_hosts() -> None:
+def test_kds_default_transport_refuses_other_hosts(tmp_path: Path) -> None:
     from teefl.security.tee.snp.collateral import _https_get
 
     with pytest.raises(AttestationError, match="refusing to fetch"):
         _https_get("https://example.org/vcek/v1/Milan/cert_chain")
+    # a product name read from an unverified certificate never reaches a URL or a cache path
+    kds = FakeKds({})
+    with pytest.raises(AttestationError, match=r"unknown product '\.\./\.\./x'"):
+        KdsClient(tmp_path, kds).chain("../../x")
+    assert kds.calls == [] and list(tmp_path.iterdir()) == []
 
 
 @needs_samples

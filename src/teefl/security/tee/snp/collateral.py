@@ -38,7 +38,7 @@ from teefl.security.tee.snp.certs import (
     load_certificates,
     load_crls,
 )
-from teefl.security.tee.snp.report import SnpReport
+from teefl.security.tee.snp.report import PRODUCTS, SnpReport
 
 log = logging.getLogger("teefl.tee")
 
@@ -82,7 +82,9 @@ def parse_cert_table(blob: bytes) -> list[tuple[str, bytes]]:
         offset, length = struct.unpack_from("<II", blob, pos + 16)
         if guid == bytes(16):
             return out
-        if offset + length > len(blob) or length == 0:
+        if length == 0:  # an empty slot the host left: nothing to read
+            continue
+        if offset + length > len(blob):
             raise AttestationError(
                 f"SNP certificate table entry {i} points outside the table ({offset}+{length})"
             )
@@ -135,6 +137,14 @@ class KdsClient:
         self.cache = Path(cache)
         self.fetch = fetch or _https_get
 
+    @staticmethod
+    def _product(product: str | None) -> str:
+        """Only AMD's product names reach a URL or a cache path (the name may come from an
+        unverified certificate)."""
+        if product not in PRODUCTS:
+            raise AttestationError(f"AMD KDS: unknown product {product!r}")
+        return product
+
     def _cached(self, rel: str, url: str, fresh: Callable[[bytes], bool] | None = None) -> bytes:
         path = self.cache / rel
         if path.is_file():
@@ -150,10 +160,13 @@ class KdsClient:
         return data
 
     def chain(self, product: str, key: str = "vcek") -> list[x509.Certificate]:
+        product = self._product(product)
         url = f"{KDS_BASE}/{key}/v1/{product}/cert_chain"
         return load_certificates(self._cached(f"{key}/{product}/cert_chain.pem", url))
 
     def crl(self, product: str, now: datetime, key: str = "vcek") -> x509.CertificateRevocationList:
+        product = self._product(product)
+
         def fresh(data: bytes) -> bool:
             nxt = load_crls(data)[0].next_update_utc
             return nxt is not None and nxt >= now
@@ -162,6 +175,7 @@ class KdsClient:
         return load_crls(self._cached(f"{key}/{product}/crl.der", url, fresh))[0]
 
     def vcek(self, product: str, report: SnpReport) -> x509.Certificate:
+        product = self._product(product)
         tcb = report.tcb("reported", product)
         hwid = report.chip_id[:8] if product == "Turin" else report.chip_id
         query = (
