@@ -347,17 +347,28 @@ def make_synthetic(spec: SyntheticSpec, seed: int) -> Dataset:
 
 
 # -- entry point --------------------------------------------------------------------------------
-def load_dataset(spec: DatasetSpec, data_dir: Path | None = None, seed: int = 0) -> Dataset:
+def load_dataset(
+    spec: DatasetSpec,
+    data_dir: Path | None = None,
+    seed: int = 0,
+    *,
+    only: list[Path] | None = None,
+) -> Dataset:
     """Load ``spec``'s dataset from the first directory (see `resolve_root`) that has it all.
 
     ``seed`` only matters for ``synthetic``. A directory with the files present but broken is an
     error rather than a reason to keep searching: silently training on other data would be worse.
+    ``only``: search these directories and nothing else (a party's own data must never be
+    replaced by a shared copy found elsewhere).
     """
     if spec.name == "synthetic":
         return make_synthetic(spec.synthetic, seed)
     if spec.name not in DATASET_META:
         raise _unknown(spec.name)
-    candidates = resolve_root(spec.name, spec.root, data_dir)
+    if only is not None:
+        candidates = list(dict.fromkeys(Path(p) for p in only))
+    else:
+        candidates = resolve_root(spec.name, spec.root, data_dir)
     files, notes = locate_files(spec.name, candidates)
     if files is None:
         raise TeeflError(_missing_message(spec.name, candidates, notes))
