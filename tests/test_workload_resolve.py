@@ -231,3 +231,29 @@ def test_builtin_options_are_validated_with_paths():
     text = one_line(exc)
     assert "workload.options.training.lr: Input should be greater than 0" in text
     assert "workload.options.model.name: unknown model 'vgg'" in text
+
+
+def test_installed_entry_point_in_the_teefl_workloads_group(tmp_path, clean_modules):
+    site = tmp_path / "site"
+    (site / "epwl_pkg").mkdir(parents=True)
+    (site / "epwl_pkg" / "__init__.py").write_text("")
+    (site / "epwl_pkg" / "fl.py").write_text(TASK)
+    info = site / "epwl_pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: epwl-pkg\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[teefl.workloads]\nmytask = epwl_pkg.fl:Task\n")
+    sys.path.insert(0, str(site))
+    assert "mytask" in WORKLOADS.names()
+    w = resolve_workload("mytask", {"lr": 0.2})
+    assert w.target.kind == "entry-point" and w.options.lr == 0.2
+    # its digest covers the installed package, exactly as the module reference's does
+    assert w.digest == workload_digest("epwl_pkg.fl:Task") == workload_digest("mytask")
+
+
+def test_a_builtins_own_error_reads_as_a_sentence(tmp_path):
+    w = resolve_workload("tabular", {"label": "y", "classes": ["a", "b"], "numeric": ["x"]})
+    with pytest.raises(WorkloadFailure) as exc:
+        w.load(Party("col1", 0, 1, 0, tmp_path))
+    assert str(exc.value) == (
+        f"col1: workload tabular failed in load: table not found: {tmp_path / 'data.csv'}"
+    )

@@ -74,6 +74,8 @@ def run_user(
         text = "".join(traceback.format_exception(exc))
         msg = " ".join(str(exc).split())
         problem = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+        if isinstance(exc, TeeflError) and msg:  # already a sentence for the user
+            problem = msg
         raise WorkloadFailure(
             _summary(ref, phase, party, round, problem),
             text,
