@@ -25,7 +25,15 @@ def _check(obj):
 
 @pytest.fixture
 def reg():
-    return Registry("thing", "teefl.test-things", _check, builtins={"builtin": "json:JSONDecoder"})
+    return Registry(
+        "thing",
+        "teefl.test-things",
+        lambda obj: _check(obj) is None,
+        "a thing",
+        why=_check,
+        lazy={"builtin": "json:JSONDecoder"},
+        files=True,
+    )
 
 
 @pytest.fixture
@@ -63,10 +71,12 @@ def test_register_and_resolve_by_name(reg):
 
 
 def test_register_refuses_what_the_check_refuses(reg):
-    with pytest.raises(TypeError, match="has no kind"):
+    with pytest.raises(TeeflError, match=r"is not a thing: .* has no kind 'thing'"):
         reg.register("bad")(object)
-    with pytest.raises(ValueError):
+    with pytest.raises(TeeflError, match="not valid"):
         reg.register("no:colons")
+    with pytest.raises(TeeflError, match=r"'builtin' is registered already \(by json:JSONDecoder"):
+        reg.register("builtin")(Thing)
 
 
 def test_builtin_is_imported_only_when_loaded(reg):
@@ -74,7 +84,7 @@ def test_builtin_is_imported_only_when_loaded(reg):
     assert (t.kind, t.module, t.attr) == ("builtin", "json", "JSONDecoder")
     with pytest.raises(TeeflError) as exc:  # json.JSONDecoder is no "thing"
         reg.resolve("builtin")
-    assert "not a thing" in one_line(exc)
+    assert "thing 'builtin' is the class json.decoder:JSONDecoder, not a thing: " in one_line(exc)
 
 
 def test_module_reference_with_dotted_attribute(reg, tmp_path, clean_modules):
@@ -92,13 +102,13 @@ def test_module_reference_with_dotted_attribute(reg, tmp_path, clean_modules):
 
 def test_lone_file_relative_to_base_dir(reg, tmp_path, clean_modules):
     write(tmp_path / "plans" / "task.py", "class T:\n    kind = 'thing'\n")
-    obj = reg.resolve("./task.py:T", tmp_path / "plans")
+    obj = reg.resolve("./task.py:T", base_dir=tmp_path / "plans")
     assert obj.kind == "thing"
     assert reg.resolve(f"{tmp_path}/plans/task.py:T").kind == "thing"  # absolute path
     # two files named task.py in different folders do not collide
     write(tmp_path / "other" / "task.py", "class T:\n    kind = 'thing'\n    other = 1\n")
-    assert reg.resolve("./task.py:T", tmp_path / "other").other == 1
-    assert not hasattr(reg.resolve("./task.py:T", tmp_path / "plans"), "other")
+    assert reg.resolve("./task.py:T", base_dir=tmp_path / "other").other == 1
+    assert not hasattr(reg.resolve("./task.py:T", base_dir=tmp_path / "plans"), "other")
 
 
 def test_lone_file_does_not_put_its_folder_on_sys_path(reg, tmp_path, clean_modules):
@@ -106,9 +116,9 @@ def test_lone_file_does_not_put_its_folder_on_sys_path(reg, tmp_path, clean_modu
     write(tmp_path / "helper_sibling.py", "X = 1\n")
     write(tmp_path / "task.py", "import helper_sibling\nclass T:\n    kind = 'thing'\n")
     with pytest.raises(TeeflError) as exc:
-        reg.resolve("./task.py:T", tmp_path)
+        reg.resolve("./task.py:T", base_dir=tmp_path)
     text = one_line(exc)
-    assert "'./task.py:T'" in text and "ModuleNotFoundError" in text and "helper_sibling" in text
+    assert "'./task.py:T'" in text and "No module named 'helper_sibling'" in text
     assert str(tmp_path) not in sys.path
 
 
@@ -144,14 +154,17 @@ def test_unknown_name_lists_the_known_ones(reg):
     with pytest.raises(TeeflError) as exc:
         reg.resolve("nosuch")
     text = one_line(exc)
-    assert "unknown thing 'nosuch'" in text and "builtin" in text and "module:Class" in text
+    assert (
+        "unknown thing 'nosuch'; choose one of: builtin, or give a 'module:attribute' or "
+        "'./file.py:attribute' reference"
+    ) in text
 
 
 def test_missing_module(reg, clean_modules):
     with pytest.raises(TeeflError) as exc:
         reg.resolve("no_such_pkg_xyz.sub:Thing")
     text = one_line(exc)
-    assert "'no_such_pkg_xyz.sub:Thing'" in text and "no module named 'no_such_pkg_xyz'" in text
+    assert "'no_such_pkg_xyz.sub:Thing'" in text and "no module named 'no_such_pkg_xyz.sub'" in text
 
 
 def test_module_whose_own_import_fails(reg, tmp_path, clean_modules):
@@ -160,27 +173,26 @@ def test_module_whose_own_import_fails(reg, tmp_path, clean_modules):
     with pytest.raises(TeeflError) as exc:
         reg.resolve("regpkg_d:T")
     text = one_line(exc)
-    assert "importing regpkg_d failed" in text
-    assert "ModuleNotFoundError: No module named 'not_installed_dep_xyz'" in text
+    assert "importing 'regpkg_d' failed: No module named 'not_installed_dep_xyz'" in text
 
 
 def test_missing_file(reg, tmp_path):
     with pytest.raises(TeeflError) as exc:
-        reg.resolve("./absent.py:T", tmp_path)
+        reg.resolve("./absent.py:T", base_dir=tmp_path)
     assert f"file not found: {tmp_path / 'absent.py'}" in one_line(exc)
 
 
 def test_file_that_is_not_python(reg, tmp_path):
     write(tmp_path / "dir" / "task.txt", "")
     with pytest.raises(TeeflError) as exc:
-        reg.resolve("./dir/task.txt:T", tmp_path)
+        reg.resolve("./dir/task.txt:T", base_dir=tmp_path)
     assert "not a Python file" in one_line(exc)
 
 
 def test_missing_attribute_names_what_the_module_defines(reg, tmp_path, clean_modules):
     write(tmp_path / "task.py", "from pathlib import Path\nclass Task:\n    kind = 'thing'\n")
     with pytest.raises(TeeflError) as exc:
-        reg.resolve("./task.py:Tsk", tmp_path)
+        reg.resolve("./task.py:Tsk", base_dir=tmp_path)
     text = one_line(exc)
     assert "has no attribute 'Tsk'" in text and "(it defines: Task)" in text
     assert "Path" not in text  # imported names are not the module's own
@@ -189,7 +201,7 @@ def test_missing_attribute_names_what_the_module_defines(reg, tmp_path, clean_mo
 def test_file_raising_at_import_names_the_line(reg, tmp_path, clean_modules):
     write(tmp_path / "task.py", "x = 1\nraise RuntimeError('no GPU here')\n")
     with pytest.raises(TeeflError) as exc:
-        reg.resolve("./task.py:T", tmp_path)
+        reg.resolve("./task.py:T", base_dir=tmp_path)
     text = one_line(exc)
     assert "RuntimeError: no GPU here" in text and "task.py:2" in text
     assert not any(m.startswith("teefl_user_") and m.endswith("_task") for m in sys.modules)
@@ -198,7 +210,7 @@ def test_file_raising_at_import_names_the_line(reg, tmp_path, clean_modules):
 def test_syntax_error(reg, tmp_path, clean_modules):
     write(tmp_path / "task.py", "class T:\n  def f(:\n")
     with pytest.raises(TeeflError) as exc:
-        reg.resolve("./task.py:T", tmp_path)
+        reg.resolve("./task.py:T", base_dir=tmp_path)
     text = one_line(exc)
     assert "SyntaxError" in text and "task.py, line 2" in text
 
@@ -206,8 +218,8 @@ def test_syntax_error(reg, tmp_path, clean_modules):
 def test_object_of_the_wrong_kind(reg, tmp_path, clean_modules):
     write(tmp_path / "task.py", "def T():\n    pass\n")
     with pytest.raises(TeeflError) as exc:
-        reg.resolve("./task.py:T", tmp_path)
-    assert "'./task.py:T': not a thing:" in one_line(exc)
+        reg.resolve("./task.py:T", base_dir=tmp_path)
+    assert "thing './task.py:T' is the callable task.py:T, not a thing: " in one_line(exc)
 
 
 @pytest.mark.parametrize("ref", ["mod:", ":Attr", "mod:1bad", "not a module:X", "  "])
@@ -215,3 +227,35 @@ def test_malformed_references(reg, ref):
     with pytest.raises(TeeflError) as exc:
         reg.target(ref)
     one_line(exc)
+
+
+def test_where_prefixes_every_error(reg, tmp_path):
+    with pytest.raises(TeeflError) as exc:
+        reg.resolve("./absent.py:T", "workload.name", tmp_path)
+    assert one_line(exc).startswith("workload.name: thing './absent.py:T': file not found")
+
+
+def test_an_entry_point_that_fails_to_load_names_it(reg, tmp_path, clean_modules):
+    write(tmp_path / "regpkg_e" / "__init__.py", "")
+    write(
+        tmp_path / "regpkg_e-1.0.dist-info" / "METADATA",
+        "Metadata-Version: 2.1\nName: regpkg-e\nVersion: 1.0\n",
+    )
+    write(
+        tmp_path / "regpkg_e-1.0.dist-info" / "entry_points.txt",
+        "[teefl.test-things]\ngone = regpkg_e:Missing\n",
+    )
+    sys.path.insert(0, str(tmp_path))
+    with pytest.raises(TeeflError) as exc:
+        reg.resolve("gone")
+    assert (
+        "thing 'gone': its entry point (teefl.test-things: regpkg_e:Missing) failed to load: "
+        "module 'regpkg_e' has no attribute 'Missing'"
+    ) in one_line(exc)
+
+
+def test_file_references_only_where_the_kind_allows_them(tmp_path):
+    strict = Registry("plug", "teefl.test-plugs", callable, "a callable")
+    with pytest.raises(TeeflError) as exc:
+        strict.resolve("./task.py:T", base_dir=tmp_path)
+    assert "plug reference './task.py:T': a plug is named by 'module:attribute'" in one_line(exc)

@@ -173,11 +173,12 @@ def test_not_a_workload(tmp_path, clean_modules):
         "from types import SimpleNamespace\n"
         "inst = SimpleNamespace(build_model=1, load=1, train=1, evaluate=1)\n"
     )
-    assert "not a workload: class Half lacks load, train, evaluate" in _ref_error(
-        "./w.py:Half", tmp_path
-    )
-    assert "not a workload: it is a function, not a class" in _ref_error("./w.py:fn", tmp_path)
-    assert "reference its class" in _ref_error("./w.py:inst", tmp_path)
+    assert (
+        "is the class w.py:Half, not a workload (a class with build_model, load, train and "
+        "evaluate): it lacks load, train, evaluate"
+    ) in _ref_error("./w.py:Half", tmp_path)
+    assert "is the callable w.py:fn, not a workload" in _ref_error("./w.py:fn", tmp_path)
+    assert "it is an instance; reference its class" in _ref_error("./w.py:inst", tmp_path)
 
 
 def test_import_error_in_the_users_module(tmp_path, clean_modules):
@@ -220,7 +221,7 @@ def test_without_check_build_the_model_is_not_built(tmp_path, clean_modules):
 
 
 def test_unknown_name():
-    assert "unknown workload 'visoin'; known: image-folder, noop, tabular, vision" in (
+    assert "unknown workload 'visoin'; choose one of: image-folder, noop, tabular, vision" in (
         _ref_error("visoin")
     )
 

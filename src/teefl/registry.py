@@ -130,7 +130,9 @@ class Registry(Generic[T]):
     object lacks. ``builtins``: modules that register the built-in plug-ins with the decorator,
     imported on the first lookup (importing them here would be circular: they import the
     registry for its decorator). ``lazy``: built-in names as ``module:attr``, imported only when
-    that name is loaded -- listing or digesting them imports nothing heavy.
+    that name is loaded -- listing or digesting them imports nothing heavy. ``files``: whether
+    ``./file.py:attr`` references are allowed (workloads: yes; strategies: no, their state is
+    saved under their module's name, which a file's path would make host-specific).
     """
 
     def __init__(
@@ -143,10 +145,12 @@ class Registry(Generic[T]):
         *,
         why: Callable[[object], str | None] | None = None,
         lazy: Mapping[str, str] | None = None,
+        files: bool = False,
     ) -> None:
         self.kind, self.group, self.accepts, self.what = kind, group, accepts, what
         self.builtins, self.why = builtins, why
         self.lazy = dict(lazy or {})
+        self.files = files
         self._entries: dict[str, T] = {}
         self._builtins_loaded = False
 
@@ -220,10 +224,15 @@ class Registry(Generic[T]):
         module, attr = _split(ref)
         if not module or not attr or not _DOTTED.match(attr):
             raise TeeflError(
-                f"{at}{self.kind} reference {ref!r} must read 'module:attribute' or "
-                "'./file.py:attribute'"
+                f"{at}{self.kind} reference {ref!r} must read 'module:attribute'"
+                + (" or './file.py:attribute'" if self.files else "")
             )
         if _is_file_ref(module):
+            if not self.files:
+                raise TeeflError(
+                    f"{at}{self.kind} reference {ref!r}: a {self.kind} is named by "
+                    "'module:attribute', not by a file"
+                )
             return self._file(ref, module, attr, base_dir, at)
         if not _DOTTED.match(module):
             raise TeeflError(
@@ -245,9 +254,10 @@ class Registry(Generic[T]):
             module, attr = _split(installed[ref])
             return Target(ref, "entry-point", module, attr, entry=installed[ref])
         known = ", ".join(self.names()) or "(none)"
+        files = " or './file.py:attribute'" if self.files else ""
         raise TeeflError(
             f"{at}unknown {self.kind} {ref!r}; choose one of: {known}, or give a "
-            "'module:attribute' or './file.py:attribute' reference"
+            f"'module:attribute'{files} reference"
         )
 
     def _file(self, ref: str, where: str, attr: str, base_dir: Path | None, at: str) -> Target:

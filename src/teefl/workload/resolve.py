@@ -31,6 +31,7 @@ WORKLOADS: Registry[type] = Registry(
     lambda obj: workload_problem(obj) is None,
     "a workload (a class with build_model, load, train and evaluate)",
     why=workload_problem,
+    files=True,
     lazy={
         "vision": "teefl.workload.vision:Vision",
         "image-folder": "teefl.workload.image_folder:ImageFolderWorkload",
