@@ -258,3 +258,9 @@ def test_a_builtins_own_error_reads_as_a_sentence(tmp_path):
     assert str(exc.value) == (
         f"col1: workload tabular failed in load: table not found: {tmp_path / 'data.csv'}"
     )
+
+
+def test_where_prefixes_reference_errors(tmp_path):
+    with pytest.raises(TeeflError) as exc:
+        resolve_workload("./nope.py:T", None, tmp_path, where="workload.name")
+    assert one_line(exc).startswith("workload.name: workload './nope.py:T': file not found")

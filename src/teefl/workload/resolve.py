@@ -182,21 +182,23 @@ def resolve_workload(
     base_dir: Path | None = None,
     *,
     source: str = "(plan)",
+    where: str | None = None,
     check_build: bool = False,
     seed: int = 0,
 ) -> LoadedWorkload:
     """Resolve the plan's ``workload.name`` with its ``options``.
 
     ``base_dir``: what a ``./file.py:Attr`` reference is relative to (the plan's directory).
-    ``source``: the plan file, for option errors (``invalid plan P: workload.options.lr: ...``).
+    ``source``: the plan file, for option errors (``invalid plan P: workload.options.lr: ...``);
+    ``where``: a prefix for reference errors (``"workload.name"``).
     ``check_build``: also build the model once with ``seed`` (and drop it), so a workload that
     cannot build fails here, before any process starts -- at the cost of one model build.
     """
     from teefl.workload.digest import digest_target
 
-    target = WORKLOADS.target(name, base_dir)
+    target = WORKLOADS.target(name, base_dir, where)
     digest = digest_target(target)  # before running it: a lone file's bytes are what runs
-    cls = WORKLOADS.load(target)
+    cls = WORKLOADS.load(target, where)
     opts = validate_options(cls, options, target.ref, source)
     try:
         instance = cls(opts) if opts is not None else cls()
