@@ -3,8 +3,8 @@ list fixing every label's index on every party."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +15,14 @@ from teefl.workload.api import Party, RoundInfo
 from teefl.workload.resolve import resolve_workload
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "image-folder"
-sys.path.insert(0, str(EXAMPLE))
-from generate import CLASSES, generate  # noqa: E402
+_spec = importlib.util.spec_from_file_location(
+    "examples_image_folder_generate", EXAMPLE / "generate.py"
+)
+assert _spec is not None and _spec.loader is not None
+_gen = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_gen)  # by path: both examples have a generate.py
+CLASSES = _gen.CLASSES
+generate = _gen.generate
 
 # tiny images keep ResNet-18 cheap: these tests are about the plumbing, not the accuracy
 OPTIONS = {"model": "resnet18", "classes": CLASSES, "image_size": 8, "batch_size": 8}

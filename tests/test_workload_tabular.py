@@ -4,7 +4,6 @@ scaling fitted on the party's own training rows only."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,12 @@ from teefl.workload.api import Party, RoundInfo
 from teefl.workload.resolve import resolve_workload
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tabular"
-sys.path.insert(0, str(EXAMPLE))
-from generate import generate, make_rows  # noqa: E402
+_spec = importlib.util.spec_from_file_location("examples_tabular_generate", EXAMPLE / "generate.py")
+assert _spec is not None and _spec.loader is not None
+_gen = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_gen)  # by path: both examples have a generate.py
+generate = _gen.generate
+make_rows = _gen.make_rows
 
 OPTIONS = {
     "label": "churn",
