@@ -204,7 +204,7 @@ def test_file_raising_at_import_names_the_line(reg, tmp_path, clean_modules):
         reg.resolve("./task.py:T", base_dir=tmp_path)
     text = one_line(exc)
     assert "RuntimeError: no GPU here" in text and "task.py:2" in text
-    assert not any(m.startswith("teefl_user_") and m.endswith("_task") for m in sys.modules)
+    assert reg.target("./task.py:T", tmp_path).module not in sys.modules  # no half module left
 
 
 def test_syntax_error(reg, tmp_path, clean_modules):
