@@ -205,3 +205,89 @@ def test_cli_keygen_refuses_overwrite(tmp_path: Path, app: typer.Typer) -> None:
     assert isinstance(result.exception, TeeflError)
     assert path.read_text() == "existing"
     assert os.stat(path).st_size == len("existing")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bound files (format version 2): which run, round, party and kind a file is
+# ---------------------------------------------------------------------------------------------
+CTX = {"run": "r1", "round": 3, "party": "aggregator", "kind": "checkpoint"}
+
+
+def test_a_bound_file_says_what_it_is_and_needs_only_the_key() -> None:
+    from teefl.security.sealed import open_sealed
+
+    blob = seal_bytes(DATA, KEY, CTX)
+    assert blob[len(MAGIC)] == 2
+    assert open_sealed(blob, KEY) == (DATA, CTX)  # self-describing: decrypt needs the key alone
+    assert unseal_bytes(blob, KEY) == DATA
+    assert unseal_bytes(blob, KEY, expect=CTX) == DATA
+    assert open_sealed(seal_bytes(DATA, KEY), KEY) == (DATA, None)  # version 1: no context
+
+
+def test_another_context_is_refused_where_one_is_expected() -> None:
+    from teefl.security.sealed import ContextMismatchError
+
+    older = seal_bytes(DATA, KEY, {**CTX, "round": 1})
+    with pytest.raises(ContextMismatchError, match="holds round 1's checkpoint of run 'r1', "):
+        unseal_bytes(older, KEY, expect=CTX)
+    for other in ({**CTX, "run": "r0"}, {**CTX, "kind": "final"}, {**CTX, "party": "col1"}):
+        with pytest.raises(ContextMismatchError, match="put in its place"):
+            unseal_bytes(seal_bytes(DATA, KEY, other), KEY, expect=CTX)
+    with pytest.raises(ContextMismatchError, match="without a context"):
+        unseal_bytes(seal_bytes(DATA, KEY), KEY, expect=CTX)  # an unbound file is not bound
+
+
+def test_every_bit_flip_of_a_bound_file_is_refused() -> None:
+    blob = seal_bytes(b"secret", KEY, {"run": "r", "round": 1, "party": "c", "kind": "update"})
+    for i in range(len(blob)):
+        bad = bytearray(blob)
+        bad[i] ^= 1
+        with pytest.raises(SealedError):
+            unseal_bytes(bytes(bad), KEY)
+
+
+def test_a_bound_files_context_cannot_be_rewritten() -> None:
+    blob = seal_bytes(DATA, KEY, CTX)
+    # the same length, another round: "round":3 -> "round":5
+    forged = blob.replace(b'"round":3', b'"round":5')
+    assert forged != blob
+    with pytest.raises(TamperedError):
+        unseal_bytes(forged, KEY)
+    with pytest.raises(TruncatedError):
+        unseal_bytes(blob[: HEADER_SIZE + 5], KEY)  # cut inside the context
+
+
+def test_metadata_mac_binds_content_and_context() -> None:
+    from teefl.security.sealed import (
+        MetadataError,
+        metadata_key,
+        sign_metadata,
+        verify_metadata,
+    )
+
+    mkey = metadata_key(KEY)
+    assert mkey != KEY and len(mkey) == 32 and metadata_key(KEY) == mkey
+    ctx = {"run": "r1", "round": 2, "party": "col1", "kind": "update"}
+    doc = sign_metadata({"samples": 10, "sha256": "ab"}, mkey, ctx)
+    assert verify_metadata(doc, mkey, ctx) == {"samples": 10, "sha256": "ab"}
+    with pytest.raises(MetadataError, match="fails its authentication"):
+        verify_metadata({**doc, "samples": 10**6}, mkey, ctx)
+    with pytest.raises(MetadataError, match="not col1's update for round 3"):
+        verify_metadata(doc, mkey, {**ctx, "round": 3})
+    with pytest.raises(MetadataError, match="no authentication code"):
+        verify_metadata({"samples": 10, "sha256": "ab"}, mkey, ctx)
+    with pytest.raises(MetadataError):
+        verify_metadata(doc, metadata_key(generate_key()), ctx)
+
+
+def test_cli_decrypts_a_bound_file(tmp_path: Path, app: typer.Typer) -> None:
+    key_path = tmp_path / "owner.key"
+    key = write_key_file(key_path)
+    sealed = tmp_path / "final.safetensors.sealed"
+    sealed.write_bytes(seal_bytes(DATA, key, {**CTX, "kind": "final"}))
+    out = tmp_path / "final.safetensors"
+    result = CliRunner().invoke(
+        app, ["model", "decrypt", str(sealed), str(out), "--key-file", str(key_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == DATA

@@ -1,4 +1,4 @@
-"""Sealed storage: checkpoints and final models encrypted at rest with AES-256-GCM.
+"""Sealed storage: checkpoints, final models and updates encrypted at rest with AES-256-GCM.
 
 Why our own small format instead of relying on the TEE's sealing alone: the owner of a study has
 to be able to open the final model *outside* the TEE (``teefl model decrypt``) with a key they hold,
@@ -9,15 +9,27 @@ unnoticed.
 File layout (all integers big-endian)::
 
     magic     9  b"TEEFLSEAL"
-    version   1  0x01
+    version   1  0x01 (unbound) or 0x02 (bound to a context)
     key_id    8  first 8 bytes of HMAC-SHA256(key, "teefl sealed key id v1")
     nonce    12  random per file
-    length    8  length of ciphertext+tag that follows
+    length    8  length of ciphertext+tag that follows (after the context, in version 2)
+    -- version 2 only --
+    ctx_len   2  length of the context
+    context      canonical JSON: which run, round, party and kind of file this is
     ciphertext || 16-byte GCM tag
 
 ``key_id`` and ``length`` are there so a failure can say *why* it failed: a wrong key, a
 truncated file and a modified file are reported differently (GCM alone only says "invalid").
 ``key_id`` is a PRF output; it identifies the key without revealing it.
+
+Why a context (version 2): AES-GCM proves that the owner's key sealed a file, not *which* file
+it is. Without it, a host that can write the run directory could put an older checkpoint, or
+another round's or another collaborator's update, in place of the one the aggregator expects
+(a rollback), and it would decrypt fine. The context is part of the authenticated header, so a
+reader that says what it expects (`read_sealed`'s ``expect``) refuses any other file, and a
+reader that does not (``teefl model decrypt``) still needs only the key: the format describes
+itself. `metadata_key` derives a second key from the sealing key (HKDF) for the run's
+plaintext resume metadata (`sign_metadata`, `verify_metadata`).
 """
 
 from __future__ import annotations
@@ -25,24 +37,34 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import struct
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from teefl.errors import TeeflError
 
 MAGIC = b"TEEFLSEAL"
-FORMAT_VERSION = 1
+#: the newest format; 1 (no context) is still read, and written for a blob sealed without one
+FORMAT_VERSION = 2
+UNBOUND_VERSION = 1
 KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
 _HEADER = struct.Struct(f">{len(MAGIC)}sB8s{NONCE_SIZE}sQ")
-HEADER_SIZE = _HEADER.size  # 38
+HEADER_SIZE = _HEADER.size  # 38: the fixed part (version 2 adds the context after it)
+_CTX_LEN = struct.Struct(">H")
+#: a context is a few names and numbers; anything longer is not one of ours
+MAX_CONTEXT = 4096
 
 
 class SealedError(TeeflError):
@@ -67,6 +89,33 @@ class WrongKeyError(SealedError):
 
 class TamperedError(SealedError):
     """Authentication failed although key and length match: the file was modified."""
+
+
+class ContextMismatchError(SealedError):
+    """An authentic file, but not the one expected: another run's, round's, party's or kind's
+    (an older checkpoint or another update put in its place), or one sealed without a context."""
+
+
+def _context_bytes(context: Mapping[str, Any]) -> bytes:
+    """The canonical encoding of a context: the same mapping gives the same bytes."""
+    data = json.dumps(dict(context), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    if len(data) > MAX_CONTEXT:
+        raise SealedError(f"sealing context of {len(data)} bytes exceeds {MAX_CONTEXT}")
+    return data
+
+
+def describe(context: Mapping[str, Any] | None) -> str:
+    """A context in words, for error messages: "round 3's checkpoint of run 'r1'"."""
+    if context is None:
+        return "a file sealed without a context (an older teefl's format)"
+    kind, party, rnd = str(context.get("kind", "file")), context.get("party"), context.get("round")
+    if kind == "update":
+        what = f"{party}'s update for round {rnd}"
+    elif rnd is not None:
+        what = f"round {rnd}'s {kind}"
+    else:
+        what = f"the {kind}"
+    return f"{what} of run {context.get('run')!r}"
 
 
 def key_id(key: bytes) -> bytes:
@@ -150,17 +199,25 @@ def write_key_file(path: Path | str, key: bytes | None = None, *, overwrite: boo
     return key
 
 
-def seal_bytes(data: bytes, key: bytes) -> bytes:
-    """Encrypt and authenticate ``data``; header and ciphertext are both covered by the tag."""
+def seal_bytes(data: Any, key: bytes, context: Mapping[str, Any] | None = None) -> bytes:
+    """Encrypt and authenticate ``data``; header, context and ciphertext are all covered by the
+    tag. ``context``: what the file is (e.g. ``{"run": ..., "round": 3, "party": "aggregator",
+    "kind": "checkpoint"}``), written in the clear and authenticated (format version 2); without
+    one the file has format version 1."""
     key = _check_key(key)
     nonce = secrets.token_bytes(NONCE_SIZE)
     length = len(data) + TAG_SIZE
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, key_id(key), nonce, length)
+    version = UNBOUND_VERSION if context is None else FORMAT_VERSION
+    header = _HEADER.pack(MAGIC, version, key_id(key), nonce, length)
+    if context is not None:
+        ctx = _context_bytes(context)
+        header += _CTX_LEN.pack(len(ctx)) + ctx
     return header + AESGCM(key).encrypt(nonce, bytes(data), header)
 
 
-def unseal_bytes(blob: bytes, key: bytes) -> bytes:
-    """Decrypt a sealed blob; each failure mode raises its own SealedError subclass."""
+def open_sealed(blob: bytes, key: bytes) -> tuple[bytes, dict[str, Any] | None]:
+    """Decrypt a sealed blob: (plaintext, its authenticated context, None for version 1).
+    Each failure mode raises its own SealedError subclass."""
     key = _check_key(key)
     if len(blob) < len(MAGIC) or not blob.startswith(MAGIC):
         raise NotSealedError("not a teefl sealed file (missing TEEFLSEAL header)")
@@ -169,16 +226,26 @@ def unseal_bytes(blob: bytes, key: bytes) -> bytes:
             f"sealed file truncated inside its header ({len(blob)} of {HEADER_SIZE} bytes)"
         )
     _magic, version, kid, nonce, length = _HEADER.unpack_from(blob, 0)
-    if version != FORMAT_VERSION:
+    if version not in (UNBOUND_VERSION, FORMAT_VERSION):
         raise UnsupportedVersionError(
             f"sealed file format version {version} is not supported (this teefl reads "
-            f"{FORMAT_VERSION})"
+            f"{UNBOUND_VERSION} and {FORMAT_VERSION})"
         )
     if not hmac.compare_digest(kid, key_id(key)):
         raise WrongKeyError(
             f"wrong key: file sealed with key id {kid.hex()}, this key has id {key_id(key).hex()}"
         )
-    body = blob[HEADER_SIZE:]
+    end = HEADER_SIZE
+    if version == FORMAT_VERSION:
+        if len(blob) < end + _CTX_LEN.size:
+            raise TruncatedError("sealed file truncated inside its context")
+        (ctx_len,) = _CTX_LEN.unpack_from(blob, end)
+        end += _CTX_LEN.size + ctx_len
+        if ctx_len > MAX_CONTEXT:
+            raise TamperedError(f"sealed file modified: a context of {ctx_len} bytes")
+        if len(blob) < end:
+            raise TruncatedError("sealed file truncated inside its context")
+    body = memoryview(blob)[end:]
     if len(body) < length:
         raise TruncatedError(f"sealed file truncated: {len(body)} of {length} bytes after header")
     if len(body) > length or length < TAG_SIZE:
@@ -186,11 +253,35 @@ def unseal_bytes(blob: bytes, key: bytes) -> bytes:
             f"sealed file modified: {len(body)} bytes after header, header says {length}"
         )
     try:
-        return AESGCM(key).decrypt(nonce, body, blob[:HEADER_SIZE])
+        plain = AESGCM(key).decrypt(nonce, body, blob[:end])
     except InvalidTag as exc:
         raise TamperedError(
             "sealed file failed authentication: it was modified after sealing"
         ) from exc
+    if version == UNBOUND_VERSION:
+        return plain, None
+    try:  # authentic, hence written by `seal_bytes`: a JSON object
+        context = json.loads(bytes(blob[HEADER_SIZE + _CTX_LEN.size : end]))
+    except ValueError as exc:  # sealed by someone holding the key, but not by teefl
+        raise TamperedError(f"sealed file carries an unreadable context: {exc}") from None
+    if not isinstance(context, dict):
+        raise TamperedError("sealed file carries a context that is not a JSON object")
+    return plain, context
+
+
+def unseal_bytes(blob: bytes, key: bytes, expect: Mapping[str, Any] | None = None) -> bytes:
+    """Decrypt a sealed blob; each failure mode raises its own SealedError subclass.
+
+    ``expect``: the context the file must carry (see `seal_bytes`); another one, or none (a
+    version-1 file), raises `ContextMismatchError`. Without it any authentic file is accepted.
+    """
+    plain, context = open_sealed(blob, key)
+    if expect is not None and context != dict(expect):
+        raise ContextMismatchError(
+            f"holds {describe(context)}, expected {describe(expect)}: an older or another "
+            "sealed file was put in its place"
+        )
+    return plain
 
 
 def write_sealed(path: Path | str, data: bytes, key: bytes) -> None:
@@ -221,8 +312,8 @@ def write_sealed(path: Path | str, data: bytes, key: bytes) -> None:
             os.close(dfd)
 
 
-def read_sealed(path: Path | str, key: bytes) -> bytes:
-    """Read and unseal ``path``; errors name the file."""
+def read_sealed(path: Path | str, key: bytes, expect: Mapping[str, Any] | None = None) -> bytes:
+    """Read and unseal ``path`` (``expect``: see `unseal_bytes`); errors name the file."""
     path = Path(path)
     try:
         blob = path.read_bytes()
@@ -231,9 +322,51 @@ def read_sealed(path: Path | str, key: bytes) -> bytes:
     except OSError as exc:
         raise SealedError(f"cannot read {path}: {exc.strerror}") from exc
     try:
-        return unseal_bytes(blob, key)
+        return unseal_bytes(blob, key, expect)
     except SealedError as exc:
         raise type(exc)(f"{path}: {exc}") from exc
+
+
+# -- the run's resume metadata ------------------------------------------------------------------
+class MetadataError(SealedError):
+    """Plaintext metadata whose authentication code is missing or wrong: edited, or another
+    run's or round's."""
+
+
+def metadata_key(key: bytes) -> bytes:
+    """The key that authenticates a sealed run's plaintext metadata (``state.json``, stored
+    updates' sample counts and digests), derived from the sealing key with HKDF-SHA256.
+
+    Why a derived key: one key, one purpose; the metadata MAC never reuses the AES key."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"teefl run metadata v1")
+    return hkdf.derive(_check_key(key))
+
+
+def _mac(doc: Mapping[str, Any], mkey: bytes, context: Mapping[str, Any]) -> str:
+    body = {"context": dict(context), "doc": {k: v for k, v in doc.items() if k != "mac"}}
+    data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hmac.new(mkey, data, hashlib.sha256).hexdigest()
+
+
+def sign_metadata(
+    doc: Mapping[str, Any], mkey: bytes, context: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``doc`` with a ``mac`` field: HMAC-SHA256 (under `metadata_key`) of its other fields and
+    of ``context`` (which run, round, party and kind it belongs to, not stored in it)."""
+    return {**doc, "mac": _mac(doc, mkey, context)}
+
+
+def verify_metadata(
+    doc: Mapping[str, Any], mkey: bytes, context: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``doc`` without its ``mac`` once that proves it unchanged and ``context``'s; else
+    `MetadataError` (the caller names the file)."""
+    mac = doc.get("mac")
+    if not isinstance(mac, str):
+        raise MetadataError("carries no authentication code (edited, or not a sealed run's)")
+    if not hmac.compare_digest(mac, _mac(doc, mkey, context)):
+        raise MetadataError(f"fails its authentication: edited, or not {describe(context)}")
+    return {k: v for k, v in doc.items() if k != "mac"}
 
 
 def is_sealed(path: Path | str) -> bool:
@@ -249,20 +382,27 @@ __all__ = [
     "FORMAT_VERSION",
     "HEADER_SIZE",
     "MAGIC",
+    "ContextMismatchError",
+    "MetadataError",
     "NotSealedError",
     "SealedError",
     "TamperedError",
     "TruncatedError",
     "UnsupportedVersionError",
     "WrongKeyError",
+    "describe",
     "generate_key",
     "is_sealed",
     "key_id",
     "load_key",
+    "metadata_key",
+    "open_sealed",
     "parse_key",
     "read_sealed",
     "seal_bytes",
+    "sign_metadata",
     "unseal_bytes",
+    "verify_metadata",
     "write_key_file",
     "write_sealed",
 ]
