@@ -25,6 +25,7 @@ from teefl.analysis import mechanisms
 from teefl.analysis.loader import ProcessLog, RunDir, load_run_dir, model_info_from_safetensors
 from teefl.analysis.timefmt import format_hms
 from teefl.errors import TeeflError
+from teefl.runfiles import write_private
 
 SCHEMA = "teefl.summary/1"
 #: Phases of a collaborator's round, in the order they happen.
@@ -417,7 +418,7 @@ def write_summary(run_dir: Path | str) -> dict[str, Any]:
     target = run_dir / "summary.json"
     tmp = run_dir / f".summary.json.{os.getpid()}.tmp"
     try:
-        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        write_private(tmp, json.dumps(summary, indent=2, default=str) + "\n")
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -191,8 +191,9 @@ class NonceBook:
 
 def write_verdict(run_dir: Path, party: str, record: dict[str, Any]) -> None:
     """Keep every verdict (accepted or refused) in the run: ``attestation/<party>.json``."""
-    out = Path(run_dir) / "attestation"
-    out.mkdir(parents=True, exist_ok=True)
+    from teefl.runfiles import private_dir, write_private
+
+    out = private_dir(Path(run_dir) / "attestation")
     path = out / f"{party}.json"
     history = []
     if path.exists():
@@ -201,7 +202,7 @@ def write_verdict(run_dir: Path, party: str, record: dict[str, Any]) -> None:
         except (OSError, json.JSONDecodeError):
             history = []
     history.append(record)
-    path.write_text(json.dumps(history, indent=2, default=str) + "\n", encoding="utf-8")
+    write_private(path, json.dumps(history, indent=2, default=str) + "\n")
 
 
 def server_spki(address: str, ca: Path, timeout: float = 10.0) -> bytes:

@@ -87,8 +87,10 @@ def _spawn(
 ) -> Proc:
     if wrap is not None:
         argv = wrap(name, argv)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    from teefl.runfiles import append_private, private_dir
+
+    private_dir(log.parent)
+    fh = open(append_private(log), "ab")  # noqa: SIM115 - owned by the child for its lifetime
     popen = subprocess.Popen(
         argv,
         stdout=fh,
@@ -177,9 +179,11 @@ def launch(
         argv = _gramine(plan, process, argv, run_dir, data_dir)  # innermost: the TEE runtime
         return wrap(process, argv) if wrap is not None else argv
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from teefl.runfiles import private_dir, write_private
+
+    private_dir(run_dir)  # the run's files are its owner's alone (docs/security.md)
     plan_path = run_dir / "plan.yaml"
-    plan_path.write_text(plan.to_yaml(), encoding="utf-8")
+    write_private(plan_path, plan.to_yaml())
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     base = [sys.executable, "-m", "teefl"]
     port_file = run_dir / "port"

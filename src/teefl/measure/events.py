@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from teefl.runfiles import append_private, private_dir
+
 #: Phases defined by the brief; others may be added but these have fixed meanings.
 PHASES = (
     "connect",
@@ -47,11 +49,15 @@ class EventRecorder:
 
     def __init__(self, run_dir: Path | str, run_id: str, process: str, role: str) -> None:
         self.run_id, self.process, self.role = run_id, process, role
-        events_dir = Path(run_dir) / "events"
-        events_dir.mkdir(parents=True, exist_ok=True)
+        if not Path(run_dir).is_dir():  # a party's own run directory: its owner's alone
+            private_dir(run_dir)
+        events_dir = private_dir(Path(run_dir) / "events")
         self.path = events_dir / f"{process}.jsonl"
         self._lock = threading.Lock()
-        self._fh = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        # mode 0600; a line torn by a killed earlier process of this name is ended first, so
+        # this process's anchor line stays readable
+        fd = append_private(self.path)
+        self._fh = open(fd, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         self._write(
             {
                 "type": "anchor",

@@ -60,9 +60,10 @@ def environment(role: str, extra: dict[str, Any] | None = None) -> dict[str, Any
 
 
 def write_environment(run_dir: Path, process: str, env: dict[str, Any]) -> Path:
-    out = Path(run_dir) / "env" / f"{process}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(env, indent=2, default=str) + "\n", encoding="utf-8")
+    from teefl.runfiles import private_dir, write_private
+
+    out = private_dir(Path(run_dir) / "env") / f"{process}.json"
+    write_private(out, json.dumps(env, indent=2, default=str) + "\n")
     return out
 
 
