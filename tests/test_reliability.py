@@ -267,3 +267,93 @@ def test_bad_updates_are_refused_and_others_unaffected(tmp_path: Path) -> None:
         if e.get("what") == "update_rejected"
     ]
     assert len(rejected) == len(bad) and all(e["collaborator"] == "col3" for e in rejected)
+
+
+# -- the aggregator killed in round 1 and during a round close (issue 22) -----------------------
+def _leftovers(run: Path) -> list[Path]:
+    """Temporary files of dead processes anywhere in the run directory."""
+    return [p for p in run.rglob("*") if ".tmp-" in p.name]
+
+
+def _one_record_per_round(run: Path, rounds: int) -> list[dict]:
+    """One metrics line per round and a last one for the final pass, each with every
+    collaborator; each round's update accepted and its round closed once; returns the events."""
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["round"] for m in metrics] == [*range(1, rounds + 1), "final"], metrics
+    for m in metrics:
+        assert set(m["collaborators"]) == {"col1", "col2", "col3"}, m
+    events = read_jsonl(run / "events" / "aggregator.jsonl")
+    accepted = [
+        (e["round"], e["collaborator"]) for e in events if e.get("what") == "update_accepted"
+    ]
+    assert len(accepted) == len(set(accepted))  # replayed, never accepted a second time
+    closed = [e["round"] for e in events if e.get("what") == "round_closed"]
+    assert closed == list(range(1, rounds + 1)), closed
+    return events
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("staging", ["memory", "disk"])
+def test_aggregator_killed_in_round_1_after_an_ack_loses_nothing(
+    tmp_path: Path, staging: str
+) -> None:
+    """Killed right after it acknowledged an update of round 1 (no checkpoint exists yet): the
+    restart counts that update from its staged slot or the run directory, once."""
+    shm = tmp_path / "shm"
+    # a bounded round: before the fix the restarted aggregator never saw the acknowledged
+    # update and the round timed out waiting for it (on a loaded machine starting the
+    # collaborators alone takes a minute)
+    plan = _plan(tmp_path, update_staging=staging, staging_dir=str(shm), round_timeout=240)
+    parties = Parties(plan, tmp_path / "run", tmp_path / "procs.log")
+    try:
+        victim = parties.aggregator(env={"TEEFL_FAULT_INJECT": "acked:1"})
+        parties.wait_running()
+        for name in ("col1", "col2", "col3"):
+            parties.collaborator(name)
+        assert victim.wait(timeout=300) == -signal.SIGKILL
+        parties.aggregator()  # same run directory: resume
+        _finish(parties)
+    finally:
+        parties.stop()
+    run = tmp_path / "run"
+    replay_matches_checkpoints(run, ROUNDS)
+    events = _one_record_per_round(run, ROUNDS)
+    resumed = [e for e in events if e.get("what") == "resumed"]
+    assert [(e["completed_round"], e["round"]) for e in resumed] == [(0, 1)]
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and info["restarts"] == 1
+    assert info["rounds_completed"] == ROUNDS
+    assert not _leftovers(run)
+    assert not [p for p in shm.rglob("*") if p.is_file()], "a staged file was left behind"
+
+
+@pytest.mark.slow
+def test_aggregator_killed_during_the_round_1_close_and_again_at_its_restart(
+    tmp_path: Path,
+) -> None:
+    """Killed while round 1's checkpoint was being written (round 1 closed in memory, its
+    metrics line written, round 2 open), then again during its restart's own start-up: the
+    third start closes round 1 once more from its stored updates, and writes it once."""
+    plan = _plan(tmp_path, staging_dir=str(tmp_path / "shm"), round_timeout=240)
+    parties = Parties(plan, tmp_path / "run", tmp_path / "procs.log")
+    run = tmp_path / "run"
+    try:
+        first = parties.aggregator(env={"TEEFL_FAULT_INJECT": "checkpoint:1"})
+        parties.wait_running()
+        for name in ("col1", "col2", "col3"):
+            parties.collaborator(name)
+        assert first.wait(timeout=300) == -signal.SIGKILL
+        assert [m["round"] for m in read_jsonl(run / "metrics.jsonl")] == [1]
+        assert list((run / "model").glob(".round-0001.safetensors.tmp-*"))  # half written
+        assert not (run / "state.json").exists()
+        second = parties.aggregator(env={"TEEFL_FAULT_INJECT": "startup:1"})
+        assert second.wait(timeout=300) == -signal.SIGKILL
+        parties.aggregator()
+        _finish(parties)
+    finally:
+        parties.stop()
+    replay_matches_checkpoints(run, ROUNDS)
+    _one_record_per_round(run, ROUNDS)
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and info["restarts"] == 2
+    assert not _leftovers(run)

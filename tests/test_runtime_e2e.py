@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,7 +11,17 @@ from gramine_standin import install_stand_ins
 
 from fedutil import SYNTHETIC, phases, run_dir_of, teefl, write_plan
 from teefl.federation.aggregator import final_state
-from teefl.security.sealed import load_key, read_sealed, write_key_file
+from teefl.security.sealed import load_key, open_sealed, read_sealed, write_key_file
+
+
+def _owners_alone(run: Path) -> None:
+    """Every directory of a finished run is 0700 and every file 0600 (docs/security.md), and a
+    completed run keeps no update (neither a round's nor a spare file) and no temporary file."""
+    for p in [run, *run.rglob("*")]:
+        mode = p.lstat().st_mode & 0o777
+        assert mode == (0o700 if p.is_dir() else 0o600), (str(p), oct(mode))
+        assert ".tmp" not in p.name, p
+    assert not (run / "updates").exists(), list((run / "updates").rglob("*"))
 
 
 def test_sealed_run_stores_nothing_in_clear(tmp_path: Path) -> None:
@@ -33,6 +44,8 @@ def test_sealed_run_stores_nothing_in_clear(tmp_path: Path) -> None:
         )
         assert res.returncode == 0, res.stdout + res.stderr
     run = run_dir_of(sealed / "runs")
+    for done in (run, run_dir_of(plain / "runs")):
+        _owners_alone(done)
     files = sorted(p.name for p in (run / "model").iterdir())
     assert files == [
         "final.safetensors.sealed",
@@ -43,6 +56,10 @@ def test_sealed_run_stores_nothing_in_clear(tmp_path: Path) -> None:
     # same seed, same training: the sealed final model decrypts to the plain run's bytes
     clear = (run_dir_of(plain / "runs") / "model" / "final.safetensors").read_bytes()
     assert read_sealed(run / "model" / "final.safetensors.sealed", key) == clear
+    # bound to what it is, which the owner's decrypt reads from the file itself
+    _, context = open_sealed((run / "model" / "final.safetensors.sealed").read_bytes(), key)
+    assert context is not None and (context["kind"], context["round"]) == ("final", 2)
+    assert context["run"] == json.loads((run / "run.json").read_text())["run_id"]
     out = tmp_path / "final.safetensors"
     res = teefl(
         "model",

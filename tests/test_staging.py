@@ -93,6 +93,20 @@ def test_free_slots_of_dead_aggregators_are_swept_their_staged_updates_kept(
     area.close()
 
 
+def test_the_sweep_keeps_a_staged_update_whatever_its_collaborators_name(tmp_path: Path) -> None:
+    """Only exact free-slot names are swept: a staged update of a dead process for a
+    collaborator called ``a-slot-1`` is an acknowledged update, kept for the restart."""
+    d = tmp_path / "shm"
+    d.mkdir(mode=0o700)
+    dead = _dead_pid()
+    staged = f"{dead}-0a1b2c3d-round-0001-a-slot-1.safetensors"
+    (d / staged).write_bytes(b"acked")
+    (d / f"{dead}-0a1b2c3d-probe").write_bytes(b"")  # a probe its death interrupted
+    area = StagingArea(d, keep=1)
+    assert _names(area) == [staged]
+    area.close()
+
+
 def test_unusable_staging_directories_fall_back(tmp_path: Path, caplog) -> None:
     (tmp_path / "file").write_text("not a directory")
     with caplog.at_level(logging.INFO, logger="teefl.staging"):
@@ -119,8 +133,13 @@ def test_a_full_tmpfs_refuses_a_slot_and_leaves_nothing(
 
 
 # -- what the run directory and a restart see ----------------------------------------------------
+def _store(tmp_path: Path) -> RoundStore:
+    """A run's store that reads staged updates from the test's staging directory only."""
+    return RoundStore(tmp_path / "run", staging_dir=tmp_path / "shm")
+
+
 def _staged(tmp_path: Path, data: bytes, rnd: int = 1):
-    store = RoundStore(tmp_path / "run")
+    store = _store(tmp_path)
     area = StagingArea(tmp_path / "shm", keep=2)
     slot = area.take(len(data))
     slot.mem[:] = data
@@ -136,15 +155,17 @@ def test_a_restart_reads_a_staged_update_and_moves_it_to_the_run_directory(
     data = os.urandom(10_000)
     _, area, staged = _staged(tmp_path, data)
     meta_file = tmp_path / "run/updates/round-0001/col1.json"
-    where = Path(json.loads(meta_file.read_text())["staged"])
+    staged_name = json.loads(meta_file.read_text())["staged"]
+    assert "/" not in staged_name  # a name in the staging directory, never a path
+    where = tmp_path / "shm" / staged_name
     assert where.read_bytes() == data  # acknowledged from here: nothing in the run dir yet
     assert not (tmp_path / "run/updates/round-0001/col1.safetensors").exists()
     # the aggregator dies here; a new one on the same run directory replays the round
-    (saved,) = RoundStore(tmp_path / "run").load_updates(1)
+    (saved,) = _store(tmp_path).load_updates(1)
     assert saved.payload == data and saved.meta["samples"] == 7 and "staged" not in saved.meta
     assert (tmp_path / "run/updates/round-0001/col1.safetensors").read_bytes() == data
     assert not where.exists() and "staged" not in json.loads(meta_file.read_text())
-    (again,) = RoundStore(tmp_path / "run").load_updates(1)  # and once more: the same
+    (again,) = _store(tmp_path).load_updates(1)  # and once more: the same
     assert again.payload == data
     staged.slot.name = None  # its file went with the replay
     area.close()

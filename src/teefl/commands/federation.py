@@ -153,6 +153,11 @@ def aggregator(
 ) -> None:
     """Run the aggregator of a federation (one party; collaborators join it over the network)."""
     t_start = time.monotonic()
+    restarts = None
+    if run_dir is not None:  # first thing: a restart killed during its start-up is counted too
+        from teefl.federation.runinfo import count_start
+
+        restarts = count_start(run_dir)
     _logging(log_level)
     _sigterm_as_interrupt()
     from teefl.measure.host import tune_malloc
@@ -161,6 +166,7 @@ def aggregator(
     from teefl.federation.aggregator import Aggregator
     from teefl.federation.launcher import new_run_id
     from teefl.federation.runinfo import (
+        count_start,
         first_anchor,
         read_run_json,
         security_config,
@@ -169,6 +175,7 @@ def aggregator(
     from teefl.measure.events import EventRecorder
     from teefl.measure.host import environment, tee_record, write_environment
     from teefl.plan import require_transport
+    from teefl.runfiles import write_private
 
     plan = _load(plan_path)
     require_transport(plan)
@@ -177,9 +184,10 @@ def aggregator(
         raise TeeflError(f"run {run_dir} is already completed; start a new run directory")
     rid = run_id or previous.get("run_id") or new_run_id(plan.name)
     rdir = (run_dir or Path("runs") / rid).resolve()
-    rdir.mkdir(parents=True, exist_ok=True)
+    if restarts is None:
+        restarts = count_start(rdir)
     if not (rdir / "plan.yaml").exists():
-        (rdir / "plan.yaml").write_text(plan.to_yaml(), encoding="utf-8")
+        write_private(rdir / "plan.yaml", plan.to_yaml())
     # a restarted aggregator continues the same run: T still counts from the first start
     anchor = first_anchor(rdir / "events" / "aggregator.jsonl")
     if anchor is not None:
@@ -196,9 +204,9 @@ def aggregator(
         name=plan.name,
         status="starting",
         started_wall=previous.get("started_wall", time.time()),
-        restarts=previous.get("restarts", -1) + 1,
+        restarts=restarts,
         rounds=plan.federation.rounds,
-        rounds_completed=0,
+        rounds_completed=agg.resumed_from or 0,
         model=plan.model.name,
         dataset=plan.dataset.name,
         collaborators=plan.collaborators,

@@ -26,7 +26,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from teefl.errors import TeeflError
 from teefl.federation import attest, codec, dataplane, teefl_pb2, teefl_pb2_grpc
-from teefl.federation.durable import BufferPool, RoundStore, write_atomic
+from teefl.federation.durable import METRICS, BufferPool, RoundStore, write_atomic
 from teefl.federation.faults import fault
 from teefl.federation.fedavg import (
     FiniteScan,
@@ -41,6 +41,7 @@ from teefl.federation.staging import StagingArea
 from teefl.federation.transport import bind, payload_check, server_options
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
+from teefl.runfiles import append_private
 from teefl.security.tls import IdentityError, authorize, peer_certificate_pem
 from teefl.workload.datasets import dataset_shape
 from teefl.workload.models import build_model
@@ -100,7 +101,6 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         model = build_model(plan.model.name, channels, classes, seed=plan.seed)
         self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.model_dir = self.run_dir / "model"
-        self.model_dir.mkdir(parents=True, exist_ok=True)
 
         self._init_attestation()
         fed = plan.federation
@@ -110,7 +110,13 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             from teefl.security.sealed import load_key
 
             self.seal_key = load_key(at_rest.key_file, at_rest.key_env)
-        self.store = RoundStore(self.run_dir, self.seal_key, keep=fed.keep_updates)
+        self.store = RoundStore(
+            self.run_dir,
+            self.seal_key,
+            keep=fed.keep_updates,
+            run_id=run_id,
+            staging_dir=self._staging_dir(),
+        )
         self.check = payload_check(plan)  # what received updates are checked against
         self.cond = threading.Condition()
         self.round = 1  # the open round; rounds+1 is the final evaluation pass
@@ -140,12 +146,19 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         #: checkpoints of closed rounds waiting to be written (see `_checkpoints`)
         self.ckpt_queue: queue.Queue[tuple[int, codec.Buffer, bytes, int] | None] = queue.Queue()
         threading.Thread(target=self._checkpoints, name="checkpoint", daemon=True).start()
+        #: the last completed round of a resumed run (0: a restart in round 1, which had
+        #: acknowledged updates but no durable checkpoint yet); None: a fresh run
         self.resumed_from: int | None = None
         resume = self.store.load_state()
+        completed = 0
         if resume is not None:
-            self.resumed_from, payload = resume
-            self.global_state = codec.decode_state(payload)
-            self.round = self.resumed_from + 1
+            self.resumed_from = completed = resume[0]
+            self.global_state = self._resumed_state(resume[1])
+            self.round = completed + 1
+        # what a dead aggregator left: temp files, updates of rounds whose checkpoint is
+        # durable, metrics lines of the rounds it is about to close again
+        self.store.clean_up(completed, final=completed == self.rounds)
+        self.closed_before = self._rounds_closed_before()
         self.fedavg = self._new_round_aggregator()
         self.round_opened = time.monotonic()
         self._publish()
@@ -154,10 +167,16 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             "size_bytes": len(self.payload),  # the model as it travels, serialized once
             "tensors": len(self.global_state),
         }
-        if resume is not None:
-            self._replay_open_round()
+        # whatever the run directory holds for the open round, with or without a checkpoint:
+        # in round 1 a restart has none, and its acknowledged updates must count all the same
+        if self._replay_open_round(startup=True) and self.resumed_from is None:
+            self.resumed_from = 0
+        fault("startup", self.round)  # crash tests: killed during a (re)start, after the replay
 
-    def _open_staging(self) -> StagingArea | None:
+    def _staging_dir(self) -> Path | None:
+        """The shared-memory staging directory where this plan stages updates (whether or not
+        it can be opened now: a restart still reads what an earlier process staged there);
+        None where it never stages (see `_open_staging`)."""
         fed = self.plan.federation
         if (
             fed.update_staging != "memory"
@@ -166,7 +185,39 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             or self.plan.runtime.launcher != "native"  # Gramine: no tmpfs of the host's to trust
         ):
             return None
-        return StagingArea.open(fed.staging_dir / f"teefl-{os.getuid()}", fed.max_inflight_updates)
+        return fed.staging_dir / f"teefl-{os.getuid()}"
+
+    def _resumed_state(self, payload: bytes) -> dict[str, torch.Tensor]:
+        """The checkpoint a restart resumes from, refused unless it fits the plan's model."""
+        try:
+            state = codec.decode_state(payload)
+            check_update(self.global_state, state)
+        except (codec.PayloadError, UpdateRejected) as exc:
+            raise TeeflError(
+                f"cannot resume from {self.run_dir / 'state.json'}: its checkpoint does not fit "
+                f"the plan's model ({exc})"
+            ) from None
+        return state
+
+    def _rounds_closed_before(self) -> set[int]:
+        """Rounds an earlier process of this run recorded as closed (``round_closed`` in its
+        events): closed again after a restart, they are not recorded twice."""
+        from teefl.measure.events import read_events
+
+        path = getattr(self.rec, "path", None)
+        if path is None or not Path(path).exists():
+            return set()
+        return {
+            e["round"]
+            for e in read_events(path)
+            if e.get("what") == "round_closed" and type(e.get("round")) is int
+        }
+
+    def _open_staging(self) -> StagingArea | None:
+        directory = self._staging_dir()
+        if directory is None:
+            return None
+        return StagingArea.open(directory, self.plan.federation.max_inflight_updates)
 
     def _new_round_aggregator(self):
         fed = self.plan.federation
@@ -187,23 +238,64 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             self._layout_for = self.global_state
         return self.layout
 
-    def _replay_open_round(self) -> None:
-        """After a restart: count again the updates acknowledged before the crash, once each."""
-        if self.evaluating:
-            return
-        for saved in self.store.load_updates(self.round):
-            state = codec.decode_state(saved.payload)
-            self.fedavg.add(state, int(saved.meta["samples"]))
-            self.received[saved.name] = {
-                "samples": saved.meta["samples"],
-                **saved.meta.get("metrics", {}),
-            }
-        log.warning(
-            "resumed after round %s; %d acknowledged update(s) of round %d replayed",
-            self.resumed_from,
-            len(self.received),
-            self.round,
-        )
+    def _replay_open_round(self, startup: bool = False) -> int:
+        """Count the updates the run directory holds for the open round, once each; returns
+        how many. At start-up (round 1 included), and after every round close: the next
+        round's updates acknowledged before a crash. Every bound an update was checked against
+        on arrival is checked again (the files may have been edited since): its collaborator,
+        its sample count, its metrics, its layout, shapes, dtypes and finiteness; one that
+        fails is dropped and its collaborator may send it again (it is not counted)."""
+        bound = self.plan.federation.max_samples_per_update
+        rnd, n = self.round, 0
+        for saved in self.store.load_updates(rnd, drop=self._dropped_on_replay):
+            name, meta = saved.name, saved.meta
+            try:
+                if name not in self.names:
+                    raise UpdateRejected(f"{name!r} is not a collaborator of this plan")
+                if bool(meta.get("report")) != self.evaluating:
+                    raise UpdateRejected("an evaluation report outside the evaluation pass")
+                samples, metrics = meta.get("samples"), meta.get("metrics", {})
+                if type(samples) is not int or not 0 < samples <= bound:
+                    raise UpdateRejected(f"sample count {samples!r} outside 1..{bound}")
+                if not isinstance(metrics, dict) or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()
+                ):
+                    raise UpdateRejected("its metrics are not numbers")
+                state = None
+                if not self.evaluating:
+                    try:
+                        state = codec.decode_state(saved.payload)
+                    except codec.PayloadError as exc:
+                        raise UpdateRejected(str(exc)) from None
+                    check_update(self.global_state, state)
+            except UpdateRejected as exc:
+                log.warning("stored update of %s for round %d not counted: %s", name, rnd, exc)
+                self.store.discard_update(rnd, name)
+                self._dropped_on_replay(name, str(exc))
+                continue
+            if name in self.received:  # cannot be: the round was opened (or resumed) just now
+                continue
+            if state is not None:
+                with self.sum_lock:
+                    self.fedavg.add(state, samples, checked=True)
+            self.received[name] = {"samples": samples, **metrics}
+            n += 1
+        if startup and (n or self.resumed_from is not None):
+            log.warning(
+                "resumed after round %s; %d acknowledged update(s) of round %d replayed",
+                self.resumed_from if self.resumed_from is not None else 0,
+                n,
+                rnd,
+            )
+        elif n:
+            log.warning(
+                "%d acknowledged update(s) of round %d replayed from %s", n, rnd, self.run_dir
+            )
+        return n
+
+    def _dropped_on_replay(self, name: str, reason: str) -> None:
+        """A stored update not counted after all (see `_replay_open_round`): an event."""
+        self.rec.info("update_dropped", collaborator=name, round=self.round, reason=reason)
 
     def _init_attestation(self) -> None:
         att = self.plan.security.attestation
@@ -893,6 +985,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     else:
                         self.store.save_update(rnd, name, payload, meta, digests, verified)
                     s["bytes"] = len(payload)
+            elif state is None:  # an evaluation report: a restart must not wait for it again
+                self.store.save_report(rnd, name, {"samples": samples, "metrics": metrics})
             with self.cond:
                 if rnd != self.round:
                     if pending is not None:  # back to a free slot before its name is gone
@@ -948,6 +1042,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
 
         def add() -> None:
             what = "FedAvg add"
+            fault("acked", rnd)  # crash tests: acknowledged and stored, not summed yet
             try:
                 with self.sum_lock:
                     ta = time.monotonic()
@@ -971,13 +1066,23 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         return add
 
     def _close_round(self) -> None:
-        """Called with the lock held once every collaborator's update is in."""
+        """Called with the lock held once every collaborator's update is in (or a quorum's, on
+        timeout). The round it opens may hold updates already: acknowledged before a crash,
+        they are counted now (`_replay_open_round`), and that round is closed too once
+        complete -- round by round, as far as the stored updates go."""
+        while self._close_open_round():
+            self._replay_open_round()
+            if len(self.received) < len(self.names):
+                return
+
+    def _close_open_round(self) -> bool:
+        """Close the open round (lock held); True when it opened the next one."""
         rnd = self.round
         # acknowledged updates may still be being summed (deferred adds); while we wait, the
         # lock is free, so another closer may get there first: then there is nothing to do
         self.cond.wait_for(lambda: self.adding == 0 or self.round != rnd or self.done)
         if self.round != rnd or self.done:
-            return
+            return False
         self.close_pending = False
         self._write_metrics(rnd)
         if self.evaluating:
@@ -985,11 +1090,12 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             # background during the evaluation pass (waiting frees the lock for the writer)
             self.cond.wait_for(lambda: self.ckpt_queue.unfinished_tasks == 0 or bool(self.failed))
             if self.failed:
-                return  # `_supervise` ends the run with the failure
+                return False  # `_supervise` ends the run with the failure
             self.done = True
             self.rec.info("evaluation_done", round=rnd)
+            self.store.drop_updates(rnd, last=True)  # its reports: nothing to resume any more
             self.cond.notify_all()
-            return
+            return False
         with self.rec.span("aggregate", round=rnd, final=True):
             # the mean is written run by run straight into the next download's payload where
             # the sums are kept in the model's layout (the layout stays the global model's)
@@ -1010,16 +1116,23 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         # the final round's too: the evaluation pass overlaps it, and ends only once it is
         # durable (above); the run's span ends when the final model is on disk
         self.ckpt_queue.put((rnd, self.payload, self.digest, self.crc))
-        self.rec.info("round_closed", round=rnd)
+        if rnd not in self.closed_before:  # closed again after a restart: recorded once
+            self.rec.info("round_closed", round=rnd)
         self.round += 1
         self.served = 0
         self.received = {}
         self.fedavg = self._new_round_aggregator()
         self.round_opened = time.monotonic()
         self.cond.notify_all()
+        return True
 
     def _write_checkpoint(self, rnd: int, payload: codec.Buffer, digest: bytes, crc: int) -> None:
         """Called by the background writer (`_checkpoints`), which gives way to transfers."""
+
+        def pause() -> None:
+            fault("checkpoint", rnd)  # crash tests: killed mid-write, the checkpoint not durable
+            self._give_way()
+
         with self.rec.span("checkpoint", round=rnd) as s:
             self.store.save_checkpoint(
                 rnd,
@@ -1027,14 +1140,16 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 final=rnd == self.rounds,
                 sha256=digest or None,
                 crc32c=crc,
-                pause=self._give_way,
+                pause=pause,
             )
             s["bytes"] = len(payload)
         if rnd == self.rounds:
             self.rec.record("run", self.t_start, time.monotonic())
             self.rec.info("final_model_written", path=str(self.store.final_path()))
         # only now: until its checkpoint is durable, a restart rebuilds the round from these
-        self.store.drop_updates(rnd)
+        # (after the final round no round reuses their files: the spares go too)
+        self.store.drop_updates(rnd, last=rnd == self.rounds)
+        update_run_json(self.run_dir, rounds_completed=rnd)  # where a crash leaves the run
 
     @contextlib.contextmanager
     def _moving(self) -> Iterator[None]:
@@ -1101,8 +1216,13 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             "collaborators": self.received,
             "weighted": weighted,
         }
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line) + "\n")
+        # one line per round: a round closed again after a restart finds its line removed by
+        # `RoundStore.clean_up` (it keeps the lines of durable rounds only)
+        fd = append_private(self.run_dir / METRICS)
+        try:
+            os.write(fd, (json.dumps(line) + "\n").encode())
+        finally:
+            os.close(fd)
 
     # -- serving -----------------------------------------------------------------------------
     def serve(
@@ -1113,9 +1233,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         with self.cond:
             # crashed between the last acknowledgement and the close, or before the checkpoint
             # of a closed round was durable: close again from the stored updates, round by round
-            while not self.evaluating and len(self.received) == len(self.names):
+            # (`_close_round` replays and closes each next round as far as they go)
+            if len(self.received) == len(self.names):
                 self._close_round()
-                self._replay_open_round()
         # a long poll per collaborator, plus its streams when the data travels over gRPC
         per = 1 if self.plan.network.data_plane == "socket" else 3
         workers = max(8, per * len(self.names) + 8)

@@ -10,6 +10,18 @@
   from either place, so no acknowledged update is lost; a collaborator re-sending one is told it
   is already counted (uploads are idempotent per collaborator and round). Updates are written
   without fsync: they survive a crash of the aggregator process, not a crash of the host.
+- Sealed runs (``at_rest: sealed``): every payload file is sealed bound to its run, round,
+  party and kind (`sealed.seal_bytes`'s context), and ``state.json`` and every update's
+  metadata carry an HMAC under a key derived from the sealing key: a host that edits them, or
+  puts an older checkpoint or another round's update in place, is refused (state) or has that
+  update dropped (updates). A sealed run never stages updates in shared memory, and never reads
+  a staged file a metadata file names.
+- What a dead aggregator leaves behind is cleared by the next one on start-up (`clean_up`):
+  temporary files, round directories whose checkpoint is durable, and ``metrics.jsonl`` lines of
+  rounds it will close again.
+- Files are the owner's alone (`teefl.runfiles`: directories 0700, files 0600), and nothing is
+  read or removed outside the run directory and the staging directory, whatever a metadata file
+  says.
 """
 
 from __future__ import annotations
@@ -19,10 +31,13 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import hmac
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +48,14 @@ import crc32c as _crc32c
 
 from teefl.errors import TeeflError
 from teefl.federation.staging import Slot
+from teefl.runfiles import DIR_MODE, FILE_MODE, private_dir
 
 STATE = "state.json"
+METRICS = "metrics.jsonl"
+
+#: temporary files of this module's writers (`write_atomic`, `UpdateFile`, runinfo's):
+#: ``.<name>.tmp-<pid>`` or ``.<name>.tmp-<pid>-<thread>``
+_TMP = re.compile(r"^\..+\.tmp-(\d+)(?:-\d+)?$")
 
 log = logging.getLogger("teefl.durable")
 
@@ -57,7 +78,7 @@ def write_atomic(
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     view = memoryview(data).cast("B")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
     try:
         done = _write_direct(fd, view, pause) if fsync else 0
         for start in range(done, len(view), WRITE_SLICE):
@@ -180,14 +201,14 @@ class UpdateFile:
         self.final, self.meta_path, self.buffer = final, meta_path, buffer
         self.size = len(buffer)
         self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        flags = os.O_WRONLY | os.O_CREAT
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
         try:
             if reuse is None:
                 raise FileNotFoundError
             os.replace(reuse, self.tmp)
         except FileNotFoundError:
             flags |= os.O_TRUNC
-        self.fd = os.open(self.tmp, flags, 0o600)
+        self.fd = os.open(self.tmp, flags, FILE_MODE)
         try:
             os.ftruncate(self.fd, self.size)
         except OSError:
@@ -227,10 +248,13 @@ class UpdateFile:
             self.tmp.unlink()
 
 
-def _write_meta(path: Path, meta: dict[str, Any], digests: dict[str, Any], verified: bool) -> None:
+def _meta_doc(meta: dict[str, Any], digests: dict[str, Any], verified: bool) -> dict[str, Any]:
     """An update's metadata: what it claims, its digests, whether they were checked on arrival."""
-    meta = {**meta, **_digest_meta(digests), "verified": verified}
-    write_atomic(path, json.dumps(meta).encode(), fsync=False)
+    return {**meta, **_digest_meta(digests), "verified": verified}
+
+
+def _write_meta(path: Path, meta: dict[str, Any], digests: dict[str, Any], verified: bool) -> None:
+    write_atomic(path, json.dumps(_meta_doc(meta, digests, verified)).encode(), fsync=False)
 
 
 def _digest_meta(digests: dict[str, Any]) -> dict[str, Any]:
@@ -243,10 +267,30 @@ def _digest_meta(digests: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _matches(payload: bytes, meta: dict[str, Any]) -> bool:
-    if "sha256" in meta:
-        return hashlib.sha256(payload).hexdigest() == meta["sha256"]
-    return _crc32c.crc32c(payload) == meta["crc32c"]
+def _matches(payload: Any, meta: dict[str, Any]) -> bool:
+    """Whether ``payload`` has the digest ``meta`` records (False where it records none)."""
+    sha, crc = meta.get("sha256"), meta.get("crc32c")
+    if isinstance(sha, str):
+        return hmac.compare_digest(hashlib.sha256(payload).hexdigest(), sha)
+    if isinstance(crc, int) and not isinstance(crc, bool):
+        return _crc32c.crc32c(payload) == crc
+    return False
+
+
+class _Dropped(Exception):
+    """A stored update that cannot be counted; the message says why."""
+
+
+def _pid_gone(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive (another user's), or we cannot tell: leave its files alone
+        return False
+    return False
 
 
 @dataclass
@@ -288,16 +332,42 @@ class SavedUpdate:
 
 
 class RoundStore:
-    """Checkpoints, the resume pointer and acknowledged updates of one run directory."""
+    """Checkpoints, the resume pointer and acknowledged updates of one run directory.
 
-    def __init__(self, run_dir: Path, seal_key: bytes | None = None, keep: bool = False) -> None:
+    ``run_id``: bound into every sealed file and metadata MAC (sealed runs), so that another
+    run's files are refused. ``staging_dir``: the only directory a staged update is read from
+    or removed in (None: staged names are ignored); never used by a sealed store.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        seal_key: bytes | None = None,
+        keep: bool = False,
+        run_id: str = "",
+        staging_dir: Path | None = None,
+    ) -> None:
         self.run_dir, self.seal_key, self.keep = Path(run_dir), seal_key, keep
-        self.model_dir = self.run_dir / "model"
-        self.model_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = run_id
+        self.staging_dir = Path(staging_dir) if staging_dir and seal_key is None else None
+        self.mkey: bytes | None = None
+        if seal_key is not None:
+            from teefl.security.sealed import metadata_key
+
+            self.mkey = metadata_key(seal_key)
+        private_dir(self.run_dir)
+        self.model_dir = private_dir(self.run_dir / "model")
 
     # -- payloads (sealed or plain) ------------------------------------------------------------
     def _suffix(self) -> str:
         return ".safetensors.sealed" if self.seal_key else ".safetensors"
+
+    def _context(self, kind: str, rnd: int | None = None, party: str = "aggregator") -> dict:
+        """What a sealed file or a metadata MAC is bound to (see `sealed.seal_bytes`)."""
+        ctx: dict[str, Any] = {"run": self.run_id, "kind": kind, "party": party}
+        if rnd is not None:
+            ctx["round"] = rnd
+        return ctx
 
     def _write(
         self,
@@ -305,23 +375,35 @@ class RoundStore:
         payload: bytes | bytearray,
         fsync: bool = True,
         pause: Callable[[], None] | None = None,
+        context: dict[str, Any] | None = None,
     ) -> Path:
         if self.seal_key is None:
             write_atomic(path, payload, fsync, pause)
             return path
         from teefl.security.sealed import seal_bytes
 
-        write_atomic(path, seal_bytes(bytes(payload), self.seal_key), fsync)
+        assert context is not None  # every sealed file of a run says what it is
+        write_atomic(path, seal_bytes(bytes(payload), self.seal_key, context), fsync, pause)
         return path
 
-    def _read(self, path: Path) -> bytes:
+    def _read(self, path: Path, context: dict[str, Any]) -> bytes:
         if self.seal_key is None:
             return path.read_bytes()
         from teefl.security.sealed import read_sealed
 
-        return read_sealed(path, self.seal_key)
+        return read_sealed(path, self.seal_key, expect=context)
+
+    def _signed(self, doc: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+        if self.mkey is None:
+            return doc
+        from teefl.security.sealed import sign_metadata
+
+        return sign_metadata(doc, self.mkey, context)
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def _checkpoint_name(self, rnd: int, final: bool) -> str:
+        return f"model/{'final' if final else f'round-{rnd:04d}'}{self._suffix()}"
+
     def save_checkpoint(
         self,
         rnd: int,
@@ -336,12 +418,18 @@ class RoundStore:
         The resume pointer records the payload's digest the caller already has -- its SHA-256,
         else its CRC32C (both computed to announce the download) -- and only without either is
         the model hashed here. A CRC catches the accidental corruption this check is for;
-        sealed checkpoints are authenticated by AES-GCM as well. ``pause``: see `write_atomic`.
+        sealed checkpoints are authenticated by AES-GCM as well, bound to their run and round,
+        and the pointer by its HMAC. ``pause``: see `write_atomic`.
         """
-        name = f"round-{rnd:04d}{self._suffix()}"
-        path = self._write(self.model_dir / name, payload, True, pause)
+        path = self._write(
+            self.run_dir / self._checkpoint_name(rnd, False),
+            payload,
+            True,
+            pause,
+            self._context("checkpoint", rnd),
+        )
         if final:
-            path = self._write(self.model_dir / f"final{self._suffix()}", payload, True, pause)
+            path = self._write(self.final_path(), payload, True, pause, self._context("final", rnd))
         state: dict[str, Any] = {
             "completed_round": rnd,
             "checkpoint": str(path.relative_to(self.run_dir)),
@@ -353,6 +441,7 @@ class RoundStore:
             state["crc32c"] = int(crc32c)
         else:
             state["sha256"] = hashlib.sha256(payload).hexdigest()
+        state = self._signed(state, self._context("state"))
         write_atomic(self.run_dir / STATE, json.dumps(state, indent=2).encode())
         return path
 
@@ -360,22 +449,117 @@ class RoundStore:
         return self.model_dir / f"final{self._suffix()}"
 
     def load_state(self) -> tuple[int, bytes] | None:
-        """(last completed round, its global model payload), or None for a fresh run."""
+        """(last completed round, its global model payload), or None for a fresh run.
+
+        Refused with one line naming the fault: a ``state.json`` that does not parse, that names
+        any other file than its round's checkpoint (never a path outside ``model/``), or, in a
+        sealed run, whose HMAC fails (edited, or another run's); a checkpoint that is not that
+        round's of this run (a rollback), or that fails its checksum.
+        """
         path = self.run_dir / STATE
         if not path.exists():
             return None
+        from teefl.security.sealed import SealedError
+
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
-            payload = self._read(self.run_dir / state["checkpoint"])
-        except (OSError, ValueError, KeyError) as exc:
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+            if self.mkey is not None:
+                from teefl.security.sealed import verify_metadata
+
+                state = verify_metadata(state, self.mkey, self._context("state"))
+            rnd, final = state["completed_round"], state.get("final", False)
+            if type(rnd) is not int or rnd < 1 or type(final) is not bool:
+                raise ValueError(f"completed_round {rnd!r} / final {final!r} are not valid")
+            name = self._checkpoint_name(rnd, final)
+            if state["checkpoint"] != name:
+                raise ValueError(f"it names checkpoint {state['checkpoint']!r}, expected {name!r}")
+            kind = "final" if final else "checkpoint"
+            payload = self._read(self.run_dir / name, self._context(kind, rnd))
+        except SealedError as exc:
+            raise TeeflError(f"cannot resume from {path}: {exc}; refusing to resume") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise TeeflError(f"cannot resume from {path}: {exc}") from None
         if not _matches(payload, state):
-            raise TeeflError(f"cannot resume: checkpoint {state['checkpoint']} fails its checksum")
-        return int(state["completed_round"]), payload
+            raise TeeflError(f"cannot resume: checkpoint {name} fails its checksum")
+        return rnd, payload
+
+    # -- what a dead aggregator left -----------------------------------------------------------
+    def clean_up(self, completed: int, final: bool = False) -> None:
+        """On start-up, before anything is written: remove what a dead aggregator left.
+
+        - temporary files (`write_atomic`, `UpdateFile`): every one in ``model/`` and
+          ``updates/`` (only the aggregator writes there), and those of dead processes at the
+          top of the run directory (where the launcher writes run.json too);
+        - the updates of rounds up to ``completed``, whose checkpoint is durable (a crash
+          between the checkpoint and `drop_updates`), and after the final round
+          (``final``) the spare files, which no round will reuse;
+        - ``metrics.jsonl`` lines of rounds after ``completed``: those rounds are closed again
+          (from their stored updates) and write their line again, once.
+        """
+        for directory in (self.model_dir, *self._update_dirs()):
+            for entry in _listdir(directory):
+                if _TMP.match(entry):
+                    _unlink(directory / entry)
+        for entry in _listdir(self.run_dir):
+            m = _TMP.match(entry)
+            if m and _pid_gone(int(m.group(1))):
+                _unlink(self.run_dir / entry)
+        if not self.keep:
+            for rnd in self.stored_rounds():
+                if rnd <= completed:
+                    self.drop_updates(rnd, last=final)
+            if final:
+                self.drop_updates(completed, last=True)
+        self.truncate_metrics(completed)
+
+    def _update_dirs(self) -> list[Path]:
+        updates = self.run_dir / "updates"
+        return [updates / e for e in _listdir(updates) if (updates / e).is_dir()]
+
+    def stored_rounds(self) -> list[int]:
+        """Rounds with a directory of stored updates, in order."""
+        out = []
+        for entry in _listdir(self.run_dir / "updates"):
+            m = re.fullmatch(r"round-(\d{4,})", entry)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def truncate_metrics(self, completed: int) -> None:
+        """Keep one ``metrics.jsonl`` line per round up to ``completed`` (the first of each; a
+        torn line goes too): the lines a restart will write again are removed, atomically."""
+        path = self.run_dir / METRICS
+        try:
+            old = path.read_bytes()
+        except FileNotFoundError:
+            return
+        kept, seen = [], set()
+        for line in old.splitlines():
+            try:
+                rnd = json.loads(line).get("round")
+            except (ValueError, AttributeError):
+                continue
+            if type(rnd) is int and rnd <= completed and rnd not in seen:
+                seen.add(rnd)
+                kept.append(line + b"\n")
+        new = b"".join(kept)
+        if new != old:
+            write_atomic(path, new)
 
     # -- acknowledged updates ------------------------------------------------------------------
     def _round_dir(self, rnd: int) -> Path:
         return self.run_dir / "updates" / f"round-{rnd:04d}"
+
+    def _made_round_dir(self, rnd: int) -> Path:
+        d = self._round_dir(rnd)
+        try:
+            d.mkdir(mode=DIR_MODE, exist_ok=True)
+        except FileNotFoundError:  # the first update of the run: updates/ too, 0700
+            private_dir(d.parent)
+            d.mkdir(mode=DIR_MODE, exist_ok=True)
+        return d
 
     def save_update(
         self,
@@ -390,14 +574,24 @@ class RoundStore:
         either may be missing; with none, its SHA-256 is computed here). ``verified``: the
         digests were checked against the bytes received, else they are the sender's claim (a
         payload that came over TLS), see `load_updates`."""
-        d = self._round_dir(rnd)
-        d.mkdir(parents=True, exist_ok=True)
-        self._write(d / f"{name}{self._suffix()}", payload, fsync=False)
+        d = self._made_round_dir(rnd)
+        ctx = self._context("update", rnd, name)
+        self._write(d / f"{name}{self._suffix()}", payload, fsync=False, context=ctx)
         digests = {k: v for k, v in (digests or {}).items() if v is not None and v != b""}
         if not digests:
             digests, verified = {"sha256": hashlib.sha256(payload).digest()}, True
         # the metadata is written last: an update counts only once both files exist
-        _write_meta(d / f"{name}.json", meta, digests, verified)
+        doc = self._signed(_meta_doc(meta, digests, verified), ctx)
+        write_atomic(d / f"{name}.json", json.dumps(doc).encode(), fsync=False)
+
+    def save_report(self, rnd: int, name: str, meta: dict[str, Any]) -> None:
+        """Store an acknowledged evaluation report (samples and metrics, no payload) of the
+        evaluation pass ``rnd``: a restart during that pass counts it instead of waiting for a
+        report its collaborator will not send again. `load_updates` returns it with an empty
+        payload and ``meta["report"]`` true."""
+        d = self._made_round_dir(rnd)
+        doc = self._signed({**meta, "report": True}, self._context("update", rnd, name))
+        write_atomic(d / f"{name}.json", json.dumps(doc).encode(), fsync=False)
 
     def commit_staged(
         self,
@@ -409,22 +603,17 @@ class RoundStore:
         verified: bool,
     ) -> StagedUpdate:
         """Store an update received (and checked) in a shared-memory slot (`staging.Slot`):
-        its metadata naming the slot's file, then the name itself -- the commit point, after
-        which a crash of this process loses nothing. `StagedUpdate.settle` moves it into the
-        run directory after the acknowledgement. (Metadata whose staged file is missing is an
-        update that was never committed, hence never acknowledged: `load_updates` drops it.)"""
+        its metadata naming the slot's file (a name in the staging directory, never a path),
+        then the name itself -- the commit point, after which a crash of this process loses
+        nothing. `StagedUpdate.settle` moves it into the run directory after the
+        acknowledgement. (Metadata whose staged file is missing is an update that was never
+        committed, hence never acknowledged: `load_updates` drops it.)"""
         assert self.seal_key is None  # sealed updates are stored as ciphertext, never staged
-        d = self._round_dir(rnd)
-        d.mkdir(parents=True, exist_ok=True)
+        d = self._made_round_dir(rnd)
         if not _digest_meta(digests):  # nothing claimed (an old sender over TLS): compute one
             digests, verified = {"sha256": hashlib.sha256(slot.mem).digest()}, True
         staged = slot.name_for(rnd, name)
-        _write_meta(
-            d / f"{name}.json",
-            {**meta, "staged": str(slot.directory / staged)},
-            digests,
-            verified,
-        )
+        _write_meta(d / f"{name}.json", {**meta, "staged": staged}, digests, verified)
         try:
             slot.link(staged)
         except OSError:
@@ -437,33 +626,54 @@ class RoundStore:
         `UpdateFile`); None when sealed (the file holds ciphertext) or empty."""
         if self.seal_key is not None or not len(buffer):
             return None
-        d = self._round_dir(rnd)
-        d.mkdir(parents=True, exist_ok=True)
+        d = self._made_round_dir(rnd)
         file = f"{name}{self._suffix()}"
         return UpdateFile(d / file, d / f"{name}.json", buffer, reuse=self._spare_dir() / file)
 
     def _spare_dir(self) -> Path:
         return self.run_dir / "updates" / "spare"
 
+    def _staged_path(self, staged: Any) -> Path | None:
+        """Where a staged update named in metadata is, or None where that name is not a file
+        name inside the staging directory (a path elsewhere is never read or removed)."""
+        if self.staging_dir is None or not isinstance(staged, str):
+            return None
+        name = staged
+        if "/" in staged:  # an older teefl recorded the whole path
+            if Path(staged).parent != self.staging_dir:
+                return None
+            name = Path(staged).name
+        if name in ("", ".", "..") or "/" in name or "\0" in name:
+            return None
+        return self.staging_dir / name
+
     def discard_update(self, rnd: int, name: str) -> None:
-        """Forget an update that was stored but never counted (its round closed meanwhile)."""
+        """Forget an update that was stored but never counted (its round closed meanwhile), or
+        one that cannot be counted (see `load_updates`)."""
         d = self._round_dir(rnd)
         meta_file = d / f"{name}.json"
-        with contextlib.suppress(OSError, ValueError):
-            staged = json.loads(meta_file.read_text(encoding="utf-8")).get("staged")
-            if staged:
-                Path(staged).unlink(missing_ok=True)
+        if self.staging_dir is not None:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                where = self._staged_path(json.loads(meta_file.read_bytes()).get("staged"))
+                if where is not None:
+                    where.unlink(missing_ok=True)
         for path in (meta_file, d / f"{name}{self._suffix()}"):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def load_updates(self, rnd: int) -> list[SavedUpdate]:
+    def load_updates(
+        self, rnd: int, drop: Callable[[str, str], None] | None = None
+    ) -> list[SavedUpdate]:
         """The acknowledged updates of a round, each checked against its recorded digest.
 
         An update still staged in shared memory (the aggregator stopped between its
         acknowledgement and its move to the run directory) is read from there and moved now;
         one whose staged file is gone was never committed (or the host restarted since) and is
-        dropped with a warning.
+        dropped with a warning. Dropped too, each with a message (and ``drop(name, reason)``):
+        unreadable metadata; in a sealed run, metadata whose HMAC fails (edited) or a payload
+        that is not this run's, round's and collaborator's update (swapped in); a payload whose
+        digest, claimed by its sender and never checked, is false. A payload that fails a
+        digest checked on arrival stops the resume (the disk is corrupt).
         """
         d = self._round_dir(rnd)
         out: list[SavedUpdate] = []
@@ -471,55 +681,129 @@ class RoundStore:
             return out
         for meta_file in sorted(d.glob("*.json")):
             name = meta_file.stem
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            staged = meta.pop("staged", None)
-            file = d / f"{name}{self._suffix()}"
-            payload, from_staged, ok = None, False, False
-            if staged:  # still staged, or moved here since (then its staged file is gone)
-                with contextlib.suppress(FileNotFoundError):
-                    payload, from_staged = Path(staged).read_bytes(), True
-                ok = payload is not None and _matches(payload, meta)
-                if not ok and file.exists():
-                    payload, from_staged = self._read(file), False
-                    ok = _matches(payload, meta)
-                if payload is None:
-                    log.warning(
-                        "update of %s for round %d was staged in %s, which is gone (never "
-                        "committed, or the host restarted since): not counted",
-                        name,
-                        rnd,
-                        staged,
-                    )
-                    self.discard_update(rnd, name)
-                    continue
-            else:
-                payload = self._read(file)
-                ok = _matches(payload, meta)
-            if not ok:
-                if meta.get("verified", True) is False:
-                    # its digest is the sender's claim, never checked (it came over TLS): the
-                    # sender's own digest was wrong, so the update is not trusted after all
-                    log.warning("stored update %s does not match its sender's digest", name)
-                    self.discard_update(rnd, name)
-                    continue
-                raise TeeflError(f"stored update {meta_file} fails its checksum")
-            if from_staged:  # into the run directory, out of shared memory, as `settle` does
-                write_atomic(file, payload, fsync=False)
-                Path(staged).unlink(missing_ok=True)
-                write_atomic(meta_file, json.dumps(meta).encode(), fsync=False)
-            out.append(SavedUpdate(name, payload, meta))
+            try:
+                out.append(self._load_update(rnd, name, meta_file))
+            except _Dropped as exc:
+                log.warning("stored update of %s for round %d not counted: %s", name, rnd, exc)
+                self.discard_update(rnd, name)
+                if drop is not None:
+                    drop(name, str(exc))
         return out
 
-    def drop_updates(self, rnd: int) -> None:
+    def _load_update(self, rnd: int, name: str, meta_file: Path) -> SavedUpdate:
+        try:
+            meta = json.loads(meta_file.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise _Dropped(f"its metadata {meta_file} is unreadable ({exc})") from None
+        if not isinstance(meta, dict):
+            raise _Dropped(f"its metadata {meta_file} is not a JSON object")
+        ctx = self._context("update", rnd, name)
+        if self.mkey is not None:
+            from teefl.security.sealed import SealedError, verify_metadata
+
+            try:
+                meta = verify_metadata(meta, self.mkey, ctx)
+            except SealedError as exc:
+                raise _Dropped(f"its metadata {meta_file} {exc}") from None
+        if meta.get("report") is True:  # an evaluation report: metadata only
+            return SavedUpdate(name, b"", meta)
+        staged = meta.pop("staged", None)
+        file = meta_file.with_name(f"{name}{self._suffix()}")
+        where = None
+        if staged is not None:
+            where = self._staged_path(staged)
+            if where is None:
+                log.warning(
+                    "metadata %s names a staged file %r outside %s: not read",
+                    meta_file,
+                    staged,
+                    self.staging_dir or "any staging directory (sealed, or none configured)",
+                )
+        payload, from_staged = None, False
+        if where is not None:
+            payload = _read_own_file(where)
+            from_staged = payload is not None and _matches(payload, meta)
+        if not from_staged and (payload is None or file.exists()):
+            try:
+                payload = self._read(file, ctx)
+            except FileNotFoundError:
+                payload = None
+            except OSError as exc:
+                raise _Dropped(f"its payload {file} is unreadable ({exc})") from None
+            except TeeflError as exc:  # sealed: tampered, another key's, another update's
+                raise _Dropped(str(exc)) from None
+        if payload is None:
+            if staged is not None and where is None:
+                raise _Dropped(
+                    f"it names a staged file {staged!r} outside the staging directory (not "
+                    "read) and has no copy in the run directory"
+                )
+            if staged is not None:
+                raise _Dropped(
+                    f"it was staged in {staged}, which is gone (never committed, or the host "
+                    "restarted since)"
+                )
+            raise _Dropped(f"its payload {file} is missing (never committed)")
+        if not from_staged and not _matches(payload, meta):
+            if meta.get("verified", True) is False:
+                # its digest is the sender's claim, never checked (it came over TLS): the
+                # sender's own digest was wrong, so the update is not trusted after all
+                raise _Dropped("it does not match its sender's digest")
+            raise TeeflError(f"stored update {meta_file} fails its checksum")
+        if from_staged:  # into the run directory, out of shared memory, as `settle` does
+            assert where is not None
+            write_atomic(file, payload, fsync=False)
+            where.unlink(missing_ok=True)
+            write_atomic(meta_file, json.dumps(meta).encode(), fsync=False)
+        return SavedUpdate(name, payload, meta)
+
+    def drop_updates(self, rnd: int, last: bool = False) -> None:
         """Forget a closed round's updates; their payload files are kept aside as spares for
-        the next round to receive into (`UpdateFile`), never read again as updates."""
+        the next round to receive into (`UpdateFile`), never read again as updates. ``last``:
+        no round follows (the final round's checkpoint is durable): the spares go too, and
+        ``updates/`` with them once it is empty."""
         if self.keep:
             return
         d = self._round_dir(rnd)
-        if self.seal_key is None and d.is_dir():
+        if self.seal_key is None and d.is_dir() and not last:
             spare = self._spare_dir()
-            spare.mkdir(parents=True, exist_ok=True)
+            spare.mkdir(mode=DIR_MODE, exist_ok=True)
             for path in d.glob(f"*{self._suffix()}"):
                 os.replace(path, spare / path.name)
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(d)
+        if last:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self._spare_dir())
+            with contextlib.suppress(OSError):  # not empty: another round's, kept
+                (self.run_dir / "updates").rmdir()
+
+
+def _listdir(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+        path.unlink()
+
+
+def _read_own_file(path: Path) -> bytes | None:
+    """The bytes of a regular file of ours at ``path``; None where it is missing, a symbolic
+    link, not a regular file, or another user's (never followed, never trusted)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # ELOOP: a symbolic link in its place
+        log.warning("staged file %s not read: %s", path, exc)
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            log.warning("staged file %s not read: not a regular file of this user", path)
+            return None
+        return fh.read()

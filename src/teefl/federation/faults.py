@@ -1,8 +1,12 @@
 """Fault injection for the crash tests: a process kills itself at an exact point of a round.
 
 ``TEEFL_FAULT_INJECT=<point>:<round>`` makes the process that reaches ``point`` in that round
-SIGKILL itself. Collaborator points: ``download``, ``train``, ``upload``; aggregator point:
-``settle`` (an update acknowledged from shared memory, not yet moved to the run directory).
+SIGKILL itself. Collaborator points: ``download``, ``train``, ``upload``. Aggregator points:
+``acked`` (an update of the data plane acknowledged and stored, before its FedAvg add),
+``settle`` (an update acknowledged from shared memory and summed, not yet moved to the run
+directory), ``checkpoint`` (the round's checkpoint being written: its temporary file exists, the
+round is closed in memory and the next one may be open, nothing of it is durable), ``startup``
+(a restarted aggregator with the open round ``round`` replayed, before it serves).
 Unset in normal use, where `fault` costs one environment lookup.
 """
 

@@ -30,12 +30,16 @@ import contextlib
 import logging
 import mmap
 import os
+import re
 import secrets
 import threading
 import weakref
 from pathlib import Path
 
 log = logging.getLogger("teefl.staging")
+
+#: a slot's name while it holds no update (`StagingArea.next_free_name`), and the probe's
+_FREE_NAME = re.compile(r"(\d+)-[0-9a-f]+-(?:slot-\d+|probe)")
 
 
 class Slot:
@@ -139,11 +143,14 @@ class StagingArea:
             return f"{self.tag}-slot-{self._count}"
 
     def _sweep(self) -> None:
-        """Remove the free slots of aggregators that died (their staged updates stay)."""
+        """Remove the free slots (and a probe) of aggregators that died; their staged updates
+        stay, whatever their collaborator's name (``a-slot-1`` is a valid one): only the exact
+        free-slot and probe names are removed."""
         for entry in os.listdir(self.dir_fd):
-            pid, _, rest = entry.partition("-")
-            if not pid.isdigit() or "-slot-" not in rest:
+            m = _FREE_NAME.fullmatch(entry)
+            if m is None:
                 continue
+            pid = m.group(1)
             try:
                 os.kill(int(pid), 0)
             except ProcessLookupError:
