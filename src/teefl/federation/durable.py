@@ -516,7 +516,11 @@ class RoundStore:
 
     def _update_dirs(self) -> list[Path]:
         updates = self.run_dir / "updates"
-        return [updates / e for e in _listdir(updates) if (updates / e).is_dir()]
+        return [
+            updates / e
+            for e in _listdir(updates)
+            if (updates / e).is_dir() and not (updates / e).is_symlink()
+        ]
 
     def stored_rounds(self) -> list[int]:
         """Rounds with a directory of stored updates, in order."""
