@@ -225,7 +225,8 @@ def test_a_restart_during_the_evaluation_pass_keeps_the_reports_received(tmp_pat
     _stop(agg)
     (final,) = read_jsonl(tmp_path / "run/metrics.jsonl")
     assert final["round"] == "final" and set(final["collaborators"]) == set(NAMES)
-    assert not (tmp_path / "run/updates").exists()  # nothing to resume any more
+    # kept until every collaborator heard of the end (`serve`), in case of one more restart
+    assert len(list((tmp_path / "run/updates/round-0003").glob("*.json"))) == 3
 
 
 def test_an_evaluation_report_is_not_an_update_of_a_training_round(tmp_path: Path) -> None:

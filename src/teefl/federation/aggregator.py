@@ -1093,7 +1093,6 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 return False  # `_supervise` ends the run with the failure
             self.done = True
             self.rec.info("evaluation_done", round=rnd)
-            self.store.drop_updates(rnd, last=True)  # its reports: nothing to resume any more
             self.cond.notify_all()
             return False
         with self.rec.span("aggregate", round=rnd, final=True):
@@ -1260,6 +1259,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         update_run_json(self.run_dir, status="running", port=bound)
         try:
             self._supervise()
+            # every collaborator heard of the end: a restart would have nothing to resume, so
+            # the evaluation reports (kept until now for one) go
+            self.store.drop_updates(self.rounds + 1, last=True)
         finally:
             self.ckpt_queue.join()  # every closed round's checkpoint is on disk
             if data is not None:
