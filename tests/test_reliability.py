@@ -127,13 +127,14 @@ def test_aggregator_killed_between_ack_and_disk_replays_the_staged_update(tmp_pa
             parties.collaborator(name)
         assert victim.wait(timeout=120) == -signal.SIGKILL
         staged = list(shm.glob(f"{victim.pid}-*-round-0002-*.safetensors"))
-        assert len(staged) == 1, "the acknowledged update should be waiting in shared memory"
+        # one at least; on a loaded host a second may be acknowledged before the first settles
+        assert staged, "the acknowledged update should be waiting in shared memory"
         parties.aggregator()  # same run directory: resume
         _finish(parties)
     finally:
         parties.stop()
     run = tmp_path / "run"
-    assert not staged[0].exists() and not list(shm.glob(f"{victim.pid}-*"))
+    assert not any(p.exists() for p in staged) and not list(shm.glob(f"{victim.pid}-*"))
     replay_matches_checkpoints(run, ROUNDS)
     events = read_jsonl(run / "events" / "aggregator.jsonl")
     accepted = [
@@ -231,12 +232,17 @@ def _bad_streams(good: dict[str, torch.Tensor]) -> dict[str, tuple[list, str]]:
 
 @pytest.mark.slow
 def test_bad_updates_are_refused_and_others_unaffected(tmp_path: Path) -> None:
-    plan = _plan(tmp_path, min_collaborators=2, round_timeout=6)
+    # each round waits round_timeout for col3, which never sends a good update; col1 and col2
+    # start with the aggregator, so their start-up (~10 s of imports on a slow host) runs while
+    # col3 probes, inside round 1's window
+    plan = _plan(tmp_path, min_collaborators=2, round_timeout=25)
     parties = Parties(plan, tmp_path / "run", tmp_path / "procs.log")
     port = __import__("yaml").safe_load(plan.read_text())["network"]["port"]
     try:
         parties.aggregator()
         parties.wait_running()
+        parties.collaborator("col1")
+        parties.collaborator("col2")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = teefl_pb2_grpc.FederationStub(ch)
             stub.Join(teefl_pb2.JoinRequest(collaborator="col3"), timeout=10)
@@ -252,8 +258,6 @@ def test_bad_updates_are_refused_and_others_unaffected(tmp_path: Path) -> None:
                 with pytest.raises(grpc.RpcError) as refused:
                     stub.PutUpdate(iter(stream), timeout=20)
                 assert message in refused.value.details(), (label, refused.value.details())
-        parties.collaborator("col1")
-        parties.collaborator("col2")
         _finish(parties, ("aggregator", "col1", "col2"))
     finally:
         parties.stop()
