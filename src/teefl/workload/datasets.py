@@ -104,6 +104,21 @@ def resolve_root(name: str, spec_root: Path | None, data_dir: Path | None) -> li
     return list(dict.fromkeys(candidates))  # drop duplicates, keep order
 
 
+def check_root(spec: DatasetSpec) -> None:
+    """A ``dataset.root`` the plan names must exist.
+
+    Why refuse instead of searching on: the later candidates (``--data-dir``, ``$TEEFL_DATA``,
+    the system copy) may hold *a* copy of the dataset, and a typo in the plan would then train on
+    data the user did not choose, without a word.
+    """
+    if spec.root is not None and spec.name != "synthetic" and not Path(spec.root).is_dir():
+        what = "is not a directory" if Path(spec.root).exists() else "does not exist"
+        raise TeeflError(
+            f"dataset.root {spec.root} {what}: fix dataset.root in the plan (or remove it to "
+            f"search --data-dir, $TEEFL_DATA and {SYSTEM_DATA_DIR / spec.name})"
+        )
+
+
 def _find_file(directory: Path, stem: str) -> Path | None:
     # MNIST's own archive unpacks to "train-images.idx3-ubyte" on some systems; accept both
     for base in dict.fromkeys((stem, stem.replace("-idx", ".idx"))):
@@ -368,6 +383,7 @@ def load_dataset(
     if only is not None:
         candidates = list(dict.fromkeys(Path(p) for p in only))
     else:
+        check_root(spec)
         candidates = resolve_root(spec.name, spec.root, data_dir)
     files, notes = locate_files(spec.name, candidates)
     if files is None:
