@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from teefl.errors import TeeflError
+from teefl.writable import writable_dir
 
 PlanArg = Annotated[Path | None, typer.Argument(help="Plan YAML; omit for the embedded default.")]
 
@@ -38,12 +39,15 @@ def _logging(level: str) -> None:
 
 
 def _sigterm_as_interrupt() -> None:
-    """SIGTERM (from the launcher or a scheduler) takes the same clean path as Ctrl-C."""
+    """SIGTERM (from the launcher or a scheduler) and SIGHUP (a closed ssh session) take the same
+    clean path as Ctrl-C; a SIGHUP ignored at start (``nohup``) stays ignored."""
 
     def handler(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, handler)
 
 
 def run(
@@ -65,8 +69,12 @@ def run(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Run a whole federation on this host: 1 aggregator + N collaborator processes."""
+    from teefl.federation.launcher import install_stop_handlers
+
+    install_stop_handlers()  # first: a SIGTERM from here on stops every process we start
     from rich.console import Console
 
+    from teefl.federation import runlock
     from teefl.federation.launcher import launch, new_run_id
     from teefl.federation.report import finish_run, print_summary
     from teefl.plan import require_transport
@@ -86,7 +94,14 @@ def run(
     if collaborators is not None:
         plan.collaborators = [f"col{i + 1}" for i in range(collaborators)]
     rid = run_id or new_run_id(plan.name)
-    run_dir = (runs_dir / rid).resolve()
+    if plan.dataset.root is not None:  # a plan mistake: said before anything is created
+        from teefl.workload.datasets import check_root
+
+        check_root(plan.dataset)
+    writable_dir(runs_dir, "runs directory", "--runs-dir")
+    run_dir = writable_dir((runs_dir / rid).resolve(), "run directory")
+    # held until this process ends: a second `teefl run` on this run id stops here, naming us
+    runlock.acquire(run_dir, runlock.RUN_LOCK, "teefl run")
     if (plan.security.transport or "none") != "none" and plan.security.tls.ca is None:
         from teefl.federation.setup import issue_throwaway_pki
 
@@ -125,9 +140,10 @@ def _announce_dataset(plan, data_dir: Path | None, console) -> None:
     """Fall back to synthetic data -- loudly -- when the default plan's dataset is missing."""
     if plan.dataset.name == "synthetic":
         return
-    try:
-        from teefl.workload.datasets import load_dataset
+    from teefl.workload.datasets import check_root, load_dataset
 
+    check_root(plan.dataset)  # a root the plan names is never replaced by synthetic data
+    try:
         load_dataset(plan.dataset, data_dir, seed=plan.seed)
     except TeeflError as exc:
         if plan.name != "default":
@@ -163,7 +179,7 @@ def aggregator(
     from teefl.measure.host import tune_malloc
 
     tune_malloc()
-    from teefl.federation.aggregator import Aggregator
+    from teefl.federation import runlock
     from teefl.federation.launcher import new_run_id
     from teefl.federation.runinfo import (
         count_start,
@@ -183,7 +199,11 @@ def aggregator(
     if previous.get("status") == "completed":
         raise TeeflError(f"run {run_dir} is already completed; start a new run directory")
     rid = run_id or previous.get("run_id") or new_run_id(plan.name)
-    rdir = (run_dir or Path("runs") / rid).resolve()
+    rdir = writable_dir((run_dir or Path("runs") / rid).resolve(), "run directory", "--run-dir")
+    # held until this process ends: a second aggregator on this run directory stops here
+    runlock.acquire(rdir, runlock.AGGREGATOR_LOCK, "teefl aggregator")
+    from teefl.federation.aggregator import Aggregator  # torch: after the quick checks
+
     if restarts is None:
         restarts = count_start(rdir)
     if not (rdir / "plan.yaml").exists():
@@ -255,7 +275,6 @@ def collaborator(
     """Run one collaborator: join the aggregator and take part in every round."""
     _logging(log_level)
     _sigterm_as_interrupt()
-    from teefl.federation.collaborator import Collaborator
     from teefl.plan import require_transport
 
     plan = _load(plan_path)
@@ -265,7 +284,11 @@ def collaborator(
         raise TeeflError(
             "the plan's network.port is 0 (pick-a-free-port); pass --address HOST:PORT"
         )
-    rdir = (run_dir or Path("runs") / f"{plan.name}-{name}").resolve()
+    rdir = writable_dir(
+        (run_dir or Path("runs") / f"{plan.name}-{name}").resolve(), "run directory", "--run-dir"
+    )
+    from teefl.federation.collaborator import Collaborator  # torch: after the quick checks
+
     Collaborator(plan, name, addr, rdir, data_dir).run()
 
 

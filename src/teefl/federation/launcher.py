@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from teefl.errors import TeeflError
 from teefl.plan import Plan
+from teefl.writable import writable_dir
 
 POLL_S = 0.1
 
@@ -78,29 +79,90 @@ class _EventTail:
         return out
 
 
+class _StopSignals:
+    """SIGINT, SIGTERM and SIGHUP end ``teefl run`` the way Ctrl-C does: as a KeyboardInterrupt,
+    after which the launcher stops every child (TERM, then KILL after a bound) and records the run
+    as interrupted.
+
+    Why a handler of our own: the children run in their own sessions (a Ctrl-C in the terminal
+    must reach only the launcher, which stops them in order), so nothing but the launcher can
+    stop them -- and SIGTERM's and SIGHUP's default action killed the launcher on the spot,
+    leaving every child running and run.json saying "running". The first signal interrupts;
+    later ones are ignored, so they cannot cut the clean-up short. Inside `deferred` (a child
+    being started and recorded) a signal only takes effect at the end of the block, so no child
+    escapes the list the clean-up walks.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+        self.fired = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.fired:
+            return
+        if self.depth:
+            self.pending = signum
+            return
+        self.fired = True
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0 and self.pending is not None and not self.fired:
+                self.fired = True
+                raise KeyboardInterrupt
+
+
+_stop = _StopSignals()
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def install_stop_handlers() -> None:
+    """Route SIGINT, SIGTERM and SIGHUP through `_StopSignals` (main thread only).
+
+    A signal the process was started with ignored (``nohup``, a background job's SIGINT) stays
+    ignored: whoever started it asked for that.
+    """
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _stop)
+
+
 def _spawn(
     name: str,
     argv: list[str],
     log: Path,
     env: dict[str, str],
-    wrap: Callable[[str, list[str]], list[str]] | None = None,
+    wrap: Callable[[str, list[str]], list[str]] | None,
+    procs: list[Proc],
 ) -> Proc:
+    """Start one party in its own session and add it to ``procs`` (which the clean-up stops)."""
     if wrap is not None:
-        argv = wrap(name, argv)
+        argv = wrap(name, argv)  # may take long (gramine-sgx-sign): signals act at once here
     from teefl.runfiles import append_private, private_dir
 
     private_dir(log.parent)
     fh = open(append_private(log), "ab")  # noqa: SIM115 - owned by the child for its lifetime
-    popen = subprocess.Popen(
-        argv,
-        stdout=fh,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
-    fh.close()
-    return Proc(name, popen, log)
+    try:
+        with _stop.deferred():
+            popen = subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+            procs.append(Proc(name, popen, log))
+    finally:
+        fh.close()
+    return procs[-1]
 
 
 def _gramine(
@@ -108,8 +170,9 @@ def _gramine(
 ) -> list[str]:
     """Start the process natively or under Gramine, as the plan's runtime.launcher says.
 
-    Under Gramine every party gets its own manifest (its arguments are measured into it); a
-    missing Gramine installation fails here, before the process starts, naming the binary.
+    Under Gramine every party gets its own manifest (its arguments are measured into it, and the
+    plan, CA, certificates and collateral as trusted files with their hashes); a missing Gramine
+    installation fails here, before the process starts, naming the binary.
     """
     launcher = plan.runtime.launcher
     if launcher == "native":
@@ -118,11 +181,22 @@ def _gramine(
     from teefl.workload.datasets import resolve_root
 
     role = "aggregator" if process == "aggregator" else "collaborator"
-    tls = plan.security.tls
-    certs = [p for p in (tls.ca, tls.server_cert, tls.server_key) if p is not None]
-    if tls.client_dir is not None and role == "collaborator":
+    sec = plan.security
+    tls = sec.tls
+    # each party sees only its own key material: a collaborator's enclave never gets the
+    # aggregator's key (nor another collaborator's), the aggregator no collaborator's
+    certs: list[Path] = [] if tls.ca is None else [tls.ca]
+    keys: list[Path] = []
+    if role == "aggregator":
+        certs += [p for p in (tls.server_cert,) if p is not None]
+        keys += [p for p in (tls.server_key,) if p is not None]
+        if sec.at_rest.mode == "sealed" and sec.at_rest.key_file is not None:
+            keys.append(sec.at_rest.key_file)
+    elif tls.client_dir is not None:
         name = process.removeprefix("collaborator-")
-        certs += [tls.client_dir / f"{name}.crt", tls.client_dir / f"{name}.key"]
+        certs.append(tls.client_dir / f"{name}.crt")
+        keys.append(tls.client_dir / f"{name}.key")
+    collateral = sec.attestation.collateral
     data = [d for d in resolve_root(plan.dataset.name, plan.dataset.root, data_dir) if d.is_dir()]
     return wrap_command(
         launcher,
@@ -132,6 +206,8 @@ def _gramine(
         name=process,
         plan_path=run_dir / "plan.yaml",
         cert_paths=certs,
+        key_paths=keys,
+        trusted_paths=[collateral] if collateral is not None else [],
         data_dirs=data if role == "collaborator" else [],
         run_dir=run_dir,
         threads=plan.training.threads or 1,
@@ -179,9 +255,32 @@ def launch(
         argv = _gramine(plan, process, argv, run_dir, data_dir)  # innermost: the TEE runtime
         return wrap(process, argv) if wrap is not None else argv
 
-    from teefl.runfiles import private_dir, write_private
+    from teefl.federation import runlock
+    from teefl.runfiles import private_dir
 
+    writable_dir(run_dir, "run directory")
     private_dir(run_dir)  # the run's files are its owner's alone (docs/security.md)
+    lock = runlock.acquire(run_dir, runlock.RUN_LOCK, "teefl run")  # before anything is written
+    try:
+        return _launch(
+            plan, run_dir, run_id, data_dir, console, progress, startup_timeout, spawn_wrap
+        )
+    finally:
+        runlock.release(lock)
+
+
+def _launch(
+    plan: Plan,
+    run_dir: Path,
+    run_id: str,
+    data_dir: Path | None,
+    console: Console,
+    progress: bool,
+    startup_timeout: float,
+    spawn_wrap: Callable[[str, list[str]], list[str]],
+) -> RunResult:
+    from teefl.runfiles import write_private
+
     plan_path = run_dir / "plan.yaml"
     write_private(plan_path, plan.to_yaml())
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -192,50 +291,48 @@ def launch(
     result = RunResult(run_id, run_dir, "failed", procs)
     error: str | None = None
     try:
-        procs.append(
-            _spawn(
+        _spawn(
+            "aggregator",
+            [
+                *base,
                 "aggregator",
-                [
-                    *base,
-                    "aggregator",
-                    "--plan",
-                    str(plan_path),
-                    "--run-dir",
-                    str(run_dir),
-                    "--run-id",
-                    run_id,
-                    "--port-file",
-                    str(port_file),
-                ],
-                run_dir / "logs" / "aggregator.log",
-                env,
-                spawn_wrap,
-            )
+                "--plan",
+                str(plan_path),
+                "--run-dir",
+                str(run_dir),
+                "--run-id",
+                run_id,
+                "--port-file",
+                str(port_file),
+            ],
+            run_dir / "logs" / "aggregator.log",
+            env,
+            spawn_wrap,
+            procs,
         )
         port = _await_port(procs[0], port_file, startup_timeout)
         address = f"{plan.network.host}:{port}"
         extra = ["--data-dir", str(data_dir)] if data_dir else []
         for name in plan.collaborators:
-            procs.append(
-                _spawn(
-                    f"collaborator-{name}",
-                    [
-                        *base,
-                        "collaborator",
-                        "--plan",
-                        str(plan_path),
-                        "--name",
-                        name,
-                        "--address",
-                        address,
-                        "--run-dir",
-                        str(run_dir),
-                        *extra,
-                    ],
-                    run_dir / "logs" / f"collaborator-{name}.log",
-                    env,
-                    spawn_wrap,
-                )
+            _spawn(
+                f"collaborator-{name}",
+                [
+                    *base,
+                    "collaborator",
+                    "--plan",
+                    str(plan_path),
+                    "--name",
+                    name,
+                    "--address",
+                    address,
+                    "--run-dir",
+                    str(run_dir),
+                    *extra,
+                ],
+                run_dir / "logs" / f"collaborator-{name}.log",
+                env,
+                spawn_wrap,
+                procs,
             )
         _watch(plan, run_dir, procs, console, progress)
         result.status = "completed"
@@ -248,18 +345,37 @@ def launch(
         console.print("[yellow]interrupted: stopping all processes[/yellow]")
         raise
     finally:
-        _stop_all(procs)
-        if result.status != "completed":
-            from teefl.federation.runinfo import read_run_json, update_run_json
+        with _stop.deferred():
+            _stop_all(procs)
+            if result.status != "completed":
+                _record_end(plan, run_dir, result.status, error)
 
-            # the aggregator, stopped by our SIGTERM, may have written "interrupted": the run
-            # failed (or was interrupted by the user) whatever it thought
-            if read_run_json(run_dir).get("status") != "completed":
-                extra = {"error": error} if error else {}
-                update_run_json(run_dir, status=result.status, finished_wall=time.time(), **extra)
 
-            if read_run_json(run_dir).get("status") in (None, "running"):
-                update_run_json(run_dir, status=result.status, finished_wall=time.time())
+def _record_end(plan: Plan, run_dir: Path, status: str, error: str | None) -> None:
+    """run.json of a run that did not complete: the aggregator, stopped by our SIGTERM, may have
+    written "interrupted" (the run failed or was interrupted whatever it thought); one that had
+    to be killed, or never started, wrote no end at all -- then rounds_completed comes from its
+    events."""
+    from teefl.federation.runinfo import read_run_json, update_run_json
+
+    info = read_run_json(run_dir)
+    if info.get("status") == "completed":
+        return
+    fields: dict[str, object] = {"status": status, "finished_wall": time.time()}
+    if error:
+        fields["error"] = error
+    if info.get("status") in (None, "starting", "running"):
+        fields["rounds_completed"] = min(_rounds_closed(run_dir), plan.federation.rounds)
+    update_run_json(run_dir, **fields)
+
+
+def _rounds_closed(run_dir: Path) -> int:
+    """The last round the aggregator's events say it closed (0 if none)."""
+    last = 0
+    for ev in _EventTail(run_dir / "events" / "aggregator.jsonl").read():
+        if ev.get("what") == "round_closed" and isinstance(ev.get("round"), int):
+            last = max(last, ev["round"])
+    return last
 
 
 def _await_port(agg: Proc, port_file: Path, timeout: float) -> int:
