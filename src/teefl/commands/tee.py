@@ -416,17 +416,31 @@ def decrypt(
 ) -> None:
     """Decrypt a sealed checkpoint or model (AES-256-GCM) with the owner's key."""
     import os
+    import secrets
 
     from teefl.security.sealed import load_key, read_sealed
 
     key = load_key(key_file, key_env)
     plaintext = read_sealed(src, key)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(plaintext)
-    os.replace(tmp, dst)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        # The plaintext goes to a new file that nobody else can have prepared: a random name,
+        # O_EXCL (never an existing file), O_NOFOLLOW (never through a planted symlink), 0600.
+        # The rename then replaces OUT itself, not what a symlink at OUT points to.
+        tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(8)}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
+    except OSError as exc:
+        raise TeeflError(f"cannot write {dst}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(plaintext)
+        os.replace(tmp, dst)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise TeeflError(f"cannot write {dst}: {exc.strerror}") from None
+        raise
     _err_console().print(f"decrypted {src} -> {dst} ({len(plaintext)} bytes)")
 
 
