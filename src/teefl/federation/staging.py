@@ -32,6 +32,7 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import threading
 import weakref
 from pathlib import Path
@@ -102,6 +103,48 @@ class Slot:
                 os.unlink(self.free_name, dir_fd=self.dir_fd)
 
 
+class UnsafeStagingDir(OSError):
+    """The staging directory is not one only this user can use (said as a warning, not info)."""
+
+
+def open_private_dir(directory: Path) -> int:
+    """Open ``directory`` -- ours alone, mode 0700 -- creating it if absent; returns its fd.
+
+    Why this way: the directory sits in a world-writable tmpfs where another local user can plant
+    a symbolic link or a directory of their own under its name before us, and read or swap every
+    update staged there. So the directory itself is never followed through a link (lstat, then
+    ``O_NOFOLLOW``), the checks are made on the opened descriptor (``fstat``: what is checked is
+    what is used, whatever is renamed meanwhile), and every later access goes through that
+    descriptor. A directory we created gets mode 0700 whatever the umask; one that already
+    existed with another mode is refused rather than changed (someone chose it).
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    created = False
+    try:
+        os.mkdir(directory, 0o700)
+        created = True
+    except FileExistsError:
+        pass
+    if stat.S_ISLNK(os.lstat(directory).st_mode):
+        raise UnsafeStagingDir(f"{directory} is a symbolic link")
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise UnsafeStagingDir(f"{directory} belongs to another user (uid {st.st_uid})")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode != 0o700:
+            if not created:
+                raise UnsafeStagingDir(
+                    f"{directory} has mode {mode:04o}, not 0700 (fix: chmod 700 {directory})"
+                )
+            os.fchmod(fd, 0o700)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class StagingArea:
     """Slots in one directory of a tmpfs, at most ``keep`` kept free from round to round (the
     aggregator receives at most ``max_inflight_updates`` updates at once).
@@ -112,10 +155,7 @@ class StagingArea:
 
     def __init__(self, directory: Path, keep: int) -> None:
         self.directory, self.keep = Path(directory), keep
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.directory.stat().st_uid != os.getuid():
-            raise OSError(f"{self.directory} belongs to another user")
-        self.dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        self.dir_fd = open_private_dir(self.directory)
         #: a prefix no other process uses for its names in the shared directory
         self.tag = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.free: list[Slot] = []
@@ -166,7 +206,8 @@ class StagingArea:
         try:
             return cls(directory, keep)
         except OSError as exc:
-            log.info(
+            log.log(
+                logging.WARNING if isinstance(exc, UnsafeStagingDir) else logging.INFO,
                 "no update staging in %s (%s): updates are written to the run directory as they "
                 "arrive",
                 directory,
