@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from teefl.errors import TeeflError
+from teefl.security.keyfile import check_private_file
 
 if TYPE_CHECKING:
     from teefl.plan import Plan
@@ -223,6 +224,7 @@ def load_private_key(path: Path) -> PrivateKey:
     # Our CA issues only these; Ed25519 & co. are not usable with every gRPC TLS configuration.
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise TeeflError(f"private key {path} is {type(key).__name__}; use an EC or RSA key")
+    check_private_file(path)
     return key
 
 

@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from teefl.errors import TeeflError
+from teefl.security.keyfile import check_private_file
 
 MAGIC = b"TEEFLSEAL"
 #: the newest format; 1 (no context) is still read, and written for a blob sealed without one
@@ -157,7 +158,9 @@ def load_key(key_file: Path | str | None = None, key_env: str | None = None) -> 
             raise SealedError(f"key file {path} not found") from exc
         except OSError as exc:
             raise SealedError(f"cannot read key file {path}: {exc.strerror}") from exc
-        return parse_key(data, str(path))
+        key = parse_key(data, str(path))
+        check_private_file(path, "sealing key file")
+        return key
     assert key_env is not None
     value = os.environ.get(key_env)
     if value is None:

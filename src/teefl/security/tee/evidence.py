@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teefl.errors import TeeflError
+from teefl.security.keyfile import check_private_file
 
 log = logging.getLogger("teefl.tee")
 
@@ -341,6 +342,7 @@ def load_or_create_simulated_key(path: Path | None) -> ec.EllipticCurvePrivateKe
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
             raise TeeflError(f"{path}: simulated attestation key must be an ECDSA P-256 key")
+        check_private_file(path, "simulated attestation key")
         return key
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(
