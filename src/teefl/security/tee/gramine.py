@@ -19,6 +19,7 @@ Manifest syntax follows Gramine >= 1.8 (``loader.entrypoint.uri``, ``sgx.max_thr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from teefl.errors import TeeflError
+from teefl.security.keyfile import check_private_file
 
 Launcher = Literal["native", "gramine-direct", "gramine-sgx"]
 LAUNCHERS: tuple[str, ...] = ("native", "gramine-direct", "gramine-sgx")
@@ -174,6 +176,26 @@ def _abs(path: Path | str) -> Path:
     return Path(path).expanduser().absolute()
 
 
+def _sha256_file(path: Path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError as exc:
+        raise TeeflError(
+            f"cannot hash {path} for the manifest's trusted files: {exc.strerror}"
+        ) from None
+
+
+def _holds_private_key(path: Path) -> bool:
+    """A PEM private key (``-----BEGIN ... PRIVATE KEY-----``): a secret, never a trusted file."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64 * 1024)
+    except OSError:
+        return False
+    return b"PRIVATE KEY-----" in head
+
+
 def render_manifest(
     role: str,
     *,
@@ -181,6 +203,8 @@ def render_manifest(
     plan_path: Path | None,
     cert_paths: Sequence[Path] = (),
     data_dirs: Sequence[Path] = (),
+    key_paths: Sequence[Path] = (),
+    trusted_paths: Sequence[Path] = (),
     run_dir: Path,
     sgx: bool,
     enclave_size: str = "16G",
@@ -201,9 +225,17 @@ def render_manifest(
     signed manifest fixes the command. ``checkpoint_dir`` becomes an encrypted mount (Gramine's
     own file encryption) keyed by ``checkpoint_key_name`` -- ``_sgx_mrenclave`` by default under
     SGX, so only this enclave on this machine can read its checkpoints back; gramine-direct has no
-    sealing key, so there the mount is only added when a key name is given. The plan, certificates
-    and data are ``allowed`` (readable, not integrity-checked: authenticate them at a higher level,
-    e.g. the TLS handshake and plan hashes); code is ``trusted`` (hashed into the signature).
+    sealing key, so there the mount is only added when a key name is given.
+
+    What decides security is a *trusted* file, its SHA-256 written into the manifest and so into
+    the enclave's measurement: the code, the plan (which holds the attestation policy, the
+    transport, sealing), the CA and the other certificates in ``cert_paths``, and
+    ``trusted_paths`` (e.g. the DCAP collateral). Gramine refuses to open such a file once its
+    bytes differ, so a host cannot switch attestation off, swap the CA or loosen the policy
+    without changing MRENCLAVE. Private keys (``key_paths``, and any file of ``cert_paths`` that
+    holds one) and data directories are *allowed* files: readable, not integrity-checked --
+    a trusted file is still plaintext on the host's disk, so listing a key there would protect
+    nothing. The manifest is rendered when the process starts, from the files as they are then.
     """
     if role not in ROLES:
         raise TeeflError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
@@ -226,6 +258,14 @@ def render_manifest(
     plan = _abs(plan_path) if plan_path else None
     certs = [_abs(p) for p in cert_paths]
     data = [_abs(p) for p in data_dirs]
+    keys = [*(_abs(p) for p in key_paths), *(c for c in certs if _holds_private_key(c))]
+    trusted_inputs = list(
+        dict.fromkeys(
+            [*([plan] if plan else []), *(c for c in certs if c not in keys)]
+            + [_abs(p) for p in trusted_paths]
+        )
+    )
+    hashes = {p: _sha256_file(p) for p in trusted_inputs}
     if argv is None:
         argv = ["python", "-m", "teefl.cli", role]
         if plan is not None:
@@ -243,7 +283,8 @@ def render_manifest(
     usr_arch = f"/usr/lib/{layout.multiarch}"
     lib_mounts = [Path(p) for p in (arch, usr_arch) if Path(p).is_dir()]
     code_dirs = _outermost([*layout.stdlib_dirs, *layout.path_dirs])
-    inputs = list(dict.fromkeys([*([plan] if plan else []), *certs, *data]))
+    allowed_inputs = list(dict.fromkeys(p for p in [*keys, *data] if p not in hashes))
+    inputs = [*trusted_inputs, *allowed_inputs]
     host_paths = _outermost(
         [*lib_mounts, layout.interpreter, *layout.lib_files, *code_dirs, *inputs, run_dir]
     )
@@ -315,11 +356,15 @@ def render_manifest(
         add(f"  {_toml_str(_uri(p))},")
     for p in code_dirs:
         add(f"  {_toml_str(_uri(p, directory=True))},")
+    # the inputs that decide security, pinned by hash (an exact path wins over an allowed
+    # directory that contains it, e.g. the plan inside the run directory)
+    for p in trusted_inputs:
+        add(f"  {{ uri = {_toml_str(_uri(p))}, sha256 = {_toml_str(hashes[p])} }},")
     add("]")
     add("")
-    add("# Inputs and outputs: readable/writable, not integrity-protected by Gramine.")
+    add("# Secrets, data and outputs: readable/writable, not integrity-protected by Gramine.")
     add("sgx.allowed_files = [")
-    for p in inputs:
+    for p in allowed_inputs:
         add(f"  {_toml_str(_uri(p, directory=p in data and (p.is_dir() or not p.suffix)))},")
     add(f"  {_toml_str(_uri(run_dir, directory=True))},")
     add("]")
@@ -387,6 +432,8 @@ def sign_manifest(manifest: Path, *, key: Path | None = None) -> Path:
         raise TeeflError(
             f"enclave signing key {key} not found: create one with gramine-sgx-gen-private-key"
         )
+    if key is not None:
+        check_private_file(key, "enclave signing key")
     if _stale(output, manifest):
         cmd = [tool, "--manifest", str(manifest), "--output", str(output)]
         if key is not None:
@@ -405,6 +452,8 @@ def wrap_command(
     plan_path: Path | None = None,
     cert_paths: Sequence[Path] = (),
     data_dirs: Sequence[Path] = (),
+    key_paths: Sequence[Path] = (),
+    trusted_paths: Sequence[Path] = (),
     run_dir: Path | None = None,
     threads: int = 1,
     enclave_size: str = "16G",
@@ -443,6 +492,8 @@ def wrap_command(
         plan_path=plan_path,
         cert_paths=cert_paths,
         data_dirs=data_dirs,
+        key_paths=key_paths,
+        trusted_paths=trusted_paths,
         run_dir=run_dir or manifest_dir,
         sgx=sgx,
         enclave_size=enclave_size,
