@@ -178,6 +178,47 @@ def _terms(obs: Sequence[Observation]) -> tuple[list[tuple[str, ...]], list[str]
     return terms, list(names)
 
 
+def _interval_warnings(
+    model: str,
+    used: Sequence[Observation],
+    n_datasets: int,
+    x: np.ndarray,
+    level: float,
+    warnings: list[str],
+) -> tuple[int, bool]:
+    """Residual degrees of freedom, and whether intervals can be estimated at all; warns.
+
+    Why: with as many runs as parameters (one T_base per dataset, one coefficient per independent
+    mechanism column) -- e.g. one run per configuration on one dataset -- the fit passes through
+    every point. R² is then 1 by construction and every bootstrap resample that can fit at all
+    reproduces the same coefficients, so the percentile "interval" has zero width: a statement of
+    certainty made from no evidence. Such intervals are not reported, and the user is told why.
+    A configuration measured only once is said too: its share of any interval rests on one run.
+    """
+    rank = int(np.linalg.matrix_rank(x)) if x.shape[1] else 0
+    dof = len(used) - n_datasets - rank
+    pct = round(100 * level)
+    if dof <= 0:
+        warnings.append(
+            f"{model}: {len(used)} runs for {n_datasets + rank} parameters ({n_datasets} T_base, "
+            f"{rank} coefficient(s)): the fit is exact, so R² = 1 says nothing and no {pct} % "
+            "interval can be estimated (none is reported); repeat each configuration -- at "
+            "least 2 runs each, 3 or more for useful intervals"
+        )
+        return dof, False
+    runs_per_config: dict[str, int] = defaultdict(int)
+    for o in used:
+        runs_per_config[o.label] += 1
+    single = sorted(label for label, n in runs_per_config.items() if n == 1)
+    if single:
+        warnings.append(
+            f"{model}: too few runs for configuration(s) {', '.join(single)} (one run each): "
+            f"their part of the {pct} % intervals rests on a single measurement and says nothing "
+            "about run-to-run variation; repeat them"
+        )
+    return dof, True
+
+
 def term_name(term: Sequence[str]) -> str:
     """``tdx`` for a single mechanism, ``tdx&tls`` for mechanisms only ever seen together."""
     return JOINT.join(term)
@@ -293,11 +334,14 @@ def fit_model(
             elif np.linalg.matrix_rank(np.vstack([xb, cfg_x[i]])) == rank_b:
                 boot_f[b, i] = 1.0 + float(cfg_x[i] @ cb)
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    dof, estimable = _interval_warnings(model, used, len(tbase), x, level, warnings)
 
     def interval(samples: np.ndarray) -> tuple[float | None, float | None, int]:
         good = samples[np.isfinite(samples)]
         if good.size == 0:
             return None, None, 0
+        if not estimable:  # every resample reproduces the exact fit: a zero-width "interval"
+            return None, None, int(good.size)
         return float(np.percentile(good, lo_q)), float(np.percentile(good, hi_q)), int(good.size)
 
     coefficients: dict[str, Any] = {}
@@ -311,7 +355,7 @@ def fit_model(
             "members": list(t),
             "valid_resamples": valid,
         }
-        if ident[j] and resamples and valid < 0.5 * resamples:
+        if ident[j] and estimable and resamples and valid < 0.5 * resamples:
             warnings.append(
                 f"{model}: C[{term_name(t)}] could be estimated in only {valid} of {resamples} "
                 "resamples (too few runs with and without it); its interval is unreliable"
@@ -361,6 +405,8 @@ def fit_model(
         "coefficients": coefficients,
         "r2": _r2(y, fitted - base),
         "r2_wallclock": _r2(times, fitted),
+        "residual_dof": dof,
+        "intervals_estimable": estimable,
         "configs": config_rows,
         "predictions": predictions,
         "warnings": warnings,

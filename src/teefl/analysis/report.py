@@ -162,7 +162,13 @@ def _fit_markdown(mf: Mapping[str, Any], level: float) -> str:
         f"Runs used: {mf['runs']}"
         + (f" ({mf['runs_skipped']} skipped)" if mf.get("runs_skipped") else "")
         + f"; R² (on T - T_base) = {_num(mf.get('r2'))}"
-        + f"; R² (on T) = {_num(mf.get('r2_wallclock'))}",
+        + f"; R² (on T) = {_num(mf.get('r2_wallclock'))}"
+        + (
+            ""
+            if mf.get("intervals_estimable", True)
+            else " -- **exact fit** (as many runs as parameters): R² = 1 by construction and no "
+            f"{pct} % interval can be estimated; repeat each configuration"
+        ),
         "",
         f"| coefficient | value | {pct} % bootstrap interval | resamples used |",
         "|---|---|---|---|",

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from teefl.errors import TeeflError
+from teefl.writable import writable_dir
 
 
 def _console() -> Any:
@@ -105,6 +106,7 @@ def report(
     """Tables I-III, per-phase breakdown, overhead model and figures -> OUT/report.md."""
     from teefl.analysis.report import make_report
 
+    writable_dir(out, "report directory", "--out")
     result = make_report(run_dirs, out, resamples=resamples, seed=seed)
     console = _console()
     _warn(console, result["warnings"])
@@ -141,6 +143,11 @@ def fit(
     from teefl.analysis.report import collect, form_groups
     from teefl.analysis.timefmt import format_both
 
+    # outputs first: a read-only target is one line now, not a traceback after the bootstrap
+    if out is not None:
+        writable_dir(out.parent, "directory of --out", "--out")
+    if plot_dir is not None:
+        writable_dir(plot_dir, "plot directory", "--plot-dir")
     obs: list[perfmodel.Observation] = []
     run_paths: list[Path] = []
     for p in inputs:
@@ -173,7 +180,8 @@ def fit(
         console.print(
             f"\n[bold]{_esc(model)}[/bold]: {mf['runs']} runs"
             + (f" ({mf['runs_skipped']} skipped)" if mf["runs_skipped"] else "")
-            + f", R² = {_r(mf['r2'])} (on T - T_base), {_r(mf['r2_wallclock'])} (on T)",
+            + f", R² = {_r(mf['r2'])} (on T - T_base), {_r(mf['r2_wallclock'])} (on T)"
+            + ("" if mf.get("intervals_estimable", True) else _EXACT),
             highlight=False,
         )
         t = Table(show_edge=False, header_style="bold")
@@ -203,8 +211,6 @@ def fit(
     _warn(console, notes + result["warnings"])
     if out is not None:
         try:
-            if out.parent != Path():
-                out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
             raise TeeflError(f"cannot write {out}: {exc.strerror}") from None
@@ -212,10 +218,12 @@ def fit(
     if plot_dir is not None:
         from teefl.analysis.plots import overhead_chart, slug
 
-        plot_dir.mkdir(parents=True, exist_ok=True)
         for model, mf in result["models"].items():
             png = overhead_chart(mf, plot_dir / f"overhead_{slug(model)}.png")
             console.print(f"wrote {png}", highlight=False)
+
+
+_EXACT = " [yellow](exact fit: as many runs as parameters; no interval -- see warning)[/yellow]"
 
 
 def _r(v: Any) -> str:

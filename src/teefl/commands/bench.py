@@ -156,6 +156,10 @@ def bench(
     if study.network.bandwidth and study.network.mode != "netns":
         raise TeeflError("a bandwidth cap needs network mode netns (--network netns)")
     target = out or Path(f"bench-{study.name}")
+    if not dry_run:
+        from teefl.writable import writable_dir
+
+        writable_dir(target, "study output directory", "--out")
     # sys.exit, not typer.Exit: with standalone_mode=False Typer turns Ctrl-C and Exit into a
     # return value that teefl's main() does not pass on, and scripts need these exit codes
     try:
