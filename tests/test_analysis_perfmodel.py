@@ -100,6 +100,49 @@ def test_bootstrap_coverage_rate_is_near_nominal() -> None:
     assert hits / total >= 0.8  # nominal 95 %; percentile bootstrap on few runs is a bit narrow
 
 
+def test_one_run_per_configuration_is_an_exact_fit_without_intervals() -> None:
+    # one dataset, one run per configuration: as many runs as parameters. The fit passes
+    # through every point (R² = 1) and each resample reproduces it: a zero-width "interval"
+    obs = synth({"tdx": 0.2, "tls": 0.05}, [("tls",), ("tdx",)], tbase={"mnist": 3600.0})
+    obs = [
+        pm.Observation(o.model, o.dataset, o.config, o.time * f, o.run)
+        for o, f in zip(obs, (1.0, 1.013, 0.991), strict=True)
+    ]  # any times: no degree of freedom left
+    mf = pm.fit_model(obs, resamples=300)
+    assert mf["residual_dof"] == 0 and mf["intervals_estimable"] is False
+    assert mf["r2"] == pytest.approx(1.0)
+    for co in mf["coefficients"].values():
+        assert co["value"] is not None and co["low"] is None and co["high"] is None
+    for c in mf["configs"]:
+        assert c["factor_low"] is None and c["factor_high"] is None
+    exact = [w for w in mf["warnings"] if "the fit is exact" in w]
+    assert exact == [
+        "m: 3 runs for 3 parameters (1 T_base, 2 coefficient(s)): the fit is exact, so R² = 1 "
+        "says nothing and no 95 % interval can be estimated (none is reported); repeat each "
+        "configuration -- at least 2 runs each, 3 or more for useful intervals"
+    ]
+    # a second run of each configuration: intervals again
+    again = obs + [pm.Observation(o.model, o.dataset, o.config, o.time * 1.02, "r2") for o in obs]
+    mf = pm.fit_model(again, resamples=300)
+    assert mf["intervals_estimable"] is True and mf["residual_dof"] == 3
+    assert all(co["low"] < co["high"] for co in mf["coefficients"].values())
+    assert not [w for w in mf["warnings"] if "exact" in w or "too few runs" in w]
+
+
+def test_a_configuration_measured_once_is_named() -> None:
+    obs = synth(
+        {"tdx": 0.2, "tls": 0.05}, [("tdx",)], repeats=3, noise=0.01, tbase={"mnist": 3600.0}
+    )
+    obs.append(pm.Observation("m", "mnist", ("tls",), 3600.0 * 1.05, "tls-once"))
+    mf = pm.fit_model(obs, resamples=200)
+    assert mf["intervals_estimable"] is True
+    assert [w for w in mf["warnings"] if "too few runs" in w] == [
+        "m: too few runs for configuration(s) tls (one run each): their part of the 95 % "
+        "intervals rests on a single measurement and says nothing about run-to-run "
+        "variation; repeat them"
+    ]
+
+
 def test_bootstrap_is_seeded() -> None:
     obs = synth({"tdx": 0.1, "tls": 0.05}, [("tls",), ("tdx",), ("tdx", "tls")], noise=0.02)
     a = pm.fit_model(obs, resamples=200, seed=3)

@@ -242,6 +242,34 @@ def test_fit_cli_warns_on_collinear_mechanisms(tmp_path: Path) -> None:
     assert "C[tdx&tls]" in res.output
 
 
+def test_fit_cli_and_report_say_an_exact_fit_has_no_intervals(tmp_path: Path) -> None:
+    from teefl.cli import app
+
+    p = tmp_path / "t.csv"
+    p.write_text("model,dataset,config,time\nm,d,baseline,01:00\nm,d,tdx,01:10\nm,d,tls,01:03\n")
+    out = tmp_path / "fit.json"
+    res = CliRunner().invoke(app, ["fit", str(p), "--resamples", "50", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "exact fit" in res.output and "the fit is exact" in res.output
+    assert "[0.1667, 0.1667]" not in res.output  # no zero-width interval shown
+    mf = json.loads(out.read_text())["models"]["m"]
+    assert mf["intervals_estimable"] is False
+    assert any("the fit is exact" in w for w in mf["warnings"])
+    # the report: one run per configuration on one dataset, fabricated as teefl runs
+    for cname in ("baseline", "tls", "tdx"):
+        kw, slow = CONFIGS[cname]
+        fab.fabricate_run(tmp_path / "runs", f"m-{cname}", slow=slow, **kw)
+    res = make_report([tmp_path / "runs"], tmp_path / "report", resamples=50)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "**exact fit**" in md and "the fit is exact" in md
+    fits = list((tmp_path / "report").glob("fit*.json"))
+    assert fits and all(
+        m["intervals_estimable"] is False
+        for f in fits
+        for m in json.loads(f.read_text())["models"].values()
+    )
+
+
 def test_groups_of_one_plan(tmp_path: Path) -> None:
     fab.fabricate_run(tmp_path, "a")
     from teefl.analysis.report import collect

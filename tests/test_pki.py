@@ -186,6 +186,31 @@ def test_force_reissues_a_leaf(ca_dir: Path) -> None:
 
 
 # -- loading and checks ------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_private_key_others_can_read_is_refused_with_the_fix(ca_dir: Path, mode: int) -> None:
+    from teefl.security import tls
+
+    pki.issue_aggregator(ca_dir, ["localhost"])
+    key = ca_dir / "aggregator.key"
+    key.chmod(mode)
+    expected = (
+        f"private key {key} is accessible by group or others (mode {mode:04o}); "
+        f"run: chmod 600 {key}"
+    )
+    with pytest.raises(TeeflError) as err:
+        pki.load_private_key(key)
+    assert str(err.value) == expected
+    # where the aggregator loads it for its port, and where `teefl pki issue` loads the CA's
+    with pytest.raises(TeeflError) as err:
+        tls.server_credentials(ca_dir / "ca.crt", ca_dir / "aggregator.crt", key, True)
+    assert str(err.value) == expected
+    (ca_dir / "ca.key").chmod(0o644)
+    with pytest.raises(TeeflError, match=r"ca\.key is accessible by group or others"):
+        pki.load_ca(ca_dir)
+    key.chmod(0o600)
+    pki.load_private_key(key)
+
+
 def test_key_not_matching_certificate(ca_dir: Path) -> None:
     c1, _ = pki.collaborator_paths(ca_dir, "col1")
     _, k2 = pki.collaborator_paths(ca_dir, "col2")

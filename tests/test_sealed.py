@@ -114,6 +114,8 @@ def test_load_key_file_raw_hex_and_env(tmp_path: Path, monkeypatch: pytest.Monke
     raw.write_bytes(KEY)
     hexed = tmp_path / "hex.key"
     hexed.write_text(KEY.hex() + "\n")
+    for f in (raw, hexed):
+        f.chmod(0o600)  # as `teefl model keygen` makes it; anything else is refused
     assert load_key(raw) == load_key(hexed) == KEY
     monkeypatch.setenv("TEEFL_TEST_KEY", KEY.hex())
     assert load_key(key_env="TEEFL_TEST_KEY") == KEY
@@ -133,6 +135,21 @@ def test_load_key_file_raw_hex_and_env(tmp_path: Path, monkeypatch: pytest.Monke
     bad.write_text("too short")
     with pytest.raises(SealedError, match="32 raw bytes or 64 hex"):
         load_key(bad)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_a_key_file_group_or_others_can_read_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "owner.key"
+    write_key_file(path)
+    path.chmod(mode)
+    with pytest.raises(TeeflError) as err:
+        load_key(path)
+    assert str(err.value) == (
+        f"sealing key file {path} is accessible by group or others (mode {mode:04o}); "
+        f"run: chmod 600 {path}"
+    )
+    path.chmod(0o400)
+    assert len(load_key(path)) == 32
 
 
 def test_key_file_mode_and_no_overwrite(tmp_path: Path) -> None:
@@ -182,6 +199,38 @@ def test_cli_keygen_and_decrypt(tmp_path: Path, app: typer.Typer) -> None:
     )
     assert result.exit_code == 0, result.output
     assert out2.read_bytes() == DATA
+
+
+def test_cli_decrypt_never_writes_through_a_planted_symlink(
+    tmp_path: Path, app: typer.Typer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key_path = tmp_path / "owner.key"
+    key = write_key_file(key_path)
+    sealed = tmp_path / "final.sealed"
+    write_sealed(sealed, DATA, key)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "out" / "final.safetensors"
+    out.parent.mkdir()
+    # another user plants the temporary file's former fixed name, and OUT itself, as links
+    (out.parent / f".{out.name}.tmp").symlink_to(victim)
+    out.symlink_to(victim)
+    args = ["model", "decrypt", str(sealed), str(out), "--key-file", str(key_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert victim.read_bytes() == b"precious"
+    assert not out.is_symlink() and out.read_bytes() == DATA
+    assert out.stat().st_mode & 0o777 == 0o600
+    # a link planted under the very name the temporary file gets: refused, nothing written
+    import secrets
+
+    monkeypatch.setattr(secrets, "token_hex", lambda n=None: "guessed")
+    planted = out.parent / f".{out.name}.guessed.tmp"
+    planted.symlink_to(victim)
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, TeeflError), result.output
+    assert f"cannot write {out}: File exists" == str(result.exception)
+    assert victim.read_bytes() == b"precious" and planted.is_symlink()
 
 
 def test_cli_decrypt_wrong_key_is_a_teefl_error(tmp_path: Path, app: typer.Typer) -> None:

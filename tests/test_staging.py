@@ -115,6 +115,39 @@ def test_unusable_staging_directories_fall_back(tmp_path: Path, caplog) -> None:
     assert "written to the run directory" in caplog.text
 
 
+def test_a_symlinked_staging_directory_is_refused(tmp_path: Path, caplog) -> None:
+    # another local user plants the staging directory's name as a link (here to a directory
+    # that even passes the owner check): no slot is ever made through it
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "shm"
+    link.symlink_to(target)
+    with caplog.at_level(logging.WARNING, logger="teefl.staging"):
+        assert StagingArea.open(link, keep=1) is None
+    assert "is a symbolic link" in caplog.text
+    assert list(target.iterdir()) == []
+
+
+def test_a_staging_directory_others_can_enter_is_refused(tmp_path: Path, caplog) -> None:
+    d = tmp_path / "shm"
+    d.mkdir()
+    d.chmod(0o755)  # existed before us with another mode: refused, not changed
+    with caplog.at_level(logging.WARNING, logger="teefl.staging"):
+        assert StagingArea.open(d, keep=1) is None
+    assert "mode 0755, not 0700" in caplog.text and "chmod 700" in caplog.text
+    assert (d.stat().st_mode & 0o777) == 0o755 and list(d.iterdir()) == []
+
+
+def test_a_staging_directory_we_create_is_0700_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o222)  # mkdir(0o700) alone would give 0500
+    try:
+        area = StagingArea(tmp_path / "shm", keep=1)
+    finally:
+        os.umask(old)
+    assert (area.directory.stat().st_mode & 0o777) == 0o700
+    area.close()
+
+
 def test_a_full_tmpfs_refuses_a_slot_and_leaves_nothing(
     tmp_path: Path, monkeypatch, caplog
 ) -> None:

@@ -347,6 +347,18 @@ def test_unpinned_simulated_policy_refused() -> None:
     ]
 
 
+def test_simulated_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "sim.pem"
+    SimulatedProvider(allow_simulated=True, key_file=key_file)
+    key_file.chmod(0o644)
+    with pytest.raises(TeeflError) as err:
+        SimulatedProvider(allow_simulated=True, key_file=key_file)
+    assert str(err.value) == (
+        f"simulated attestation key {key_file} is accessible by group or others (mode 0644); "
+        f"run: chmod 600 {key_file}"
+    )
+
+
 def test_simulated_tamper_and_untrusted_key(tmp_path: Path) -> None:
     key_file = tmp_path / "sim.pem"
     provider = SimulatedProvider(allow_simulated=True, key_file=key_file)

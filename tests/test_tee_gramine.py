@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from gramine_standin import install_stand_ins
+from rich.console import Console
 
 import teefl
 from teefl.errors import TeeflError
@@ -63,16 +66,18 @@ def test_manifest_sgx_content(tmp_path: Path) -> None:
     assert sgx["remote_attestation"] == "dcap"
     assert sgx["enclave_size"] == "16G" and sgx["max_threads"] == 64
     assert sgx["debug"] is False
-    trusted = sgx["trusted_files"]
+    trusted = [t for t in sgx["trusted_files"] if isinstance(t, str)]  # code: hashed at signing
     assert f"file:{interp}" in trusted
     stdlib = Path(os.__file__).resolve().parent
     assert any(stdlib.is_relative_to(t.removeprefix("file:")) for t in trusted)
     assert any(Path(teefl_root).is_relative_to(t.removeprefix("file:")) for t in trusted)
+    pinned = _pinned(m)  # the inputs that decide security: trusted, with their hashes
+    assert pinned == {
+        str(tmp_path / "plan.yaml"): _sha256(tmp_path / "plan.yaml"),
+        str(tmp_path / "pki" / "ca.pem"): _sha256(tmp_path / "pki" / "ca.pem"),
+    }
     allowed = sgx["allowed_files"]
-    assert f"file:{(tmp_path / 'plan.yaml')}" in allowed
-    assert f"file:{(tmp_path / 'pki' / 'ca.pem')}" in allowed
-    assert f"file:{(tmp_path / 'data')}/" in allowed
-    assert f"file:{(tmp_path / 'runs' / 'r1')}/" in allowed
+    assert allowed == [f"file:{(tmp_path / 'data')}/", f"file:{(tmp_path / 'runs' / 'r1')}/"]
 
     mounts = m["fs"]["mounts"]
     enc = [x for x in mounts if x.get("type") == "encrypted"]
@@ -91,6 +96,59 @@ def test_manifest_sgx_content(tmp_path: Path) -> None:
     assert str(tmp_path).startswith("/tmp/") and "/tmp" not in paths
     assert f"file:{tmp_path / 'plan.yaml'}" in [x["uri"] for x in mounts]
     assert m["fs"]["start_dir"] == str(tmp_path / "runs" / "r1")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pinned(manifest: dict) -> dict[str, str]:
+    """Trusted files given with their SHA-256 in the manifest: path -> hash."""
+    return {
+        t["uri"].removeprefix("file:"): t["sha256"]
+        for t in manifest["sgx"]["trusted_files"]
+        if isinstance(t, dict)
+    }
+
+
+def _allowed(manifest: dict) -> set[str]:
+    return {a.removeprefix("file:").rstrip("/") for a in manifest["sgx"]["allowed_files"]}
+
+
+def test_manifest_pins_security_inputs_and_keeps_keys_allowed(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    (pki / "col1.crt").write_text("-----BEGIN CERTIFICATE-----\ncol1\n")
+    (pki / "col1.key").write_text("-----BEGIN PRIVATE KEY-----\nsecret\n")
+    (pki / "stray.key").write_text("-----BEGIN EC PRIVATE KEY-----\nsecret\n")
+    collateral = tmp_path / "collateral.json"
+    collateral.write_text("{}")
+    m = render(
+        tmp_path,
+        cert_paths=[pki / "col1.crt", pki / "stray.key"],  # a key given as a --cert stays secret
+        key_paths=[pki / "col1.key"],
+        trusted_paths=[collateral],
+    )
+    pinned = _pinned(m)
+    for f in (tmp_path / "plan.yaml", pki / "col1.crt", collateral):
+        assert pinned[str(f)] == _sha256(f), f
+    assert str(pki / "col1.key") not in pinned and str(pki / "stray.key") not in pinned
+    allowed = _allowed(m)
+    assert str(pki / "col1.key") in allowed and str(pki / "stray.key") in allowed
+    # the plan sits in the run directory here too: pinned by its exact path, which Gramine
+    # matches before the allowed directory around it
+    assert not {str(tmp_path / "plan.yaml"), str(collateral), str(pki / "col1.crt")} & allowed
+    # every input is still visible inside Gramine
+    mounted = [x["path"] for x in m["fs"]["mounts"]]
+    for f in [*pinned, *allowed]:
+        assert any(Path(f).is_relative_to(x) for x in mounted), f
+    # another plan, another pinned hash (and so, signed, another MRENCLAVE)
+    other = tmp_path / "other.yaml"
+    other.write_text("name: other\n")
+    assert _pinned(render(tmp_path, plan_path=other))[str(other)] == _sha256(other)
+    assert _sha256(other) != pinned[str(tmp_path / "plan.yaml")]
+    with pytest.raises(TeeflError, match=r"cannot hash .*missing\.json"):
+        render(tmp_path, trusted_paths=[tmp_path / "missing.json"])
 
 
 def test_manifest_direct_has_no_dcap_and_no_sgx_key(tmp_path: Path) -> None:
@@ -199,6 +257,11 @@ def test_wrap_command_sgx_signs_once(tmp_path: Path, fake_gramine: Path) -> None
     assert len((fake_gramine / "sign.log").read_text().splitlines()) == 1
     with pytest.raises(TeeflError, match="gramine-sgx-gen-private-key"):
         sign_manifest(mdir / "aggregator.manifest", key=tmp_path / "missing.pem")
+    key = tmp_path / "enclave-key.pem"
+    key.write_text("-----BEGIN RSA PRIVATE KEY-----\n")
+    key.chmod(0o644)
+    with pytest.raises(TeeflError, match=rf"enclave signing key {key} is accessible .*chmod 600"):
+        sign_manifest(mdir / "aggregator.manifest", key=key)
 
 
 def test_wrap_command_native_is_identity(tmp_path: Path) -> None:
@@ -221,3 +284,47 @@ def test_wrap_command_missing_binary(tmp_path: Path, monkeypatch: pytest.MonkeyP
         wrap_command("gramine-sgx", [sys.executable], tmp_path / "m")
     with pytest.raises(TeeflError, match="unknown launcher"):
         wrap_command("docker", [sys.executable], tmp_path / "m")
+
+
+def test_each_party_gets_only_its_own_key_material(tmp_path: Path, fake_gramine: Path) -> None:
+    from teefl.federation.launcher import _gramine
+    from teefl.federation.setup import issue_throwaway_pki
+    from teefl.plan import plan_from_dict
+
+    collateral = tmp_path / "collateral.json"
+    collateral.write_text("{}")
+    plan = plan_from_dict(
+        {
+            "collaborators": 2,
+            "dataset": {"name": "synthetic"},
+            "security": {"transport": "mtls"},
+            "runtime": {"launcher": "gramine-direct"},
+        }
+    )
+    plan.security.attestation.collateral = collateral
+    run_dir = tmp_path / "run"
+    issue_throwaway_pki(plan, run_dir, Console(file=io.StringIO()))
+    (run_dir / "plan.yaml").write_text(plan.to_yaml())
+    tls = plan.security.tls
+    assert tls.client_dir is not None and tls.server_key is not None and tls.ca is not None
+    keys = {
+        "aggregator": tls.server_key,
+        "col1": tls.client_dir / "col1.key",
+        "col2": tls.client_dir / "col2.key",
+    }
+    for process, own in (
+        ("aggregator", "aggregator"),
+        ("collaborator-col1", "col1"),
+        ("collaborator-col2", "col2"),
+    ):
+        _gramine(plan, process, [sys.executable, "-m", "teefl", "x"], run_dir, None)
+        text = (run_dir / "gramine" / f"{process}.manifest.template").read_text()
+        m = tomllib.loads(text)
+        for party, key in keys.items():
+            # a key is readable inside the enclave only where it is the party's own
+            assert (str(key) in text) == (party == own), (process, party)
+        assert str(keys[own]) in _allowed(m)
+        pinned = _pinned(m)
+        for f in (run_dir / "plan.yaml", tls.ca, collateral):
+            assert pinned[str(f)] == _sha256(f), (process, f)
+        assert not set(pinned) & _allowed(m)

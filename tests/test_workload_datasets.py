@@ -258,6 +258,25 @@ def test_missing_cifar_says_extract_archive(tmp_path):
         load_dataset(DatasetSpec(name="cifar100"))
 
 
+def test_a_plan_root_that_does_not_exist_never_falls_back(tmp_path, monkeypatch):
+    # the system copy (and $TEEFL_DATA, --data-dir) hold the dataset: a typo in dataset.root
+    # must not silently train on them
+    write_mnist(tmp_path / "system" / "mnist")
+    write_mnist(tmp_path / "env")
+    monkeypatch.setenv("TEEFL_DATA", str(tmp_path / "env"))
+    assert load_dataset(DatasetSpec(name="mnist")).source == str(tmp_path / "env")
+    missing = tmp_path / "typo"
+    with pytest.raises(TeeflError) as err:
+        load_dataset(DatasetSpec(name="mnist", root=missing), data_dir=tmp_path / "env")
+    assert str(err.value) == (
+        f"dataset.root {missing} does not exist: fix dataset.root in the plan (or remove it to "
+        f"search --data-dir, $TEEFL_DATA and {tmp_path / 'system' / 'mnist'})"
+    )
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TeeflError, match=r"dataset.root .*/file is not a directory"):
+        load_dataset(DatasetSpec(name="mnist", root=tmp_path / "file"))
+
+
 def test_incomplete_directory_is_reported(tmp_path):
     write_mnist(tmp_path / "m")
     (tmp_path / "m" / "t10k-labels-idx1-ubyte.gz").unlink()
