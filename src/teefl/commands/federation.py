@@ -94,7 +94,11 @@ def run(
     if collaborators is not None:
         plan.collaborators = [f"col{i + 1}" for i in range(collaborators)]
     rid = run_id or new_run_id(plan.name)
-    if plan.dataset.root is not None:  # a plan mistake: said before anything is created
+    # plan mistakes are said before anything is created on disk
+    throwaway_pki = (plan.security.transport or "none") != "none" and plan.security.tls.ca is None
+    if not throwaway_pki:
+        require_transport(plan)
+    if plan.dataset.root is not None:
         from teefl.workload.datasets import check_root
 
         check_root(plan.dataset)
@@ -102,7 +106,7 @@ def run(
     run_dir = writable_dir((runs_dir / rid).resolve(), "run directory")
     # held until this process ends: a second `teefl run` on this run id stops here, naming us
     runlock.acquire(run_dir, runlock.RUN_LOCK, "teefl run")
-    if (plan.security.transport or "none") != "none" and plan.security.tls.ca is None:
+    if throwaway_pki:
         from teefl.federation.setup import issue_throwaway_pki
 
         issue_throwaway_pki(plan, run_dir, console)

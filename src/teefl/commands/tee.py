@@ -363,8 +363,10 @@ def gramine_manifest(
     sgx: bool = typer.Option(False, "--sgx", help="For gramine-sgx (adds DCAP attestation)."),
     out: Path | None = typer.Option(None, "--out", help="Write here instead of stdout."),
     python: Path = typer.Option(Path(sys.executable), "--python", help="Interpreter to run."),
-    plan: Path | None = typer.Option(None, "--plan", help="Plan file (allowed file)."),
-    cert: list[Path] = typer.Option([], "--cert", help="Certificate/key file (repeatable)."),
+    plan: Path | None = typer.Option(None, "--plan", help="Plan file (trusted: hashed)."),
+    cert: list[Path] = typer.Option(
+        [], "--cert", help="Certificate (trusted: hashed) or key file (allowed); repeatable."
+    ),
     data: list[Path] = typer.Option([], "--data", help="Dataset directory (repeatable)."),
     run_dir: Path = typer.Option(Path("runs"), "--run-dir", help="Run directory (writable)."),
     threads: int = typer.Option(1, "--threads", help="Compute threads (OMP/MKL)."),
