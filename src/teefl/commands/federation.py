@@ -177,6 +177,7 @@ def aggregator(
     if run_dir is not None:  # first thing: a restart killed during its start-up is counted too
         from teefl.federation.runinfo import count_start
 
+        writable_dir(run_dir.resolve(), "run directory", "--run-dir")  # one line, no traceback
         restarts = count_start(run_dir)
     _logging(log_level)
     _sigterm_as_interrupt()
