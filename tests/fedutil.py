@@ -200,6 +200,7 @@ class FakeContext:
 
     def __init__(self, ended: bool = False) -> None:
         self.ended, self.callbacks, self.metadata = ended, [], []
+        self.cancelled = False
 
     def add_callback(self, fn) -> bool:
         if self.ended:
@@ -220,4 +221,4 @@ class FakeContext:
         raise RuntimeError(f"{code}: {details}")
 
     def cancel(self) -> None:
-        pass
+        self.cancelled = True

@@ -58,18 +58,18 @@ def test_chunk_serializer_passes_bytes_and_serializes_messages() -> None:
     assert _chunk_to_wire(raw) is raw
 
 
-def _request(agg: Aggregator) -> teefl_pb2.ModelRequest:
-    return teefl_pb2.ModelRequest(collaborator=agg.names[0], round=agg.round)
+def _request(agg: Aggregator, who: int = 0) -> teefl_pb2.ModelRequest:
+    return teefl_pb2.ModelRequest(collaborator=agg.names[who], round=agg.round)
 
 
 def test_download_slots_are_bounded_and_given_back_when_the_rpc_ends(agg: Aggregator) -> None:
     first, second = _Ctx(), _Ctx()
-    agg.GetModel(_request(agg), first)
-    agg.GetModel(_request(agg), second)  # both slots taken (max_concurrent_downloads: 2)
+    agg.GetModel(_request(agg, 0), first)
+    agg.GetModel(_request(agg, 1), second)  # both slots taken (max_concurrent_downloads: 2)
     third_done = threading.Event()
 
     def third() -> None:
-        agg.GetModel(_request(agg), _Ctx())
+        agg.GetModel(_request(agg, 2), _Ctx())
         third_done.set()
 
     t = threading.Thread(target=third, daemon=True)
@@ -82,9 +82,42 @@ def test_download_slots_are_bounded_and_given_back_when_the_rpc_ends(agg: Aggreg
 
 
 def test_a_slot_is_not_kept_for_an_rpc_that_already_ended(agg: Aggregator) -> None:
-    for _ in range(5):  # more than the two slots: each is released at once
-        agg.GetModel(_request(agg), _Ctx(ended=True))
-    assert agg.download_slots.acquire(timeout=1) and agg.download_slots.acquire(timeout=1)
+    for i in range(5):  # more than the two slots: each is released at once
+        agg.GetModel(_request(agg, i % 3), _Ctx(ended=True))
+    assert agg.download_slots.held == 0
+
+
+def test_a_members_newer_download_supersedes_its_older_one(agg: Aggregator) -> None:
+    """One download per collaborator: its newer request cancels the older one's RPC (a dead
+    connection of the collaborator's, or a second stream of a misbehaving one), which gives
+    its slot back when it ends; the other slot stays free for the other collaborators."""
+    old, new = _Ctx(), _Ctx()
+    agg.GetModel(_request(agg, 0), old)
+    got = threading.Event()
+    t = threading.Thread(
+        target=lambda: (agg.GetModel(_request(agg, 0), new), got.set()), daemon=True
+    )
+    t.start()
+    assert _wait_for(lambda: old.cancelled), "the older download was not cancelled"
+    assert not got.wait(0.2), "the newer download started before the older gave its slot back"
+    other = _Ctx()
+    agg.GetModel(_request(agg, 1), other)  # another member: the second slot, at once
+    for cb in old.callbacks:  # the cancelled RPC ends
+        cb()
+    assert got.wait(5), "the newer download did not get the slot the older gave back"
+    t.join(5)
+    assert agg.download_slots.holders(agg.names[0]) == 1
+
+
+def _wait_for(cond, timeout: float = 5.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 class _FakeCall:

@@ -101,6 +101,14 @@ class NetworkSpec(_Strict):
     data_plane: Literal["socket", "grpc"] = "socket"
     #: the data plane's TCP port on the aggregator; 0 = any free port (announced at Join)
     data_port: int = Field(0, ge=0, le=65535)
+    #: seconds a data connection has from its accept() to its HELLO answered (TLS handshake
+    #: included, in all) before the aggregator closes it
+    handshake_timeout: float = Field(10.0, gt=0)
+    #: data connections accepted and not authorised yet, in all: each costs a file descriptor
+    #: and a few KB, never a thread; beyond this the oldest one is closed to make room
+    max_pending_handshakes: int = Field(256, ge=1)
+    #: the same, from one IP address (raise it when many collaborators share one NAT address)
+    max_pending_per_address: int = Field(32, ge=1)
     #: what a receiver checks each payload against: "auto" = its CRC32C over transport none
     #: (accidental corruption) and nothing more over TLS, whose records are each authenticated
     #: by their AEAD tag; "crc32c" or "sha256" = that, whatever the transport (SHA-256 costs

@@ -25,8 +25,9 @@ import torch
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from teefl.errors import TeeflError
-from teefl.federation import attest, codec, dataplane, teefl_pb2, teefl_pb2_grpc
+from teefl.federation import attest, codec, dataplane, peerinput, teefl_pb2, teefl_pb2_grpc
 from teefl.federation.durable import METRICS, BufferPool, RoundStore, write_atomic
+from teefl.federation.fairshare import FairShare, Superseded
 from teefl.federation.faults import fault
 from teefl.federation.fedavg import (
     FiniteScan,
@@ -53,6 +54,55 @@ UPLOAD_GO = "teefl-upload-go"
 
 #: a long poll returns after this long with "nothing new", so dead connections surface
 WAIT_KEEPALIVE_S = 15.0
+
+
+class _Transfer:
+    """An upload or a download in progress, as the idle cut (`Aggregator._supervise`) sees it.
+
+    Idle means that no byte moved for ``idle_timeout``, however slowly bytes move: ``probe``
+    reads the connection's byte counters from the kernel (`dataplane.tcp_moved`, data plane
+    only), ``touch`` notes progress the transfer reports itself (a piece received or sent, a
+    gRPC message); both cost a few attribute stores, no lock.
+    """
+
+    __slots__ = ("cancel", "cut", "kind", "last", "moved", "name", "probe", "round")
+
+    def __init__(self, kind: str, name: str, rnd: int, cancel: Any, probe: Any = None) -> None:
+        self.kind, self.name, self.round, self.cancel, self.probe = kind, name, rnd, cancel, probe
+        self.last = time.monotonic()
+        self.moved = probe() if probe is not None else None
+        self.cut = False  # cut by the idle cut or superseded: the handler says so, not "broke"
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def idle_for(self, now: float) -> float:
+        if self.probe is not None:
+            moved = self.probe()
+            if moved is not None and moved != self.moved:
+                self.moved, self.last = moved, now
+        return now - self.last
+
+
+class _Malformed:
+    """A request whose bytes are not the message the RPC takes (see `add_to_server`)."""
+
+    def __init__(self, what: str, error: Exception) -> None:
+        self.what, self.error = what, error
+
+
+def _lenient(message_type: Any) -> Any:
+    """A request deserializer that never raises: gRPC logs a traceback for a deserializer's
+    exception and answers INTERNAL; the handler answers a `_Malformed` INVALID_ARGUMENT."""
+    parse = message_type.FromString
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # protobuf's DecodeError, or a nesting beyond its limit
+            return _Malformed(message_type.DESCRIPTOR.name, exc)
+
+    return deserialize
 
 
 def _crc_of(header: teefl_pb2.Header) -> int | None:
@@ -127,14 +177,20 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.joined: set[str] = set()
         self.persisting: set[str] = set()  # updates being written to disk, not yet counted
         self.close_pending = False  # every update is in; the round closes after the last ack
-        #: uploads in progress: collaborator -> (time of its last chunk, its RPC context)
-        self.inflight: dict[str, tuple[float, grpc.ServicerContext]] = {}
-        self.slots = threading.BoundedSemaphore(fed.max_inflight_updates)
+        #: uploads in progress (receiving their bytes), by collaborator
+        self.inflight: dict[str, _Transfer] = {}
+        self.sending: set[_Transfer] = set()  # downloads in progress
+        #: receive slots, shared fairly: one upload per collaborator at a time (fairshare.py)
+        self.slots = FairShare(fed.max_inflight_updates)
+        self.polls: dict[str, object] = {}  # collaborator -> its one long poll (WaitRound)
+        #: refusals of peers, logged and recorded at a bounded rate (peerinput.py)
+        self.refusals = peerinput.RefusalLog(log, recorder)
         self.rx_pool = BufferPool(fed.max_inflight_updates)  # data-plane update buffers
         #: shared-memory receive slots (see staging.py); None: updates go to disk as they arrive
         self.staging = self._open_staging()
         self.spares = codec.Spares()  # earlier rounds' payloads, reused when free
-        self.download_slots = threading.BoundedSemaphore(fed.max_concurrent_downloads)
+        #: send slots, shared fairly: one download per collaborator at a time
+        self.download_slots = FairShare(fed.max_concurrent_downloads)
         self.active = self.peak_active = 0  # updates being received right now, and the peak
         self.adding = 0  # acknowledged updates whose FedAvg add is still running
         self.transfers = 0  # model or update bytes moving right now (the checkpoint yields)
@@ -350,10 +406,20 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         return self._wire
 
     def _refuse(self, context, name: str, code: grpc.StatusCode, reason: str):
-        peer = context.peer()
-        log.warning("refused %s from %s: %s", name, peer, reason)
-        self.rec.info("refused", collaborator=name, peer=peer, reason=reason)
+        # the name and the reason may carry what an unauthenticated peer claimed: shown
+        # truncated and escaped, and logged at a bounded rate (peerinput.py)
+        if name and not peerinput.valid_name(name):
+            reason = reason.replace(name, peerinput.shown(name))
+        self.refusals.refused(
+            "call", context.peer(), reason, collaborator=peerinput.name_for_log(name)
+        )
         context.abort(code, reason)
+
+    def _malformed(self, context, request: _Malformed) -> None:
+        """Answer a request that is not the message its RPC takes (see `add_to_server`)."""
+        reason = f"malformed {request.what}: {peerinput.shown(str(request.error), 120)}"
+        self.refusals.refused("call", context.peer(), reason)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
 
     def _known(self, name: str, context: grpc.ServicerContext, attested: bool = True) -> str:
         """Who this call may act as; with attestation, only over the attested TLS key."""
@@ -464,8 +530,12 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         return reply
 
     def WaitRound(self, request: teefl_pb2.WaitRequest, context: grpc.ServicerContext):
+        """Long poll. One per collaborator: a newer poll of the same collaborator makes the
+        older one return at once with "nothing new" (a poll holds one of the server's worker
+        threads; 16 polls of one member held every worker and a Join waited 14 s)."""
         name = self._known(request.collaborator, context)
         after = request.after_round
+        me = object()
 
         def ready() -> bool:
             # a collaborator that already contributed to the open round (e.g. restarted after
@@ -475,7 +545,16 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             )
 
         with self.cond:
-            self.cond.wait_for(ready, timeout=WAIT_KEEPALIVE_S)
+            if name in self.polls:
+                self.cond.notify_all()  # the older poll sees it is not the newest and returns
+            self.polls[name] = me
+            try:
+                self.cond.wait_for(
+                    lambda: ready() or self.polls.get(name) is not me, timeout=WAIT_KEEPALIVE_S
+                )
+            finally:
+                if self.polls.get(name) is me:
+                    del self.polls[name]
             if self.failed:
                 context.abort(grpc.StatusCode.ABORTED, f"run failed: {self.failed}")
             if self.done:
@@ -497,12 +576,26 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             size, digest, rnd, chunks = len(self.payload), self.digest, self.round, self.wire_chunks
             crc = self.crc
         t0 = time.monotonic()
-        # a bounded number of downloads stream at once; the slot is given back when the RPC
-        # ends for any reason (finished, cancelled, peer gone), so it can never leak
-        self.download_slots.acquire()
-        if not context.add_callback(self.download_slots.release):
-            self.download_slots.release()  # the RPC already ended
-        return self._stream(size, digest, crc, rnd, chunks, name, t0)
+        # a bounded number of downloads stream at once, one per collaborator; the slot is given
+        # back when the RPC ends for any reason (finished, cancelled, peer gone, cut as idle),
+        # so it can never leak
+        transfer = _Transfer("download", name, rnd, context.cancel)
+        try:
+            ticket = self.download_slots.acquire(name, transfer.cancel)
+        except Superseded as exc:
+            context.abort(grpc.StatusCode.CANCELLED, f"download of {name}: {exc}")
+
+        def ended() -> None:
+            self.download_slots.release(ticket)
+            with self.cond:
+                self.sending.discard(transfer)
+
+        with self.cond:
+            transfer.touch()  # its idle time counts from now, not from the wait for a slot
+            self.sending.add(transfer)
+        if not context.add_callback(ended):
+            ended()  # the RPC already ended
+        return self._stream(size, digest, crc, rnd, chunks, name, t0, transfer)
 
     def _stream(
         self,
@@ -513,6 +606,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         chunks: list[bytes],
         name: str,
         t0: float,
+        transfer: _Transfer,
     ) -> Iterator[Any]:
         t1 = time.monotonic()
         header = teefl_pb2.Header(
@@ -524,7 +618,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             crc32c=crc,
         )
         yield teefl_pb2.Chunk(header=header)
-        yield from chunks
+        for chunk in chunks:  # progress per message: gRPC does not say how many bytes moved
+            yield chunk
+            transfer.last = time.monotonic()
         with self.quiet:  # as on the data plane: a background checkpoint waits for downloads
             self.served += 1
             self.quiet.notify_all()
@@ -560,28 +656,36 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             first = next(request_iterator, None)
         except grpc.RpcError:
             return teefl_pb2.UpdateAck(accepted=False, message="stream broken")
+        if isinstance(first, _Malformed):
+            self._malformed(context, first)
         if first is None or not first.HasField("header"):
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "update stream must start with a header"
-            )
+            reason = "update stream must start with a header"
+            self.refusals.refused("upload", context.peer(), reason)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
         h = first.header
         name = self._known(h.collaborator, context)
+        transfer = _Transfer("upload", name, h.round, context.cancel)
+        ticket = None
         try:
             if _has_unknown_fields(first):
                 raise UpdateRejected("message carries unknown fields")
-            with self.slots:  # bounded number of updates held in memory at once
-                # tells the collaborator to start sending its data (see Collaborator._upload):
-                # an upload waiting for a slot has sent only its header, so waiting uploads
-                # hold nothing in our HTTP/2 receive windows however many there are
-                context.send_initial_metadata(((UPLOAD_GO, "1"),))
+            # a bounded number of updates held in memory at once, one per collaborator
+            try:
+                ticket = self.slots.acquire(name, transfer.cancel)
+            except Superseded as exc:
+                context.abort(grpc.StatusCode.CANCELLED, f"upload of {name}: {exc}")
+            # tells the collaborator to start sending its data (see Collaborator._upload): an
+            # upload waiting for a slot has sent only its header, so waiting uploads hold
+            # nothing in our HTTP/2 receive windows however many there are
+            context.send_initial_metadata(((UPLOAD_GO, "1"),))
+            with self.cond:
+                self.active += 1
+                self.peak_active = max(self.peak_active, self.active)
+            try:
+                return self._receive(name, h, first, request_iterator, context, t0, transfer)
+            finally:
                 with self.cond:
-                    self.active += 1
-                    self.peak_active = max(self.peak_active, self.active)
-                try:
-                    return self._receive(name, h, first, request_iterator, context, t0)
-                finally:
-                    with self.cond:
-                        self.active -= 1
+                    self.active -= 1
         except UpdateRejected as exc:
             self._report_rejected(name, h.round, exc)
             stale = isinstance(exc, StaleUpdate)
@@ -590,12 +694,16 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             )
             context.abort(code, f"update {'stale' if stale else 'rejected'}: {exc}")
         except grpc.RpcError:  # the collaborator vanished mid-stream: nothing was applied
-            log.warning("upload of %s for round %d broke off; discarded", name, h.round)
-            self.rec.info("update_broken", collaborator=name, round=h.round)
+            if not transfer.cut:  # else the idle cut has said so
+                log.warning("upload of %s for round %d broke off; discarded", name, h.round)
+                self.rec.info("update_broken", collaborator=name, round=h.round)
             return teefl_pb2.UpdateAck(accepted=False, message="stream broken")
         finally:
             with self.cond:
-                self.inflight.pop(name, None)
+                if self.inflight.get(name) is transfer:
+                    del self.inflight[name]
+            if ticket is not None:
+                self.slots.release(ticket)
 
     # -- data plane (see dataplane.py) -------------------------------------------------------
     def data_hello(self, conn: dataplane.Connection, name: str, token: bytes) -> None:
@@ -603,8 +711,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         CN, and with attestation the very key the evidence was bound to."""
 
         def refuse(code: str, reason: str) -> None:
-            log.warning("refused data connection %s from %s: %s", name, conn.peer, reason)
-            self.rec.info("refused", collaborator=name, peer=conn.peer, reason=reason)
+            # the name passed the plan's name rule in the data plane; logged at a bounded rate
+            shown = peerinput.name_for_log(name)
+            self.refusals.refused("data connection", conn.peer, reason, collaborator=shown)
             raise dataplane.RemoteError(code, reason)
 
         if name not in self.names:
@@ -632,7 +741,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         try:
             req = teefl_pb2.ModelRequest.FromString(body)
         except Exception:  # protobuf's DecodeError, or worse: a malformed request
-            dataplane.send_error(conn.sock, "INVALID_ARGUMENT", "malformed model request")
+            reason = "malformed model request"
+            self.refusals.refused("download", conn.peer, reason, collaborator=name)
+            dataplane.send_error(conn.sock, "INVALID_ARGUMENT", reason)
             return
         with self.cond:
             if req.round != self.round or self.done:
@@ -648,7 +759,15 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 raw_size, encoding = len(payload), "zstd"
                 payload, digest, crc = self.compressed
         t0 = time.monotonic()
-        with self.download_slots:  # a bounded number stream at once, as on the gRPC path
+        # a bounded number stream at once, one per collaborator, as on the gRPC path; one that
+        # moves no byte for idle_timeout is cut (`_supervise`)
+        transfer = _Transfer("download", name, rnd, conn.cancel, conn.moved)
+        try:
+            ticket = self.download_slots.acquire(name, transfer.cancel)
+        except Superseded as exc:
+            dataplane.send_error(conn.sock, "CANCELLED", f"download of {name}: {exc}")
+            return
+        try:
             t1 = time.monotonic()
             header = teefl_pb2.Header(
                 collaborator=name,
@@ -660,12 +779,21 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 encoding=encoding,
                 raw_size=raw_size,
             )
-            dataplane.send_frame(conn.sock, dataplane.MODEL, header.SerializeToString())
-            with self._moving():
-                dataplane.send_payload(conn.sock, payload)
+            with self.cond:
+                transfer.touch()  # idle from now on, not from the wait for a slot
+                self.sending.add(transfer)
+            try:
+                dataplane.send_frame(conn.sock, dataplane.MODEL, header.SerializeToString())
+                with self._moving():
+                    dataplane.send_payload(conn.sock, payload, transfer.touch)
+            finally:
+                with self.cond:
+                    self.sending.discard(transfer)
             with self.quiet:
                 self.served += 1
                 self.quiet.notify_all()
+        finally:
+            self.download_slots.release(ticket)
         self.rec.record(
             "serve_download",
             t1,
@@ -688,102 +816,122 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         target = None  # the update's file, until it is committed
         buffer = None  # the pooled receive buffer, until its update has been summed
         slot = None  # or the shared-memory slot it is received into (staging.py)
-        done_with = False  # no longer in flight (forgotten before the round close starts)
+        ticket = None  # its receive slot (one per collaborator, see fairshare.py)
         moving = contextlib.ExitStack()  # entered once the upload's bytes may flow
         try:
             h = teefl_pb2.Header.FromString(body)
-        except Exception:
-            dataplane.send_error(conn.sock, "INVALID_ARGUMENT", "malformed update header")
+        except Exception:  # protobuf's DecodeError, or a nesting beyond its limit
+            reason = "malformed update header"
+            self.refusals.refused("upload", conn.peer, reason, collaborator=name)
+            dataplane.send_error(conn.sock, "INVALID_ARGUMENT", reason)
             return
         if h.collaborator != name:
-            dataplane.send_error(
-                conn.sock, "PERMISSION_DENIED", f"this connection belongs to {name}"
-            )
+            reason = f"this connection belongs to {name}"
+            self.refusals.refused("upload", conn.peer, reason, collaborator=name)
+            dataplane.send_error(conn.sock, "PERMISSION_DENIED", reason)
             return
+        transfer = _Transfer("upload", name, h.round, conn.cancel, conn.moved)
         try:
             if len(UnknownFieldSet(h)) > 0:
                 raise UpdateRejected("message carries unknown fields")
             if h.evaluate_only:
                 raise UpdateRejected("evaluation reports travel over gRPC (PutUpdate)")
-            with self.slots:
-                with self.cond:
-                    self.active += 1
-                    self.peak_active = max(self.peak_active, self.active)
+            try:
+                ticket = self.slots.acquire(name, transfer.cancel)
+            except Superseded as exc:
+                dataplane.send_error(conn.sock, "CANCELLED", f"upload of {name}: {exc}")
+                return
+            with self.cond:
+                self.active += 1
+                self.peak_active = max(self.peak_active, self.active)
+            try:
+                dup = self._open_update(name, h, transfer)
+                if dup is not None:
+                    dataplane.send_frame(conn.sock, dataplane.ACK, dup.SerializeToString())
+                    return
                 try:
-                    dup = self._open_update(name, h, conn)
-                    if dup is not None:
-                        dataplane.send_frame(conn.sock, dataplane.ACK, dup.SerializeToString())
-                        return
-                    try:
-                        codec.Assembler.check_announced(
-                            h.total_size, h.sha256, self.update_limit, self.check
-                        )
-                    except codec.PayloadError as exc:  # checked before a file is made for it
-                        raise UpdateRejected(str(exc)) from None
-                    zstd = self._encoding_of(h) == "zstd"
-                    if not zstd and self.staging is not None and h.total_size:
-                        slot = self.staging.take(h.total_size)
-                    if zstd:  # the frame in memory; the payload is decompressed and stored
-                        buffer = None
-                    elif slot is not None:  # stored once received: nothing to write meanwhile
-                        buffer = slot.mem
-                    else:
-                        buffer = self.rx_pool.take(h.total_size)
-                        target = self.store.open_update(h.round, name, buffer)
-                    scan = self._finite_scan(h, buffer)
-                    sink = _sinks(target.write if target is not None else None, scan)
-                    asm = codec.Assembler.for_header(h, self.update_limit, self.check, buffer, sink)
-                    # from GO to ACK the upload is "moving": a background checkpoint waits
-                    moving.enter_context(self._moving())
-                    dataplane.send_frame(conn.sock, dataplane.GO)
-                    conn.sock.settimeout(self.plan.federation.idle_timeout)
-                    try:
-                        asm.receive(
-                            dataplane.reader(conn.sock),
-                            dataplane.STEP,
-                            lambda: self._touch(name, conn),
-                        )
-                    except codec.PayloadError:  # the peer ended mid-payload
-                        raise dataplane.Closed("upload ended before its announced size") from None
-                    finally:
-                        conn.sock.settimeout(None)
-                    payload, digest, crc = _finished(asm), h.sha256, _crc_of(h)
-                    if zstd:
-                        payload, digest, crc = self._decompressed(payload, h)
-                    # decoded in place: the tensors share the received buffer
-                    payload, state = self._decode_update(payload, owned=True, scan=scan)
-                    metrics = {k: float(v) for k, v in h.metrics.items()}
-                    ack, add = self._accept(
-                        name,
-                        h.round,
-                        state,
-                        int(h.num_samples),
-                        metrics,
-                        payload,
-                        t0,
-                        digest,
-                        defer_add=True,
-                        stored=target,
-                        crc=crc,
-                        staged=slot,
+                    codec.Assembler.check_announced(
+                        h.total_size, h.sha256, self.update_limit, self.check
                     )
-                    target = None  # committed: its file is the stored update now
-                    try:
-                        dataplane.send_frame(conn.sock, dataplane.ACK, ack.SerializeToString())
-                    finally:
-                        moving.close()
-                        if add is not None:
-                            add()  # even if the ACK was lost: the update is counted and stored
+                except codec.PayloadError as exc:  # checked before a file is made for it
+                    raise UpdateRejected(str(exc)) from None
+                zstd = self._encoding_of(h) == "zstd"
+                if not zstd and self.staging is not None and h.total_size:
+                    slot = self.staging.take(h.total_size)
+                if zstd:  # the frame in memory; the payload is decompressed and stored
+                    buffer = None
+                elif slot is not None:  # stored once received: nothing to write meanwhile
+                    buffer = slot.mem
+                else:
+                    buffer = self.rx_pool.take(h.total_size)
+                    target = self.store.open_update(h.round, name, buffer)
+                scan = self._finite_scan(h, buffer)
+                sink = _sinks(target.write if target is not None else None, scan)
+                try:
+                    asm = codec.Assembler.for_header(h, self.update_limit, self.check, buffer, sink)
+                except codec.PayloadError as exc:  # a field the check needs is missing
+                    raise UpdateRejected(f"malformed update header: {exc}") from None
+                # from GO to ACK the upload is "moving": a background checkpoint waits
+                moving.enter_context(self._moving())
+                dataplane.send_frame(conn.sock, dataplane.GO)
+                # each receive waits at most idle_timeout for a byte: idle is "no byte
+                # moved", however slowly bytes move
+                conn.sock.settimeout(self.plan.federation.idle_timeout)
+                try:
+                    asm.receive(dataplane.reader(conn.sock), dataplane.STEP, transfer.touch)
+                except codec.PayloadError:  # the peer ended mid-payload
+                    raise dataplane.Closed("upload ended before its announced size") from None
+                except dataplane.Idle:
+                    self._idle_cut(transfer)
+                    with contextlib.suppress(OSError, dataplane.Closed):
+                        dataplane.send_error(
+                            conn.sock,
+                            "DEADLINE_EXCEEDED",
+                            f"upload moved no byte for {self.plan.federation.idle_timeout:g}"
+                            " s: cut off",
+                        )
+                    raise
+                finally:
+                    conn.sock.settimeout(None)
+                payload, digest, crc = _finished(asm), h.sha256, _crc_of(h)
+                if zstd:
+                    payload, digest, crc = self._decompressed(payload, h)
+                # decoded in place: the tensors share the received buffer
+                payload, state = self._decode_update(payload, owned=True, scan=scan)
+                metrics = {k: float(v) for k, v in h.metrics.items()}
+                ack, add = self._accept(
+                    name,
+                    h.round,
+                    state,
+                    int(h.num_samples),
+                    metrics,
+                    payload,
+                    t0,
+                    digest,
+                    defer_add=True,
+                    stored=target,
+                    crc=crc,
+                    staged=slot,
+                )
+                target = None  # committed: its file is the stored update now
+                try:
+                    dataplane.send_frame(conn.sock, dataplane.ACK, ack.SerializeToString())
                 finally:
                     moving.close()
-                    if slot is not None:  # summed and moved, or refused: nothing reads it
-                        self.staging.give(slot)
-                    elif buffer is not None:  # summed or refused: nothing reads it any more
-                        self.rx_pool.give(buffer)
-                    with self.cond:
-                        self.active -= 1
-                        self.inflight.pop(name, None)
-                        done_with = True
+                    if add is not None:
+                        add()  # even if the ACK was lost: the update is counted and stored
+            finally:
+                moving.close()
+                if slot is not None:  # summed and moved, or refused: nothing reads it
+                    self.staging.give(slot)
+                elif buffer is not None:  # summed or refused: nothing reads it any more
+                    self.rx_pool.give(buffer)
+                with self.cond:
+                    self.active -= 1
+                    if self.inflight.get(name) is transfer:
+                        del self.inflight[name]
+                self.slots.release(ticket)
+                ticket = None
             # this thread is back waiting for the next frame before the close takes the lock
             # (it holds it for the whole mean): the round's first GET used to find it blocked
             # here and was answered ~10 ms late
@@ -798,15 +946,18 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             verdict = "stale" if stale else "rejected"
             dataplane.send_error(conn.sock, code, f"update {verdict}: {exc}")
         except dataplane.Closed:
-            log.warning("upload of %s for round %d broke off; discarded", name, h.round)
-            self.rec.info("update_broken", collaborator=name, round=h.round)
+            if not transfer.cut:  # else the idle cut or the newer upload has said so
+                log.warning("upload of %s for round %d broke off; discarded", name, h.round)
+                self.rec.info("update_broken", collaborator=name, round=h.round)
             raise
         finally:
             if target is not None:
                 target.abort()
-            if not done_with:
-                with self.cond:
-                    self.inflight.pop(name, None)
+            with self.cond:
+                if self.inflight.get(name) is transfer:
+                    del self.inflight[name]
+            if ticket is not None:
+                self.slots.release(ticket)  # idempotent
 
     def _encoding_of(self, h) -> str:
         """The update's wire encoding, refused unless the plan's compression is that one."""
@@ -844,8 +995,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             reason=str(exc),
         )
 
-    def _open_update(self, name: str, h, handle: Any) -> teefl_pb2.UpdateAck | None:
-        """Checks before any payload byte is taken; a duplicate is answered at once (the ack)."""
+    def _open_update(self, name: str, h, transfer: _Transfer) -> teefl_pb2.UpdateAck | None:
+        """Checks before any payload byte is taken; a duplicate is answered at once (the ack).
+        From here the upload is in flight: watched by the idle cut."""
         with self.cond:
             if h.round != self.round or self.done:
                 raise StaleUpdate(f"round {h.round} is not open (open round: {self.round})")
@@ -854,7 +1006,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     accepted=True, round=h.round, message="duplicate: already counted once"
                 )
             evaluating = self.evaluating
-            self.inflight[name] = (time.monotonic(), handle)
+            transfer.touch()
+            self.inflight[name] = transfer
         if h.evaluate_only != evaluating:
             raise UpdateRejected("metrics-only report outside the evaluation pass, or vice versa")
         bound = self.plan.federation.max_samples_per_update
@@ -864,9 +1017,25 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             raise UpdateRejected(f"unsupported payload format {h.format!r}")
         return None
 
-    def _touch(self, name: str, handle: Any) -> None:
-        with self.cond:
-            self.inflight[name] = (time.monotonic(), handle)
+    def _idle_cut(self, transfer: _Transfer) -> None:
+        """Say (once) that a transfer moved no byte for ``idle_timeout`` and is cut off."""
+        if transfer.cut:
+            return
+        transfer.cut = True
+        idle = self.plan.federation.idle_timeout
+        log.warning(
+            "%s of %s for round %d moved no byte for %g s: cut off",
+            transfer.kind,
+            transfer.name,
+            transfer.round,
+            idle,
+        )
+        self.rec.info(
+            f"{transfer.kind}_idle_cut",
+            collaborator=transfer.name,
+            round=transfer.round,
+            idle_s=idle,
+        )
 
     def _finite_scan(self, h, buffer: Any) -> FiniteScan | None:
         """The finiteness check to run while an update of the global model's size arrives."""
@@ -895,8 +1064,10 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         check_update(self.global_state, state)  # before anything is stored or summed
         return payload, state
 
-    def _receive(self, name: str, h, first, chunks, context, t0: float) -> teefl_pb2.UpdateAck:
-        dup = self._open_update(name, h, context)
+    def _receive(
+        self, name: str, h, first, chunks, context, t0: float, transfer: _Transfer
+    ) -> teefl_pb2.UpdateAck:
+        dup = self._open_update(name, h, transfer)
         if dup is not None:
             return dup
         metrics = {k: float(v) for k, v in h.metrics.items()}
@@ -914,6 +1085,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         if h.encoding:
             raise UpdateRejected("compressed updates travel over the data plane only")
         for chunk in chunks:
+            if isinstance(chunk, _Malformed):
+                raise UpdateRejected(f"malformed {chunk.what} message in the stream")
             if chunk.HasField("header"):
                 raise UpdateRejected("a second header inside the stream")
             if _has_unknown_fields(chunk):
@@ -926,7 +1099,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 asm.add(chunk.data)
             except codec.PayloadError as exc:
                 raise UpdateRejected(str(exc)) from None
-            self._touch(name, context)
+            transfer.last = time.monotonic()  # progress per message (gRPC hides the bytes)
         payload, state = self._decode_update(_finished(asm))
         return self._accept(
             name, h.round, state, samples, metrics, payload, t0, h.sha256, crc=_crc_of(h)
@@ -1235,8 +1408,11 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             # (`_close_round` replays and closes each next round as far as they go)
             if len(self.received) == len(self.names):
                 self._close_round()
-        # a long poll per collaborator, plus its streams when the data travels over gRPC
-        per = 1 if self.plan.network.data_plane == "socket" else 3
+        # what one collaborator may hold at once: one long poll (a newer one ends the older)
+        # and one upload (the evaluation report, and updates over gRPC), plus one download when
+        # the data travels over gRPC -- each bounded per collaborator (fairshare.py), so one
+        # member cannot take the workers the others' calls and a Join need; 8 to spare
+        per = 2 if self.plan.network.data_plane == "socket" else 3
         workers = max(8, per * len(self.names) + 8)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agg"),
@@ -1284,12 +1460,39 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             tls = dataplane.server_context(
                 t.ca, t.server_cert, t.server_key, require_client_cert=transport == "mtls"
             )
+        limits = dataplane.Limits(
+            handshake_timeout=net.handshake_timeout,
+            max_pending=net.max_pending_handshakes,
+            max_pending_per_address=net.max_pending_per_address,
+        )
         data = dataplane.DataServer(
-            listen, net.data_port, tls, self.data_hello, self.data_get, self.data_put
+            listen,
+            net.data_port,
+            tls,
+            self.data_hello,
+            self.data_get,
+            self.data_put,
+            limits=limits,
+            refused=self.refusals.refused,
         )
         data.start()
         self.data_port = data.port
         return data
+
+    def _cut_idle(self, now: float) -> None:
+        """Cut every upload and download that moved no byte for ``idle_timeout`` (a dead or
+        stalled peer, not a slow one: see `_Transfer`); its connection is closed or its RPC
+        cancelled, so the peer sees the end, and its slot is given back. Called with ``cond``
+        held, twice a second."""
+        idle_limit = self.plan.federation.idle_timeout
+        for transfer in [*self.inflight.values(), *self.sending]:
+            if transfer.cut or transfer.idle_for(now) <= idle_limit:
+                continue
+            self._idle_cut(transfer)
+            transfer.cancel()
+            if self.inflight.get(transfer.name) is transfer:
+                del self.inflight[transfer.name]
+            self.sending.discard(transfer)
 
     def _supervise(self) -> None:
         """Enforce the round timeout: close with a quorum, or fail the run naming who is missing."""
@@ -1301,15 +1504,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 if self.failed:  # a checkpoint or a deferred add failed: the run cannot go on
                     raise TeeflError(self.failed)
                 now = time.monotonic()
-                idle_limit = self.plan.federation.idle_timeout
-                for name, (last, ctx) in list(self.inflight.items()):
-                    if now - last > idle_limit:  # a dead upload, not a slow one
-                        log.warning(
-                            "upload of %s moved no byte for %.0f s: cut off", name, now - last
-                        )
-                        self.rec.info("upload_idle_cut", collaborator=name, round=self.round)
-                        ctx.cancel()
-                        self.inflight.pop(name, None)
+                self._cut_idle(now)
                 if self.done or self.close_pending or now - self.round_opened <= timeout:
                     continue
                 if self.inflight:  # transfers still moving bytes are not killed by the deadline
@@ -1354,12 +1549,43 @@ class _Handlers:
         self.service, self.handlers = service, handlers
 
 
+#: the request message of each RPC (teefl.proto)
+_REQUESTS = {
+    "Challenge": teefl_pb2.ChallengeRequest,
+    "Join": teefl_pb2.JoinRequest,
+    "WaitRound": teefl_pb2.WaitRequest,
+    "GetModel": teefl_pb2.ModelRequest,
+    "PutUpdate": teefl_pb2.Chunk,
+}
+
+
+def _refusing_malformed(servicer: Aggregator, behaviour: Any) -> Any:
+    """A unary-request handler that answers a `_Malformed` request itself."""
+
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            servicer._malformed(context, request)
+        return behaviour(request, context)
+
+    return handle
+
+
 def add_to_server(servicer: Aggregator, server: grpc.Server) -> None:
     """Register the servicer as the generated code does, but with GetModel sending pre-serialized
-    chunks as they are (the wire format is unchanged: clients decode ordinary `Chunk`s)."""
+    chunks as they are (the wire format is unchanged: clients decode ordinary `Chunk`s), and
+    with requests parsed by `_lenient`: bytes that are not the RPC's message get a defined
+    answer (INVALID_ARGUMENT, a ``refused`` event) instead of a traceback in the log."""
     cap = _Handlers()
     teefl_pb2_grpc.add_FederationServicer_to_server(servicer, cap)
     handlers = dict(cap.handlers)
+    for method, message_type in _REQUESTS.items():
+        h = handlers[method]
+        h = h._replace(request_deserializer=_lenient(message_type))
+        if h.unary_unary is not None:
+            h = h._replace(unary_unary=_refusing_malformed(servicer, h.unary_unary))
+        elif h.unary_stream is not None:
+            h = h._replace(unary_stream=_refusing_malformed(servicer, h.unary_stream))
+        handlers[method] = h  # PutUpdate (stream request): `_put_update` checks each message
     handlers["GetModel"] = handlers["GetModel"]._replace(response_serializer=_chunk_to_wire)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(cap.service, handlers),))
     server.add_registered_method_handlers(cap.service, handlers)

@@ -259,6 +259,8 @@ def _parse_header(view: memoryview) -> tuple[int, list[tuple[str, torch.dtype, l
         raise PayloadError(f"malformed safetensors payload: header of {hlen} bytes does not fit")
     try:
         header = json.loads(bytes(view[8 : 8 + hlen]), object_pairs_hook=_no_duplicates)
+    except RecursionError:  # nested deeper than the parser's recursion limit: not a header
+        raise PayloadError("malformed safetensors payload: header nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError(f"malformed safetensors payload: header is not JSON ({exc})") from None
     if not isinstance(header, dict):

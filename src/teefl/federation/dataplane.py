@@ -21,22 +21,39 @@ Framing: ``kind`` (1 byte) + body length (4 bytes, little endian) + body (a prot
 `teefl.proto`, or JSON for HELLO/ERROR); a MODEL frame is followed by exactly the header's
 ``total_size`` payload bytes, and so is a GO frame on the uploader's side. Nothing here is ever
 unpickled or evaluated.
+
+Before a connection is authorised it costs the aggregator a file descriptor and a few KB, never a
+thread: one thread (`DataServer`'s) runs every TLS handshake and reads every HELLO without
+blocking, under one deadline for the whole handshake (accept -> TLS -> HELLO -> OK), with at most
+``max_pending`` such connections and ``max_pending_per_address`` from one address (the oldest is
+closed to make room). A HELLO is at most `MAX_HELLO` bytes, refused from its frame header before
+anything is allocated for it, and parsed with a depth bound (`peerinput.load_json_object`). Why
+JSON stays for HELLO/ERROR rather than a protobuf message or a binary header: both are flat
+objects of two strings; with the size and depth bounds JSON has nothing left a protobuf message
+would bound better, it stays readable in a packet capture, and the proto does not change.
+An ``accept()`` that fails (EMFILE: out of file descriptors) closes the oldest unauthorised
+connection and is retried with backoff; it never ends the server.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import selectors
 import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from teefl.errors import TeeflError
+from teefl.federation import peerinput
 
 log = logging.getLogger("teefl.dataplane")
 
@@ -48,12 +65,25 @@ MAX_FRAME = 1 << 20
 #: payload bytes per send/receive call: small enough to notice progress (idle cuts, fault
 #: injection), large enough that the per-call cost is nothing next to the copy
 STEP = 4 << 20
-#: a peer must finish its TLS handshake and HELLO within this many seconds
+#: how long a collaborator waits for the aggregator to answer its HELLO (see `connect`)
 HANDSHAKE_TIMEOUT_S = 30.0
+#: a HELLO is a name and a token: a larger one is refused from its frame header, unread
+MAX_HELLO = 4096
+#: an ERROR frame is a status name and one line of text
+MAX_ERROR = 64 << 10
 
 
 class Closed(ConnectionError):
     """The peer closed the connection or it broke: nothing half-received is ever used."""
+
+
+class Malformed(Closed):
+    """The peer sent something that is not a teefl frame: answered (where it can be), then the
+    connection is closed."""
+
+
+class Idle(Closed):
+    """Nothing arrived for the socket's timeout (an upload's ``idle_timeout``)."""
 
 
 class RemoteError(TeeflError):
@@ -74,6 +104,8 @@ def recv_exact(sock: Any, view: memoryview) -> None:
     while got < n:
         try:
             k = sock.recv_into(view[got:], n - got)
+        except TimeoutError:
+            raise Idle("nothing arrived within the timeout") from None
         except (OSError, ssl.SSLError) as exc:
             raise Closed(f"connection broke: {exc}") from None
         if k == 0:
@@ -86,7 +118,7 @@ def recv_frame(sock: Any) -> tuple[int, bytes]:
     recv_exact(sock, memoryview(head))
     kind, size = _HEAD.unpack(head)
     if kind not in _KINDS or size > MAX_FRAME:
-        raise Closed(f"malformed frame (kind {kind}, {size} bytes): not a teefl peer")
+        raise Malformed(f"malformed frame (kind {kind}, {size} bytes): not a teefl peer")
     body = bytearray(size)
     recv_exact(sock, memoryview(body))
     return kind, bytes(body)
@@ -98,10 +130,13 @@ def send_error(sock: Any, code: str, message: str) -> None:
 
 def raise_error(body: bytes) -> None:
     try:
-        err = json.loads(body)
-        raise RemoteError(str(err["code"]), str(err["message"]))
-    except (ValueError, KeyError, TypeError):
-        raise Closed("malformed error frame") from None
+        err = peerinput.load_json_object(body, "error frame", MAX_ERROR)
+    except peerinput.Malformed as exc:
+        raise Malformed(str(exc)) from None
+    code, message = err.get("code"), err.get("message")
+    if not isinstance(code, str) or not isinstance(message, str):
+        raise Malformed("malformed error frame: needs the strings code and message")
+    raise RemoteError(code, message)
 
 
 def expect(sock: Any, kind: int) -> bytes:
@@ -120,6 +155,8 @@ def reader(sock: Any) -> Callable[[memoryview], int]:
     def read(view: memoryview) -> int:
         try:
             return sock.recv_into(view)
+        except TimeoutError:
+            raise Idle("nothing arrived within the timeout") from None
         except (OSError, ssl.SSLError) as exc:
             raise Closed(f"connection broke: {exc}") from None
 
@@ -146,6 +183,30 @@ def keepalive(sock: socket.socket) -> None:
     for opt, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, opt):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+#: where struct tcp_info (linux/tcp.h) keeps tcpi_bytes_acked and tcpi_bytes_received (u64)
+_TCP_INFO_BYTES = struct.Struct("<QQ")
+_TCP_INFO_AT, _TCP_INFO_LEN = 120, 136
+
+
+def tcp_moved(sock: Any) -> int | None:
+    """Bytes this TCP connection has moved so far: acknowledged by the peer plus received from
+    it (Linux ``TCP_INFO``, kernel >= 4.2), or None where the kernel does not say.
+
+    Why the kernel's count: "idle" must mean that no byte moved, however slowly bytes move, and
+    a transfer's own progress is known only per piece it hands to or takes from the socket --
+    a blocking ``sendall`` of 4 MiB to a 100 KB/s reader reports nothing for 40 s. Read twice a
+    second by the aggregator's idle cut, it adds nothing to the transfer loops.
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, AttributeError, ValueError):
+        return None
+    if len(info) < _TCP_INFO_LEN:
+        return None
+    acked, received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_AT)
+    return acked + received
 
 
 # -- TLS -----------------------------------------------------------------------------------------
@@ -182,6 +243,20 @@ def common_name(cert: dict[str, Any] | None) -> str | None:
 
 
 # -- server --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Limits:
+    """What a connection may cost the aggregator before it is authorised (plan ``network``)."""
+
+    #: seconds from accept() to the HELLO answered (TLS handshake included), in all
+    handshake_timeout: float = 10.0
+    #: connections accepted and not yet authorised, in all
+    max_pending: int = 256
+    #: of those, from one IP address
+    max_pending_per_address: int = 32
+    #: authorised connections of one collaborator (it uses one; a reconnect briefly two)
+    max_per_name: int = 2
+
+
 class Connection:
     """One collaborator's data connection, as the aggregator's handlers see it."""
 
@@ -190,18 +265,55 @@ class Connection:
         self.name = ""
 
     def cancel(self) -> None:
-        """Cut the connection from another thread (idle upload, shutdown): the handler's
-        blocked receive fails at once and nothing half-received is used."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        """Cut the connection from another thread (idle transfer, superseded, shutdown): the
+        handler's blocked receive or send fails at once and nothing half-received is used; the
+        peer sees the connection end. (The plain socket's shutdown, also under TLS:
+        `ssl.SSLSocket.shutdown` would drop the TLS state that the handler thread still uses.)"""
+        with contextlib.suppress(OSError, ValueError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+
+    def moved(self) -> int | None:
+        """See `tcp_moved`."""
+        return tcp_moved(self.sock)
+
+
+def _log_refusal(what: str, peer: str, reason: str, **fields: Any) -> None:
+    log.warning("refused %s from %s: %s", what, peer, reason)
+
+
+class _Pending:
+    """A connection accepted and not yet authorised: its TLS handshake, then its HELLO frame
+    (header, then body), read without blocking."""
+
+    __slots__ = ("buf", "deadline", "got", "head", "host", "mask", "peer", "sock", "tls_done")
+
+    def __init__(self, sock: Any, peer: str, host: str, deadline: float, tls: bool) -> None:
+        self.sock, self.peer, self.host, self.deadline = sock, peer, host, deadline
+        self.tls_done = not tls
+        self.buf = bytearray(_HEAD.size)
+        self.got = 0
+        self.head = True  # reading the frame header (else the HELLO's body)
+        self.mask = selectors.EVENT_READ
+
+
+_LISTEN, _WAKE = object(), object()
+#: accept() errors that are the peer's (it gave up before we accepted): just accept the next
+_PEER_ACCEPT_ERRORS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+#: the longest pause between two accept() attempts after errors (EMFILE, ENFILE, ENOBUFS, ...)
+MAX_ACCEPT_BACKOFF_S = 2.0
 
 
 class DataServer:
-    """Accepts data connections and runs one handler thread per connection.
+    """Accepts data connections, authorises them, and runs one handler thread per authorised one.
 
-    ``hello(conn, name, token)`` authorises a connection (raises to refuse it), ``get(conn,
-    body)`` serves one download and ``put(conn, body)`` receives one upload; each answers on the
-    connection itself. A handler that raises `Closed` ends the connection quietly.
+    ``hello(conn, name, token)`` authorises a connection (raises `RemoteError` to refuse it),
+    ``get(conn, body)`` serves one download and ``put(conn, body)`` receives one upload; each
+    answers on the connection itself. A handler that raises `Closed` ends the connection
+    quietly. ``refused(what, peer, reason, **fields)`` logs and records a refusal (the
+    aggregator's is rate-limited); every value in it that came from the peer is `shown`.
+
+    Until its HELLO is answered, a connection is handled by this server's one accept thread,
+    without blocking (see the module docstring), within the bounds of ``limits``.
     """
 
     def __init__(
@@ -212,19 +324,33 @@ class DataServer:
         hello: Callable[[Connection, str, bytes], None],
         get: Callable[[Connection, bytes], None],
         put: Callable[[Connection, bytes], None],
+        limits: Limits | None = None,
+        refused: Callable[..., None] | None = None,
     ) -> None:
         self.tls, self._hello, self._get, self._put = tls, hello, get, put
+        self.limits = limits or Limits()
+        self._refused = refused or _log_refusal
         try:
             self.sock = socket.create_server((listen, port), backlog=128)
         except OSError as exc:
             raise TeeflError(
                 f"cannot listen for the data plane on {listen}:{port}: {exc.strerror or exc}"
             ) from None
+        self.sock.setblocking(False)
+        self._accept = self.sock.accept  # the one accept() call (a test injects errors here)
         self.port = self.sock.getsockname()[1]
-        self.conns: set[Connection] = set()
+        self.conns: set[Connection] = set()  # authorised
+        self._by_name: dict[str, list[Connection]] = {}
         self.lock = threading.Lock()
         self.stopped = False
-        self.thread = threading.Thread(target=self._accept, name="data-accept", daemon=True)
+        #: unauthorised connections, oldest first; touched by the accept thread only
+        self.pending: dict[int, _Pending] = {}
+        self._by_host: dict[str, list[_Pending]] = {}
+        self.accept_errors = 0  # accept() calls that failed for want of resources, in all
+        self._backoff = 0.0
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.thread = threading.Thread(target=self._loop, name="data-accept", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
@@ -232,75 +358,342 @@ class DataServer:
     def stop(self) -> None:
         self.stopped = True
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self._wake_w.send(b"x")
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(5.0)
         self.sock.close()
         with self.lock:
             for conn in list(self.conns):
                 conn.cancel()
 
-    def _accept(self) -> None:
-        while not self.stopped:
-            try:
-                raw, addr = self.sock.accept()
-            except OSError:
-                return
-            peer = f"{addr[0]}:{addr[1]}"
-            threading.Thread(
-                target=self._serve, args=(raw, peer), name=f"data-{peer}", daemon=True
-            ).start()
+    # -- before authorisation (the accept thread) -----------------------------------------------
+    def _loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        sel.register(self.sock, selectors.EVENT_READ, _LISTEN)
+        paused_until = 0.0  # accept() failed: listen again then
+        try:
+            while not self.stopped:
+                now = time.monotonic()
+                if paused_until and now >= paused_until:
+                    sel.register(self.sock, selectors.EVENT_READ, _LISTEN)
+                    paused_until = 0.0
+                wait = 1.0
+                if self.pending:
+                    wait = min(wait, next(iter(self.pending.values())).deadline - now)
+                if paused_until:
+                    wait = min(wait, paused_until - now)
+                for key, _ in sel.select(max(wait, 0.0)):
+                    if key.data is _WAKE:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(64)
+                    elif key.data is _LISTEN:
+                        if not self._accept_ready(sel):
+                            sel.unregister(self.sock)
+                            paused_until = time.monotonic() + self._backoff
+                    elif self.pending.get(key.fileobj.fileno()) is key.data:  # not closed
+                        self._step(sel, key.data)
+                self._expire(sel, time.monotonic())
+        finally:
+            for p in list(self.pending.values()):
+                self._forget(sel, p)
+                with contextlib.suppress(OSError):
+                    p.sock.close()
+            sel.close()
+            self._wake_r.close()
+            self._wake_w.close()
 
-    def _serve(self, raw: socket.socket, peer: str) -> None:
-        conn: Connection | None = None
+    def _accept_ready(self, sel: selectors.BaseSelector) -> bool:
+        """Accept what is waiting (up to 64 at a time); False: accept() failed for want of
+        resources, pause for `_backoff` seconds."""
+        for _ in range(64):
+            try:
+                raw, addr = self._accept()
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                if self.stopped:
+                    return True
+                if exc.errno in _PEER_ACCEPT_ERRORS:
+                    continue
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection stays in the backlog. Close
+                # the oldest unauthorised connection to free a descriptor, retry after a pause
+                self.accept_errors += 1
+                first = self._backoff == 0.0
+                self._backoff = min(max(2 * self._backoff, 0.05), MAX_ACCEPT_BACKOFF_S)
+                if first:  # one line per episode, not one per retry
+                    log.warning(
+                        "data plane: accept() failed: %s; retrying with backoff (up to %g s), "
+                        "closing the oldest unauthorised connections",
+                        exc.strerror or exc,
+                        MAX_ACCEPT_BACKOFF_S,
+                    )
+                if self.pending:
+                    oldest = next(iter(self.pending.values()))
+                    self._refuse(sel, oldest, None, "closed: the aggregator is out of descriptors")
+                return False
+            if self._backoff:
+                log.warning(
+                    "data plane: accepting again (%d failed accept() so far)", self.accept_errors
+                )
+                self._backoff = 0.0
+            try:
+                self._admit(sel, raw, addr)
+            except Exception:  # a bug must not end the accept loop
+                log.exception("data plane: admitting a connection from %s failed", addr)
+                with contextlib.suppress(OSError):
+                    raw.close()
+        return True
+
+    def _admit(self, sel: selectors.BaseSelector, raw: socket.socket, addr: Any) -> None:
+        host = str(addr[0])
+        peer = f"{host}:{addr[1]}"
+        lim = self.limits
+        mine = self._by_host.get(host, [])
+        if len(mine) >= lim.max_pending_per_address:
+            self._refuse(
+                sel,
+                mine[0],
+                None,
+                f"closed: more than {lim.max_pending_per_address} unauthorised connections "
+                f"from {host}",
+            )
+        elif len(self.pending) >= lim.max_pending:
+            busiest = max(self._by_host.values(), key=len)
+            self._refuse(
+                sel,
+                busiest[0],
+                None,
+                f"closed: more than {lim.max_pending} unauthorised connections",
+            )
+        raw.setblocking(False)
+        sock: Any = raw
         try:
             keepalive(raw)
-            raw.settimeout(HANDSHAKE_TIMEOUT_S)
-            sock: Any = raw
             if self.tls is not None:
+                sock = self.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ssl.SSLError):  # the peer is gone already
+            raw.close()
+            return
+        p = _Pending(sock, peer, host, time.monotonic() + lim.handshake_timeout, tls=bool(self.tls))
+        self.pending[sock.fileno()] = p
+        self._by_host.setdefault(host, []).append(p)
+        sel.register(sock, selectors.EVENT_READ, p)
+
+    def _step(self, sel: selectors.BaseSelector, p: _Pending) -> None:
+        """Advance one connection's handshake as far as the bytes that arrived allow."""
+        try:
+            if not p.tls_done:
                 try:
-                    sock = self.tls.wrap_socket(raw, server_side=True)
-                except (OSError, ssl.SSLError) as exc:
-                    log.warning("data connection from %s: TLS handshake failed: %s", peer, exc)
-                    return
-            conn = Connection(sock, peer)
-            with self.lock:
-                self.conns.add(conn)
-            kind, body = recv_frame(sock)
-            if kind != HELLO:
-                send_error(sock, "UNAUTHENTICATED", "a data connection must start with HELLO")
+                    p.sock.do_handshake()
+                except ssl.SSLWantReadError:
+                    return self._watch(sel, p, selectors.EVENT_READ)
+                except ssl.SSLWantWriteError:
+                    return self._watch(sel, p, selectors.EVENT_WRITE)
+                p.tls_done = True
+            while True:
+                if p.got < len(p.buf):
+                    try:
+                        k = p.sock.recv_into(memoryview(p.buf)[p.got :])
+                    except (ssl.SSLWantReadError, BlockingIOError):
+                        return self._watch(sel, p, selectors.EVENT_READ)
+                    except ssl.SSLWantWriteError:
+                        return self._watch(sel, p, selectors.EVENT_WRITE)
+                    if k == 0:
+                        return self._refuse(sel, p, None, "closed by the peer before its HELLO")
+                    p.got += k
+                    continue
+                if not p.head:
+                    return self._authorise(sel, p)
+                kind, size = _HEAD.unpack(p.buf)
+                if kind != HELLO:
+                    return self._refuse(
+                        sel,
+                        p,
+                        "UNAUTHENTICATED",
+                        f"a data connection must start with HELLO (got frame kind {kind})",
+                    )
+                if size > MAX_HELLO:
+                    return self._refuse(
+                        sel,
+                        p,
+                        "INVALID_ARGUMENT",
+                        f"HELLO of {size} bytes exceeds the limit of {MAX_HELLO}",
+                    )
+                p.head, p.buf, p.got = False, bytearray(size), 0
+        except ssl.SSLError as exc:
+            self._refuse(sel, p, None, f"TLS handshake failed: {exc.reason or exc}")
+        except OSError as exc:
+            self._refuse(sel, p, None, f"connection broke before its HELLO: {exc.strerror or exc}")
+
+    def _watch(self, sel: selectors.BaseSelector, p: _Pending, mask: int) -> None:
+        if mask != p.mask:
+            sel.modify(p.sock, mask, p)
+            p.mask = mask
+
+    def _expire(self, sel: selectors.BaseSelector, now: float) -> None:
+        """Close every connection whose handshake deadline has passed (oldest first)."""
+        while self.pending:
+            p = next(iter(self.pending.values()))
+            if p.deadline > now:
                 return
+            self._refuse(
+                sel,
+                p,
+                "DEADLINE_EXCEEDED" if p.tls_done else None,
+                f"no HELLO within {self.limits.handshake_timeout:g} s of connecting",
+            )
+
+    def _forget(self, sel: selectors.BaseSelector, p: _Pending) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            sel.unregister(p.sock)
+        with contextlib.suppress(OSError, ValueError):
+            self.pending.pop(p.sock.fileno(), None)
+        mine = self._by_host.get(p.host)
+        if mine is not None:
+            with contextlib.suppress(ValueError):
+                mine.remove(p)
+            if not mine:
+                del self._by_host[p.host]
+
+    def _refuse(
+        self,
+        sel: selectors.BaseSelector,
+        p: _Pending,
+        code: str | None,
+        reason: str,
+        **fields: Any,
+    ) -> None:
+        """Answer (``code``: where the connection can still carry a frame), record, close."""
+        self._forget(sel, p)
+        if code is not None and p.tls_done:
+            body = json.dumps({"code": code, "message": reason}).encode()
+            frame = _HEAD.pack(ERROR, len(body)) + body
+            with contextlib.suppress(OSError, ssl.SSLError, ValueError):
+                p.sock.send(frame)  # a fresh connection's send buffer holds it
+        self._refused("data connection", p.peer, reason, **fields)
+        self._close(p.sock)
+
+    @staticmethod
+    def _close(sock: Any) -> None:
+        """Close so that the peer sees the end: FIN after what was sent, then close."""
+        with contextlib.suppress(OSError, ValueError):
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    def _authorise(self, sel: selectors.BaseSelector, p: _Pending) -> None:
+        """The whole HELLO is in: parse it, ask ``hello``, answer OK and hand the connection to
+        a handler thread of its own."""
+        try:
+            hello = peerinput.load_json_object(bytes(p.buf), "HELLO", MAX_HELLO)
+            name, token_hex = hello.get("collaborator"), hello.get("token")
+            if not isinstance(name, str) or not isinstance(token_hex, str):
+                raise peerinput.Malformed("malformed HELLO: needs the strings collaborator, token")
+            if not peerinput.valid_name(name):
+                raise peerinput.Malformed(
+                    f"malformed HELLO: {peerinput.shown(name)} is not a collaborator name"
+                )
             try:
-                hello = json.loads(body)
-                name, token = str(hello["collaborator"]), bytes.fromhex(hello["token"])
-            except (ValueError, KeyError, TypeError):
-                send_error(sock, "INVALID_ARGUMENT", "malformed HELLO")
-                return
-            conn.name = name
+                token = bytes.fromhex(token_hex)
+            except ValueError:
+                raise peerinput.Malformed("malformed HELLO: the token is not hex") from None
+        except peerinput.Malformed as exc:
+            return self._refuse(sel, p, "INVALID_ARGUMENT", str(exc))
+        self._forget(sel, p)
+        sock = p.sock
+        conn = Connection(sock, p.peer)
+        conn.name = name
+        try:
+            # blocking again, for what is left of the deadline (the answer is a few bytes)
+            sock.settimeout(max(p.deadline - time.monotonic(), 0.1))
             try:
                 self._hello(conn, name, token)
-            except RemoteError as exc:
+            except RemoteError as exc:  # refused: ``hello`` has said why in the log and events
                 send_error(sock, exc.code, exc.message)
+                self._close(sock)
                 return
             send_frame(sock, OK)
             sock.settimeout(None)  # waits for a round may be long; keepalive finds dead peers
+        except (OSError, ssl.SSLError) as exc:
+            log.info("data connection of %s from %s ended: %s", name, p.peer, exc)
+            self._close(sock)
+            return
+        except Exception:  # a bug in ``hello``: the peer gets an answer, the log a traceback
+            log.exception("data connection of %s from %s: authorisation failed", name, p.peer)
+            with contextlib.suppress(OSError, ssl.SSLError):
+                send_error(sock, "INTERNAL", "internal error; see the aggregator's log")
+            self._close(sock)
+            return
+        self._register(conn)
+        try:
+            threading.Thread(
+                target=self._serve, args=(conn,), name=f"data-{name}", daemon=True
+            ).start()
+        except RuntimeError as exc:  # no thread to be had: the connection cannot be served
+            log.error("data connection of %s: cannot start its thread: %s", name, exc)
+            self._unregister(conn)
+            self._close(sock)
+
+    # -- authorised connections ------------------------------------------------------------------
+    def _register(self, conn: Connection) -> None:
+        """Count the connection under its collaborator; the oldest beyond ``max_per_name`` is
+        cut (a collaborator uses one connection: a newer one means the older is dead or
+        misused)."""
+        with self.lock:
+            self.conns.add(conn)
+            mine = self._by_name.setdefault(conn.name, [])
+            mine.append(conn)
+            extra = mine[: -self.limits.max_per_name]
+            del mine[: -self.limits.max_per_name]
+        for old in extra:
+            log.info(
+                "data connection of %s from %s closed: a newer one came (at most %d each)",
+                old.name,
+                old.peer,
+                self.limits.max_per_name,
+            )
+            old.cancel()
+
+    def _unregister(self, conn: Connection) -> None:
+        with self.lock:
+            self.conns.discard(conn)
+            mine = self._by_name.get(conn.name)
+            if mine is not None and conn in mine:
+                mine.remove(conn)
+                if not mine:
+                    del self._by_name[conn.name]
+
+    def _serve(self, conn: Connection) -> None:
+        sock = conn.sock
+        try:
             while not self.stopped:
-                kind, body = recv_frame(sock)
+                try:
+                    kind, body = recv_frame(sock)
+                except Malformed as exc:
+                    self._refused("data frame", conn.peer, str(exc), collaborator=conn.name)
+                    send_error(sock, "INVALID_ARGUMENT", str(exc))
+                    return
                 if kind == GET:
                     self._get(conn, body)
                 elif kind == PUT:
                     self._put(conn, body)
                 else:
-                    send_error(sock, "INVALID_ARGUMENT", f"unexpected frame kind {kind}")
+                    reason = f"unexpected frame kind {kind}"
+                    self._refused("data frame", conn.peer, reason, collaborator=conn.name)
+                    send_error(sock, "INVALID_ARGUMENT", reason)
                     return
         except Closed:
             pass
         except (OSError, ssl.SSLError) as exc:
-            log.info("data connection from %s ended: %s", peer, exc)
+            log.info("data connection of %s from %s ended: %s", conn.name, conn.peer, exc)
+        except Exception:  # a bug: the peer gets an answer, the log the traceback
+            log.exception("data connection of %s from %s: internal error", conn.name, conn.peer)
+            with contextlib.suppress(OSError, ssl.SSLError, ValueError):
+                send_error(sock, "INTERNAL", "internal error; see the aggregator's log")
         finally:
-            if conn is not None:
-                with self.lock:
-                    self.conns.discard(conn)
-            with contextlib.suppress(OSError):
-                raw.close()
+            self._unregister(conn)
+            self._close(sock)
 
 
 # -- client --------------------------------------------------------------------------------------
