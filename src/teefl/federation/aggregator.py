@@ -1486,7 +1486,10 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         held, twice a second."""
         idle_limit = self.plan.federation.idle_timeout
         for transfer in [*self.inflight.values(), *self.sending]:
-            if transfer.cut or transfer.idle_for(now) <= idle_limit:
+            # a data-plane upload's own receive times out after idle_timeout and answers the
+            # peer why (`data_put`); this is its backstop, the only cut of everything else
+            backstop = transfer.kind == "upload" and transfer.probe is not None
+            if transfer.cut or transfer.idle_for(now) <= idle_limit * (2 if backstop else 1):
                 continue
             self._idle_cut(transfer)
             transfer.cancel()

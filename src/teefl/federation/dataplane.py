@@ -105,7 +105,7 @@ def recv_exact(sock: Any, view: memoryview) -> None:
         try:
             k = sock.recv_into(view[got:], n - got)
         except TimeoutError:
-            raise Idle("nothing arrived within the timeout") from None
+            raise Idle("timed out: nothing arrived within the idle timeout") from None
         except (OSError, ssl.SSLError) as exc:
             raise Closed(f"connection broke: {exc}") from None
         if k == 0:
@@ -156,7 +156,7 @@ def reader(sock: Any) -> Callable[[memoryview], int]:
         try:
             return sock.recv_into(view)
         except TimeoutError:
-            raise Idle("nothing arrived within the timeout") from None
+            raise Idle("timed out: nothing arrived within the idle timeout") from None
         except (OSError, ssl.SSLError) as exc:
             raise Closed(f"connection broke: {exc}") from None
 
