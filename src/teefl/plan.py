@@ -108,7 +108,7 @@ class NetworkSpec(_Strict):
     #: and a few KB, never a thread; beyond this the oldest one is closed to make room
     max_pending_handshakes: int = Field(256, ge=1)
     #: the same, from one IP address (raise it when many collaborators share one NAT address)
-    max_pending_per_address: int = Field(32, ge=1)
+    max_pending_per_address: int = Field(64, ge=1)
     #: what a receiver checks each payload against: "auto" = its CRC32C over transport none
     #: (accidental corruption) and nothing more over TLS, whose records are each authenticated
     #: by their AEAD tag; "crc32c" or "sha256" = that, whatever the transport (SHA-256 costs

@@ -76,6 +76,19 @@ class _Transfer:
     def touch(self) -> None:
         self.last = time.monotonic()
 
+    def supersede(self) -> None:
+        """A newer transfer of the same collaborator takes this one's slot (fairshare.py)."""
+        if not self.cut:
+            self.cut = True
+            log.info(
+                "%s of %s for round %d cut: a newer one of %s came",
+                self.kind,
+                self.name,
+                self.round,
+                self.name,
+            )
+            self.cancel()
+
     def idle_for(self, now: float) -> float:
         if self.probe is not None:
             moved = self.probe()
@@ -581,7 +594,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         # so it can never leak
         transfer = _Transfer("download", name, rnd, context.cancel)
         try:
-            ticket = self.download_slots.acquire(name, transfer.cancel)
+            ticket = self.download_slots.acquire(name, transfer.supersede)
         except Superseded as exc:
             context.abort(grpc.StatusCode.CANCELLED, f"download of {name}: {exc}")
 
@@ -671,7 +684,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 raise UpdateRejected("message carries unknown fields")
             # a bounded number of updates held in memory at once, one per collaborator
             try:
-                ticket = self.slots.acquire(name, transfer.cancel)
+                ticket = self.slots.acquire(name, transfer.supersede)
             except Superseded as exc:
                 context.abort(grpc.StatusCode.CANCELLED, f"upload of {name}: {exc}")
             # tells the collaborator to start sending its data (see Collaborator._upload): an
@@ -763,7 +776,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         # moves no byte for idle_timeout is cut (`_supervise`)
         transfer = _Transfer("download", name, rnd, conn.cancel, conn.moved)
         try:
-            ticket = self.download_slots.acquire(name, transfer.cancel)
+            ticket = self.download_slots.acquire(name, transfer.supersede)
         except Superseded as exc:
             dataplane.send_error(conn.sock, "CANCELLED", f"download of {name}: {exc}")
             return
@@ -837,7 +850,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             if h.evaluate_only:
                 raise UpdateRejected("evaluation reports travel over gRPC (PutUpdate)")
             try:
-                ticket = self.slots.acquire(name, transfer.cancel)
+                ticket = self.slots.acquire(name, transfer.supersede)
             except Superseded as exc:
                 dataplane.send_error(conn.sock, "CANCELLED", f"upload of {name}: {exc}")
                 return
@@ -1065,8 +1078,10 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         return payload, state
 
     def _receive(
-        self, name: str, h, first, chunks, context, t0: float, transfer: _Transfer
+        self, name: str, h, first, chunks, context, t0: float, transfer: _Transfer | None = None
     ) -> teefl_pb2.UpdateAck:
+        if transfer is None:
+            transfer = _Transfer("upload", name, h.round, context.cancel)
         dup = self._open_update(name, h, transfer)
         if dup is not None:
             return dup

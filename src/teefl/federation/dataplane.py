@@ -252,7 +252,7 @@ class Limits:
     #: connections accepted and not yet authorised, in all
     max_pending: int = 256
     #: of those, from one IP address
-    max_pending_per_address: int = 32
+    max_pending_per_address: int = 64
     #: authorised connections of one collaborator (it uses one; a reconnect briefly two)
     max_per_name: int = 2
 
