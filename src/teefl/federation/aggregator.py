@@ -1458,6 +1458,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             if data is not None:
                 data.stop()
             server.stop(grace=2.0).wait(5.0)
+            self.refusals.flush()  # the count of refusals not logged one by one, if any
             if self.staging is not None:
                 self.staging.close()
             update_run_json(self.run_dir, peak_inflight_updates=self.peak_active)
