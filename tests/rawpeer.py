@@ -88,7 +88,7 @@ class Aggregator:
                 preexec_fn=preexec,
             )
             self.parties.procs["aggregator"] = self.proc
-        self.parties.wait_running(timeout=120)
+        self.parties.wait_running(timeout=300)  # a loaded CI host imports torch slowly
         self.channels: list[grpc.Channel] = []
 
     # -- gRPC -----------------------------------------------------------------------------------

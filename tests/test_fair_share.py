@@ -216,6 +216,7 @@ def _stall_readers(agg: Aggregator, token: bytes, n: int = 4) -> list:
     return socks
 
 
+@pytest.mark.slow  # ResNet-18: a model larger than what the kernel buffers
 def test_stalled_readers_of_one_member_do_not_delay_anothers_download(resnet: Aggregator) -> None:
     """22.6: 4 readers of col1 that stop reading (= max_concurrent_downloads) held every send
     slot: a legitimate ResNet-18 download got no answer until they were closed."""
@@ -236,6 +237,7 @@ def test_stalled_readers_of_one_member_do_not_delay_anothers_download(resnet: Ag
         x.close()
 
 
+@pytest.mark.slow  # ResNet-18: a model larger than what the kernel buffers
 def test_threads_and_memory_stay_bounded_under_attack(resnet: Aggregator) -> None:
     """All of it at once -- 300 unauthorised idle connections, col1's 4 stalled uploads, 4
     stalled readers and 16 long polls -- while col2 downloads and uploads ResNet-18: col2 is
