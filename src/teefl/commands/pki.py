@@ -98,6 +98,54 @@ def issue(
         out.print(f"issued {cert} (CN={name})", markup=False, soft_wrap=True)
 
 
+@pki_app.command("revoke")
+def revoke(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="PKI directory with the CA.")],
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[NAME...]", help="Collaborators whose current certificate is revoked."
+        ),
+    ] = None,
+    aggregator: Annotated[
+        bool, typer.Option("--aggregator", help="Revoke the aggregator's current certificate.")
+    ] = False,
+    serial: Annotated[
+        list[str] | None,
+        typer.Option("--serial", metavar="HEX", help="Revoke a certificate by serial number."),
+    ] = None,
+    days: DaysOpt = 365,
+) -> None:
+    """Add certificates to DIR/ca.crl (signed by the CA); without arguments, refresh the list.
+
+    Revoke before re-issuing (``teefl pki issue DIR --collaborator NAME --force``): the old
+    certificate is then refused wherever the plan names the list (security.tls.crl).
+    """
+    from teefl.errors import TeeflError
+    from teefl.security import pki
+
+    certs = [pki.collaborator_paths(directory, n)[0] for n in _split(names)]
+    if aggregator:
+        certs.append(pki.aggregator_paths(directory)[0])
+    serials = []
+    for value in _split(serial):
+        try:
+            serials.append(int(value.replace(":", ""), 16))
+        except ValueError:
+            raise TeeflError(f"--serial {value!r} is not a hexadecimal serial number") from None
+    path, added = pki.revoke(directory, certificates=certs, serials=serials, days=days)
+    out = _console()
+    for number in added:
+        out.print(f"revoked serial {number:x}", markup=False, soft_wrap=True)
+    out.print(
+        f"wrote {path} ({len(added)} added); the plan names it as security.tls.crl -- copy it "
+        "to the aggregator host (and to collaborators, which check the aggregator's endorsement "
+        "against it)",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
 @pki_app.command("show")
 def show(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="A PEM certificate.")],

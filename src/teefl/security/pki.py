@@ -50,6 +50,7 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
+CA_CRL = "ca.crl"
 AGGREGATOR = "aggregator"
 COLLABORATOR_DIR = "collaborators"
 
@@ -568,6 +569,89 @@ def issue_collaborator(
     )
 
 
+# -- revoking ---------------------------------------------------------------------------------
+def crl_path(directory: Path) -> Path:
+    """Where `revoke` keeps the CA's certificate revocation list: ``<dir>/ca.crl``."""
+    return Path(directory) / CA_CRL
+
+
+def _read_crl(path: Path) -> x509.CertificateRevocationList:
+    data = _read(path, "certificate revocation list")
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError:
+        raise TeeflError(f"{path} is not a certificate revocation list (PEM or DER)") from None
+
+
+def load_crl(path: Path, ca_path: Path, now: dt.datetime | None = None) -> frozenset[int]:
+    """The serial numbers a CRL revokes, after checking that the plan's CA signed it and that it
+    is current. A CRL past its next update is refused: an out-of-date list may be missing the
+    latest revocations, and failing closed is the safe side (refresh it with
+    ``teefl pki revoke DIR``)."""
+    crl = _read_crl(Path(path))
+    ca = load_certificate(ca_path)
+    if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+        raise TeeflError(f"certificate revocation list {path} is not signed by CA {ca_path}")
+    now = now or _now()
+    nxt = crl.next_update_utc
+    if nxt is not None and now > nxt:
+        raise TeeflError(
+            f"certificate revocation list {path} expired on {format_time(nxt)}; refresh it with: "
+            "teefl pki revoke DIR"
+        )
+    return frozenset(entry.serial_number for entry in crl)
+
+
+def revoke(
+    directory: Path,
+    *,
+    certificates: list[Path] | None = None,
+    serials: list[int] | None = None,
+    days: int = 365,
+) -> tuple[Path, list[int]]:
+    """Add certificates (by file or serial) to ``<dir>/ca.crl``, signed by the CA, and return
+    (its path, the serials added). With nothing to add, the list is re-signed with a new next
+    update (refreshed). Earlier entries are kept; the file is replaced atomically."""
+    directory = Path(directory)
+    ca_cert, ca_key = load_ca(directory)
+    path = crl_path(directory)
+    entries: dict[int, x509.RevokedCertificate] = {}
+    if path.exists():
+        old = _read_crl(path)
+        if old.issuer != ca_cert.subject or not old.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+            raise TeeflError(f"{path} is not signed by the CA of {directory}; move it away first")
+        entries = {e.serial_number: e for e in old}
+    added: list[int] = []
+    now = _now()
+    wanted = list(serials or [])
+    for cert_path in certificates or []:
+        cert = load_certificate(cert_path)
+        check_signed_by(cert, cert_path, ca_cert, ca_paths(directory)[0])
+        wanted.append(cert.serial_number)
+    for serial in wanted:
+        if serial in entries:
+            continue
+        entries[serial] = (
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+        added.append(serial)
+    if days <= 0:
+        raise TeeflError(f"--days must be positive, got {days}")
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - CLOCK_SKEW)
+        .next_update(now + dt.timedelta(days=days))
+    )
+    for entry in entries.values():
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca_key, _HASH)
+    _write_file(path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    return path, added
+
+
 # -- describing --------------------------------------------------------------------------------
 def _key_description(public_key: Any) -> str:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
@@ -630,6 +714,7 @@ class PlanPki:
     server_cert: Path
     server_key: Path
     client_dir: Path
+    crl: Path | None = None  # the CA's revocation list, when `revoke` made one
     created: list[Path] = field(default_factory=list)
     kept: list[Path] = field(default_factory=list)
 
@@ -647,17 +732,15 @@ class PlanPki:
 
         import yaml
 
-        block = {
-            "security": {
-                "transport": "mtls",
-                "tls": {
-                    "ca": rel(self.ca),
-                    "server_cert": rel(self.server_cert),
-                    "server_key": rel(self.server_key),
-                    "client_dir": rel(self.client_dir),
-                },
-            }
+        tls = {
+            "ca": rel(self.ca),
+            "server_cert": rel(self.server_cert),
+            "server_key": rel(self.server_key),
+            "client_dir": rel(self.client_dir),
         }
+        if self.crl is not None:
+            tls["crl"] = rel(self.crl)
+        block = {"security": {"transport": "mtls", "tls": tls}}
         return yaml.safe_dump(block, sort_keys=False, default_flow_style=False)
 
 
@@ -708,6 +791,7 @@ def issue_for_plan(
         server_cert=aggregator_paths(directory)[0],
         server_key=aggregator_paths(directory)[1],
         client_dir=directory / COLLABORATOR_DIR,
+        crl=crl_path(directory) if crl_path(directory).exists() else None,
     )
     ca_cert, ca_key = ca_paths(directory)
     if ca_cert.exists() or ca_key.exists():

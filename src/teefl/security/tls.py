@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
+import hashlib
 import socket
 import ssl
 import threading
@@ -77,16 +79,23 @@ class ConnectError(TeeflError):
 
 # -- credentials -------------------------------------------------------------------------------
 def server_credentials(
-    ca: Path, cert: Path, key: Path, require_client_cert: bool
+    ca: Path,
+    cert: Path,
+    key: Path,
+    require_client_cert: bool,
+    extra_roots: bytes | None = None,
 ) -> grpc.ServerCredentials:
     """Credentials for the aggregator's port: TLS with ``cert``/``key``; with
-    ``require_client_cert`` (mtls) every client must present a certificate issued by ``ca``.
+    ``require_client_cert`` (mtls) every client must present a certificate issued by ``ca``
+    (or by one of ``extra_roots``, PEM: the aggregator's in-memory session CA).
 
     In tls mode the CA is not given to gRPC at all, so no client certificate is even requested --
     identity then rests on the claimed name only (see `authorize`).
     """
     pki.check_certificate(Path(cert), ca_path=Path(ca), key_path=Path(key), purpose="server")
     ca_pem = Path(ca).read_bytes()
+    if extra_roots:
+        ca_pem = ca_pem.rstrip(b"\n") + b"\n" + extra_roots
     return grpc.ssl_server_credentials(
         [(Path(key).read_bytes(), Path(cert).read_bytes())],
         root_certificates=ca_pem if require_client_cert else None,
@@ -254,6 +263,104 @@ def authorize(
             grpc.StatusCode.PERMISSION_DENIED,
         )
     return cn
+
+
+# -- server side: is this a client certificate, and the right one? ------------------------------
+@dataclass(frozen=True)
+class ClientCert:
+    """What the aggregator checks on a client certificate the TLS layer already verified
+    (chain to a trusted root, validity), parsed once per distinct certificate."""
+
+    cn: str | None
+    issuer_der: bytes
+    serial: int
+    is_ca: bool
+    ekus: tuple[str, ...]
+    der_sha256: bytes
+
+
+@functools.lru_cache(maxsize=1024)
+def client_cert(encoded: str | bytes) -> ClientCert:
+    """Parse a peer certificate (PEM as gRPC's auth context gives it, or DER as Python's ssl
+    does). Cached: a collaborator presents the same certificate on every call."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    data = encoded.encode() if isinstance(encoded, str) else encoded
+    if data.lstrip().startswith(b"-----BEGIN"):
+        cert = x509.load_pem_x509_certificate(data)
+    else:
+        cert = x509.load_der_x509_certificate(data)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return ClientCert(
+        cn=pki.common_name(cert),
+        issuer_der=cert.issuer.public_bytes(),
+        serial=cert.serial_number,
+        is_ca=pki.is_ca(cert),
+        ekus=tuple(pki.ekus(cert)),
+        der_sha256=hashlib.sha256(der).digest(),
+    )
+
+
+def check_client_certificate(
+    cert: ClientCert | None,
+    name: str,
+    *,
+    enrol: bool,
+    session_issuer: bytes | None = None,
+    session_cert_sha256: bytes | None = None,
+    revoked: frozenset[int] = frozenset(),
+) -> None:
+    """Raise `IdentityError` unless ``cert`` may carry this call or connection of ``name``.
+
+    Every client certificate: CA:false and extended key usage clientAuth (a CA certificate or one
+    for another purpose with CN=col1 is not col1's client certificate, whoever signed it).
+    ``enrol`` (Challenge, Join): the certificate the plan's CA issued, not revoked.
+    Otherwise (model traffic): with ``session_issuer`` (collaborators' attestation required) only
+    the session certificate issued at the latest verified Join, ``session_cert_sha256``;
+    without it the plan-CA certificate, not revoked.
+    """
+    if cert is None:
+        raise IdentityError(
+            "no verified client certificate: transport mtls requires one",
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    if cert.is_ca:
+        raise IdentityError(
+            f"the client certificate of {name} is a CA certificate (basicConstraints CA:true): "
+            "refused",
+            denied,
+        )
+    if "clientAuth" not in cert.ekus:
+        usages = ", ".join(cert.ekus) or "none"
+        raise IdentityError(
+            f"the client certificate of {name} lacks extended key usage clientAuth "
+            f"(it has: {usages}); issue one with: teefl pki issue DIR --collaborator {name}",
+            denied,
+        )
+    from_session = session_issuer is not None and cert.issuer_der == session_issuer
+    if enrol and from_session:
+        raise IdentityError(
+            f"Challenge and Join need the certificate the plan's CA issued to {name}, not a "
+            "session certificate",
+            denied,
+        )
+    if not enrol and session_issuer is not None:
+        if not from_session:
+            raise IdentityError(
+                f"model traffic of {name} needs the session certificate issued at its attested "
+                "Join; this connection presents its enrolment certificate",
+                denied,
+            )
+        if session_cert_sha256 is None or cert.der_sha256 != session_cert_sha256:
+            raise IdentityError(f"{name} has not passed attestation on this TLS key", denied)
+        return
+    if cert.serial in revoked:
+        raise IdentityError(
+            f"the certificate of {name} (serial {cert.serial:x}) is revoked (security.tls.crl)",
+            denied,
+        )
 
 
 # -- client side: why does the channel not come up? --------------------------------------------
