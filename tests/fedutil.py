@@ -194,13 +194,30 @@ def replay_matches_checkpoints(run_dir: Path, rounds: int) -> None:
             assert torch.equal(replay[k], t), f"round {r}: {k} differs from the replay"
 
 
+def join_request(plan, name: str):
+    """A JoinRequest as a collaborator with ``plan`` sends it (its plan fingerprint included)."""
+    from teefl.federation import attest, teefl_pb2
+
+    return teefl_pb2.JoinRequest(collaborator=name, plan_sections=attest.config_sections(plan))
+
+
+def session_metadata(reply) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries a Join reply's session token."""
+    return (("teefl-session", bytes(reply.session_token).hex()),)
+
+
 class FakeContext:
     """A gRPC servicer context for calling handlers directly: records callbacks and initial
-    metadata; `ended` mimics an RPC already over; `abort` raises."""
+    metadata; `ended` mimics an RPC already over; `abort` raises; ``md``: the call's metadata
+    (e.g. `session_metadata`)."""
 
-    def __init__(self, ended: bool = False) -> None:
+    def __init__(self, ended: bool = False, md: tuple = ()) -> None:
         self.ended, self.callbacks, self.metadata = ended, [], []
         self.cancelled = False
+        self.md = tuple(md)
+
+    def invocation_metadata(self) -> tuple:
+        return self.md
 
     def add_callback(self, fn) -> bool:
         if self.ended:

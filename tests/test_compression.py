@@ -11,7 +11,7 @@ import pytest
 import torch
 import zstandard
 
-from fedutil import SYNTHETIC, FakeContext, read_jsonl, run_plan
+from fedutil import SYNTHETIC, FakeContext, join_request, read_jsonl, run_plan
 from teefl.errors import TeeflError
 from teefl.federation import codec, dataplane, teefl_pb2
 from teefl.federation.aggregator import Aggregator, final_state
@@ -65,7 +65,7 @@ def _served(tmp_path: Path, compression: str):
     agg = Aggregator(plan, tmp_path, "dp", EventRecorder(tmp_path, "dp", "aggregator", "agg"))
     server = agg._data_server("127.0.0.1")
     assert server is not None
-    token = agg.Join(teefl_pb2.JoinRequest(collaborator="col1"), FakeContext()).data_token
+    token = agg.Join(join_request(plan, "col1"), FakeContext()).session_token
     return agg, server, dataplane.connect("127.0.0.1", agg.data_port, "col1", token, None)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedutil import SYNTHETIC
+from fedutil import SYNTHETIC, join_request
 from fedutil import FakeContext as _Ctx
 from teefl.federation import codec, dataplane, teefl_pb2
 from teefl.federation.aggregator import Aggregator
@@ -230,9 +230,9 @@ def served(tmp_path, request):
 
 
 def _join(agg: Aggregator, name: str) -> bytes:
-    reply = agg.Join(teefl_pb2.JoinRequest(collaborator=name), _Ctx())
-    assert reply.data_port == agg.data_port and len(reply.data_token) == 32
-    return reply.data_token
+    reply = agg.Join(join_request(agg.plan, name), _Ctx())
+    assert reply.data_port == agg.data_port and len(reply.session_token) == 32
+    return reply.session_token
 
 
 def _connect(agg: Aggregator, name: str, token: bytes):
@@ -439,7 +439,7 @@ def test_mtls_data_connection_needs_the_collaborators_own_certificate(tmp_path, 
     agg = Aggregator(plan, tmp_path, "dp", EventRecorder(tmp_path, "dp", "aggregator", "agg"))
     server = agg._data_server("127.0.0.1")
     try:
-        token = agg.tokens["col1"] = os.urandom(32)  # as Join would (its gRPC CN check aside)
+        token = agg._open_session("col1").token  # as Join would (its gRPC CN check aside)
         col2 = dataplane.client_context(certs / "ca.crt", *pki.collaborator_paths(certs, "col2"))
         with pytest.raises(dataplane.RemoteError, match="does not match") as err:
             dataplane.connect("127.0.0.1", agg.data_port, "col1", token, col2)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from fedutil import SYNTHETIC
+from fedutil import SYNTHETIC, join_request, session_metadata
 from fedutil import FakeContext as _Ctx
 from teefl.federation import codec, teefl_pb2
 from teefl.federation.aggregator import UPLOAD_GO, Aggregator, _chunk_to_wire
@@ -22,10 +22,15 @@ def agg(tmp_path) -> Aggregator:
         {
             **SYNTHETIC,
             "federation": {"rounds": 2, "max_concurrent_downloads": 2},
-            "network": {"chunk_size": 4096},
+            # the gRPC streams carry model data only when the plan says so
+            "network": {"chunk_size": 4096, "data_plane": "grpc"},
         }
     )
-    return Aggregator(plan, tmp_path, "fc", EventRecorder(tmp_path, "fc", "aggregator", "agg"))
+    agg = Aggregator(plan, tmp_path, "fc", EventRecorder(tmp_path, "fc", "aggregator", "agg"))
+    # one session per member (the fair-share tests act as several)
+    agg.mds = [session_metadata(agg.Join(join_request(plan, n), _Ctx())) for n in agg.names]
+    agg.md = agg.mds[0]
+    return agg
 
 
 def _parse(messages: list) -> tuple[teefl_pb2.Header, bytes]:
@@ -40,7 +45,7 @@ def _parse(messages: list) -> tuple[teefl_pb2.Header, bytes]:
 
 
 def test_download_stream_carries_exactly_the_published_payload(agg: Aggregator) -> None:
-    ctx = _Ctx()
+    ctx = _Ctx(md=agg.md)
     header, data = _parse(list(agg.GetModel(_request(agg), ctx)))
     assert data == bytes(agg.payload)
     assert header.total_size == len(agg.payload) and header.sha256 == agg.digest
@@ -63,13 +68,13 @@ def _request(agg: Aggregator, who: int = 0) -> teefl_pb2.ModelRequest:
 
 
 def test_download_slots_are_bounded_and_given_back_when_the_rpc_ends(agg: Aggregator) -> None:
-    first, second = _Ctx(), _Ctx()
+    first, second = _Ctx(md=agg.mds[0]), _Ctx(md=agg.mds[1])
     agg.GetModel(_request(agg, 0), first)
     agg.GetModel(_request(agg, 1), second)  # both slots taken (max_concurrent_downloads: 2)
     third_done = threading.Event()
 
     def third() -> None:
-        agg.GetModel(_request(agg, 2), _Ctx())
+        agg.GetModel(_request(agg, 2), _Ctx(md=agg.mds[2]))
         third_done.set()
 
     t = threading.Thread(target=third, daemon=True)
@@ -83,7 +88,7 @@ def test_download_slots_are_bounded_and_given_back_when_the_rpc_ends(agg: Aggreg
 
 def test_a_slot_is_not_kept_for_an_rpc_that_already_ended(agg: Aggregator) -> None:
     for i in range(5):  # more than the two slots: each is released at once
-        agg.GetModel(_request(agg, i % 3), _Ctx(ended=True))
+        agg.GetModel(_request(agg, i % 3), _Ctx(ended=True, md=agg.mds[i % 3]))
     assert agg.download_slots.held == 0
 
 
@@ -91,7 +96,7 @@ def test_a_members_newer_download_supersedes_its_older_one(agg: Aggregator) -> N
     """One download per collaborator: its newer request cancels the older one's RPC (a dead
     connection of the collaborator's, or a second stream of a misbehaving one), which gives
     its slot back when it ends; the other slot stays free for the other collaborators."""
-    old, new = _Ctx(), _Ctx()
+    old, new = _Ctx(md=agg.mds[0]), _Ctx(md=agg.mds[0])
     agg.GetModel(_request(agg, 0), old)
     got = threading.Event()
     t = threading.Thread(
@@ -100,7 +105,7 @@ def test_a_members_newer_download_supersedes_its_older_one(agg: Aggregator) -> N
     t.start()
     assert _wait_for(lambda: old.cancelled), "the older download was not cancelled"
     assert not got.wait(0.2), "the newer download started before the older gave its slot back"
-    other = _Ctx()
+    other = _Ctx(md=agg.mds[1])
     agg.GetModel(_request(agg, 1), other)  # another member: the second slot, at once
     for cb in old.callbacks:  # the cancelled RPC ends
         cb()
@@ -186,7 +191,7 @@ def test_put_update_grants_the_slot_in_initial_metadata(agg: Aggregator) -> None
         teefl_pb2.Chunk(data=bytes(p), offset=i * 4096)
         for i, p in enumerate(codec.iter_chunks(payload, 4096))
     ]
-    ctx = _Ctx()
+    ctx = _Ctx(md=agg.md)
     ack = agg._put_update(iter(chunks), ctx)
     assert ack.accepted, ack.message
     assert ctx.metadata == [((UPLOAD_GO, "1"),)]

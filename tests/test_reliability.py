@@ -20,19 +20,27 @@ from fedutil import (
     Parties,
     final_accuracy,
     free_port,
+    join_request,
     read_jsonl,
     replay_matches_checkpoints,
+    session_metadata,
     write_plan,
 )
 from teefl.federation import codec, teefl_pb2, teefl_pb2_grpc
+from teefl.plan import load_plan
 
 ROUNDS = 2
 
 
-def _plan(tmp: Path, **federation) -> Path:
+def _plan(tmp: Path, network: dict | None = None, **federation) -> Path:
     data = {
         **SYNTHETIC,
-        "network": {"host": "127.0.0.1", "port": free_port(), "chunk_size": 16384},
+        "network": {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "chunk_size": 16384,
+            **(network or {}),
+        },
         "federation": {"rounds": ROUNDS, "keep_updates": True, **federation},
     }
     return write_plan(tmp / "plan.yaml", data)
@@ -234,8 +242,9 @@ def _bad_streams(good: dict[str, torch.Tensor]) -> dict[str, tuple[list, str]]:
 def test_bad_updates_are_refused_and_others_unaffected(tmp_path: Path) -> None:
     # each round waits round_timeout for col3, which never sends a good update; col1 and col2
     # start with the aggregator, so their start-up (~10 s of imports on a slow host) runs while
-    # col3 probes, inside round 1's window
-    plan = _plan(tmp_path, min_collaborators=2, round_timeout=25)
+    # col3 probes, inside round 1's window; the gRPC streams: only there does a peer shape the
+    # update's messages itself
+    plan = _plan(tmp_path, {"data_plane": "grpc"}, min_collaborators=2, round_timeout=25)
     parties = Parties(plan, tmp_path / "run", tmp_path / "procs.log")
     port = __import__("yaml").safe_load(plan.read_text())["network"]["port"]
     try:
@@ -245,18 +254,19 @@ def test_bad_updates_are_refused_and_others_unaffected(tmp_path: Path) -> None:
         parties.collaborator("col2")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = teefl_pb2_grpc.FederationStub(ch)
-            stub.Join(teefl_pb2.JoinRequest(collaborator="col3"), timeout=10)
+            joined = stub.Join(join_request(load_plan(plan), "col3"), timeout=10)
+            md = session_metadata(joined)
             got = b"".join(
                 c.data
                 for c in stub.GetModel(
-                    teefl_pb2.ModelRequest(collaborator="col3", round=1), timeout=10
+                    teefl_pb2.ModelRequest(collaborator="col3", round=1), timeout=10, metadata=md
                 )
             )
             good = codec.decode_state(got)
             bad = _bad_streams(good)
             for label, (stream, message) in bad.items():
                 with pytest.raises(grpc.RpcError) as refused:
-                    stub.PutUpdate(iter(stream), timeout=20)
+                    stub.PutUpdate(iter(stream), timeout=20, metadata=md)
                 assert message in refused.value.details(), (label, refused.value.details())
         _finish(parties, ("aggregator", "col1", "col2"))
     finally:

@@ -311,7 +311,7 @@ def sim_policy(provider: SimulatedProvider, **over) -> Policy:
 
 def test_simulated_round_trip_with_binding(caplog: pytest.LogCaptureFixture) -> None:
     nonce = bytes(32)
-    rd = report_data_for(b"fake spki", nonce)
+    rd = report_data_for(b"fake spki", nonce, bytes(32))
     with caplog.at_level(logging.WARNING, logger="teefl.tee"):
         provider = SimulatedProvider(allow_simulated=True)
         verifier = SimulatedVerifier(allow_simulated=True, trusted_keys=[provider.public_key])

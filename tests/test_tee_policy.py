@@ -202,20 +202,20 @@ def test_each_role_is_judged_by_its_own_policy(tmp_path: Path) -> None:
     collaborator_ev = SimulatedProvider(
         allow_simulated=True, key_file=key_file, measurements={"mrtd": bytes.fromhex(H48)}
     )
-    spki, nonce = b"spki", bytes(32)
-    rd = report_data_for(spki, nonce)
+    spki, nonce, binding = b"spki", bytes(32), bytes(range(32))
+    rd = report_data_for(spki, nonce, binding)
     as_aggregator = attest.Verifier(spec, "aggregator")
     as_collaborator = attest.Verifier(spec, "collaborator")
-    as_aggregator.verify(aggregator_ev.get_evidence(rd), spki, nonce)
-    as_collaborator.verify(collaborator_ev.get_evidence(rd), spki, nonce)
+    as_aggregator.verify(aggregator_ev.get_evidence(rd), spki, nonce, binding)
+    as_collaborator.verify(collaborator_ev.get_evidence(rd), spki, nonce, binding)
     with pytest.raises(AttestationError, match=r"MRTD abababababababab… not in policy"):
-        as_aggregator.verify(collaborator_ev.get_evidence(rd), spki, nonce)
+        as_aggregator.verify(collaborator_ev.get_evidence(rd), spki, nonce, binding)
     with pytest.raises(AttestationError, match=r"MRTD [0-9a-f]{16}… not in policy"):
-        as_collaborator.verify(aggregator_ev.get_evidence(rd), spki, nonce)
+        as_collaborator.verify(aggregator_ev.get_evidence(rd), spki, nonce, binding)
     # a simulated key the plan does not pin is refused whatever it measures
     stranger = SimulatedProvider(allow_simulated=True)
     with pytest.raises(AttestationError, match=r"simulated signing key .* not in policy"):
-        as_aggregator.verify(stranger.get_evidence(rd), spki, nonce)
+        as_aggregator.verify(stranger.get_evidence(rd), spki, nonce, binding)
     with pytest.raises(ValueError, match="role must be one of"):
         attest.Verifier(spec, "collaborators")
 

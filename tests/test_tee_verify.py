@@ -83,14 +83,17 @@ def fresh_tls_spki() -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_report_data_for_is_sha512_of_spki_and_nonce() -> None:
-    spki, nonce = b"spki-der", bytes(range(32))
-    rd = report_data_for(spki, nonce)
+def test_report_data_for_is_sha512_of_spki_nonce_and_binding() -> None:
+    spki, nonce, binding = b"spki-der", bytes(range(32)), bytes(range(32, 64))
+    rd = report_data_for(spki, nonce, binding)
     assert len(rd) == 64
-    assert rd == hashlib.sha512(spki + nonce).digest()
-    assert rd != report_data_for(spki, bytes(32))
+    assert rd == hashlib.sha512(spki + nonce + binding).digest()
+    assert rd != report_data_for(spki, bytes(32), binding)
+    assert rd != report_data_for(spki, nonce, bytes(32))  # another plan or CA
     with pytest.raises(AttestationError, match="32 bytes"):
-        report_data_for(spki, b"short")
+        report_data_for(spki, b"short", binding)
+    with pytest.raises(AttestationError, match="binding must be 32 bytes"):
+        report_data_for(spki, nonce, b"")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +199,7 @@ def test_bad_inputs_refused() -> None:
 def test_binding_refuses_both_quotes_for_our_tls_key(
     tdx: tuple[bytes, str, QuoteVerdict], sgx: tuple[bytes, str, QuoteVerdict]
 ) -> None:
-    expected = report_data_for(fresh_tls_spki(), bytes(32))
+    expected = report_data_for(fresh_tls_spki(), bytes(32), bytes(32))
     accept_all = Policy(accepted_tcb_statuses=["UpToDate", "ConfigurationAndSWHardeningNeeded"])
     for _, _, verdict in (tdx, sgx):
         assert check_policy(verdict, accept_all, expected) == [

@@ -7,6 +7,8 @@ an hour of training. `load_plan` turns every validation problem into one `TeeflE
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -139,6 +141,9 @@ class TlsSpec(_Strict):
     server_key: Path | None = None
     #: directory holding <name>.crt / <name>.key for each collaborator
     client_dir: Path | None = None
+    #: certificate revocation list of the CA (`teefl pki revoke`): the aggregator refuses
+    #: client certificates it lists, collaborators an aggregator endorsement it lists
+    crl: Path | None = None
 
 
 class SnpCollateralSpec(_Strict):
@@ -415,12 +420,70 @@ def _resolve_paths(plan: Plan, base: Path) -> None:
     plan.security.at_rest.key_file = fix(plan.security.at_rest.key_file)
     plan.runtime.sign_key = fix(plan.runtime.sign_key)
     tls = plan.security.tls
-    tls.ca, tls.server_cert, tls.server_key, tls.client_dir = (
+    tls.ca, tls.server_cert, tls.server_key, tls.client_dir, tls.crl = (
         fix(tls.ca),
         fix(tls.server_cert),
         fix(tls.server_key),
         fix(tls.client_dir),
+        fix(tls.crl),
     )
+
+
+# -- the plan fingerprint ----------------------------------------------------------------------
+#: fields that say where something is on one host, not what the federation does: they may differ
+#: between the parties' copies of a plan. Everything else is compared (`plan_digest`).
+HOST_LOCAL: dict[str, tuple[str, ...]] = {
+    "dataset": ("root",),
+    "network": ("listen",),
+    # file locations; the CA certificate's *content* is bound separately (teefl.federation.attest)
+    "security.tls": ("ca", "server_cert", "server_key", "client_dir", "crl"),
+    # where verification collateral comes from (each verifier judges evidence itself), and
+    # the simulated provider's key file (the policies pin its fingerprint, which is compared)
+    "security.attestation": ("collateral", "pccs_url", "simulated_key"),
+    "security.attestation.snp": ("certs", "crls", "kds", "kds_cache"),
+    # the owner's key: where it is (the mode, sealed or plain, is compared)
+    "security.at_rest": ("key_file", "key_env"),
+    "federation": ("staging_dir",),
+    # a label stated on one host and a signing key file
+    "runtime": ("tee_label", "sign_key"),
+}
+
+
+def _canonical(value: Any) -> bytes:
+    """One byte string per value: JSON with sorted keys, no spaces, ASCII only."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def comparable_plan(plan: Plan) -> dict[str, Any]:
+    """The resolved plan as plain data, host-local fields (`HOST_LOCAL`) left out."""
+    data = plan.model_dump(mode="json")
+    for where, keys in HOST_LOCAL.items():
+        node = data
+        for part in where.split("."):
+            node = node[part]
+        for key in keys:
+            node.pop(key, None)
+    return data
+
+
+def plan_sections(plan: Plan) -> dict[str, bytes]:
+    """SHA-256 of each top-level section of `comparable_plan`: cheap to send, and two parties
+    whose plans differ can say *where* (``federation``, ``security``) without showing values."""
+    return {
+        key: hashlib.sha256(_canonical(value)).digest()
+        for key, value in comparable_plan(plan).items()
+    }
+
+
+def plan_digest(plan: Plan) -> bytes:
+    """SHA-256 of the canonical resolved plan (host-local fields excluded): the plan
+    fingerprint every party compares at Join and, with attestation, binds into its evidence.
+
+    Why the *resolved* plan: defaults and ``--transport`` are applied, so two plan files that
+    differ only in spelling (a default written out) agree, and a default that differs between
+    teefl versions does not.
+    """
+    return hashlib.sha256(_canonical(comparable_plan(plan))).digest()
 
 
 def read_yaml(path: Path | str, what: str = "plan") -> Any:

@@ -15,13 +15,16 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
+from cryptography.hazmat.primitives.serialization import Encoding
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from teefl.errors import TeeflError
@@ -41,9 +44,18 @@ from teefl.federation.runinfo import update_run_json
 from teefl.federation.staging import StagingArea
 from teefl.federation.transport import bind, payload_check, server_options
 from teefl.measure.events import EventRecorder
-from teefl.plan import Plan
+from teefl.plan import Plan, plan_digest
 from teefl.runfiles import append_private
-from teefl.security.tls import IdentityError, authorize, peer_certificate_pem
+from teefl.security import pki
+from teefl.security import session as session_keys
+from teefl.security.session import SessionCA
+from teefl.security.tls import (
+    IdentityError,
+    authorize,
+    check_client_certificate,
+    client_cert,
+    peer_certificate_pem,
+)
 from teefl.workload.datasets import dataset_shape
 from teefl.workload.models import build_model
 
@@ -54,6 +66,16 @@ UPLOAD_GO = "teefl-upload-go"
 
 #: a long poll returns after this long with "nothing new", so dead connections surface
 WAIT_KEEPALIVE_S = 15.0
+
+#: metadata key of the session token (hex) that every call after Join carries
+SESSION_METADATA = "teefl-session"
+
+#: the aggregator's quotes for Challenges: per collaborator a burst of this many, then one per
+#: QUOTE_EVERY_S seconds (and per peer host the same for the whole federation)
+QUOTE_BURST = 3
+QUOTE_EVERY_S = 10.0
+
+_PEM = Encoding.PEM
 
 
 class _Transfer:
@@ -147,6 +169,29 @@ class StaleUpdate(UpdateRejected):
     """An update for a round that is closed (or not open yet): refused, never counted."""
 
 
+class SessionEnded(StaleUpdate):
+    """An update whose session a newer Join of its collaborator ended: never counted."""
+
+
+@dataclass(eq=False)
+class Session:
+    """A collaborator's latest successful Join: what every later call and data connection of
+    that name must present, and what a newer Join cancels."""
+
+    name: str
+    token: bytes  # 32 random bytes: metadata `teefl-session` and the data plane's HELLO
+    #: SHA-256 of the session certificate's DER (collaborators' attestation), else None
+    cert_sha256: bytes | None = None
+    calls: set[Any] = field(default_factory=set)  # gRPC contexts of its calls in flight
+    conns: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # its data connections
+
+
+def _peer_host(peer: str) -> str:
+    """``ipv4:1.2.3.4:5678`` / ``ipv6:[::1]:5678`` -> the address without the port."""
+    rest = peer.split(":", 1)[1] if ":" in peer else peer
+    return rest.rsplit(":", 1)[0]
+
+
 def _has_unknown_fields(msg: Any) -> bool:
     return len(UnknownFieldSet(msg)) > 0 or (
         msg.HasField("header") and len(UnknownFieldSet(msg.header)) > 0
@@ -165,7 +210,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.model_dir = self.run_dir / "model"
 
-        self._init_attestation()
+        self._init_identity()
         fed = plan.federation
         at_rest = plan.security.at_rest
         self.seal_key: bytes | None = None
@@ -210,7 +255,6 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.quiet = threading.Condition()  # guards transfers/served; notified when they change
         self.served = 0  # downloads of the open round's model completed so far
         self.sum_lock = threading.Lock()  # serializes deferred adds (see `_deferred_add`)
-        self.tokens: dict[str, bytes] = {}  # collaborator -> its data-plane token (from Join)
         self.data_port = 0  # the data plane's port once serving (0: the gRPC streams only)
         #: checkpoints of closed rounds waiting to be written (see `_checkpoints`)
         self.ckpt_queue: queue.Queue[tuple[int, codec.Buffer, bytes, int] | None] = queue.Queue()
@@ -366,19 +410,137 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         """A stored update not counted after all (see `_replay_open_round`): an event."""
         self.rec.info("update_dropped", collaborator=name, round=self.round, reason=reason)
 
-    def _init_attestation(self) -> None:
-        att = self.plan.security.attestation
-        self.attested: dict[str, str] = {}  # collaborator -> SHA-256 of its attested TLS key
+    def _init_identity(self) -> None:
+        """Keys, certificates and checks of the aggregator's identity (see docs/security.md).
+
+        With ``attestation.aggregator: required`` the TLS key is made here, in memory, and the
+        server certificate is self-signed for it; the provisioned key only endorses it. With
+        ``attestation.collaborators: required`` an in-memory session CA is made here: the only
+        issuer of certificates that may carry a collaborator's model traffic.
+        """
+        plan = self.plan
+        att, tls = plan.security.attestation, plan.security.tls
+        transport = plan.security.transport or "none"
+        self.sessions: dict[str, Session] = {}  # collaborator -> its latest successful Join
+        self.ident_lock = threading.Lock()  # guards `sessions` (never held while waiting)
+        self.conn_tokens: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.nonces = attest.NonceBook()
+        self.sections = attest.config_sections(plan)
+        self.binding = attest.config_binding(plan)
+        log.info(
+            "plan fingerprint %s (configuration binding %s)",
+            plan_digest(plan).hex(),
+            self.binding.hex(),
+        )
         self.verifier = (
             attest.Verifier(att, "collaborator") if att.collaborators == "required" else None
         )
+        self.session_ca = SessionCA() if self.verifier is not None else None
+        self.revoked: frozenset[int] = frozenset()
+        if transport != "none" and tls.crl is not None:
+            assert tls.ca is not None  # require_transport
+            self.revoked = pki.load_crl(tls.crl, tls.ca)
+        self.quotes = attest.RateLimiter()
         self.provider = None
+        #: the TLS certificate and key this aggregator serves with: PEM bytes made in memory
+        #: (attested aggregator) or the provisioned files
+        self.tls_chain: tuple[bytes, bytes] | tuple[Path, Path] | None = None
+        if transport == "none":
+            return
         if att.aggregator == "required":
+            assert tls.ca is not None and tls.server_cert is not None and tls.server_key is not None
+            # the provisioned identity: checked now, used only to endorse the in-memory key
+            pki.check_certificate(
+                tls.server_cert, ca_path=tls.ca, key_path=tls.server_key, purpose="server"
+            )
+            self.endorser = pki.load_private_key(tls.server_key)
+            self.endorsement_pem = tls.server_cert.read_bytes()
+            key = session_keys.new_key()
+            self.tls_chain = (
+                session_keys.self_signed_server(key, pki.plan_hosts(plan)),
+                session_keys.key_pem(key),
+            )
+            self.own_spki = session_keys.spki_of(key)
             self.provider = attest.make_provider(att)
-            cert = self.plan.security.tls.server_cert
-            assert cert is not None  # require_transport + bind() guarantee a server certificate
-            self.own_spki = attest.spki_of_pem(Path(cert).read_bytes())
+        elif tls.server_cert is not None and tls.server_key is not None:
+            self.tls_chain = (tls.server_cert, tls.server_key)
+
+    def _client_roots(self) -> bytes | None:
+        """The issuers a client certificate may come from (mtls): the plan's CA (enrolment, or
+        everything without collaborators' attestation) and the in-memory session CA."""
+        if (self.plan.security.transport or "none") != "mtls":
+            return None
+        ca = self.plan.security.tls.ca
+        if ca is None:
+            raise TeeflError("transport mtls needs security.tls.ca to verify collaborators")
+        roots = pki.load_certificate(ca).public_bytes(_PEM)
+        if self.session_ca is not None:
+            roots += self.session_ca.pem
+        return roots
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        """The gRPC port's credentials: in-memory key, or the provisioned files (checked first,
+        with readable messages); client certificates from `_client_roots` under mtls."""
+        if (self.plan.security.transport or "none") == "none" or self.tls_chain is None:
+            return None  # transport none, or bind() names the missing server certificate
+        roots = self._client_roots()
+        cert, key = self.tls_chain
+        if isinstance(cert, bytes) and isinstance(key, bytes):
+            return grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=roots, require_client_auth=roots is not None
+            )
+        from teefl.security.tls import server_credentials
+
+        tls = self.plan.security.tls
+        assert tls.ca is not None
+        return server_credentials(
+            tls.ca,
+            Path(cert),
+            Path(key),
+            require_client_cert=roots is not None,
+            extra_roots=self.session_ca.pem if self.session_ca is not None else None,
+        )
+
+    # -- sessions ------------------------------------------------------------------------------
+    def _current(self, name: str, token: bytes | None) -> bool:
+        """Is ``token`` the session token of ``name``'s latest successful Join?"""
+        session = self.sessions.get(name)
+        return (
+            session is not None and token is not None and hmac.compare_digest(session.token, token)
+        )
+
+    def _revoke(self, name: str, why: str) -> None:
+        """End ``name``'s session: its token and certificate stop working, its calls in flight
+        are cancelled and its data connections cut (nothing half-received is counted)."""
+        with self.ident_lock:
+            old = self.sessions.pop(name, None)
+            calls, conns = (list(old.calls), list(old.conns)) if old is not None else ([], [])
+        if old is None:
+            return
+        for ctx in calls:
+            ctx.cancel()
+        for conn in conns:
+            conn.cancel()
+        with self.cond:
+            self.cond.notify_all()  # its long polls end
+        log.info("session of %s ended: %s", name, why)
+        self.rec.info("session_ended", collaborator=name, reason=why)
+
+    def _open_session(self, name: str, cert_sha256: bytes | None = None) -> Session:
+        session = Session(name, os.urandom(32), cert_sha256)
+        with self.ident_lock:
+            self.sessions[name] = session
+        return session
+
+    @staticmethod
+    def _call_token(context: grpc.ServicerContext) -> bytes | None:
+        for key, value in context.invocation_metadata() or ():
+            if key == SESSION_METADATA:
+                try:
+                    return bytes.fromhex(value if isinstance(value, str) else value.decode())
+                except (ValueError, UnicodeDecodeError):
+                    return None
+        return None
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -435,34 +597,64 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
 
     def _known(self, name: str, context: grpc.ServicerContext, attested: bool = True) -> str:
-        """Who this call may act as; with attestation, only over the attested TLS key."""
+        """Who this call may act as.
+
+        ``attested=False``: an enrolment call (Challenge, Join): the transport's identity only
+        (under mtls the plan-CA certificate with CN = name, clientAuth, CA:false, not revoked).
+        Otherwise, in every mode, the token of ``name``'s latest successful Join in the call's
+        metadata, and under mtls a certificate that may carry model traffic (with
+        collaborators' attestation: exactly the session certificate of that Join). The call is
+        remembered with the session, so a later Join of that name cancels it.
+        """
+        transport = self.plan.security.transport or "none"
         try:
-            name = authorize(context, name, self.names, self.plan.security.transport or "none")
+            name = authorize(context, name, self.names, transport)
+            cert = None
+            if transport == "mtls":
+                pem = peer_certificate_pem(context)
+                cert = client_cert(pem) if pem else None
+            issuer = self.session_ca.subject_der if self.session_ca is not None else None
+            if not attested:
+                if transport == "mtls":
+                    check_client_certificate(
+                        cert, name, enrol=True, session_issuer=issuer, revoked=self.revoked
+                    )
+                return name
+            token = self._call_token(context)
+            with self.ident_lock:
+                session = self.sessions.get(name)
+                if (
+                    session is None
+                    or token is None
+                    or not hmac.compare_digest(session.token, token)
+                ):
+                    raise IdentityError(
+                        f"no current session for {name} on this call (token missing or "
+                        "outdated): Join first",
+                        grpc.StatusCode.UNAUTHENTICATED,
+                    )
+                if transport == "mtls":
+                    check_client_certificate(
+                        cert,
+                        name,
+                        enrol=False,
+                        session_issuer=issuer,
+                        session_cert_sha256=session.cert_sha256,
+                        revoked=self.revoked,
+                    )
+                session.calls.add(context)
+            if not context.add_callback(lambda: session.calls.discard(context)):
+                session.calls.discard(context)  # the RPC already ended
         except IdentityError as exc:
             self._refuse(context, name, exc.code, str(exc))
-        if attested and self.verifier is not None:
-            pem = peer_certificate_pem(context)
-            if (
-                self.attested.get(name) is None
-                or pem is None
-                or (attest.fingerprint(attest.spki_of_pem(pem)) != self.attested[name])
-            ):
-                self._refuse(
-                    context,
-                    name,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"{name} has not passed attestation on this TLS key",
-                )
         return name
-
-    def _peer_spki(self, context: grpc.ServicerContext) -> bytes | None:
-        pem = peer_certificate_pem(context)
-        return attest.spki_of_pem(pem) if pem else None
 
     # -- RPCs --------------------------------------------------------------------------------
     def Challenge(self, request: teefl_pb2.ChallengeRequest, context: grpc.ServicerContext):
         name = self._known(request.collaborator, context, attested=False)
-        reply = teefl_pb2.ChallengeReply(evidence_required=self.verifier is not None)
+        reply = teefl_pb2.ChallengeReply(
+            evidence_required=self.verifier is not None, plan_sections=self.sections
+        )
         if self.verifier is not None:
             reply.nonce = self.nonces.issue(name)
         if request.want_evidence:
@@ -481,16 +673,42 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"challenge nonce must be {attest.NONCE_SIZE} bytes",
                 )
+            # a quote only for an authenticated caller (above), and not without pause
+            wait = self.quotes.allow(
+                (f"name:{name}", QUOTE_BURST, QUOTE_EVERY_S),
+                (
+                    f"peer:{_peer_host(context.peer())}",
+                    QUOTE_BURST * len(self.names),
+                    QUOTE_EVERY_S / len(self.names),
+                ),
+            )
+            if wait:
+                self._refuse(
+                    context,
+                    name,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"rate limit: too many Challenges for evidence from {name}; retry in "
+                    f"{wait:.0f} s",
+                )
             with self.rec.span("attest", collaborator=name, evidence="own"):
                 ev = self.provider.get_evidence(
-                    attest.report_data_for(self.own_spki, request.nonce)
+                    attest.report_data_for(self.own_spki, request.nonce, self.binding)
+                )
+                signature = attest.endorse(
+                    self.endorser, self.own_spki, request.nonce, self.binding
                 )
             reply.aggregator_evidence.CopyFrom(attest.to_proto(ev))
+            reply.endorsement.certificate = self.endorsement_pem
+            reply.endorsement.signature = signature
         return reply
 
-    def _verify_join(self, name: str, request, context: grpc.ServicerContext) -> None:
-        """Check a collaborator's evidence; refuse the call (and record why) if it fails."""
-        assert self.verifier is not None
+    def _verify_join(
+        self, name: str, request, context: grpc.ServicerContext
+    ) -> tuple[bytes, bytes]:
+        """Check a collaborator's evidence, bound to the key it made in memory (its TEE) and to
+        our nonce and configuration; refuse the call (and record why) if it fails. Returns the
+        session certificate issued for that key: (PEM, SHA-256 of its DER)."""
+        assert self.verifier is not None and self.session_ca is not None
         t0 = time.monotonic()
         record: dict[str, Any] = {
             "collaborator": name,
@@ -501,29 +719,59 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             if not request.HasField("evidence"):
                 raise attest.AttestationError("attestation required: Join carried no evidence")
             nonce = self.nonces.take(name, request.nonce)
-            spki = self._peer_spki(context)
-            if spki is None:
+            spki = bytes(request.session_key)
+            if not spki:
                 raise attest.AttestationError(
-                    "attestation needs the collaborator's TLS certificate (transport mtls)"
+                    "attestation required: Join carried no session key (the public key the "
+                    "collaborator made in its TEE)"
                 )
             evidence = attest.from_proto(request.evidence)
             record.update(kind=evidence.kind, provider=evidence.provider)
-            verdict = self.verifier.verify(evidence, spki, nonce)
+            verdict = self.verifier.verify(evidence, spki, nonce, self.binding)
+            issued = self.session_ca.issue(name, spki)
         except TeeflError as exc:
             record.update(accepted=False, reason=str(exc))
             attest.write_verdict(self.run_dir, f"collaborator-{name}", record)
             self.rec.record("attest", t0, time.monotonic(), collaborator=name, accepted=False)
             self._refuse(context, name, grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        record.update(accepted=True, verdict=verdict.to_dict())
+        record.update(
+            accepted=True, verdict=verdict.to_dict(), session_key=attest.fingerprint(spki)
+        )
         attest.write_verdict(self.run_dir, f"collaborator-{name}", record)
-        self.attested[name] = attest.fingerprint(spki)
         self.rec.record("attest", t0, time.monotonic(), collaborator=name, accepted=True)
         log.info("%s attested (%s, %s)", name, verdict.tee_type, verdict.status)
+        return issued
+
+    def _same_plan(self, name: str, request, context: grpc.ServicerContext) -> None:
+        """Refuse a collaborator whose plan (or CA) differs from ours, naming where."""
+        theirs = dict(request.plan_sections)
+        if not theirs:
+            self._refuse(
+                context,
+                name,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{name} sent no plan fingerprint: every party must run the same teefl version",
+            )
+        differ = attest.differing_sections(self.sections, theirs)
+        if differ:
+            self._refuse(
+                context,
+                name,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the plan of {name} differs from the aggregator's in: {', '.join(differ)} "
+                "(every party must use the same plan file and CA certificate)",
+            )
 
     def Join(self, request: teefl_pb2.JoinRequest, context: grpc.ServicerContext):
         name = self._known(request.collaborator, context, attested=False)
+        # any Join of this name -- whatever its outcome -- ends the earlier session: a refused
+        # Join must not leave an earlier attestation, token or connection in place
+        self._revoke(name, "a new Join")
+        self._same_plan(name, request, context)
+        cert_pem, cert_sha256 = b"", None
         if self.verifier is not None:
-            self._verify_join(name, request, context)
+            cert_pem, cert_sha256 = self._verify_join(name, request, context)
+        session = self._open_session(name, cert_sha256)
         with self.cond:
             if not self.joined:  # round 1's clock starts when the federation does
                 self.round_opened = time.monotonic()
@@ -531,15 +779,16 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         log.info("%s joined from %s", name, context.peer())
         self.rec.info("joined", collaborator=name, peer=context.peer())
         reply = teefl_pb2.JoinReply(
-            run_id=self.run_id, rounds=self.rounds, current_round=self.round, nonce=os.urandom(32)
+            run_id=self.run_id,
+            rounds=self.rounds,
+            current_round=self.round,
+            nonce=os.urandom(32),
+            session_token=session.token,
+            session_cert=cert_pem,
+            plan_sections=self.sections,
         )
         if self.data_port:
-            # a fresh token at every Join: a data connection is authorised only by the latest
-            # (authorised, and with attestation, attested) Join of that collaborator
-            token = os.urandom(32)
-            with self.cond:
-                self.tokens[name] = token
-            reply.data_port, reply.data_token = self.data_port, token
+            reply.data_port = self.data_port
         return reply
 
     def WaitRound(self, request: teefl_pb2.WaitRequest, context: grpc.ServicerContext):
@@ -549,12 +798,15 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         name = self._known(request.collaborator, context)
         after = request.after_round
         me = object()
+        token = self._call_token(context)
 
         def ready() -> bool:
             # a collaborator that already contributed to the open round (e.g. restarted after
             # its upload was acknowledged) waits for the next one: nothing is counted twice
-            return bool(self.done or self.failed) or (
-                self.round > after and name not in self.received
+            return (
+                bool(self.done or self.failed)
+                or (self.round > after and name not in self.received)
+                or not self._current(name, token)  # its session ended (a newer Join)
             )
 
         with self.cond:
@@ -568,6 +820,10 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             finally:
                 if self.polls.get(name) is me:
                     del self.polls[name]
+            if not self._current(name, token):
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED, f"the session of {name} ended: Join first"
+                )
             if self.failed:
                 context.abort(grpc.StatusCode.ABORTED, f"run failed: {self.failed}")
             if self.done:
@@ -580,6 +836,13 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
 
     def GetModel(self, request: teefl_pb2.ModelRequest, context: grpc.ServicerContext):
         name = self._known(request.collaborator, context)
+        if self.plan.network.data_plane == "socket":
+            self._refuse(
+                context,
+                name,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the model travels over the data plane (network.data_plane: socket), not gRPC",
+            )
         with self.cond:
             if request.round != self.round or self.done:
                 context.abort(
@@ -677,6 +940,14 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
         h = first.header
         name = self._known(h.collaborator, context)
+        if self.plan.network.data_plane == "socket" and not h.evaluate_only:
+            self._refuse(
+                context,
+                name,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "updates travel over the data plane (network.data_plane: socket); gRPC "
+                "PutUpdate carries only the evaluation report",
+            )
         transfer = _Transfer("upload", name, h.round, context.cancel)
         ticket = None
         try:
@@ -695,7 +966,16 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 self.active += 1
                 self.peak_active = max(self.peak_active, self.active)
             try:
-                return self._receive(name, h, first, request_iterator, context, t0, transfer)
+                return self._receive(
+                    name,
+                    h,
+                    first,
+                    request_iterator,
+                    context,
+                    t0,
+                    transfer,
+                    token=self._call_token(context),
+                )
             finally:
                 with self.cond:
                     self.active -= 1
@@ -720,8 +1000,10 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
 
     # -- data plane (see dataplane.py) -------------------------------------------------------
     def data_hello(self, conn: dataplane.Connection, name: str, token: bytes) -> None:
-        """Authorise a data connection: the token of the latest Join, the mtls certificate's
-        CN, and with attestation the very key the evidence was bound to."""
+        """Authorise a data connection as `_known` does a call: the token of the latest Join,
+        and under mtls a client certificate that may carry model traffic (CN = name,
+        clientAuth, CA:false; with collaborators' attestation exactly the session certificate
+        of that Join). The connection is remembered with the session: a later Join cuts it."""
 
         def refuse(code: str, reason: str) -> None:
             # the name passed the plan's name rule in the data plane; logged at a bounded rate
@@ -731,22 +1013,32 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
 
         if name not in self.names:
             refuse("PERMISSION_DENIED", f"'{name}' is not a collaborator of this plan")
-        with self.cond:
-            expected = self.tokens.get(name)
-        if expected is None or not hmac.compare_digest(expected, token):
-            refuse("UNAUTHENTICATED", f"unknown or outdated data token for {name}: Join first")
-        transport = self.plan.security.transport or "none"
-        if transport == "mtls":
-            cn = dataplane.common_name(conn.sock.getpeercert())
-            if cn != name:
-                refuse("PERMISSION_DENIED", f"certificate CN '{cn}' does not match '{name}'")
-        if self.verifier is not None:
-            from cryptography import x509
-
+        with self.ident_lock:
+            session = self.sessions.get(name)
+        if session is None or not hmac.compare_digest(session.token, token):
+            refuse("UNAUTHENTICATED", f"unknown or outdated session token for {name}: Join first")
+        assert session is not None
+        if (self.plan.security.transport or "none") == "mtls":
             der = conn.sock.getpeercert(binary_form=True)
-            spki = attest.spki_der_of(x509.load_der_x509_certificate(der)) if der else None
-            if spki is None or attest.fingerprint(spki) != self.attested.get(name):
-                refuse("PERMISSION_DENIED", f"{name} has not passed attestation on this TLS key")
+            cert = client_cert(der) if der else None
+            if cert is not None and cert.cn != name:
+                refuse("PERMISSION_DENIED", f"certificate CN '{cert.cn}' does not match '{name}'")
+            try:
+                check_client_certificate(
+                    cert,
+                    name,
+                    enrol=False,
+                    session_issuer=self.session_ca.subject_der if self.session_ca else None,
+                    session_cert_sha256=session.cert_sha256,
+                    revoked=self.revoked,
+                )
+            except IdentityError as exc:
+                refuse(exc.code.name, str(exc))
+        with self.ident_lock:
+            if self.sessions.get(name) is not session:  # a newer Join came in meanwhile
+                refuse("UNAUTHENTICATED", f"the session of {name} ended: Join first")
+            session.conns.add(conn)
+            self.conn_tokens[conn] = token
 
     def data_get(self, conn: dataplane.Connection, body: bytes) -> None:
         """One download: the MODEL header, then the round's payload straight from memory."""
@@ -925,6 +1217,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     stored=target,
                     crc=crc,
                     staged=slot,
+                    token=self.conn_tokens.get(conn),
                 )
                 target = None  # committed: its file is the stored update now
                 try:
@@ -1078,7 +1371,15 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         return payload, state
 
     def _receive(
-        self, name: str, h, first, chunks, context, t0: float, transfer: _Transfer | None = None
+        self,
+        name: str,
+        h,
+        first,
+        chunks,
+        context,
+        t0: float,
+        transfer: _Transfer | None = None,
+        token: bytes | None = None,
     ) -> teefl_pb2.UpdateAck:
         if transfer is None:
             transfer = _Transfer("upload", name, h.round, context.cancel)
@@ -1090,7 +1391,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         if h.evaluate_only:
             if h.total_size or first.data or next(chunks, None) is not None:
                 raise UpdateRejected("evaluation report must not carry a payload")
-            return self._accept(name, h.round, None, samples, metrics, None, t0)[0]
+            return self._accept(name, h.round, None, samples, metrics, None, t0, token=token)[0]
         try:
             asm = codec.Assembler.for_header(h, self.update_limit, self.check)
         except codec.PayloadError as exc:
@@ -1117,7 +1418,16 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             transfer.last = time.monotonic()  # progress per message (gRPC hides the bytes)
         payload, state = self._decode_update(_finished(asm))
         return self._accept(
-            name, h.round, state, samples, metrics, payload, t0, h.sha256, crc=_crc_of(h)
+            name,
+            h.round,
+            state,
+            samples,
+            metrics,
+            payload,
+            t0,
+            h.sha256,
+            crc=_crc_of(h),
+            token=token,
         )[0]
 
     def _accept(
@@ -1134,6 +1444,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         stored: Any = None,
         crc: int | None = None,
         staged: Any = None,
+        token: bytes | None = None,
     ) -> tuple[teefl_pb2.UpdateAck, Any]:
         """Store, count and (unless deferred) add one checked update; returns (ack, add).
 
@@ -1144,10 +1455,13 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         ``stored``: the `UpdateFile` the payload was received into (committed here instead of
         writing the payload out again). ``staged``: the shared-memory `staging.Slot` it was
         received into instead: committed there, moved to the run directory with the (deferred)
-        add.
+        add. ``token``: the session it came in on; an update of a session that a newer Join
+        ended meanwhile is not counted.
         """
         assert staged is None or defer_add  # the move runs after the ack, with the add
         with self.cond:
+            if token is not None and not self._current(name, token):
+                raise SessionEnded(f"the session of {name} ended (a newer Join): not counted")
             if rnd != self.round:
                 raise StaleUpdate(f"round {rnd} closed while the update was in transit")
             if name in self.received or name in self.persisting:
@@ -1435,7 +1749,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             maximum_concurrent_rpcs=None,
         )
         add_to_server(self, server)
-        bound = bind(server, self.plan, listen, port)
+        bound = bind(server, self.plan, listen, port, self._server_credentials())
         data = self._data_server(listen)
         server.start()
         log.info(
@@ -1468,14 +1782,10 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         net = self.plan.network
         if net.data_plane != "socket":
             return None
-        transport = self.plan.security.transport or "none"
         tls = None
-        if transport != "none":
-            t = self.plan.security.tls
-            assert t.server_cert is not None and t.server_key is not None  # checked by bind()
-            tls = dataplane.server_context(
-                t.ca, t.server_cert, t.server_key, require_client_cert=transport == "mtls"
-            )
+        if (self.plan.security.transport or "none") != "none":
+            assert self.tls_chain is not None  # checked by bind()
+            tls = session_keys.server_ssl_context(self.tls_chain, self._client_roots())
         limits = dataplane.Limits(
             handshake_timeout=net.handshake_timeout,
             max_pending=net.max_pending_handshakes,

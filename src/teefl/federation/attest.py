@@ -1,10 +1,18 @@
-"""Attested join: evidence bound to the TLS key, checked before any model byte flows.
+"""Attested join: evidence bound to a key born in the TEE, to a fresh nonce and to the plan.
 
-The report data of every quote is SHA-512(DER SubjectPublicKeyInfo of the sender's TLS
-certificate || a 32-byte nonce chosen by the verifier). A verified quote therefore proves that the
-private key of *this* TLS connection lives in a TEE with the measured code, and the fresh nonce
-proves the quote is not a replay. The aggregator remembers, per collaborator, the public key that
-was attested and refuses every later call that does not come over a connection with that key.
+Report data of every quote = SHA-512(DER SubjectPublicKeyInfo of the sender's in-memory TLS key
+|| a 32-byte nonce chosen by the verifier || `config_binding`). A verified quote therefore proves
+that the private key of the TLS connections that carry model traffic lives in a TEE running the
+measured code, with *this* plan and CA (the binding), now (the nonce).
+
+Where each key is born (see `teefl.security.session`): with attestation required for a role,
+that role's TLS key is made in memory at start-up and never written anywhere. The provisioned
+key files are only the admin-issued identity used to enrol (a collaborator's Challenge and Join)
+and to endorse (the aggregator signs its in-memory key with its provisioned key).
+
+The plan fingerprint (`config_sections`) is compared at every Join in every mode, so a plan that
+differs between the parties is named at once; with attestation the binding makes the comparison
+something a host cannot lie about.
 """
 
 from __future__ import annotations
@@ -16,16 +24,20 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from teefl.errors import TeeflError
 from teefl.federation import teefl_pb2
-from teefl.plan import AttestationSpec
+from teefl.plan import AttestationSpec, Plan, plan_digest, plan_sections
 from teefl.security.tee.evidence import (
     ConfigfsTsmProvider,
     Evidence,
@@ -50,6 +62,11 @@ log = logging.getLogger("teefl.attest")
 NONCE_SIZE = 32
 #: a Challenge nonce must be used within this many seconds
 NONCE_TTL_S = 120.0
+#: version of the binding document (`binding_document`); bump when its fields change meaning
+BINDING_VERSION = 1
+#: what the aggregator's provisioned key signs (with the SPKI hash, nonce and binding): the
+#: prefix keeps such a signature from meaning anything in another protocol
+ENDORSEMENT_CONTEXT = b"teefl aggregator endorsement v1\0"
 
 
 def make_provider(spec: AttestationSpec) -> EvidenceProvider:
@@ -97,6 +114,141 @@ def fingerprint(spki: bytes) -> str:
     return hashlib.sha256(spki).hexdigest()
 
 
+# -- what a party runs with: the plan fingerprint and the configuration binding ------------------
+def ca_digest(plan: Plan) -> bytes | None:
+    """SHA-256 of the plan's CA certificate (DER: the fingerprint `teefl pki show` prints),
+    or None without one (transport none)."""
+    ca = plan.security.tls.ca
+    if ca is None or (plan.security.transport or "none") == "none":
+        return None
+    from teefl.security import pki
+
+    return hashlib.sha256(
+        pki.load_certificate(ca).public_bytes(serialization.Encoding.DER)
+    ).digest()
+
+
+def config_sections(plan: Plan) -> dict[str, bytes]:
+    """What a party sends at Challenge and Join: the SHA-256 of each top-level plan section
+    (`teefl.plan.plan_sections`) and of the CA certificate (``ca``)."""
+    sections = plan_sections(plan)
+    ca = ca_digest(plan)
+    if ca is not None:
+        sections["ca"] = ca
+    return sections
+
+
+def differing_sections(mine: dict[str, bytes], theirs: dict[str, bytes]) -> list[str]:
+    """The sections (sorted) in which two `config_sections` differ, one missing included."""
+    return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+
+
+def binding_document(plan: Plan, extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """What a party binds into its evidence, as a small document hashed canonically: the plan
+    fingerprint and the CA. ``extra`` leaves room for more (e.g. a workload digest) without
+    changing how the binding is made."""
+    ca = ca_digest(plan)
+    doc: dict[str, Any] = {
+        "version": BINDING_VERSION,
+        "plan": plan_digest(plan).hex(),
+        "ca": ca.hex() if ca is not None else "",
+    }
+    for key, value in (extra or {}).items():
+        if key in doc:
+            raise ValueError(f"binding field {key!r} is reserved")
+        doc[key] = value
+    return doc
+
+
+def config_binding(plan: Plan, extra: dict[str, str] | None = None) -> bytes:
+    """SHA-256 of the canonical `binding_document`: the last 32 bytes hashed into report data."""
+    doc = binding_document(plan, extra)
+    return hashlib.sha256(
+        json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    ).digest()
+
+
+# -- the aggregator's endorsement of its in-memory key -------------------------------------------
+def _endorsed_message(spki: bytes, nonce: bytes, binding: bytes) -> bytes:
+    return ENDORSEMENT_CONTEXT + hashlib.sha256(spki).digest() + bytes(nonce) + bytes(binding)
+
+
+def endorse(key: Any, spki: bytes, nonce: bytes, binding: bytes) -> bytes:
+    """Sign (in-memory SPKI, the collaborator's nonce, the binding) with the aggregator's
+    provisioned key: the admin-issued identity vouches for the key its TEE made."""
+    message = _endorsed_message(spki, nonce, binding)
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(
+            message,
+            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH),
+            hashes.SHA256(),
+        )
+    return key.sign(message, ec.ECDSA(hashes.SHA384()))
+
+
+def verify_endorsement(
+    cert_pem: bytes,
+    signature: bytes,
+    spki: bytes,
+    nonce: bytes,
+    binding: bytes,
+    *,
+    ca: Path,
+    host: str,
+    revoked: frozenset[int] = frozenset(),
+) -> x509.Certificate:
+    """Check the aggregator's endorsement: its certificate is issued by the plan's CA, valid,
+    a server certificate (EKU serverAuth, CA:false) for ``host``, not revoked, and its key
+    signed our nonce with the in-memory SPKI. Returns the certificate."""
+    from teefl.security import pki
+
+    try:
+        cert = x509.load_pem_x509_certificate(bytes(cert_pem))
+    except ValueError:
+        raise AttestationError("the aggregator's endorsement carries no PEM certificate") from None
+    ca_cert = pki.load_certificate(ca)
+    try:
+        pki.check_validity(cert, "of the aggregator's endorsement")
+        pki.check_signed_by(cert, "of the aggregator's endorsement", ca_cert, ca)
+    except TeeflError as exc:
+        raise AttestationError(f"endorsement refused: {exc}") from None
+    if pki.is_ca(cert) or "serverAuth" not in pki.ekus(cert):
+        raise AttestationError(
+            "endorsement refused: the certificate is not a server certificate "
+            "(needs EKU serverAuth and CA:false)"
+        )
+    if not pki.covers_host(cert, host):
+        raise AttestationError(
+            f"endorsement refused: the aggregator certificate does not cover host {host!r} "
+            f"(SANs: {', '.join(pki.sans(cert)) or 'none'})"
+        )
+    if cert.serial_number in revoked:
+        raise AttestationError(
+            f"endorsement refused: the aggregator certificate (serial {cert.serial_number:x}) "
+            "is revoked (security.tls.crl)"
+        )
+    public = cert.public_key()
+    message = _endorsed_message(spki, nonce, binding)
+    try:
+        if isinstance(public, rsa.RSAPublicKey):
+            public.verify(
+                signature,
+                message,
+                padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.AUTO),
+                hashes.SHA256(),
+            )
+        elif isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(signature, message, ec.ECDSA(hashes.SHA384()))
+        else:
+            raise AttestationError("endorsement refused: unsupported key type")
+    except InvalidSignature:
+        raise AttestationError(
+            "endorsement refused: the aggregator's provisioned key did not sign this TLS key "
+            "and nonce"
+        ) from None
+    return cert
+
+
 class Verifier:
     """Checks the evidence of a party of one role against that role's policy and collateral.
 
@@ -129,7 +281,9 @@ class Verifier:
         self.simulated = SimulatedVerifier(allow_simulated=True) if policy.allow_simulated else None
         self.snp = snp_collateral(spec) if "sev-snp" in policy.pinned_kinds() else None
 
-    def verify(self, evidence: Evidence, spki: bytes, nonce: bytes) -> QuoteVerdict:
+    def verify(self, evidence: Evidence, spki: bytes, nonce: bytes, binding: bytes) -> QuoteVerdict:
+        """``binding``: the *verifier's own* `config_binding` -- a peer whose plan or CA differs
+        from ours has other report data and is refused."""
         verdict = verify_evidence(
             evidence,
             collateral_json=self.collateral,
@@ -137,7 +291,9 @@ class Verifier:
             simulated_verifier=self.simulated,
             snp_collateral=self.snp,
         )
-        enforce_policy(verdict, self.policy, report_data_for(spki, nonce), require_pinned=True)
+        enforce_policy(
+            verdict, self.policy, report_data_for(spki, nonce, binding), require_pinned=True
+        )
         return verdict
 
 
@@ -189,6 +345,37 @@ class NonceBook:
         return pending.nonce
 
 
+class RateLimiter:
+    """Token buckets: each key allows a burst of events, then one per interval.
+
+    Why: every Challenge that asks for the aggregator's evidence makes a fresh quote (tens to
+    hundreds of milliseconds of a TEE's quoting service). Keyed by collaborator name and by peer
+    host, an authenticated peer cannot make the aggregator quote without pause.
+    """
+
+    def __init__(self) -> None:
+        self._state: dict[str, tuple[float, float]] = {}  # key -> (tokens, at time)
+        self._lock = threading.Lock()
+
+    def allow(self, *buckets: tuple[str, float, float]) -> float:
+        """``buckets``: (key, burst, seconds per event). 0.0 when every bucket has room (the
+        event is then counted in each), else the seconds until it would."""
+        now = time.monotonic()
+        with self._lock:
+            levels = {}
+            for key, burst, every in buckets:
+                level, at = self._state.get(key, (float(burst), now))
+                levels[key] = (min(float(burst), level + (now - at) / every), every)
+            wait = max(
+                ((1.0 - lv) * every for lv, every in levels.values() if lv < 1.0), default=0.0
+            )
+            if wait:
+                return wait
+            for key, (level, _) in levels.items():
+                self._state[key] = (level - 1.0, now)
+            return 0.0
+
+
 def write_verdict(run_dir: Path, party: str, record: dict[str, Any]) -> None:
     """Keep every verdict (accepted or refused) in the run: ``attestation/<party>.json``."""
     from teefl.runfiles import private_dir, write_private
@@ -205,16 +392,18 @@ def write_verdict(run_dir: Path, party: str, record: dict[str, Any]) -> None:
     write_private(path, json.dumps(history, indent=2, default=str) + "\n")
 
 
-def server_spki(address: str, ca: Path, timeout: float = 10.0) -> bytes:
-    """The aggregator's TLS public key, fetched over a CA- and host-verified TLS connection.
-
-    gRPC's Python client does not expose the peer certificate of a channel, so the collaborator
-    looks at the certificate the same address presents to a verified TLS handshake of its own.
-    """
+def fetch_server_certificate(address: str, timeout: float = 10.0) -> bytes:
+    """The certificate (PEM) that ``address`` presents, fetched by a TLS handshake that verifies
+    nothing: the caller pins exactly this certificate on its channels, and trusts it only once
+    the aggregator's evidence and endorsement, both bound to its key, have been verified over
+    a channel pinned to it."""
     from teefl.security.tls import split_target
 
     host, port = split_target(address)
-    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_alpn_protocols(["h2"])
     try:
         with (
@@ -223,7 +412,19 @@ def server_spki(address: str, ca: Path, timeout: float = 10.0) -> bytes:
         ):
             der = tls.getpeercert(binary_form=True)
     except (OSError, ssl.SSLError) as exc:
-        raise TeeflError(
+        raise ConnectionError(
             f"cannot fetch the aggregator's certificate from {address}: {exc}"
         ) from None
-    return spki_der_of(x509.load_der_x509_certificate(der))
+    if not der:
+        raise ConnectionError(f"the aggregator at {address} presented no certificate")
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+
+
+def first_san(cert_pem: bytes) -> str:
+    """A host name the certificate covers (for gRPC's target-name check on a pinned channel)."""
+    from teefl.security import pki
+
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    for entry in pki.sans(cert):
+        return entry.split(":", 1)[1]
+    return pki.common_name(cert) or ""

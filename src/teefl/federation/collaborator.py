@@ -2,6 +2,14 @@
 
 The channel is opened once and kept for the whole run (one TLS handshake, recorded as
 ``connect``). The model comes down and the update goes up as one stream each.
+
+Channels (see docs/security.md, "Where each key is born"): the *enrolment* channel carries
+Challenge and Join -- under mtls with the certificate the plan's CA issued to this collaborator.
+When collaborators must attest, the collaborator makes its TLS key in memory at start-up, binds
+its evidence to it at Join, and opens a second channel (and its data-plane socket) with the
+session certificate the aggregator issued for that key: only that one may carry model data.
+When the aggregator must attest, every channel and the data-plane socket trust exactly the
+certificate whose key the aggregator's evidence was verified for (pinned), nothing else.
 """
 
 from __future__ import annotations
@@ -19,18 +27,23 @@ import grpc
 import torch
 
 from teefl.errors import TeeflError
-from teefl.federation import codec, dataplane, teefl_pb2, teefl_pb2_grpc
+from teefl.federation import attest, codec, dataplane, teefl_pb2, teefl_pb2_grpc
 from teefl.federation.faults import fault
 from teefl.federation.resident import ResidentModel
 from teefl.federation.transport import client_certs, open_channel, payload_check
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
+from teefl.security import session as session_keys
+from teefl.security.tls import ConnectError, split_target
 from teefl.workload.datasets import load_dataset
 from teefl.workload.models import build_model
 from teefl.workload.partition import collaborator_data
 from teefl.workload.train import configure_threads, evaluate, resolve_device, train_local
 
 log = logging.getLogger("teefl.collaborator")
+
+#: metadata key of the session token (hex) on every call after Join (see aggregator.py)
+SESSION_METADATA = "teefl-session"
 
 
 class _Lost(Exception):
@@ -72,6 +85,25 @@ class Collaborator:
         self._aggregator_verdict: dict[str, Any] | None = None
         self._aggregator_spki: bytes | None = None  # its attested TLS key, when we checked it
         self._verifier = _aggregator_verifier(plan)  # an unpinned policy stops us here, at start
+        #: what this collaborator runs with: compared with the aggregator's at every Join and,
+        #: with attestation, bound into the evidence of both
+        self.sections = attest.config_sections(plan)
+        self.binding = attest.config_binding(plan)
+        att = plan.security.attestation
+        #: the TLS key of this collaborator's model traffic when it must attest: made here, in
+        #: memory (in its TEE), never written anywhere; the evidence at Join is bound to it
+        self.session_key = session_keys.new_key() if att.collaborators == "required" else None
+        self._session_key_pem = (
+            session_keys.key_pem(self.session_key) if self.session_key is not None else None
+        )
+        self.session_cert: bytes | None = None  # issued for it at the latest Join
+        #: the aggregator's own certificate (PEM) when it must attest: every channel and the
+        #: data plane trust exactly this certificate
+        self.pin: bytes | None = None
+        self.enrol: grpc.Channel | None = None  # Challenge and Join
+        self.session_channel: grpc.Channel | None = None  # model traffic, attested session
+        self.stub: teefl_pb2_grpc.FederationStub | None = None  # the model traffic's stub
+        self._md: tuple[tuple[str, str], ...] = ()  # the session token, on every call
         self.data: Any = None  # the data-plane socket (None: model and updates over gRPC)
         self.check = payload_check(plan)  # what downloads are checked against
         #: the data plane's receive buffer, kept from round to round: faulting in 45 fresh MB
@@ -121,18 +153,20 @@ class Collaborator:
         self._prepare()
         self.resident = ResidentModel.bind(self.model)
         t_data = time.monotonic()
-        channel = open_channel(self.plan, self.name, self.address, timeout=60.0)
+        self._connect(timeout=60.0)
         t_conn = time.monotonic()
-        stub = teefl_pb2_grpc.FederationStub(channel)
         self.last = 0  # the last round this collaborator completed
         lost_since: float | None = None
         backoff = 0.5
         try:
             while True:
                 try:
-                    run_id, rounds = self._join(stub, t0, t_data, t_conn)
+                    if self.enrol is None:  # dropped after a loss (a pinned aggregator)
+                        self._reconnect()
+                    run_id, rounds = self._join(t0, t_data, t_conn)
                     lost_since, backoff = None, 0.5
-                    self._loop(stub, rounds)
+                    assert self.stub is not None
+                    self._loop(self.stub, rounds)
                     return run_id
                 except _Lost as exc:
                     now = time.monotonic()
@@ -149,14 +183,101 @@ class Collaborator:
                     if self.rec is not None:
                         self.rec.info("lost_aggregator", reason=str(exc))
                     self._close_data()
+                    self._close_session()
+                    if self.pin is not None:  # a restarted aggregator has a new key: fetch,
+                        self._close_enrol()  # verify and pin it again
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
                     t_conn = time.monotonic()
         finally:
             self._close_data()
-            channel.close()
+            self._close_session()
+            self._close_enrol()
             if self.rec is not None:
                 self.rec.close()
+
+    # -- channels ----------------------------------------------------------------------------
+    def _connect(self, timeout: float) -> None:
+        """The enrolment channel; with the aggregator's attestation required, pinned to the
+        certificate it presents now (checked at Challenge, before anything else is asked)."""
+        if self.plan.security.attestation.aggregator == "required":
+            self.pin = self._fetch_pin(timeout)
+        self.enrol = open_channel(self.plan, self.name, self.address, timeout, pin=self.pin)
+        self.stub = teefl_pb2_grpc.FederationStub(self.enrol)
+
+    def _fetch_pin(self, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return attest.fetch_server_certificate(self.address, timeout=5.0)
+            except ConnectionError as exc:
+                if time.monotonic() >= deadline:
+                    raise TeeflError(str(exc)) from None
+                time.sleep(0.5)
+
+    def _reconnect(self) -> None:
+        """`_connect` after a loss: anything that may pass by waiting is a `_Lost`."""
+        try:
+            if self.plan.security.attestation.aggregator == "required":
+                try:
+                    self.pin = attest.fetch_server_certificate(self.address, timeout=5.0)
+                except ConnectionError as exc:
+                    raise _Lost(str(exc)) from None
+            self.enrol = open_channel(self.plan, self.name, self.address, 10.0, pin=self.pin)
+            self.stub = teefl_pb2_grpc.FederationStub(self.enrol)
+        except ConnectError as exc:
+            if not exc.retryable:
+                raise
+            raise _Lost(str(exc)) from None
+
+    def _close_enrol(self) -> None:
+        if self.enrol is not None:
+            self.enrol.close()
+            self.enrol = None
+
+    def _close_session(self) -> None:
+        if self.session_channel is not None:
+            self.session_channel.close()
+            self.session_channel = None
+
+    def _open_session(self, reply: teefl_pb2.JoinReply) -> None:
+        """The channel for model traffic: the enrolment channel itself, or -- when this
+        collaborator must attest -- a new one with the session certificate just issued for
+        its in-memory key (the aggregator refuses model calls over any other certificate)."""
+        self._close_session()
+        if self.session_key is None:
+            assert self.enrol is not None
+            self.stub = teefl_pb2_grpc.FederationStub(self.enrol)
+            return
+        from cryptography import x509
+
+        from teefl.security import pki
+
+        pem = bytes(reply.session_cert)
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+        except ValueError:
+            raise TeeflError("the aggregator's Join reply carries no session certificate") from None
+        if session_keys.spki_of(cert) != session_keys.spki_of(self.session_key) or (
+            pki.common_name(cert) != self.name
+        ):
+            raise TeeflError("the session certificate is not for this collaborator's key")
+        self.session_cert = pem
+        assert self._session_key_pem is not None
+        try:
+            self.session_channel = open_channel(
+                self.plan,
+                self.name,
+                self.address,
+                30.0,
+                pin=self.pin,
+                client=(pem, self._session_key_pem),
+            )
+        except ConnectError as exc:
+            if not exc.retryable:
+                raise
+            raise _Lost(str(exc)) from None
+        self.stub = teefl_pb2_grpc.FederationStub(self.session_channel)
 
     def _close_data(self) -> None:
         if self.data is not None:
@@ -165,33 +286,56 @@ class Collaborator:
             self.data = None
 
     def _open_data(self, reply: teefl_pb2.JoinReply) -> None:
-        """The data-plane connection the Join reply offers (see dataplane.py), if any."""
+        """The data-plane connection (see dataplane.py) when the plan says
+        ``network.data_plane: socket``: a reply that offers none is refused, not taken as a
+        reason to move model data over another path (a downgrade the plan did not ask for)."""
         self._close_data()
-        if not reply.data_port:
+        if self.plan.network.data_plane != "socket":
             return
-        from teefl.security.tls import split_target
-
+        if not reply.data_port:
+            raise TeeflError(
+                "the aggregator's Join reply offers no data plane, but the plan says "
+                "network.data_plane: socket; refusing to move model data over another path"
+            )
         host, _ = split_target(self.address)
         tls = None
         certs = client_certs(self.plan, self.name)
         if certs is not None:
-            tls = dataplane.client_context(certs.ca, certs.cert, certs.key)
+            chain: tuple[bytes, bytes] | tuple[Path, Path] | None = None
+            if self.session_key is not None:
+                assert self.session_cert is not None and self._session_key_pem is not None
+                chain = (self.session_cert, self._session_key_pem)
+            elif certs.cert is not None and certs.key is not None:
+                chain = (certs.cert, certs.key)
+            roots = self.pin if self.pin is not None else certs.ca.read_bytes()
+            tls = session_keys.client_ssl_context(roots, chain, pinned=self.pin is not None)
         try:
             self.data = dataplane.connect(
-                host, reply.data_port, self.name, reply.data_token, tls, self._aggregator_spki
+                host, reply.data_port, self.name, reply.session_token, tls, self._aggregator_spki
             )
         except dataplane.Closed as exc:
             raise _Lost(str(exc)) from None
         except dataplane.RemoteError as exc:
             raise self._status(exc.code, exc.message) from None
 
-    def _join(self, stub, t0: float, t_data: float, t_conn: float) -> tuple[str, int]:
+    def _join(self, t0: float, t_data: float, t_conn: float) -> tuple[str, int]:
         """(Attest and) join; the first time also opens the event file and writes env."""
-        request = teefl_pb2.JoinRequest(collaborator=self.name)
+        assert self.enrol is not None
+        enrol = teefl_pb2_grpc.FederationStub(self.enrol)
+        self._md = ()
+        request = teefl_pb2.JoinRequest(collaborator=self.name, plan_sections=self.sections)
         att = self.plan.security.attestation
         if att.enabled:
-            self._attest(stub, request)
-        reply = self._call(stub.Join, request)
+            self._attest(enrol, request)
+        reply = self._call(enrol.Join, request)
+        differ = attest.differing_sections(self.sections, dict(reply.plan_sections))
+        if differ:
+            raise TeeflError(
+                f"the aggregator's plan differs from {self.name}'s in: {', '.join(differ)} "
+                "(every party must use the same plan file and CA certificate); refusing it"
+            )
+        self._md = ((SESSION_METADATA, bytes(reply.session_token).hex()),)
+        self._open_session(reply)
         self._open_data(reply)
         t_join = time.monotonic()
         # with attestation, Join carries the evidence: the whole exchange is `attest`
@@ -205,9 +349,7 @@ class Collaborator:
         else:
             self.rec.record(phase, t_conn, t_join, rejoin=True)
         if self._aggregator_verdict is not None:
-            from teefl.federation.attest import write_verdict
-
-            write_verdict(self.run_dir, "aggregator", self._aggregator_verdict)
+            attest.write_verdict(self.run_dir, "aggregator", self._aggregator_verdict)
             self._aggregator_verdict = None
         log.info(
             "%s joined run %s (%d rounds, open round %d)",
@@ -219,14 +361,12 @@ class Collaborator:
         return reply.run_id, reply.rounds
 
     def _attest(self, stub, request: teefl_pb2.JoinRequest) -> None:
-        """Challenge: check the aggregator's evidence (if required), bind ours to its nonce.
+        """Challenge: check the aggregator's evidence and endorsement (if required), bind ours
+        to its nonce.
 
         Nothing of the model is requested before this succeeds; the aggregator in turn refuses
         every model call from a collaborator whose evidence it has not accepted.
         """
-
-        from teefl.federation import attest
-
         att = self.plan.security.attestation
         my_nonce = os.urandom(attest.NONCE_SIZE)
         want = att.aggregator == "required"
@@ -236,33 +376,67 @@ class Collaborator:
         )
         if want:
             tls = self.plan.security.tls
-            assert tls.ca is not None
+            assert tls.ca is not None and self.pin is not None
             record: dict[str, Any] = {"address": self.address, "t_wall": time.time()}
             try:
+                differ = attest.differing_sections(self.sections, dict(reply.plan_sections))
+                if differ:
+                    raise attest.AttestationError(
+                        f"the aggregator's plan differs from this collaborator's in: "
+                        f"{', '.join(differ)} (every party must use the same plan file and CA)"
+                    )
                 if not reply.HasField("aggregator_evidence"):
                     raise attest.AttestationError("the aggregator sent no evidence")
-                spki = attest.server_spki(self.address, tls.ca)
+                spki = attest.spki_of_pem(self.pin)
+                # the binding is ours: an aggregator running with another plan or CA fails here
                 assert self._verifier is not None
                 verdict = self._verifier.verify(
-                    attest.from_proto(reply.aggregator_evidence), spki, my_nonce
+                    attest.from_proto(reply.aggregator_evidence), spki, my_nonce, self.binding
+                )
+                endorsed = attest.verify_endorsement(
+                    reply.endorsement.certificate,
+                    reply.endorsement.signature,
+                    spki,
+                    my_nonce,
+                    self.binding,
+                    ca=tls.ca,
+                    host=split_target(self.address)[0],
+                    revoked=self._revoked(),
                 )
             except TeeflError as exc:
                 record.update(accepted=False, reason=str(exc))
                 attest.write_verdict(self.run_dir, "aggregator", record)
                 raise TeeflError(f"aggregator attestation failed: {exc}") from None
-            record.update(accepted=True, verdict=verdict.to_dict())
+            record.update(
+                accepted=True,
+                verdict=verdict.to_dict(),
+                tls_key=attest.fingerprint(spki),
+                endorsed_by=f"serial {endorsed.serial_number:x}",
+            )
             self._aggregator_verdict = record
             self._aggregator_spki = spki
         if reply.evidence_required:
-            certs = client_certs(self.plan, self.name)
-            if certs is None or certs.cert is None:
-                raise TeeflError("the aggregator requires attestation: use transport mtls")
-            spki = attest.spki_of_pem(certs.cert.read_bytes())
+            if self.session_key is None:
+                raise TeeflError(
+                    "the aggregator requires collaborators' attestation, but this plan says "
+                    "security.attestation.collaborators: off"
+                )
+            spki = session_keys.spki_of(self.session_key)
             evidence = attest.make_provider(att).get_evidence(
-                attest.report_data_for(spki, reply.nonce)
+                attest.report_data_for(spki, reply.nonce, self.binding)
             )
             request.evidence.CopyFrom(attest.to_proto(evidence))
             request.nonce = reply.nonce
+            request.session_key = spki
+
+    def _revoked(self) -> frozenset[int]:
+        """The CA's revocation list, when the plan names one (checked against the endorsement)."""
+        tls = self.plan.security.tls
+        if tls.crl is None or tls.ca is None:
+            return frozenset()
+        from teefl.security import pki
+
+        return pki.load_crl(tls.crl, tls.ca)
 
     def _write_env(self, run_id: str) -> None:
         from teefl.measure.host import environment, tee_record, write_environment
@@ -296,7 +470,7 @@ class Collaborator:
 
     def _call(self, method, request, **kw):
         try:
-            return method(request, **kw)
+            return method(request, metadata=self._md, **kw)
         except grpc.RpcError as exc:
             raise self._classify(exc) from None
 
@@ -317,6 +491,10 @@ class Collaborator:
             return _Lost(f"{code.name}: {details}")
         if code == grpc.StatusCode.PERMISSION_DENIED and "has not passed attestation" in details:
             return _Lost("the aggregator no longer knows our attestation (restarted?)")
+        if code == grpc.StatusCode.UNAUTHENTICATED and "Join first" in details:
+            return _Lost(f"our session ended ({details})")  # restarted aggregator, or a newer Join
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in details:
+            return _Lost(details)
         if code == grpc.StatusCode.FAILED_PRECONDITION and (
             "not open" in details or "stale" in details
         ):
@@ -465,7 +643,9 @@ class Collaborator:
             return self._upload_data(header, payload, r)
         started = threading.Event()
         holder: list[Any] = []
-        call = stub.PutUpdate.future(self._upload_stream(header, payload, r, started, holder))
+        call = stub.PutUpdate.future(
+            self._upload_stream(header, payload, r, started, holder), metadata=self._md
+        )
         holder.append(call)
         started.set()
         try:
@@ -584,7 +764,9 @@ class Collaborator:
     def _download(self, stub, r: int) -> tuple[dict[str, torch.Tensor] | None, int]:
         if self.data is not None:
             return self._download_data(r)
-        stream = stub.GetModel(teefl_pb2.ModelRequest(collaborator=self.name, round=r))
+        stream = stub.GetModel(
+            teefl_pb2.ModelRequest(collaborator=self.name, round=r), metadata=self._md
+        )
         try:
             first = next(stream)
             if not first.HasField("header"):

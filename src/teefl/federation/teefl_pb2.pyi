@@ -28,41 +28,82 @@ class ChallengeRequest(_message.Message):
     want_evidence: bool
     def __init__(self, collaborator: _Optional[str] = ..., nonce: _Optional[bytes] = ..., want_evidence: _Optional[bool] = ...) -> None: ...
 
+class Endorsement(_message.Message):
+    __slots__ = ("certificate", "signature")
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    certificate: bytes
+    signature: bytes
+    def __init__(self, certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class ChallengeReply(_message.Message):
-    __slots__ = ("nonce", "evidence_required", "aggregator_evidence")
+    __slots__ = ("nonce", "evidence_required", "aggregator_evidence", "endorsement", "plan_sections")
+    class PlanSectionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     NONCE_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     AGGREGATOR_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ENDORSEMENT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_SECTIONS_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
     evidence_required: bool
     aggregator_evidence: Evidence
-    def __init__(self, nonce: _Optional[bytes] = ..., evidence_required: _Optional[bool] = ..., aggregator_evidence: _Optional[_Union[Evidence, _Mapping]] = ...) -> None: ...
+    endorsement: Endorsement
+    plan_sections: _containers.ScalarMap[str, bytes]
+    def __init__(self, nonce: _Optional[bytes] = ..., evidence_required: _Optional[bool] = ..., aggregator_evidence: _Optional[_Union[Evidence, _Mapping]] = ..., endorsement: _Optional[_Union[Endorsement, _Mapping]] = ..., plan_sections: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("collaborator", "evidence", "nonce")
+    __slots__ = ("collaborator", "evidence", "nonce", "session_key", "plan_sections")
+    class PlanSectionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     COLLABORATOR_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
+    PLAN_SECTIONS_FIELD_NUMBER: _ClassVar[int]
     collaborator: str
     evidence: Evidence
     nonce: bytes
-    def __init__(self, collaborator: _Optional[str] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    session_key: bytes
+    plan_sections: _containers.ScalarMap[str, bytes]
+    def __init__(self, collaborator: _Optional[str] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., nonce: _Optional[bytes] = ..., session_key: _Optional[bytes] = ..., plan_sections: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("run_id", "rounds", "current_round", "nonce", "data_port", "data_token")
+    __slots__ = ("run_id", "rounds", "current_round", "nonce", "data_port", "session_token", "session_cert", "plan_sections")
+    class PlanSectionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
-    DATA_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_CERT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_SECTIONS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rounds: int
     current_round: int
     nonce: bytes
     data_port: int
-    data_token: bytes
-    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., data_port: _Optional[int] = ..., data_token: _Optional[bytes] = ...) -> None: ...
+    session_token: bytes
+    session_cert: bytes
+    plan_sections: _containers.ScalarMap[str, bytes]
+    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., data_port: _Optional[int] = ..., session_token: _Optional[bytes] = ..., session_cert: _Optional[bytes] = ..., plan_sections: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class WaitRequest(_message.Message):
     __slots__ = ("collaborator", "after_round")

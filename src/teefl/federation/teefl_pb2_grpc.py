@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class FederationStub:
-    """Missing associated documentation comment in .proto file."""
+    """Sessions: Challenge and Join are the enrolment calls (under mtls over the certificate the
+    plan's CA issued). Every other call carries the token of the caller's latest successful Join
+    in the metadata key `teefl-session` (hex), and -- when collaborators must attest -- comes over
+    a connection whose client certificate is the session certificate that Join issued.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -62,7 +66,11 @@ class FederationStub:
 
 
 class FederationServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Sessions: Challenge and Join are the enrolment calls (under mtls over the certificate the
+    plan's CA issued). Every other call carries the token of the caller's latest successful Join
+    in the metadata key `teefl-session` (hex), and -- when collaborators must attest -- comes over
+    a connection whose client certificate is the session certificate that Join issued.
+    """
 
     def Challenge(self, request, context):
         """Attestation handshake (only when the plan requires attestation): the aggregator hands out a
@@ -74,8 +82,9 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Join(self, request, context):
-        """First call of a collaborator: who it is (and, with attestation, its evidence). Nothing of the
-        model is sent before this succeeds.
+        """First call of a collaborator: who it is, its plan fingerprint (and, with attestation, its
+        evidence). Nothing of the model is sent before this succeeds; any Join of a name -- failed
+        or not -- ends that name's earlier session (token, certificate, open calls and connections).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,7 +99,8 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """The global model of one round: a header message, then data chunks.
+        """The global model of one round: a header message, then data chunks (network.data_plane: grpc
+        only; refused when the plan's data plane is the socket).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +108,7 @@ class FederationServicer:
 
     def PutUpdate(self, request_iterator, context):
         """One update: a header message, then data chunks; answered once it is checked and accumulated.
+        Under network.data_plane: socket only the metrics-only evaluation report is accepted here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,7 +151,11 @@ def add_FederationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Federation:
-    """Missing associated documentation comment in .proto file."""
+    """Sessions: Challenge and Join are the enrolment calls (under mtls over the certificate the
+    plan's CA issued). Every other call carries the token of the caller's latest successful Join
+    in the metadata key `teefl-session` (hex), and -- when collaborators must attest -- comes over
+    a connection whose client certificate is the session certificate that Join issued.
+    """
 
     @staticmethod
     def Challenge(request,

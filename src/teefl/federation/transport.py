@@ -73,13 +73,24 @@ def client_certs(plan: Plan, name: str) -> ClientCerts | None:
     return ClientCerts(tls.ca, tls.client_dir / f"{name}.crt", tls.client_dir / f"{name}.key")
 
 
-def bind(server: grpc.Server, plan: Plan, listen: str, port: int) -> int:
-    """Add the listening port with the plan's transport; returns the bound port."""
+def bind(
+    server: grpc.Server,
+    plan: Plan,
+    listen: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
+    """Add the listening port with the plan's transport; returns the bound port.
+
+    ``credentials``: the server's own (an in-memory key, more client roots); None builds them
+    from the plan's certificate files."""
     transport = plan.security.transport or "none"
     target = f"{listen}:{port}"
     try:
         if transport == "none":
             bound = server.add_insecure_port(target)
+        elif credentials is not None:
+            bound = server.add_secure_port(target, credentials)
         else:
             from teefl.security.tls import server_credentials
 
@@ -101,10 +112,22 @@ def bind(server: grpc.Server, plan: Plan, listen: str, port: int) -> int:
     return bound
 
 
-def open_channel(plan: Plan, name: str, address: str, timeout: float = 30.0) -> grpc.Channel:
-    """Open the one channel a collaborator keeps for the whole run, waiting until it is up.
+def open_channel(
+    plan: Plan,
+    name: str,
+    address: str,
+    timeout: float = 30.0,
+    *,
+    pin: bytes | None = None,
+    client: tuple[bytes, bytes] | None = None,
+) -> grpc.Channel:
+    """Open a collaborator's channel to the aggregator, waiting until it is up.
 
-    The TLS handshake happens here, so the caller's ``connect`` span includes it.
+    The TLS handshake happens here, so the caller's ``connect`` span includes it. ``pin``: the
+    aggregator's own certificate (PEM) as the only root -- the channel then reaches exactly the
+    attested key and nothing else (gRPC checks the name against the certificate's first SAN).
+    ``client``: (certificate PEM, key PEM) held in memory -- a session certificate -- instead of
+    the collaborator's provisioned files.
     """
     certs = client_certs(plan, name)
     options = channel_options(plan)
@@ -113,7 +136,29 @@ def open_channel(plan: Plan, name: str, address: str, timeout: float = 30.0) -> 
     else:
         from teefl.security.tls import channel_credentials
 
-        creds = channel_credentials(certs.ca, certs.cert, certs.key)
+        if pin is None and client is None:
+            creds = channel_credentials(certs.ca, certs.cert, certs.key)
+        else:
+            root = pin if pin is not None else Path(certs.ca).read_bytes()
+            if pin is not None:
+                from teefl.federation.attest import first_san
+
+                options = [*options, ("grpc.ssl_target_name_override", first_san(pin))]
+            if client is not None:
+                chain, key = client
+            elif certs.cert is not None and certs.key is not None:
+                chain, key = certs.cert.read_bytes(), certs.key.read_bytes()
+                # the same local checks as `channel_credentials` (readable errors)
+                from teefl.security import pki
+
+                pki.check_certificate(
+                    certs.cert, ca_path=certs.ca, key_path=certs.key, purpose="client"
+                )
+            else:
+                chain = key = None
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=root, private_key=key, certificate_chain=chain
+            )
         channel = grpc.secure_channel(address, creds, options=options)
     from teefl.security.tls import wait_for_channel
 
@@ -122,9 +167,9 @@ def open_channel(plan: Plan, name: str, address: str, timeout: float = 30.0) -> 
             channel,
             target=address,
             transport=plan.security.transport or "none",
-            ca=certs.ca if certs else None,
-            cert=certs.cert if certs else None,
-            key=certs.key if certs else None,
+            ca=certs.ca if certs and pin is None else None,
+            cert=certs.cert if certs and client is None else None,
+            key=certs.key if certs and client is None else None,
             timeout=timeout,
         )
     except BaseException:

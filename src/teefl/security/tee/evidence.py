@@ -3,8 +3,8 @@
 Why an interface: the federation code only needs "give me evidence for these 64 bytes"; whether
 the bytes come from the Linux configfs-tsm ABI (TDX / SEV-SNP guests), from Gramine's
 ``/dev/attestation`` pseudo-files (SGX enclaves) or from the software stand-in used in tests is a
-deployment detail. The report data is always ``report_data_for(tls_spki, nonce)`` (see
-``verify.py``), which is what ties a quote to one TLS key and one handshake.
+deployment detail. The report data is always ``report_data_for(tls_spki, nonce, binding)`` (see
+``verify.py``), which is what ties a quote to one TLS key, one handshake and one configuration.
 
 Every provider reads and writes below a ``root`` path so tests run against fake trees.
 """

@@ -14,8 +14,9 @@ Why three layers:
    binding a genuine quote could be replayed by any machine-in-the-middle; with it, the quote
    vouches for the TLS endpoint.
 
-Binding: ``report_data_for(spki_der, nonce) = SHA-512(DER SubjectPublicKeyInfo || nonce)``; the
-nonce (32 bytes, chosen by the verifier) makes each quote fresh.
+Binding: ``report_data_for(spki_der, nonce, binding) = SHA-512(DER SubjectPublicKeyInfo || nonce
+|| binding)``; the nonce (32 bytes, chosen by the verifier) makes each quote fresh, the binding
+(32 bytes: the SHA-256 of the party's plan and CA) ties it to the configuration it runs with.
 """
 
 from __future__ import annotations
@@ -105,17 +106,28 @@ _TDX15_BODY_SIZE = 648
 # --------------------------------------------------------------------------------------------
 
 
-def report_data_for(spki_der: bytes, nonce: bytes) -> bytes:
-    """SHA-512(DER SubjectPublicKeyInfo || nonce): the 64 bytes a quote must carry.
+#: bytes of the configuration binding (a SHA-256, see `teefl.federation.attest.config_binding`)
+BINDING_SIZE = 32
+
+
+def report_data_for(spki_der: bytes, nonce: bytes, binding: bytes) -> bytes:
+    """SHA-512(DER SubjectPublicKeyInfo || nonce || binding): the 64 bytes a quote must carry.
 
     Hashing the whole SPKI (algorithm + key) rather than the certificate means a re-issued
-    certificate for the same key still verifies, while any other key cannot.
+    certificate for the same key still verifies, while any other key cannot. ``binding`` is the
+    SHA-256 of what the party runs with (its plan and CA, `attest.config_binding`): a verifier
+    computes its own and so refuses a peer whose host edited the plan or swapped the CA, even
+    though the measured code is the same.
     """
     if len(nonce) != NONCE_SIZE:
         raise AttestationError(f"attestation nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
     if not spki_der:
         raise AttestationError("empty SubjectPublicKeyInfo")
-    return hashlib.sha512(bytes(spki_der) + bytes(nonce)).digest()
+    if len(binding) != BINDING_SIZE:
+        raise AttestationError(
+            f"configuration binding must be {BINDING_SIZE} bytes, got {len(binding)}"
+        )
+    return hashlib.sha512(bytes(spki_der) + bytes(nonce) + bytes(binding)).digest()
 
 
 def spki_der_of(cert_or_key: x509.Certificate | bytes | Any) -> bytes:
@@ -457,6 +469,7 @@ def verify_any(
 
 
 __all__ = [
+    "BINDING_SIZE",
     "NONCE_SIZE",
     "AttestationError",
     "AttestationPolicies",
