@@ -36,10 +36,11 @@ def sim_key(tmp: Path) -> Path:
     return Path(tmp) / "sim.pem"
 
 
-def attestation_spec(tmp: Path) -> dict[str, Any]:
-    """security.attestation of both roles with simulated evidence, pinned as a plan must pin
-    it: the simulated signing key (`sim_key`) by fingerprint and the simulated measurements,
-    in both roles' policies. Evidence with another measurement or key is refused."""
+def attestation_spec(tmp: Path, roles: str = "both") -> dict[str, Any]:
+    """security.attestation with simulated evidence, pinned as a plan must pin it: the
+    simulated signing key (`sim_key`) by fingerprint and the simulated measurements, in both
+    roles' policies. Evidence with another measurement or key is refused. ``roles``: "both",
+    "collaborators" or "aggregator" -- who must attest."""
     key_file = sim_key(tmp)
     policy = {
         "allow_simulated": True,
@@ -47,8 +48,8 @@ def attestation_spec(tmp: Path) -> dict[str, Any]:
         **{k: [v.hex()] for k, v in default_simulated_measurements().items()},
     }
     return {
-        "collaborators": "required",
-        "aggregator": "required",
+        "collaborators": "required" if roles in ("both", "collaborators") else "off",
+        "aggregator": "required" if roles in ("both", "aggregator") else "off",
         "provider": "simulated",
         "allow_simulated": True,
         "simulated_key": str(key_file),
@@ -66,7 +67,7 @@ def secure_plan(
     tmp: Path,
     *,
     transport: str = "mtls",
-    attested: bool = False,
+    attested: bool | str = False,
     collaborators: int | list[str] = 2,
     port: int | None = None,
     path: Path | None = None,
@@ -75,8 +76,8 @@ def secure_plan(
 ) -> tuple[Path, dict[str, Any], pki.PlanPki]:
     """A synthetic plan on loopback with a PKI issued for it (kept in ``pki_dir``, default
     ``tmp/pki``, and reused when it exists). ``sections`` replace top-level plan sections
-    (``federation={...}``); ``attested``: both roles, `attestation_spec`. Returns (plan path,
-    plan data, the PKI)."""
+    (``federation={...}``); ``attested``: True (both roles) or the roles of `attestation_spec`.
+    Returns (plan path, plan data, the PKI)."""
     data: dict[str, Any] = {
         **SYNTHETIC,
         "collaborators": collaborators,
@@ -101,7 +102,7 @@ def secure_plan(
             tls["crl"] = str(issued.crl)
         security["tls"] = tls
     if attested:
-        security["attestation"] = attestation_spec(tmp)
+        security["attestation"] = attestation_spec(tmp, "both" if attested is True else attested)
     data["security"] = security
     write_plan(path, data)
     return path, data, issued

@@ -241,8 +241,8 @@ class _Tee:
     def data(self, agg, reply, token: bytes | None = None):
         from teefl.security import session
 
-        pin = fetch_pin(self.port)
-        tls = session.client_ssl_context(pin, (reply.session_cert, self.key_pem), pinned=True)
+        roots = fetch_pin(self.port) + self.ca.read_bytes()  # attested aggregator, or the CA
+        tls = session.client_ssl_context(roots, (reply.session_cert, self.key_pem), pinned=True)
         return dataplane.connect(
             "127.0.0.1", agg.data_port, self.name, token or reply.session_token, tls
         )
@@ -256,8 +256,10 @@ def _get(sock) -> int:
     return h.total_size
 
 
-def test_a_join_ends_the_earlier_session_whatever_its_outcome(tmp_path: Path) -> None:
-    plan_path, _, issued = secure_plan(tmp_path, attested=True)
+@pytest.mark.parametrize("roles", ["both", "collaborators"])
+def test_a_join_ends_the_earlier_session_whatever_its_outcome(tmp_path: Path, roles: str) -> None:
+    """With collaborators' attestation (and the aggregator's, or with its provisioned key)."""
+    plan_path, _, issued = secure_plan(tmp_path, attested=True if roles == "both" else roles)
     plan = load_plan(plan_path)
     cert, key = pki.collaborator_paths(tmp_path / "pki", "col1")
     with live_aggregator(plan_path, tmp_path / "run") as (agg, port):
