@@ -247,6 +247,8 @@ def test_bad_updates_are_refused_and_others_unaffected(tmp_path: Path) -> None:
     plan = _plan(tmp_path, {"data_plane": "grpc"}, min_collaborators=2, round_timeout=25)
     parties = Parties(plan, tmp_path / "run", tmp_path / "procs.log")
     port = __import__("yaml").safe_load(plan.read_text())["network"]["port"]
+    # made before the aggregator starts: its round 1 runs out after round_timeout if no one joins
+    join = join_request(load_plan(plan), "col3")
     try:
         parties.aggregator()
         parties.wait_running()
@@ -254,7 +256,7 @@ def test_bad_updates_are_refused_and_others_unaffected(tmp_path: Path) -> None:
         parties.collaborator("col2")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = teefl_pb2_grpc.FederationStub(ch)
-            joined = stub.Join(join_request(load_plan(plan), "col3"), timeout=10)
+            joined = stub.Join(join, timeout=10)
             md = session_metadata(joined)
             got = b"".join(
                 c.data
