@@ -16,7 +16,15 @@ from typing import Any
 
 import grpc
 
-from fedutil import SYNTHETIC, Parties, free_port, read_jsonl, write_plan
+from fedutil import (
+    SYNTHETIC,
+    Parties,
+    free_port,
+    join_request,
+    read_jsonl,
+    session_metadata,
+    write_plan,
+)
 from teefl.federation import codec, dataplane, teefl_pb2, teefl_pb2_grpc
 
 
@@ -67,6 +75,8 @@ class Aggregator:
                 },
             }
             write_plan(plan, data)
+        self.plan_path = plan
+        self.sessions: dict[str, tuple] = {}  # name -> call metadata of its latest Join
         self.run_dir = tmp / "run"
         self.log = tmp / "aggregator.log"
         self.parties = Parties(plan, self.run_dir, self.log)
@@ -110,9 +120,18 @@ class Aggregator:
 
     def join(self, name: str) -> tuple[int, bytes]:
         """Join as ``name``, as its collaborator would: (data port, data token)."""
-        reply = self.stub(name).Join(teefl_pb2.JoinRequest(collaborator=name), timeout=30)
-        assert reply.data_port == self.data_port and len(reply.data_token) == 32
-        return reply.data_port, reply.data_token
+        from teefl.plan import load_plan
+
+        reply = self.stub(name).Join(join_request(load_plan(self.plan_path), name), timeout=30)
+        assert len(reply.session_token) == 32
+        self.sessions[name] = session_metadata(reply)
+        return reply.data_port, reply.session_token
+
+    def md(self, name: str) -> tuple:
+        """The call metadata of ``name``'s latest Join (joining first if it has none)."""
+        if name not in self.sessions:
+            self.join(name)
+        return self.sessions[name]
 
     # -- data plane -----------------------------------------------------------------------------
     def _client_cert(self, name: str) -> tuple[Path, Path]:

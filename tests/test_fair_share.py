@@ -145,12 +145,14 @@ def test_a_members_long_polls_do_not_delay_a_join(small: Aggregator) -> None:
     """22.6: 16 long polls of col1 held every gRPC worker thread: a Join waited 14 s. Here col1
     keeps 16 polls going (each re-polls as soon as it returns, as a collaborator does)."""
     stop = threading.Event()
-    stub = small.stub("col1")
+    stub, md = small.stub("col1"), small.md("col1")
 
     def poll() -> None:
         while not stop.is_set():
             try:
-                stub.WaitRound(teefl_pb2.WaitRequest(collaborator="col1", after_round=99))
+                stub.WaitRound(
+                    teefl_pb2.WaitRequest(collaborator="col1", after_round=99), metadata=md
+                )
             except grpc.RpcError:
                 return
 
@@ -159,10 +161,11 @@ def test_a_members_long_polls_do_not_delay_a_join(small: Aggregator) -> None:
         t.start()
     try:
         time.sleep(2.0)
+        assert all(t.is_alive() for t in pollers), "the polls were refused, not held"
         joins = []
         for _ in range(3):
             t0 = time.monotonic()
-            small.stub("col2").Join(teefl_pb2.JoinRequest(collaborator="col2"), timeout=30)
+            small.join("col2")
             joins.append(time.monotonic() - t0)
     finally:
         stop.set()
@@ -255,12 +258,14 @@ def test_threads_and_memory_stay_bounded_under_attack(resnet: Aggregator) -> Non
         x.connect(("127.0.0.1", resnet.data_port))
         idle.append(x)
     stop = threading.Event()
-    stub = resnet.stub("col1")
+    stub, md = resnet.stub("col1"), resnet.md("col1")
 
     def poll() -> None:
         while not stop.is_set():
             try:
-                stub.WaitRound(teefl_pb2.WaitRequest(collaborator="col1", after_round=99))
+                stub.WaitRound(
+                    teefl_pb2.WaitRequest(collaborator="col1", after_round=99), metadata=md
+                )
             except grpc.RpcError:
                 return
 
