@@ -189,9 +189,18 @@ def expand(study: Study) -> tuple[list[Cell], list[tuple[Config, str]]]:
 
 
 def host_problem(
-    study: Study, cell: Cell, data_dir: Path | None, cache: dict[str, str | None]
+    study: Study,
+    cell: Cell,
+    data_dir: Path | None,
+    cache: dict[str, str | None],
+    *,
+    launchers: bool = True,
 ) -> str | None:
-    """Why this host cannot run ``cell`` (None: it can). ``cache`` memoizes per need."""
+    """Why this host cannot run ``cell`` (None: it can). ``cache`` memoizes per need.
+
+    ``launchers=False`` leaves Gramine and SGX out: where cells run on other machines (Slurm
+    nodes), the node that runs a cell says so itself, in one line, when it cannot.
+    """
 
     def memo(key: str, fn: Any) -> str | None:
         if key not in cache:
@@ -199,7 +208,7 @@ def host_problem(
         return cache[key]
 
     cfg = cell.config
-    if cfg.launcher != "native":
+    if cfg.launcher != "native" and launchers:
 
         def gramine() -> str | None:
             tools = [cfg.launcher, "gramine-manifest"]
@@ -246,20 +255,20 @@ def dataset_problem(name: str, root: Path | None, data_dir: Path | None) -> str 
 
 
 def plan_cells(
-    study: Study, data_dir: Path | None = None
+    study: Study, data_dir: Path | None = None, *, launchers: bool = True
 ) -> tuple[list[Cell], list[tuple[Config, str]]]:
     """Expand the study and decide, per cell, whether this host can run it.
 
     A missing dataset becomes the plan's synthetic dataset when the study says
     ``dataset_fallback: synthetic`` (announced in the cell's notes); otherwise the cell is
-    skipped with the reason.
+    skipped with the reason. ``launchers``: see `host_problem`.
     """
     cells, invalid = expand(study)
     cache: dict[str, str | None] = {}
     out: list[Cell] = []
     renamed: set[str] = set()
     for cell in cells:
-        problem = host_problem(study, cell, data_dir, cache)
+        problem = host_problem(study, cell, data_dir, cache, launchers=launchers)
         if (
             problem
             and problem.startswith("dataset ")
@@ -278,7 +287,7 @@ def plan_cells(
             )
             cell.notes.append(note)
             renamed.add(old)
-            problem = host_problem(study, cell, data_dir, cache)
+            problem = host_problem(study, cell, data_dir, cache, launchers=launchers)
         cell.skip = problem
         out.append(cell)
     names = [c.name for c in out]

@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from rich.console import Console
@@ -43,6 +43,9 @@ from rich.table import Table
 from teefl.bench.matrix import Cell, Config, build_plan, plan_cells
 from teefl.bench.study import Study, differing_keys
 from teefl.errors import TeeflError
+
+if TYPE_CHECKING:
+    from teefl.bench.executor import Executor
 
 CELL_SCHEMA = "teefl.bench-cell/1"
 
@@ -204,8 +207,12 @@ def run_cell(
     console: Console | None = None,
     topology: Any = None,
     key_file: Path | None = None,
+    executor: dict[str, Any] | None = None,
 ) -> CellOutcome:
-    """Run one cell as a real federation into OUT/<cell> (as ``teefl run`` does)."""
+    """Run one cell as a real federation into OUT/<cell> (as ``teefl run`` does).
+
+    ``executor`` (e.g. the Slurm job and node) is recorded in the cell's bench.json.
+    """
     from teefl.federation.launcher import launch, new_run_id
     from teefl.federation.report import finish_run
     from teefl.federation.runinfo import update_run_json
@@ -265,6 +272,8 @@ def run_cell(
         "wall_s": wall,
         "run_id": rid,
     }
+    if executor is not None:
+        record["executor"] = executor
     (cell_dir / "bench.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     summary = finish_run(cell_dir)  # summary.json last: it marks the cell finished
     return _outcome_from(cell, "completed", summary, wall)
@@ -333,13 +342,21 @@ def _mmss(seconds: float | None) -> str:
 # -- the study ----------------------------------------------------------------------------------
 
 
-def _describe(console: Console, study: Study, out: Path, cells: list[Cell], invalid: list) -> None:
+def _describe(
+    console: Console,
+    study: Study,
+    out: Path,
+    cells: list[Cell],
+    invalid: list,
+    executor: str | None = None,
+) -> None:
     runnable = [c for c in cells if not c.skip]
     console.print(
         f"teefl bench [bold]{escape(study.name)}[/bold]: {len(cells)} cells "
         f"({len(runnable)} runnable here), {study.axes.repeats} repeat(s), network "
         f"{study.network.mode}"
         + (f" capped at {study.network.bandwidth}" if study.network.bandwidth else "")
+        + (f", {escape(executor)}" if executor else "")
         + f"\n  output: {escape(str(out))}",
         highlight=False,
     )
@@ -387,17 +404,22 @@ def run_study(
     report: bool = True,
     progress: bool = True,
     console: Console | None = None,
+    executor: Executor | None = None,
 ) -> StudyResult:
     """Run (or resume) every runnable cell of ``study`` into ``out``; then report and fit.
 
-    Raises KeyboardInterrupt after cleaning up when interrupted (Ctrl-C or SIGTERM); a rerun
-    with the same arguments continues where it stopped.
+    ``executor`` runs the cells (default: the one the study asks for, see
+    `teefl.bench.executor`). Raises KeyboardInterrupt after cleaning up when interrupted (Ctrl-C
+    or SIGTERM); a rerun with the same arguments continues where it stopped.
     """
+    from teefl.bench.executor import make_executor
+
     console = console or Console()
     out = Path(out).resolve()
-    cells, invalid = plan_cells(study, data_dir)
+    executor = executor or make_executor(study)
+    cells, invalid = plan_cells(study, data_dir, launchers=executor.checks_launchers)
     result = StudyResult(out, invalid=invalid)
-    _describe(console, study, out, cells, invalid)
+    _describe(console, study, out, cells, invalid, executor.describe())
     skipped = [c for c in cells if c.skip]
     if strict and skipped:
         raise TeeflError(
@@ -406,10 +428,8 @@ def run_study(
         )
     result.outcomes += [CellOutcome(c, "skipped", error=c.skip) for c in skipped]
     runnable = [c for c in cells if not c.skip]
-    if study.network.mode == "netns" and not dry_run:
-        from teefl.bench.netns import require_netns
-
-        require_netns(study.network.bandwidth)
+    if not dry_run:
+        executor.check()
 
     eta = _Eta()
     todo: list[Cell] = []
@@ -445,16 +465,20 @@ def run_study(
             key_file = _study_key(out)
         t_start = time.monotonic()
         try:
-            _run_cells(study, todo, out, data_dir, console, progress, eta, result, key_file)
+            _run_cells(
+                executor, study, todo, out, data_dir, console, progress, eta, result, key_file
+            )
         except KeyboardInterrupt:
             done = sum(1 for o in result.outcomes if o.status in ("completed", "kept"))
             console.print(
-                f"[yellow]interrupted: {done} of {len(runnable)} cells finished; run the same "
-                "command again to resume (the interrupted cell is rerun from scratch)[/yellow]"
+                f"[yellow]interrupted: {done} of {len(runnable)} cells finished; "
+                f"{escape(executor.interrupted_note())}[/yellow]"
             )
             raise
         finally:
             result.elapsed_s = time.monotonic() - t_start
+    if executor.detached:
+        return result
     ran = result.count("completed")
     console.print(
         f"study {escape(study.name)}: {ran} cell(s) run in {_mmss(result.elapsed_s)}"
@@ -500,6 +524,7 @@ def _signals_as_interrupt() -> Iterator[None]:
 
 
 def _run_cells(
+    executor: Executor,
     study: Study,
     todo: list[Cell],
     out: Path,
@@ -510,20 +535,8 @@ def _run_cells(
     result: StudyResult,
     key_file: Path | None,
 ) -> None:
-    topo_cm: Any = contextlib.nullcontext(None)
-    if study.network.mode == "netns" and todo:
-        from teefl.bench.netns import Topology, cleanup_leftovers
+    from teefl.bench.executor import RunContext
 
-        removed, _kept = cleanup_leftovers()
-        if removed:
-            console.print(
-                f"removed {len(removed)} network namespace(s) left by a killed teefl bench",
-                highlight=False,
-            )
-        base = study.base_plan_obj()
-        topo_cm = Topology(
-            base.collaborators, subnet=study.network.subnet, bandwidth=study.network.bandwidth
-        )
     bars = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -536,33 +549,25 @@ def _run_cells(
     )
     n = len(todo)
     t0 = time.monotonic()
-    with _signals_as_interrupt(), topo_cm as topo, bars:
-        if topo is not None:
-            console.print(
-                f"network namespaces up: aggregator at {topo.aggregator_ip}, "
-                f"{len(topo.parties) - 1} collaborators, links "
-                + (f"capped at {topo.bandwidth}" if topo.bandwidth else "unlimited (veth)"),
-                highlight=False,
-            )
+    with _signals_as_interrupt(), bars:
         task = bars.add_task("study", total=n, eta=_mmss(eta.remaining(todo)))
-        for i, cell in enumerate(todo, start=1):
-            bars.update(task, description=f"{cell.name}")
-            try:
-                o = run_cell(
-                    study,
-                    cell,
-                    out,
-                    data_dir=data_dir,
-                    console=bars.console,
-                    topology=topo,
-                    key_file=key_file,
-                )
-            except TeeflError as exc:
-                o = CellOutcome(cell, "failed", error=str(exc))
+        ctx = RunContext(
+            study,
+            out,
+            data_dir,
+            key_file,
+            bars.console,
+            lambda text: bars.update(task, description=text),
+        )
+        left = list(todo)
+        for i, o in enumerate(executor.outcomes(ctx, todo) if todo else (), start=1):
+            cell = o.cell
+            with contextlib.suppress(ValueError):
+                left.remove(cell)
             result.outcomes.append(o)
             if o.status == "completed":
                 eta.add(cell, o.wall_s)
-            remaining = eta.remaining(todo[i:])
+            remaining = eta.remaining(left)
             if result.predicted_s is None and remaining is not None:
                 result.predicted_s = (time.monotonic() - t0) + remaining
             bars.update(task, advance=1, eta=_mmss(remaining))
