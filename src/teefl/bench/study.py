@@ -28,6 +28,22 @@ Layout (every key optional except where noted)::
       mode: loopback              # loopback | netns (each party in its own network namespace)
       bandwidth: 1gbit            # netns only: tc rate of every party's link, both directions
     report: {resamples: 2000}
+    executor:                     # where the cells run (not part of what is measured)
+      kind: local                 # local (this host, one cell after another) | slurm
+      slurm:                      # kind slurm: sbatch options of every cell's job
+        partition: batch
+        account: proj42
+        time: "01:00:00"          # per cell
+        gres: gpu:1
+        exclusive: true           # the cell's node to itself (default)
+        options: [--qos=normal]   # further sbatch options, as they are
+        parallel: 1               # cells at a time (array throttle %1, the default)
+        cells:                    # other resources for some cells (one job per cell then)
+          - match: {launcher: gramine-sgx}
+            constraint: sgx
+
+Why the executor is left out of the comparison of a rerun's study with the stored one: it says
+where the cells run, not what they measure -- a study started here may be continued on Slurm.
 """
 
 from __future__ import annotations
@@ -39,7 +55,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from teefl.errors import TeeflError
 from teefl.plan import NAME_RE, Plan, plan_from_dict
@@ -70,6 +93,16 @@ def _as_list(v: Any) -> Any:
     return [v] if isinstance(v, str | int) and not isinstance(v, bool) else v
 
 
+def _attestation_values(v: Any) -> Any:
+    # YAML 1.1 reads a bare ``off`` as False (and ``on``/``yes`` as True)
+    v = _as_list(v)
+    if isinstance(v, bool):
+        v = [v]
+    if isinstance(v, list):
+        return [("required" if x else "off") if isinstance(x, bool) else x for x in v]
+    return v
+
+
 class Axes(_Strict):
     """The matrix; an axis left out takes the base plan's single value."""
 
@@ -94,13 +127,7 @@ class Axes(_Strict):
     @field_validator("attestation", mode="before")
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
-        # YAML 1.1 reads a bare ``off`` as False (and ``on``/``yes`` as True)
-        v = _as_list(v)
-        if isinstance(v, bool):
-            v = [v]
-        if isinstance(v, list):
-            return [("required" if x else "off") if isinstance(x, bool) else x for x in v]
-        return v
+        return _attestation_values(v)
 
     @field_validator("models")
     @classmethod
@@ -179,6 +206,108 @@ class StudyNetwork(_Strict):
         return v
 
 
+#: options teefl sets itself in the batch scripts it writes
+_OWN_SBATCH = ("--array", "--output", "--error", "--chdir", "--dependency", "--parsable", "--wrap")
+_SLURM_TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+
+
+class SlurmResources(_Strict):
+    """sbatch options of a cell's job; None leaves the cluster's default."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    #: wall-time limit of one cell: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS
+    time: str | None = None
+    gres: str | None = None
+    constraint: str | None = None
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem: str | None = None
+    #: the node to this cell alone (no other job's load in its timings)
+    exclusive: bool | None = None
+    #: further sbatch options, passed as they are (``--qos=short``, ``--reservation=r``)
+    options: list[str] = Field(default_factory=list)
+
+    @field_validator("partition", "account", "qos", "gres", "constraint", "mem")
+    @classmethod
+    def _word(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or any(c.isspace() for c in v)):
+            raise ValueError(f"{v!r} must be one word without spaces")
+        return v
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)  # YAML: time: 30 (minutes)
+        if isinstance(v, str) and not _SLURM_TIME_RE.match(v.strip()):
+            raise ValueError(
+                f"time {v!r} is not a Slurm time limit (minutes, HH:MM:SS or D-HH:MM:SS)"
+            )
+        return v.strip() if isinstance(v, str) else v
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: list[str]) -> list[str]:
+        for opt in v:
+            if not opt.startswith("-") or "\n" in opt:
+                raise ValueError(f"{opt!r} is not an sbatch option (e.g. --qos=short)")
+            if opt.split("=", 1)[0] in _OWN_SBATCH:
+                raise ValueError(f"{opt.split('=', 1)[0]} is set by teefl in the batch scripts")
+        return v
+
+
+class CellMatch(_Strict):
+    """Which cells a `CellResources` entry applies to; each key given must match."""
+
+    models: list[str] | None = None
+    datasets: list[str] | None = None
+    transport: list[str] | None = None
+    launcher: list[str] | None = None
+    at_rest: list[str] | None = None
+    attestation: list[str] | None = None
+    #: configuration names as in the cell names (baseline, tls, gramine-sgx+mtls ...)
+    config: list[str] | None = None
+    rounds: list[int] | None = None
+
+    @field_validator(
+        "models", "datasets", "transport", "launcher", "at_rest", "config", "rounds", mode="before"
+    )
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return _as_list(v)
+
+    @field_validator("attestation", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return _attestation_values(v)
+
+
+class CellResources(SlurmResources):
+    """Resources for the cells that ``match`` (merged over the study's own)."""
+
+    match: CellMatch
+
+
+class SlurmSpec(SlurmResources):
+    """How ``executor: {kind: slurm}`` submits and follows the cells."""
+
+    exclusive: bool | None = True
+    #: cells that may run at the same time (the array throttle ``%N``); 1 keeps every cell's
+    #: timings free of another cell's load, also on a node shared by two cells
+    parallel: int = Field(1, ge=1, le=10000)
+    #: seconds between two looks at the queue (squeue)
+    poll: float = Field(5.0, ge=0.1, le=600)
+    cells: list[CellResources] = Field(default_factory=list)
+
+
+class ExecutorSpec(_Strict):
+    """Where the cells run: here one after another (local), or as Slurm jobs."""
+
+    kind: Literal["local", "slurm"] = "local"
+    slurm: SlurmSpec = SlurmSpec()
+
+
 class ReportSpec(_Strict):
     #: bootstrap resamples of the overhead fit at the end of the study
     resamples: int = Field(2000, ge=0)
@@ -195,6 +324,7 @@ class Study(_Strict):
     dataset_fallback: Literal["synthetic"] | None = None
     network: StudyNetwork = StudyNetwork()
     report: ReportSpec = ReportSpec()
+    executor: ExecutorSpec = ExecutorSpec()
 
     @field_validator("name", "host_label")
     @classmethod
@@ -215,6 +345,15 @@ class Study(_Strict):
         except TeeflError as exc:
             raise ValueError(str(exc)) from None
 
+    @model_validator(mode="after")
+    def _executor_network(self) -> Study:
+        if self.executor.kind == "slurm" and self.network.mode == "netns":
+            raise ValueError(
+                "network mode netns puts the parties into namespaces of this host; with executor "
+                "slurm every cell runs on a compute node as a job: use network mode loopback"
+            )
+        return self
+
     def base_dict(self) -> dict[str, Any]:
         """The base plan as a mapping (base_plan is inlined by `load_study`)."""
         return copy.deepcopy(self.base)
@@ -223,8 +362,9 @@ class Study(_Strict):
         return plan_from_dict(self.base_dict(), source=f"(study {self.name}: base)")
 
     def normalized(self) -> dict[str, Any]:
-        """What is stored in OUT/study.yaml and compared on a rerun (base plan inlined)."""
-        return self.model_dump(mode="json", exclude={"base_plan"})
+        """What is stored in OUT/study.yaml and compared on a rerun (base plan inlined; the
+        executor left out: where the cells run is not what they measure)."""
+        return self.model_dump(mode="json", exclude={"base_plan", "executor"})
 
 
 def rate_bits(rate: str) -> float:

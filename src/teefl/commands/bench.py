@@ -98,6 +98,34 @@ def bench(
             "--cleanup-netns", help="Remove network namespaces left by a killed teefl bench."
         ),
     ] = False,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            help="local | netns | slurm: where the cells run (slurm: one job per cell, "
+            "see docs/hpc.md)."
+        ),
+    ] = None,
+    partition: Annotated[str | None, typer.Option(help="slurm: the partition.")] = None,
+    account: Annotated[str | None, typer.Option(help="slurm: the account to charge.")] = None,
+    time_limit: Annotated[
+        str | None, typer.Option("--time", help="slurm: time limit per cell, e.g. 01:00:00.")
+    ] = None,
+    gres: Annotated[str | None, typer.Option(help="slurm: generic resources, e.g. gpu:1.")] = None,
+    sbatch_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sbatch-option", help="slurm: a further sbatch option, e.g. --qos=short (repeat)."
+        ),
+    ] = None,
+    parallel: Annotated[
+        int | None, typer.Option(help="slurm: cells at a time (default 1: undisturbed timings).")
+    ] = None,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach", help="slurm: submit and return; run the same command later to follow."
+        ),
+    ] = False,
 ) -> None:
     """Run a study: every model x dataset x security configuration x repeat as a real federation.
 
@@ -148,6 +176,21 @@ def bench(
         net["bandwidth"] = bandwidth
         if network is None:  # a cap only exists between namespaces
             net["mode"] = "netns"
+    _apply_executor(
+        data,
+        source,
+        executor,
+        {
+            "partition": partition,
+            "account": account,
+            "time": time_limit,
+            "gres": gres,
+            "parallel": parallel,
+        },
+        sbatch_option,
+    )
+    if executor == "netns":
+        net["mode"] = "netns"
     if host_label is not None:
         data["host_label"] = host_label
     if tee_label is not None:
@@ -162,6 +205,8 @@ def bench(
         writable_dir(target, "study output directory", "--out")
     # sys.exit, not typer.Exit: with standalone_mode=False Typer turns Ctrl-C and Exit into a
     # return value that teefl's main() does not pass on, and scripts need these exit codes
+    from teefl.bench.executor import make_executor
+
     try:
         result = run_study(
             study,
@@ -173,6 +218,7 @@ def bench(
             report=not no_report,
             progress=not no_progress,
             console=console,
+            executor=make_executor(study, detach=detach),
         )
     except KeyboardInterrupt:
         sys.exit(130)
@@ -180,6 +226,54 @@ def bench(
         sys.exit(1)
 
 
+def _apply_executor(
+    data: dict[str, Any],
+    source: str,
+    kind: str | None,
+    slurm: dict[str, Any],
+    sbatch_options: list[str] | None,
+) -> None:
+    """Put ``--executor`` and the Slurm options into the study mapping (validated with it)."""
+    if kind is not None and kind not in ("local", "netns", "slurm"):
+        raise TeeflError(f"--executor must be local, netns or slurm (got {kind!r})")
+    ex = data.setdefault("executor", {})
+    if not isinstance(ex, dict):
+        raise TeeflError(f"invalid study {source}: executor must be a mapping")
+    if kind is not None:
+        ex["kind"] = "slurm" if kind == "slurm" else "local"
+    given = {k: v for k, v in slurm.items() if v is not None}
+    if sbatch_options:
+        given["options"] = list(sbatch_options)
+    if not given:
+        return
+    if ex.get("kind", "local") != "slurm":
+        names = ", ".join(
+            "--" + ("sbatch-option" if k == "options" else k.replace("_", "-")) for k in given
+        )
+        raise TeeflError(f"{names} apply(ies) to Slurm: add --executor slurm")
+    sl = ex.setdefault("slurm", {})
+    if not isinstance(sl, dict):
+        raise TeeflError(f"invalid study {source}: executor.slurm must be a mapping")
+    if "options" in given:
+        given["options"] = list(sl.get("options") or []) + given["options"]
+    sl.update(given)
+
+
+def bench_cell(
+    out: Annotated[Path, typer.Argument(help="The study folder (holds study.yaml).")],
+    cell: Annotated[str, typer.Argument(help="The cell's name (its directory in OUT).")],
+    data_dir: Annotated[Path | None, typer.Option(help="Where datasets are read from.")] = None,
+    status_file: Annotated[
+        Path | None, typer.Option(help="Write the exit code and error here at the end.")
+    ] = None,
+) -> None:
+    """Run one cell of a study folder (what each Slurm job of ``teefl bench`` runs)."""
+    from teefl.bench.slurm import run_cell_job
+
+    sys.exit(run_cell_job(out, cell, data_dir=data_dir, status_file=status_file))
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``teefl bench`` to the teefl app."""
+    """Add ``teefl bench`` (and the hidden ``teefl bench-cell`` of its Slurm jobs) to the app."""
     app.command("bench")(bench)
+    app.command("bench-cell", hidden=True)(bench_cell)
