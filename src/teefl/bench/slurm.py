@@ -296,6 +296,7 @@ class SlurmExecutor(Executor):
                 f"following {len(jobs)} cell(s) still queued or running in Slurm from an earlier "
                 f"run (job {', '.join(ids)}); they are not submitted again",
                 highlight=False,
+                soft_wrap=True,
             )
         fresh = [c for c in todo if c.name not in jobs]
         if fresh:
@@ -346,6 +347,7 @@ class SlurmExecutor(Executor):
                 f"submitted {len(cells)} cell(s) to Slurm as job array {job} "
                 f"({escape(str(script))}), {parallel} at a time",
                 highlight=False,
+                soft_wrap=True,
             )
             return [
                 _Job(f"{job}_{i}", job, c, _log_path(out, study, f"{job}_{i}"))
@@ -390,6 +392,7 @@ class SlurmExecutor(Executor):
             f"({submitted[0]}..{submitted[-1]}, scripts {escape(str(sdir))}/cells-{n}-*.sbatch; "
             f"their resources differ), {parallel} at a time",
             highlight=False,
+            soft_wrap=True,
         )
         return jobs
 
