@@ -437,7 +437,10 @@ class SlurmExecutor(Executor):
                     continue
                 if _read_status(ctx.out, key) is not None:
                     continue  # finished between the two looks: taken on the next round
-                info = client.job_info(key)
+                try:
+                    info = client.job_info(key)
+                except client.SlurmUnavailable:
+                    continue  # ask again on the next round
                 state = (info or {}).get("JobState")
                 if state in ("COMPLETED", "FAILED") or (state is None and j.last is not None):
                     # the script ran to its end: its exit file may show late on another node
