@@ -133,10 +133,14 @@ def test_study_on_slurm_resumes_after_a_killed_driver_and_matches_the_local_run(
     job = _jobs(out)[0]["job"]
     assert any(line.startswith(f"{job}_1|") for line in idle.squeue()), idle.squeue()
 
+    # --detach: a look, no wait; then the driver again, to the end
+    res = _bench(study, out, "--executor", "slurm", "--detach", env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "following 1 cell(s) still queued or running in Slurm" in res.stdout
+    assert "Run the same command again to follow them" in res.stdout
     res = _bench(study, out, "--executor", "slurm", env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "kept 1 finished cell(s) from an earlier run; 1 to run" in res.stdout
-    assert "following 1 cell(s) still queued or running in Slurm" in res.stdout
     assert "to Slurm as job" not in res.stdout  # nothing was submitted twice
     assert len(_jobs(out)) == 1
     assert json.loads((out / CELLS[0] / "run.json").read_text())["run_id"] == run_id

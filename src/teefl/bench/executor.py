@@ -16,7 +16,7 @@ only "run these cells and tell me how each went" differs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,13 +63,13 @@ class Executor:
     def interrupted_note(self) -> str:
         return "run the same command again to resume (the interrupted cell is rerun from scratch)"
 
-    def outcomes(self, ctx: RunContext, todo: list[Cell]) -> Iterator[CellOutcome]:
+    def outcomes(self, ctx: RunContext, todo: list[Cell]) -> Generator[CellOutcome, None, None]:
         """Run ``todo`` and yield one outcome per cell as each finishes."""
         yield from self._one_by_one(ctx, todo, None)
 
     def _one_by_one(
         self, ctx: RunContext, todo: list[Cell], topology: Any
-    ) -> Iterator[CellOutcome]:
+    ) -> Generator[CellOutcome, None, None]:
         for cell in todo:
             ctx.status(cell.name)
             try:
@@ -103,7 +103,7 @@ class NetnsExecutor(Executor):
 
         require_netns(self.network.bandwidth)
 
-    def outcomes(self, ctx: RunContext, todo: list[Cell]) -> Iterator[CellOutcome]:
+    def outcomes(self, ctx: RunContext, todo: list[Cell]) -> Generator[CellOutcome, None, None]:
         from teefl.bench.netns import Topology, cleanup_leftovers
 
         if not todo:

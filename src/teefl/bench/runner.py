@@ -560,20 +560,24 @@ def _run_cells(
             lambda text: bars.update(task, description=text),
         )
         left = list(todo)
-        for i, o in enumerate(executor.outcomes(ctx, todo) if todo else (), start=1):
-            cell = o.cell
-            with contextlib.suppress(ValueError):
-                left.remove(cell)
-            result.outcomes.append(o)
-            if o.status == "completed":
-                eta.add(cell, o.wall_s)
-            remaining = eta.remaining(left)
-            if result.predicted_s is None and remaining is not None:
-                result.predicted_s = (time.monotonic() - t0) + remaining
-            bars.update(task, advance=1, eta=_mmss(remaining))
-            bars.console.print(_cell_line(i, n, o, remaining), highlight=False, soft_wrap=True)
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                bars.console.file.flush()  # a log file shows progress as it happens
+        # closing: an executor's clean-up (namespaces) runs also when this loop stops early
+        stream = executor.outcomes(ctx, todo)
+        with contextlib.closing(stream):
+            for i, o in enumerate(stream, start=1):
+                cell = o.cell
+                with contextlib.suppress(ValueError):
+                    left.remove(cell)
+                result.outcomes.append(o)
+                if o.status == "completed":
+                    eta.add(cell, o.wall_s)
+                remaining = eta.remaining(left)
+                if result.predicted_s is None and remaining is not None:
+                    result.predicted_s = (time.monotonic() - t0) + remaining
+                bars.update(task, advance=1, eta=_mmss(remaining))
+                line = _cell_line(i, n, o, remaining)
+                bars.console.print(line, highlight=False, soft_wrap=True)
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    bars.console.file.flush()  # a log file shows progress as it happens
 
 
 def _print_order(console: Console, cells: list[Cell], out: Path) -> None:

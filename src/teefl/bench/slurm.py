@@ -31,7 +31,7 @@ import shlex
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,7 +280,9 @@ class SlurmExecutor(Executor):
             + " ".join(ids)
         )
 
-    def outcomes(self, ctx: RunContext, todo: list[Cell]) -> Iterator[CellOutcome]:
+    def outcomes(self, ctx: RunContext, todo: list[Cell]) -> Generator[CellOutcome, None, None]:
+        if not todo:
+            return
         out, study = ctx.out, ctx.study
         book = JobBook(out)
         by_name = {c.name: c for c in todo}
@@ -398,7 +400,7 @@ class SlurmExecutor(Executor):
 
     # -- following ----------------------------------------------------------------------------
 
-    def _follow(self, ctx: RunContext) -> Iterator[CellOutcome]:
+    def _follow(self, ctx: RunContext) -> Generator[CellOutcome, None, None]:
         pending = {j.key: j for j in self.pending}
         silent_since: float | None = None
         while pending:
