@@ -185,18 +185,19 @@ def test_a_cancelled_cell_job_is_that_cell_failed_and_the_others_complete(
         env={**os.environ, "COLUMNS": "160", **idle.env},
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # generous: a loaded machine starts Python slowly
         jobs: list[dict] = []
         while len(jobs) < 2 or f"{jobs[0]['job']}|RUNNING" not in idle.squeue():
             assert driver.poll() is None, driver.communicate()[0]
-            assert time.monotonic() < deadline, "the first cell's job did not start in 120 s"
+            assert time.monotonic() < deadline, "the first cell's job did not start in 300 s"
             jobs = _jobs(out)
             time.sleep(0.2)
         first, second = jobs
         assert not first["array"] and second["dependency"] == f"afterany:{first['job']}"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300
         while not (out / first["cells"][0] / "run.json").is_file():  # its federation started
-            assert time.monotonic() < deadline
+            assert driver.poll() is None, driver.communicate()[0]
+            assert time.monotonic() < deadline, "the first cell did not start its federation"
             time.sleep(0.2)
         subprocess.run(["scancel", first["job"]], env={**os.environ, **idle.env}, check=True)
         output, _ = driver.communicate(timeout=400)

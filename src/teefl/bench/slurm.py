@@ -137,6 +137,12 @@ def write_script(
     q = shlex.quote
     array = parallel is not None
     logs = out / "slurm" / "logs"
+    for where in (out, Path.cwd()):
+        if any(c.isspace() for c in str(where)):
+            raise TeeflError(
+                f"{where}: a path with spaces cannot be put in #SBATCH lines; use another --out "
+                "or working directory"
+            )
     head = [
         "#!/bin/bash",
         f"# teefl bench, study {study.name}: {len(cells)} cell(s) as "

@@ -192,6 +192,12 @@ def write_script(
 
 def submit(plan: Plan, run_dir: Path, spec: JobSpec, data_dir: Path | None) -> tuple[str, Path]:
     """Write the run directory's plan and batch script and submit it; returns (job id, script)."""
+    for where in (run_dir, Path.cwd()):
+        if any(c.isspace() for c in str(where)):
+            raise TeeflError(
+                f"{where}: a path with spaces cannot be put in #SBATCH lines; use another "
+                "--runs-dir or working directory"
+            )
     run_dir.mkdir(parents=True)
     (run_dir / "plan.yaml").write_text(plan.to_yaml(), encoding="utf-8")
     script = write_script(run_dir / "slurm" / "federation.sbatch", plan, run_dir, spec, data_dir)
@@ -266,7 +272,11 @@ def follow(job: str, run_dir: Path, plan: Plan, console: Console, poll: float = 
             shown = state
         time.sleep(poll)
     log = run_dir / "slurm" / f"job-{job}.out"
-    deadline = time.monotonic() + FILES_GRACE_S
+    info = client.job_info(job) or {}
+    # a job that ran to its end may show its last files late on this node; one cancelled while
+    # it waited has none to show
+    ran = info.get("JobState") in (None, "COMPLETED", "FAILED")
+    deadline = time.monotonic() + (FILES_GRACE_S if ran else 0.0)
     while True:
         run = read_run_json(run_dir)
         summary = run_dir / "summary.json"
@@ -275,7 +285,6 @@ def follow(job: str, run_dir: Path, plan: Plan, console: Console, poll: float = 
         if run.get("status") not in (None, "starting", "running") or time.monotonic() > deadline:
             break
         time.sleep(min(poll, 1.0))
-    info = client.job_info(job) or {}
     state = info.get("JobState", "gone")
     why = run.get("error") or _last_error(log) or f"Slurm job {job} {state}"
     raise TeeflError(
