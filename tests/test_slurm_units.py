@@ -176,3 +176,34 @@ def test_federation_job_options_are_checked() -> None:
         "--nodelist=n1",
         "--overcommit",
     ]
+
+
+def test_a_cell_held_by_another_job_is_not_run_twice(tmp_path: Path) -> None:
+    import sys
+
+    from teefl.bench.slurm import _cell_lock
+
+    path = tmp_path / "slurm" / "locks" / "c1.lock"
+    path.parent.mkdir(parents=True)
+    path.write_text("job 7_1 on n1, pid 1\n")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+            "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        busy = r"c1 is being run by another job \(job 7_1 on n1"
+        with pytest.raises(TeeflError, match=busy), _cell_lock(tmp_path, "c1"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with _cell_lock(tmp_path, "c1"):  # free again
+        assert "pid" in path.read_text()
