@@ -268,6 +268,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             self.resumed_from = completed = resume[0]
             self.global_state = self._resumed_state(resume[1])
             self.round = completed + 1
+        #: the last round whose checkpoint is durable: collaborators keep a copy of each update
+        #: they sent until they hear that its round is at most this (docs/reliability.md)
+        self.durable_round = completed
         # what a dead aggregator left: temp files, updates of rounds whose checkpoint is
         # durable, metrics lines of the rounds it is about to close again
         self.store.clean_up(completed, final=completed == self.rounds)
@@ -392,6 +395,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 with self.sum_lock:
                     self.fedavg.add(state, samples, checked=True)
             self.received[name] = {"samples": samples, **metrics}
+            self.rec.info("update_replayed", collaborator=name, round=rnd)
             n += 1
         if startup and (n or self.resumed_from is not None):
             log.warning(
@@ -778,14 +782,18 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             self.joined.add(name)
         log.info("%s joined from %s", name, context.peer())
         self.rec.info("joined", collaborator=name, peer=context.peer())
+        with self.cond:  # the open round and whether this member's update is in it, together
+            current, holds, durable = self.round, name in self.received, self.durable_round
         reply = teefl_pb2.JoinReply(
             run_id=self.run_id,
             rounds=self.rounds,
-            current_round=self.round,
+            current_round=current,
             nonce=os.urandom(32),
             session_token=session.token,
             session_cert=cert_pem,
             plan_sections=self.sections,
+            holds_update=holds,
+            durable_round=durable,
         )
         if self.data_port:
             reply.data_port = self.data_port
@@ -829,10 +837,14 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             if self.done:
                 self.told_done.add(name)
                 self.cond.notify_all()
-                return teefl_pb2.WaitReply(round=0, done=True)
+                return teefl_pb2.WaitReply(round=0, done=True, durable_round=self.durable_round)
             if ready():
-                return teefl_pb2.WaitReply(round=self.round, evaluate_only=self.evaluating)
-            return teefl_pb2.WaitReply(round=0)
+                return teefl_pb2.WaitReply(
+                    round=self.round,
+                    evaluate_only=self.evaluating,
+                    durable_round=self.durable_round,
+                )
+            return teefl_pb2.WaitReply(round=0, durable_round=self.durable_round)
 
     def GetModel(self, request: teefl_pb2.ModelRequest, context: grpc.ServicerContext):
         name = self._known(request.collaborator, context)
@@ -1651,6 +1663,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         # (after the final round no round reuses their files: the spares go too)
         self.store.drop_updates(rnd, last=rnd == self.rounds)
         update_run_json(self.run_dir, rounds_completed=rnd)  # where a crash leaves the run
+        with self.cond:  # collaborators may drop their copies of this round's updates now
+            self.durable_round = max(self.durable_round, rnd)
 
     @contextlib.contextmanager
     def _moving(self) -> Iterator[None]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +53,12 @@ class _Lost(Exception):
 
 class _Stale(Exception):
     """The round closed before our request arrived: carry on with the next round."""
+
+
+#: what ends a connection to the aggregator rather than the run: a restart or a network fault
+#: surfaces as any of these (a reset TCP connection, a TLS record cut off, an early EOF), and
+#: each is retried for ``federation.reconnect_timeout``
+_LOSS_ERRORS = (_Lost, ConnectionError, TimeoutError, ssl.SSLError, EOFError)
 
 
 def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
@@ -156,6 +163,12 @@ class Collaborator:
         self._connect(timeout=60.0)
         t_conn = time.monotonic()
         self.last = 0  # the last round this collaborator completed
+        #: updates sent and acknowledged, kept until their round's checkpoint is durable: after
+        #: an aggregator restart that lost one (a host restart empties its staging), Join says
+        #: so and the copy is sent again (docs/reliability.md, "End-to-end durability")
+        self.kept: dict[int, tuple[teefl_pb2.Header, Any]] = {}
+        #: the update being sent (round, header, payload): sent again after a loss mid-upload
+        self.pending: tuple[int, teefl_pb2.Header, Any] | None = None
         lost_since: float | None = None
         backoff = 0.5
         try:
@@ -163,12 +176,13 @@ class Collaborator:
                 try:
                     if self.enrol is None:  # dropped after a loss (a pinned aggregator)
                         self._reconnect()
-                    run_id, rounds = self._join(t0, t_data, t_conn)
+                    run_id, rounds, joined = self._join(t0, t_data, t_conn)
                     lost_since, backoff = None, 0.5
                     assert self.stub is not None
+                    self._resync(self.stub, joined)
                     self._loop(self.stub, rounds)
                     return run_id
-                except _Lost as exc:
+                except _LOSS_ERRORS as exc:  # whatever broke the connection: rejoin
                     now = time.monotonic()
                     lost_since = lost_since or now
                     limit = self.plan.federation.reconnect_timeout
@@ -318,7 +332,9 @@ class Collaborator:
         except dataplane.RemoteError as exc:
             raise self._status(exc.code, exc.message) from None
 
-    def _join(self, t0: float, t_data: float, t_conn: float) -> tuple[str, int]:
+    def _join(
+        self, t0: float, t_data: float, t_conn: float
+    ) -> tuple[str, int, teefl_pb2.JoinReply]:
         """(Attest and) join; the first time also opens the event file and writes env."""
         assert self.enrol is not None
         enrol = teefl_pb2_grpc.FederationStub(self.enrol)
@@ -358,7 +374,60 @@ class Collaborator:
             reply.rounds,
             reply.current_round,
         )
-        return reply.run_id, reply.rounds
+        return reply.run_id, reply.rounds, reply
+
+    def _forget(self, durable_round: int) -> None:
+        """Drop the kept copies of rounds whose checkpoint is durable: no restart needs them."""
+        for r in [r for r in self.kept if r <= durable_round]:
+            del self.kept[r]
+
+    def _resync(self, stub, reply: teefl_pb2.JoinReply) -> None:
+        """After a Join: line up with the round the aggregator has open.
+
+        A restarted aggregator may be back at a round this collaborator already contributed to
+        (its acknowledged update lost with the host's staging, or the round's close not
+        durable). If it does not hold our update for that round, the kept copy -- or the one
+        whose upload broke off -- is sent again, bit for bit; without a copy the round is done
+        again (training is seeded by round, so it gives the same update)."""
+        self._forget(reply.durable_round)
+        r, rounds = reply.current_round, reply.rounds
+        if reply.holds_update:
+            self.last, self.pending = r, None
+            return
+        if self.pending is not None and self.pending[0] == r and r not in self.kept:
+            self.kept[r] = self.pending[1:]  # its upload broke off: the same bytes again
+        if 0 < r <= rounds and self._resend(stub, r):
+            return
+        # nothing to send for the open round: take part in it (again, if we had)
+        self.last = min(self.last, r - 1)
+
+    def _resend(self, stub, r: int) -> bool:
+        """Send the kept update of round ``r`` again, if there is one (see `_resync`)."""
+        copy = self.kept.get(r)
+        if copy is None:
+            return False
+        header, payload = copy
+        log.warning("%s: sending our kept update of round %d again", self.name, r)
+        assert self.rec is not None
+        try:
+            with self.rec.span("upload", round=r, resent=True) as s:
+                self._upload(stub, header, payload, r)
+                s["bytes"] = len(payload)
+        except _Stale as exc:
+            log.warning("%s: round %d closed meanwhile (%s)", self.name, r, exc)
+        self._kept(r, header, payload)
+        self.last = r
+        return True
+
+    def _kept(self, r: int, header: teefl_pb2.Header, payload: Any) -> None:
+        """Keep the acknowledged update of round ``r`` (see ``self.kept``). The model's own
+        memory is copied -- the next download overwrites it; other payloads are fresh buffers
+        of their own and kept as they are."""
+        resident = self.resident.payload if self.resident is not None else None
+        if resident is not None and payload is resident:
+            payload = bytes(payload)
+        self.kept[r] = (header, payload)
+        self.pending = None
 
     def _attest(self, stub, request: teefl_pb2.JoinRequest) -> None:
         """Challenge: check the aggregator's evidence and endorsement (if required), bind ours
@@ -512,6 +581,7 @@ class Collaborator:
                 w = self._call(
                     stub.WaitRound, teefl_pb2.WaitRequest(collaborator=self.name, after_round=last)
                 )
+                self._forget(w.durable_round)
                 if w.done or w.round:
                     break
             # a wait belongs to the training round it opened; waits for the evaluation pass or
@@ -522,6 +592,8 @@ class Collaborator:
                 log.info("%s: run complete", self.name)
                 return
             r = w.round
+            if not w.evaluate_only and self._resend(stub, r):
+                continue  # a restarted aggregator reopened a round we had sent: the same bytes
             # the final evaluation pass is not a training round: its spans carry no round number
             phase, span_round = ("final_download", None) if w.evaluate_only else ("download", r)
             try:
@@ -587,11 +659,13 @@ class Collaborator:
                 encoding=encoding,
                 raw_size=raw_size,
             )
+            self.pending = (r, header, payload)
             try:
                 with rec.span("upload", round=r) as s:
                     ack = self._upload(stub, header, payload, r)
                     s["bytes"] = len(payload)
             except _Stale as exc:
+                self.pending = None
                 log.warning(
                     "%s: update for round %d refused as stale (%s); joining the next round",
                     self.name,
@@ -602,6 +676,7 @@ class Collaborator:
                 self.last = r
                 continue
             log.info("%s: round %d/%d uploaded (%s)", self.name, r, rounds, ack.message)
+            self._kept(r, header, payload)  # after the ACK: off the transfer path
             self.last = r
 
     def _round(self, r: int) -> dict[str, float]:

@@ -79,7 +79,7 @@ class JoinRequest(_message.Message):
     def __init__(self, collaborator: _Optional[str] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., nonce: _Optional[bytes] = ..., session_key: _Optional[bytes] = ..., plan_sections: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("run_id", "rounds", "current_round", "nonce", "data_port", "session_token", "session_cert", "plan_sections")
+    __slots__ = ("run_id", "rounds", "current_round", "nonce", "data_port", "session_token", "session_cert", "plan_sections", "holds_update", "durable_round")
     class PlanSectionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,8 @@ class JoinReply(_message.Message):
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SESSION_CERT_FIELD_NUMBER: _ClassVar[int]
     PLAN_SECTIONS_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_ROUND_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rounds: int
     current_round: int
@@ -103,7 +105,9 @@ class JoinReply(_message.Message):
     session_token: bytes
     session_cert: bytes
     plan_sections: _containers.ScalarMap[str, bytes]
-    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., data_port: _Optional[int] = ..., session_token: _Optional[bytes] = ..., session_cert: _Optional[bytes] = ..., plan_sections: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    holds_update: bool
+    durable_round: int
+    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., data_port: _Optional[int] = ..., session_token: _Optional[bytes] = ..., session_cert: _Optional[bytes] = ..., plan_sections: _Optional[_Mapping[str, bytes]] = ..., holds_update: _Optional[bool] = ..., durable_round: _Optional[int] = ...) -> None: ...
 
 class WaitRequest(_message.Message):
     __slots__ = ("collaborator", "after_round")
@@ -114,14 +118,16 @@ class WaitRequest(_message.Message):
     def __init__(self, collaborator: _Optional[str] = ..., after_round: _Optional[int] = ...) -> None: ...
 
 class WaitReply(_message.Message):
-    __slots__ = ("round", "done", "evaluate_only")
+    __slots__ = ("round", "done", "evaluate_only", "durable_round")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
     done: bool
     evaluate_only: bool
-    def __init__(self, round: _Optional[int] = ..., done: _Optional[bool] = ..., evaluate_only: _Optional[bool] = ...) -> None: ...
+    durable_round: int
+    def __init__(self, round: _Optional[int] = ..., done: _Optional[bool] = ..., evaluate_only: _Optional[bool] = ..., durable_round: _Optional[int] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ("collaborator", "round")

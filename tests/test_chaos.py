@@ -1,0 +1,230 @@
+"""Chaos: a real federation started through the CLI, its parties SIGKILLed at phases read from the
+live events, restarted with the same command -- and the run must end as if nothing happened.
+
+Each federation is compared with a fault-free run of the same seed: every checkpoint and the
+final model bit-identical, every acknowledged update counted exactly once (one metrics line per
+round naming each collaborator once), every aggregator start counted, nothing left behind in the
+run or staging directories. The kills (issue 22): the aggregator in round 1 after one
+acknowledgement, after all of them, during the round-1 close before its checkpoint is durable,
+in the final evaluation pass together with a collaborator; over transport none the first kill
+also empties the staging directory, as a host restart does, so the acknowledged update survives
+only in its collaborator's kept copy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedutil import SYNTHETIC, Parties, free_port, read_jsonl, write_plan
+from teefl.measure.events import read_events
+
+pytestmark = pytest.mark.slow
+
+ROUNDS = 3
+NAMES = ("col1", "col2", "col3")
+SHM = Path("/dev/shm")
+
+
+def _plan(tmp: Path, transport: str, staging: Path) -> Path:
+    data: dict[str, Any] = {
+        **SYNTHETIC,
+        "network": {"host": "127.0.0.1", "port": free_port(), "chunk_size": 16384},
+        "federation": {
+            "rounds": ROUNDS,
+            "round_timeout": 300,
+            "staging_dir": str(staging),
+        },
+    }
+    plan = write_plan(tmp / "plan.yaml", data)
+    if transport != "none":
+        from teefl.plan import load_plan
+        from teefl.security import pki
+
+        issued = pki.issue_for_plan(load_plan(plan), tmp / "pki")
+        data["security"] = {
+            "transport": transport,
+            "tls": {
+                "ca": str(issued.ca),
+                "server_cert": str(issued.server_cert),
+                "server_key": str(issued.server_key),
+                "client_dir": str(issued.client_dir),
+            },
+        }
+        write_plan(plan, data)
+    return plan
+
+
+class Chaos:
+    """One federation of `teefl aggregator` and three `teefl collaborator` processes."""
+
+    def __init__(self, tmp: Path, transport: str) -> None:
+        self.staging = SHM / f"teefl-chaos-{uuid.uuid4().hex[:12]}"
+        self.plan = _plan(tmp, transport, self.staging)
+        self.run = tmp / "run"
+        self.parties = Parties(self.plan, self.run, tmp / "procs.log")
+        self.aggregator_pids: list[int] = []
+
+    # -- processes --------------------------------------------------------------------------
+    def start_aggregator(self, fault: str | None = None) -> None:
+        env = {"TEEFL_FAULT_INJECT": fault} if fault else None
+        self.aggregator_pids.append(self.parties.aggregator(env=env).pid)
+
+    def start(self) -> None:
+        self.start_aggregator()
+        for name in NAMES:
+            self.parties.collaborator(name)
+
+    def kill(self, key: str) -> None:
+        p = self.parties.procs[key]
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(timeout=30) == -signal.SIGKILL, f"{key} had already ended"
+
+    def finish(self) -> None:
+        for key in ("aggregator", *NAMES):
+            rc = self.parties.procs[key].wait(timeout=300)
+            assert rc == 0, f"{key} exited {rc}:\n" + self.log()[-5000:]
+
+    def stop(self) -> None:
+        self.parties.stop()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def log(self) -> str:
+        return self.parties.log.read_text(errors="replace")
+
+    # -- the live events --------------------------------------------------------------------
+    def events(self, process: str = "aggregator") -> list[dict[str, Any]]:
+        path = self.run / "events" / f"{process}.jsonl"
+        return read_events(path) if path.exists() else []
+
+    def accepted(self, rnd: int, since: int = 0) -> set[str]:
+        """Collaborators whose update of ``rnd`` the aggregator counted (acknowledged, or
+        replayed from the run directory at a restart) in its events from index ``since``."""
+        return {
+            e["collaborator"]
+            for e in self.events()[since:]
+            if e.get("what") in ("update_accepted", "update_replayed") and e.get("round") == rnd
+        }
+
+    def wait(self, what: str, cond, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not seen within {timeout} s: {what}\n" + self.log()[-4000:])
+            agg = self.parties.procs["aggregator"]
+            if agg.poll() is not None:
+                raise AssertionError(f"aggregator exited {agg.returncode} before {what}")
+            time.sleep(0.02)
+
+    def completed_rounds(self) -> int:
+        try:
+            return int(json.loads((self.run / "run.json").read_text()).get("rounds_completed", 0))
+        except (OSError, json.JSONDecodeError):
+            return 0
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.glob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def fault_free(tmp_path_factory) -> dict[str, bytes]:
+    """The checkpoints and final model of a run without faults (transport none)."""
+    tmp = tmp_path_factory.mktemp("fault-free")
+    fed = Chaos(tmp, "none")
+    try:
+        fed.start()
+        fed.finish()
+    finally:
+        fed.stop()
+    models = _files(fed.run / "model")
+    assert len(models) == ROUNDS + 1, sorted(models)  # round-0001.. and the final model
+    return models
+
+
+@pytest.mark.parametrize("transport", ["none", "mtls"])
+def test_killed_anywhere_the_run_ends_bit_identical(
+    tmp_path: Path, transport: str, fault_free: dict[str, bytes]
+) -> None:
+    fed = Chaos(tmp_path, transport)
+    try:
+        # 1. round 1, after one acknowledgement
+        if transport == "none":
+            # killed by its own hand at the first update acknowledged from shared memory and
+            # not yet in the run directory; then the host "restarts": staging is emptied, and
+            # only the collaborator's kept copy is left of that update
+            fed.start_aggregator(fault="settle:1")
+            for name in NAMES:
+                fed.parties.collaborator(name)
+            assert fed.parties.procs["aggregator"].wait(timeout=240) == -signal.SIGKILL
+            staged = list(fed.staging.rglob("*.safetensors"))
+            assert staged, "the acknowledged update should have been waiting in staging"
+            for p in staged:
+                p.unlink()
+        else:
+            fed.start()
+            fed.wait("round 1: one update acknowledged", lambda: len(fed.accepted(1)) >= 1)
+            fed.kill("aggregator")
+        # 2. round 1, after every acknowledgement (the close may have begun)
+        since = len(fed.events())
+        fed.start_aggregator()
+        fed.wait(
+            "round 1: every update acknowledged",
+            lambda: fed.accepted(1, since) >= set(NAMES),
+        )
+        fed.kill("aggregator")
+        # 3. during a round close, before its checkpoint is durable (round 1, unless step 2's
+        # kill came after that checkpoint)
+        closing = fed.completed_rounds() + 1
+        fed.start_aggregator(fault=f"checkpoint:{closing}")
+        assert fed.parties.procs["aggregator"].wait(timeout=240) == -signal.SIGKILL, fed.log()[
+            -4000:
+        ]
+        # 4. the final evaluation pass, the aggregator and a collaborator at once
+        fed.start_aggregator()
+        fed.wait(
+            "the final evaluation pass",
+            lambda: any(
+                e.get("what") == "round_closed" and e.get("round") == ROUNDS for e in fed.events()
+            ),
+        )
+        fed.kill("aggregator")
+        fed.kill("col2")
+        fed.start_aggregator()
+        fed.parties.collaborator("col2")
+        fed.finish()
+    finally:
+        fed.stop()
+
+    run = fed.run
+    # bit-identical to the fault-free run: every checkpoint and the final model
+    got = _files(run / "model")
+    assert got.keys() == fault_free.keys()
+    for name, data in fault_free.items():
+        assert got[name] == data, f"{name} differs from the fault-free run's"
+    # one metrics line per round, each update counted exactly once
+    lines = read_jsonl(run / "metrics.jsonl")
+    assert [m["round"] for m in lines] == [*range(1, ROUNDS + 1), "final"]
+    for m in lines:
+        assert sorted(m["collaborators"]) == sorted(NAMES), m
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and info["rounds_completed"] == ROUNDS
+    assert info["restarts"] == len(fed.aggregator_pids) - 1
+    # nothing left behind: no temporary files, no stored updates, nothing staged
+    leftovers = [p for p in run.rglob("*") if ".tmp-" in p.name or p.suffix == ".tmp"]
+    assert not leftovers, leftovers
+    updates = run / "updates"
+    assert not updates.exists() or not [p for p in updates.rglob("*") if p.is_file()], list(
+        updates.rglob("*")
+    )
+    assert not fed.staging.exists() or not [p for p in fed.staging.rglob("*") if p.is_file()]
+    # the collaborators' kept copies were used where the aggregator had lost an update
+    if transport == "none":
+        assert "sending our kept update" in fed.log()
