@@ -104,8 +104,8 @@ def test_bad_evidence_is_refused_and_the_others_finish(tmp_path: Path) -> None:
         collaborators=3,
         # each round waits this long for col3 before it closes with col1 and col2; it is also
         # how long the aggregator waits for anyone at all (the collaborators start with it, and
-        # a loaded machine takes 20-30 s to start one)
-        federation={"rounds": 2, "min_collaborators": 2, "round_timeout": 45},
+        # a loaded machine takes 10-20 s to start one)
+        federation={"rounds": 2, "min_collaborators": 2, "round_timeout": 25},
     )
     port = load_plan(plan_path).network.port
     run = tmp_path / "run"

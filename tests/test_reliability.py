@@ -244,7 +244,7 @@ def test_bad_updates_are_refused_and_others_unaffected(tmp_path: Path) -> None:
     # start with the aggregator, so their start-up (~10 s of imports on a slow host) runs while
     # col3 probes, inside round 1's window; the gRPC streams: only there does a peer shape the
     # update's messages itself
-    plan = _plan(tmp_path, {"data_plane": "grpc"}, min_collaborators=2, round_timeout=25)
+    plan = _plan(tmp_path, {"data_plane": "grpc"}, rounds=1, min_collaborators=2, round_timeout=25)
     parties = Parties(plan, tmp_path / "run", tmp_path / "procs.log")
     port = __import__("yaml").safe_load(plan.read_text())["network"]["port"]
     # made before the aggregator starts: its round 1 runs out after round_timeout if no one joins
@@ -274,7 +274,7 @@ def test_bad_updates_are_refused_and_others_unaffected(tmp_path: Path) -> None:
     finally:
         parties.stop()
     run = tmp_path / "run"
-    replay_matches_checkpoints(run, ROUNDS)
+    replay_matches_checkpoints(run, 1)
     for m in read_jsonl(run / "metrics.jsonl"):
         assert set(m["collaborators"]) == {"col1", "col2"}, m
     rejected = [

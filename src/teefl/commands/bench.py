@@ -199,14 +199,16 @@ def bench(
     if study.network.bandwidth and study.network.mode != "netns":
         raise TeeflError("a bandwidth cap needs network mode netns (--network netns)")
     target = out or Path(f"bench-{study.name}")
+    from teefl.bench.executor import make_executor
+
+    executor = make_executor(study, detach=detach)
     if not dry_run:
         from teefl.writable import writable_dir
 
+        executor.check()  # no Slurm on PATH, no such partition: said before anything is written
         writable_dir(target, "study output directory", "--out")
     # sys.exit, not typer.Exit: with standalone_mode=False Typer turns Ctrl-C and Exit into a
     # return value that teefl's main() does not pass on, and scripts need these exit codes
-    from teefl.bench.executor import make_executor
-
     try:
         result = run_study(
             study,
@@ -218,7 +220,7 @@ def bench(
             report=not no_report,
             progress=not no_progress,
             console=console,
-            executor=make_executor(study, detach=detach),
+            executor=executor,
         )
     except KeyboardInterrupt:
         sys.exit(130)

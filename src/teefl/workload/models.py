@@ -9,7 +9,6 @@ downloaded: a federation starts from a seeded random initialization that every p
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 from teefl.errors import TeeflError
@@ -72,6 +71,10 @@ def _same_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 def _build(name: str, in_channels: int, num_classes: int) -> nn.Module:
     if name == "small_cnn":
         return SmallCNN(in_channels, num_classes)
+    # imported here: torchvision's own import (its ops pull in torch._dynamo) takes seconds,
+    # which every party paid at start even for a model that does not need it
+    import torchvision
+
     if name == "resnet18":
         model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
         if in_channels != 3:
