@@ -32,6 +32,28 @@ def write_plan(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def with_transport(plan: Path, data: dict[str, Any], transport: str, pki_dir: Path):
+    """Rewrite ``plan`` (written from ``data``) for ``transport``: with tls/mtls, certificates
+    issued by teefl's PKI for its parties into ``pki_dir``. Returns them (None for none)."""
+    if transport == "none":
+        return None
+    from teefl.plan import load_plan
+    from teefl.security import pki
+
+    issued = pki.issue_for_plan(load_plan(plan), pki_dir)
+    data["security"] = {
+        "transport": transport,
+        "tls": {
+            "ca": str(issued.ca),
+            "server_cert": str(issued.server_cert),
+            "server_key": str(issued.server_key),
+            "client_dir": str(issued.client_dir),
+        },
+    }
+    write_plan(plan, data)
+    return issued
+
+
 def teefl(*args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | None = None):
     """Run the teefl CLI as a user would; returns the CompletedProcess (text)."""
     return subprocess.run(

@@ -23,6 +23,7 @@ from fedutil import (
     join_request,
     read_jsonl,
     session_metadata,
+    with_transport,
     write_plan,
 )
 from teefl.federation import codec, dataplane, teefl_pb2, teefl_pb2_grpc
@@ -58,23 +59,7 @@ class Aggregator:
                 "synthetic": {"shape": [3, 32, 32], "classes": 4, "train_size": 64},
             }
         plan = write_plan(tmp / "plan.yaml", data)
-        self.certs = None
-        if transport != "none":
-            from teefl.plan import load_plan
-            from teefl.security import pki
-
-            issued = pki.issue_for_plan(load_plan(plan), tmp / "pki")
-            self.certs = issued
-            data["security"] = {
-                "transport": transport,
-                "tls": {
-                    "ca": str(issued.ca),
-                    "server_cert": str(issued.server_cert),
-                    "server_key": str(issued.server_key),
-                    "client_dir": str(issued.client_dir),
-                },
-            }
-            write_plan(plan, data)
+        self.certs = with_transport(plan, data, transport, tmp / "pki")
         self.plan_path = plan
         self.sessions: dict[str, tuple] = {}  # name -> call metadata of its latest Join
         self.run_dir = tmp / "run"

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from fedutil import SYNTHETIC, Parties, free_port, read_jsonl, write_plan
+from fedutil import SYNTHETIC, Parties, free_port, read_jsonl, with_transport, write_plan
 from teefl.measure.events import read_events
 
 pytestmark = pytest.mark.slow
@@ -44,21 +44,7 @@ def _plan(tmp: Path, transport: str, staging: Path) -> Path:
         },
     }
     plan = write_plan(tmp / "plan.yaml", data)
-    if transport != "none":
-        from teefl.plan import load_plan
-        from teefl.security import pki
-
-        issued = pki.issue_for_plan(load_plan(plan), tmp / "pki")
-        data["security"] = {
-            "transport": transport,
-            "tls": {
-                "ca": str(issued.ca),
-                "server_cert": str(issued.server_cert),
-                "server_key": str(issued.server_key),
-                "client_dir": str(issued.client_dir),
-            },
-        }
-        write_plan(plan, data)
+    with_transport(plan, data, transport, tmp / "pki")
     return plan
 
 
