@@ -119,7 +119,7 @@ def build_module(spec: str):
 
 
 def payload_of(spec: str) -> bytes:
-    from teefl.federation import codec
+    from teefl.wire import codec
 
     return bytes(codec.encode_state(build_module(spec).state_dict()))
 

@@ -6,7 +6,7 @@ sending fewer bytes saves more time than the compression and decompression cost 
 break-even: saved bytes x 8 / (compress + decompress seconds).
 
 zlib (standard library), zstd (`zstandard`, a teefl dependency) and teefl's own frame codec
-(`codec.compress` / `codec.decompress`: zstd with content size and checksum, what
+(`compression.compress` / `compression.decompress`: zstd with content size and checksum, what
 ``network.compression: zstd`` sends), and lz4 when the `lz4` package is importable (not a
 dependency: `pip install lz4` to include it).
 
@@ -44,9 +44,9 @@ def _codecs() -> list[tuple[str, Callable[[bytes], bytes], Callable[[bytes, int]
     except ImportError:
         print("(zstandard not installed: zstd skipped)")
     else:
-        from teefl.federation import codec
+        from teefl.wire import compression as wire_zstd
 
-        out.append(("teefl zstd-1", codec.compress, lambda z, n: codec.decompress(z, n, n)))
+        out.append(("teefl zstd-1", wire_zstd.compress, lambda z, n: wire_zstd.decompress(z, n, n)))
     try:
         import lz4.frame
 

@@ -199,9 +199,9 @@ def replay_matches_checkpoints(run_dir: Path, rounds: int) -> None:
     """Every round's checkpoint equals the FedAvg of that round's accepted updates alone."""
     import torch
 
-    from teefl.federation import codec
-    from teefl.federation.durable import RoundStore
     from teefl.federation.fedavg import RunningFedAvg
+    from teefl.store.rounds import RoundStore
+    from teefl.wire import codec
 
     store = RoundStore(run_dir, keep=True)
     for r in range(1, rounds + 1):
@@ -218,7 +218,8 @@ def replay_matches_checkpoints(run_dir: Path, rounds: int) -> None:
 
 def join_request(plan, name: str):
     """A JoinRequest as a collaborator with ``plan`` sends it (its plan fingerprint included)."""
-    from teefl.federation import attest, teefl_pb2
+    from teefl.federation import attest
+    from teefl.wire import teefl_pb2
 
     return teefl_pb2.JoinRequest(collaborator=name, plan_sections=attest.config_sections(plan))
 

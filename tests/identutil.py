@@ -168,7 +168,7 @@ def token_metadata(token: bytes) -> tuple[tuple[str, str], ...]:
 
 def model_bytes(stub: Any, name: str, md: tuple = ()) -> tuple[int, str]:
     """Try to download round 1's model over gRPC: (bytes received, refusal or "")."""
-    from teefl.federation import teefl_pb2
+    from teefl.wire import teefl_pb2
 
     got = 0
     try:

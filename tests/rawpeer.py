@@ -26,7 +26,8 @@ from fedutil import (
     with_transport,
     write_plan,
 )
-from teefl.federation import codec, dataplane, teefl_pb2, teefl_pb2_grpc
+from teefl.federation import dataplane
+from teefl.wire import codec, teefl_pb2, teefl_pb2_grpc
 
 
 class Aggregator:

@@ -26,10 +26,11 @@ import pytest
 
 from fedutil import Parties, final_accuracy, phases, read_jsonl, run_dir_of, teefl, write_plan
 from identutil import attested_plan_data, channel, model_bytes, secure_plan, sim_key
-from teefl.federation import attest, teefl_pb2, teefl_pb2_grpc
+from teefl.federation import attest
 from teefl.plan import load_plan
 from teefl.security import pki, session
 from teefl.security.tee.evidence import SimulatedProvider
+from teefl.wire import teefl_pb2, teefl_pb2_grpc
 
 
 def test_attested_federation_completes(tmp_path: Path) -> None:

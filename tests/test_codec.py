@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from teefl.federation import codec
+from teefl.wire import assembly, codec
 from teefl.workload.models import build_model
 
 
@@ -44,7 +44,7 @@ def test_odd_tensors_survive() -> None:
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000, 4096])
 def test_assembler_every_chunk_boundary(chunk: int) -> None:
     payload = codec.encode_state({"w": torch.randn(100), "b": torch.randn(3)})
-    asm = codec.Assembler(len(payload), codec.sha256(payload), limit=1 << 20)
+    asm = assembly.Assembler(len(payload), codec.sha256(payload), limit=1 << 20)
     for piece in codec.iter_chunks(payload, chunk):
         asm.add(bytes(piece))
     assert bytes(asm.finish()) == payload
@@ -54,15 +54,15 @@ def test_assembler_refuses_bad_streams() -> None:
     payload = b"x" * 100
     digest = codec.sha256(payload)
     with pytest.raises(codec.PayloadError, match="exceeds limit"):
-        codec.Assembler(100, digest, limit=99)
-    asm = codec.Assembler(100, digest, limit=1000)
+        assembly.Assembler(100, digest, limit=99)
+    asm = assembly.Assembler(100, digest, limit=1000)
     asm.add(payload[:50])
     with pytest.raises(codec.PayloadError, match="truncated"):
         asm.finish()
-    asm = codec.Assembler(100, digest, limit=1000)
+    asm = assembly.Assembler(100, digest, limit=1000)
     with pytest.raises(codec.PayloadError, match="more than the announced"):
         asm.add(payload + b"y")
-    asm = codec.Assembler(100, digest, limit=1000)
+    asm = assembly.Assembler(100, digest, limit=1000)
     asm.add(b"y" * 100)
     with pytest.raises(codec.PayloadError, match="SHA-256"):
         asm.finish()

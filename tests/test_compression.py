@@ -13,18 +13,19 @@ import zstandard
 
 from fedutil import SYNTHETIC, FakeContext, join_request, read_jsonl, run_plan
 from teefl.errors import TeeflError
-from teefl.federation import codec, dataplane, teefl_pb2
+from teefl.federation import dataplane
 from teefl.federation.aggregator import Aggregator, final_state
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
+from teefl.wire import assembly, codec, compression, teefl_pb2
 
 
 # -- the codec ---------------------------------------------------------------------------------
 def test_frame_round_trips_and_records_its_size() -> None:
     payload = codec.encode_state({"w": torch.randn(300, 7), "n": torch.arange(3)})
-    frame = codec.compress(payload, 3)
+    frame = compression.compress(payload, 3)
     assert zstandard.frame_content_size(frame) == len(payload)
-    assert codec.decompress(frame, len(payload), 1 << 20) == bytes(payload)
+    assert compression.decompress(frame, len(payload), 1 << 20) == bytes(payload)
 
 
 @pytest.mark.parametrize(
@@ -32,7 +33,7 @@ def test_frame_round_trips_and_records_its_size() -> None:
 )
 def test_hostile_frames_are_refused_before_allocating(case: str) -> None:
     raw = os.urandom(1000) + bytes(50_000)
-    frame, size, limit = codec.compress(raw), len(raw), 1 << 20
+    frame, size, limit = compression.compress(raw), len(raw), 1 << 20
     if case == "size lie":
         size += 1
     elif case == "over limit":
@@ -46,7 +47,7 @@ def test_hostile_frames_are_refused_before_allocating(case: str) -> None:
     elif case == "no size":  # a frame that hides its size could decompress to anything
         frame = zstandard.ZstdCompressor(write_content_size=False).compress(raw)
     with pytest.raises(codec.PayloadError):
-        codec.decompress(frame, size, limit)
+        compression.decompress(frame, size, limit)
 
 
 def test_compression_needs_the_socket_data_plane() -> None:
@@ -92,15 +93,15 @@ def test_compressed_download_and_upload(tmp_path: Path) -> None:
             h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
             assert h.encoding == "zstd" and h.raw_size == len(agg.payload)
             assert h.total_size < h.raw_size  # the frame is what travels
-            asm = codec.Assembler(
+            asm = assembly.Assembler(
                 h.total_size, b"", 1 << 30, check="crc32c", expected_crc32c=h.crc32c
             )
             asm.receive(dataplane.reader(sock), 4096, None)
-            assert codec.decompress(asm.finish(), h.raw_size, 1 << 30) == bytes(agg.payload)
+            assert compression.decompress(asm.finish(), h.raw_size, 1 << 30) == bytes(agg.payload)
 
             state = {k: v + 1 if v.is_floating_point() else v for k, v in agg.global_state.items()}
             payload = codec.encode_state(state)
-            frame = codec.compress(payload)
+            frame = compression.compress(payload)
             header = _frame_header(payload, frame)
             dataplane.send_frame(sock, dataplane.PUT, header.SerializeToString())
             dataplane.expect(sock, dataplane.GO)
@@ -123,7 +124,7 @@ def test_refused_compressed_uploads_leave_nothing(tmp_path: Path, case: str) -> 
     try:
         with sock:
             payload = codec.encode_state(agg.global_state)
-            frame = codec.compress(payload)
+            frame = compression.compress(payload)
             h = _frame_header(payload, frame)
             if case == "size lie":
                 h.raw_size += 8
@@ -149,12 +150,12 @@ def test_refused_compressed_uploads_leave_nothing(tmp_path: Path, case: str) -> 
 @pytest.mark.slow
 def test_compressed_federation_trains_the_same_model(tmp_path: Path) -> None:
     finals, wire = {}, {}
-    for compression, transport in (("none", "none"), ("zstd", "tls")):
-        data = {**SYNTHETIC, "network": {"compression": compression}}
-        run, _ = run_plan(tmp_path / compression, data, transport)
-        finals[compression] = final_state(run)
+    for method, transport in (("none", "none"), ("zstd", "tls")):
+        data = {**SYNTHETIC, "network": {"compression": method}}
+        run, _ = run_plan(tmp_path / method, data, transport)
+        finals[method] = final_state(run)
         events = read_jsonl(run / "events" / "collaborator-col1.jsonl")
-        wire[compression] = [
+        wire[method] = [
             e["bytes"] for e in events if e.get("phase") in ("download", "upload") and e["round"]
         ]
     for key, t in finals["none"].items():

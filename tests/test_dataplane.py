@@ -15,12 +15,14 @@ import torch
 
 from fedutil import SYNTHETIC, join_request
 from fedutil import FakeContext as _Ctx
-from teefl.federation import codec, dataplane, teefl_pb2
+from teefl.federation import dataplane
 from teefl.federation.aggregator import Aggregator
-from teefl.federation.durable import BufferPool, RoundStore
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
 from teefl.security import pki
+from teefl.store.files import BufferPool
+from teefl.store.rounds import RoundStore
+from teefl.wire import assembly, codec, teefl_pb2
 
 
 # -- framing and receiving -----------------------------------------------------------------------
@@ -74,7 +76,7 @@ class _Trickle:
 @pytest.mark.parametrize("step", [1, 3, 1000, 1 << 22])
 def test_receive_at_every_boundary(check: str, sizes: list[int], step: int) -> None:
     data = os.urandom(5000)
-    asm = codec.Assembler(
+    asm = assembly.Assembler(
         len(data), codec.sha256(data), 1 << 20, check=check, expected_crc32c=codec.crc32c(data)
     )
     ticks = []
@@ -89,24 +91,24 @@ def test_receive_detects_corruption_and_truncation(check: str) -> None:
     data = os.urandom(3000)
     bad = bytearray(data)
     bad[1234] ^= 0x10
-    asm = codec.Assembler(
+    asm = assembly.Assembler(
         len(data), codec.sha256(data), 1 << 20, check=check, expected_crc32c=codec.crc32c(data)
     )
     asm.receive(_Trickle(bytes(bad), [512]), 1000, None)
     with pytest.raises(codec.PayloadError, match="corrupted in transit"):
         asm.finish()
-    asm = codec.Assembler(len(data), codec.sha256(data), 1 << 20, check=check, expected_crc32c=1)
+    asm = assembly.Assembler(len(data), codec.sha256(data), 1 << 20, check=check, expected_crc32c=1)
     with pytest.raises(codec.PayloadError, match="truncated"):
         asm.receive(_Trickle(data[:2000], [512]), 1000, None)
 
 
 def test_crc_check_needs_a_crc_and_buffer_must_fit() -> None:
     with pytest.raises(codec.PayloadError, match="no CRC32C"):
-        codec.Assembler(10, b"x" * 32, 100, check="crc32c")
+        assembly.Assembler(10, b"x" * 32, 100, check="crc32c")
     with pytest.raises(ValueError, match="announced size"):
-        codec.Assembler(10, b"x" * 32, 100, check="none", buffer=bytearray(9))
+        assembly.Assembler(10, b"x" * 32, 100, check="none", buffer=bytearray(9))
     with pytest.raises(codec.PayloadError, match="exceeds limit"):
-        codec.Assembler.check_announced(101, b"x" * 32, 100)
+        assembly.Assembler.check_announced(101, b"x" * 32, 100)
 
 
 def test_crc32c_is_the_castagnoli_checksum() -> None:
@@ -149,7 +151,7 @@ def test_update_file_is_written_while_received(tmp_path: Path, cut: int) -> None
     data = os.urandom(10000)
     f = store.open_update(1, "col1", bytearray(len(data)))
     assert f is not None
-    asm = codec.Assembler(
+    asm = assembly.Assembler(
         len(data),
         b"",
         1 << 20,
@@ -291,7 +293,7 @@ def test_download_is_the_published_payload(served: Aggregator) -> None:
         dataplane.send_frame(sock, dataplane.GET, req.SerializeToString())
         h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
         assert h.sha256 == b""  # payload_check auto: nobody checks a SHA-256, none is made
-        asm = codec.Assembler(
+        asm = assembly.Assembler(
             h.total_size, h.sha256, 1 << 30, check="crc32c", expected_crc32c=h.crc32c
         )
         asm.receive(dataplane.reader(sock), 4096, None)
@@ -486,21 +488,21 @@ def test_payload_check_sha256_is_enforced_end_to_end(tmp_path: Path) -> None:
 
 def test_sha256_may_be_left_out_only_where_nobody_checks_it() -> None:
     for check in ("none", "crc32c"):
-        codec.Assembler.check_announced(10, b"", 100, check)
+        assembly.Assembler.check_announced(10, b"", 100, check)
         with pytest.raises(codec.PayloadError):
-            codec.Assembler.check_announced(10, b"short", 100, check)
+            assembly.Assembler.check_announced(10, b"short", 100, check)
     with pytest.raises(codec.PayloadError, match="no valid SHA-256"):
-        codec.Assembler.check_announced(10, b"", 100, "sha256")
+        assembly.Assembler.check_announced(10, b"", 100, "sha256")
 
 
 def test_update_of_the_models_layout_is_summed_flat_and_others_per_tensor(
     served: Aggregator,
 ) -> None:
-    from teefl.federation.fedavg import FlatUpdate, UpdateRejected
+    from teefl.wire.checks import FlatUpdate, UpdateRejected
 
     def decoded(state):
         payload = codec.encode_state(state)
-        asm = codec.Assembler(len(payload), b"", 1 << 30, check="none")
+        asm = assembly.Assembler(len(payload), b"", 1 << 30, check="none")
         asm.add(payload)
         return served._decode_update(asm.finish())[1]
 

@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from teefl.errors import TeeflError
-from teefl.federation import codec, durable
-from teefl.federation.durable import DIRECT_ALIGN, RoundStore, write_atomic
+from teefl.store import atomic, rounds
+from teefl.store.atomic import DIRECT_ALIGN, write_atomic
+from teefl.store.rounds import RoundStore
+from teefl.wire import codec
 
 
 def _direct_supported(directory: Path) -> bool:
@@ -53,7 +55,7 @@ def test_page_payload_is_aligned_zeroed_and_compares_by_content() -> None:
 
 @pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 3 * 4096, 5 * 4096 + 777])
 def test_direct_write_gives_the_exact_bytes(tmp_path: Path, size: int, monkeypatch) -> None:
-    monkeypatch.setattr(durable, "WRITE_SLICE", 2 * 4096)  # several direct slices, then the tail
+    monkeypatch.setattr(atomic, "WRITE_SLICE", 2 * 4096)  # several direct slices, then the tail
     data, path = _filled(size), tmp_path / "ckpt"
     pauses: list[int] = []
     write_atomic(path, data, fsync=True, pause=lambda: pauses.append(1))
@@ -72,11 +74,11 @@ def test_direct_path_is_taken_for_aligned_memory_only(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         view = memoryview(data)
-        assert durable._write_direct(fd, view, None) == 4 * 4096
+        assert atomic._write_direct(fd, view, None) == 4 * 4096
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT  # cleared for the tail
-        assert durable._write_direct(fd, view[1:], None) == 0  # memory one byte off a page
-        assert durable._write_direct(fd, memoryview(bytes(data)), None) == 0  # read-only
-        assert durable._write_direct(fd, view[:4095], None) == 0  # less than one block
+        assert atomic._write_direct(fd, view[1:], None) == 0  # memory one byte off a page
+        assert atomic._write_direct(fd, memoryview(bytes(data)), None) == 0  # read-only
+        assert atomic._write_direct(fd, view[:4095], None) == 0  # less than one block
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes()[: 4 * 4096] == bytes(data)[: 4 * 4096]
@@ -92,7 +94,7 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path, mon
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(fd, data, offset)
 
-    monkeypatch.setattr(durable.os, "pwrite", pwrite)
+    monkeypatch.setattr(rounds.os, "pwrite", pwrite)
     data = _filled(6 * 4096 + 9)
     write_atomic(tmp_path / "ckpt", data)
     assert (tmp_path / "ckpt").read_bytes() == bytes(data)
@@ -104,7 +106,7 @@ def test_other_write_errors_are_not_swallowed(tmp_path: Path, monkeypatch) -> No
     def pwrite(fd: int, data, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(durable.os, "pwrite", pwrite)
+    monkeypatch.setattr(rounds.os, "pwrite", pwrite)
     with pytest.raises(OSError, match="No space"):
         write_atomic(tmp_path / "ckpt", _filled(3 * 4096))
     assert not (tmp_path / "ckpt").exists() and not list(tmp_path.iterdir())

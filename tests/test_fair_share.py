@@ -19,8 +19,9 @@ import grpc
 import pytest
 
 from rawpeer import Aggregator, update_header
-from teefl.federation import dataplane, teefl_pb2
+from teefl.federation import dataplane
 from teefl.federation.fairshare import FairShare, Superseded
+from teefl.wire import teefl_pb2
 
 
 # -- the primitive -------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from teefl.federation.fedavg import RunningFedAvg, UpdateRejected, check_update
+from teefl.federation.fedavg import RunningFedAvg
+from teefl.wire.checks import UpdateRejected, check_update
 
 
 def _ref() -> dict[str, torch.Tensor]:

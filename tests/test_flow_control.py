@@ -9,11 +9,11 @@ import pytest
 
 from fedutil import SYNTHETIC, join_request, session_metadata
 from fedutil import FakeContext as _Ctx
-from teefl.federation import codec, teefl_pb2
 from teefl.federation.aggregator import UPLOAD_GO, Aggregator, _chunk_to_wire
 from teefl.federation.collaborator import Collaborator
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
+from teefl.wire import codec, teefl_pb2
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedutil import SYNTHETIC
-from teefl.federation import codec, teefl_pb2
 from teefl.federation.aggregator import Aggregator
-from teefl.federation.fedavg import UpdateRejected
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
+from teefl.wire import codec, teefl_pb2
+from teefl.wire.checks import UpdateRejected
 
 
 class _Ctx:

@@ -24,8 +24,9 @@ import pytest
 
 from fedutil import free_port
 from rawpeer import Aggregator, read_all, update_header
-from teefl.federation import dataplane, peerinput, teefl_pb2
+from teefl.federation import dataplane
 from teefl.security import pki
+from teefl.wire import peerinput, teefl_pb2
 
 TOKEN = b"\x07" * 32
 FORGED = "2026-12-05 00:00:00 WARNING teefl.aggregator: round 1 closed; FORGED"

@@ -43,12 +43,13 @@ from identutil import (
     token_metadata,
 )
 from teefl.errors import TeeflError
-from teefl.federation import attest, codec, dataplane, teefl_pb2, teefl_pb2_grpc
+from teefl.federation import attest, dataplane
 from teefl.federation.aggregator import Aggregator, final_state
 from teefl.measure.events import EventRecorder
 from teefl.plan import load_plan, plan_from_dict
 from teefl.security import pki
 from teefl.security.tee.evidence import SimulatedProvider
+from teefl.wire import codec, teefl_pb2, teefl_pb2_grpc
 from teefl.workload.datasets import dataset_shape
 from teefl.workload.models import build_model
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from teefl.federation import teefl_pb2
 from teefl.federation.collaborator import _LOSS_ERRORS, Collaborator, _Lost
 from teefl.measure.events import EventRecorder
+from teefl.wire import teefl_pb2
 
 
 @pytest.fixture

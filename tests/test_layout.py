@@ -9,10 +9,12 @@ import threading
 import pytest
 import torch
 
-from teefl.federation import codec, dataplane, teefl_pb2
+from teefl.federation import dataplane
 from teefl.federation.collaborator import Collaborator
-from teefl.federation.fedavg import FlatUpdate, RunningFedAvg, UpdateRejected
+from teefl.federation.fedavg import RunningFedAvg
 from teefl.federation.resident import ResidentModel
+from teefl.wire import codec, teefl_pb2
+from teefl.wire.checks import FlatUpdate, UpdateRejected
 from teefl.workload.models import build_model
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from teefl.federation import codec
+from teefl.wire import assembly, codec
 
 
 def _bits(t: torch.Tensor) -> bytes:
@@ -75,7 +75,7 @@ def test_tensor_data_is_aligned_to_its_element_size() -> None:
 def test_assembler_then_decode_at_every_chunk_size(chunk: int) -> None:
     state = _odd_state()
     payload = codec.encode_state(state)
-    asm = codec.Assembler(len(payload), codec.sha256(payload), limit=1 << 20)
+    asm = assembly.Assembler(len(payload), codec.sha256(payload), limit=1 << 20)
     for piece in codec.iter_chunks(payload, chunk):
         asm.add(bytes(piece))
     _same(state, codec.decode_state(asm.finish()))
@@ -86,7 +86,7 @@ def test_assembler_split_at_every_position() -> None:
     payload = bytes(codec.encode_state(state))
     digest = codec.sha256(payload)
     for cut in range(len(payload) + 1):
-        asm = codec.Assembler(len(payload), digest, limit=1 << 20)
+        asm = assembly.Assembler(len(payload), digest, limit=1 << 20)
         asm.add(payload[:cut])
         asm.add(memoryview(payload)[cut:])  # memoryviews are accepted as chunks too
         assert bytes(asm.finish()) == payload
@@ -99,7 +99,7 @@ def test_assembler_detects_a_flipped_byte_anywhere() -> None:
     for pos in range(0, len(payload), 13):
         bad = bytearray(payload)
         bad[pos] ^= 1
-        asm = codec.Assembler(len(bad), digest, limit=1 << 20)
+        asm = assembly.Assembler(len(bad), digest, limit=1 << 20)
         for piece in codec.iter_chunks(bad, 10):
             asm.add(bytes(piece))
         with pytest.raises(codec.PayloadError, match="SHA-256"):
@@ -123,7 +123,7 @@ def test_decoded_tensors_never_alias_caller_memory() -> None:
 def test_received_buffer_is_shared_once_then_copied() -> None:
     state = {"w": torch.arange(4, dtype=torch.float32)}
     payload = codec.encode_state(state)
-    asm = codec.Assembler(len(payload), codec.sha256(payload), limit=1 << 20)
+    asm = assembly.Assembler(len(payload), codec.sha256(payload), limit=1 << 20)
     asm.add(bytes(payload))
     buf = asm.finish()
     first = codec.decode_state(buf)
@@ -134,7 +134,7 @@ def test_received_buffer_is_shared_once_then_copied() -> None:
 
 def test_assembler_refuses_data_after_finish() -> None:
     payload = bytes(codec.encode_state({"w": torch.ones(2)}))
-    asm = codec.Assembler(len(payload), codec.sha256(payload), limit=1 << 20)
+    asm = assembly.Assembler(len(payload), codec.sha256(payload), limit=1 << 20)
     asm.add(payload)
     asm.finish()
     with pytest.raises(codec.PayloadError, match="more than the announced"):
@@ -213,7 +213,7 @@ def test_large_model_round_trip() -> None:
     state = build_model("mobilenet_v3_small", 3, 10, seed=3).state_dict()
     payload = codec.encode_state(state)
     assert len(payload) == len(st_save({k: v.contiguous() for k, v in state.items()}))
-    asm = codec.Assembler(len(payload), codec.sha256(payload), limit=1 << 30)
+    asm = assembly.Assembler(len(payload), codec.sha256(payload), limit=1 << 30)
     for piece in codec.iter_chunks(payload, 1 << 20):
         asm.add(bytes(piece))
     _same(state, codec.decode_state(asm.finish()))

@@ -26,8 +26,8 @@ from fedutil import (
     session_metadata,
     write_plan,
 )
-from teefl.federation import codec, teefl_pb2, teefl_pb2_grpc
 from teefl.plan import load_plan
+from teefl.wire import codec, teefl_pb2, teefl_pb2_grpc
 
 ROUNDS = 2
 
@@ -120,7 +120,7 @@ def test_aggregator_killed_between_ack_and_disk_replays_the_staged_update(tmp_pa
     moves it to the run directory and leaves nothing staged."""
     import os
 
-    from teefl.federation.staging import StagingArea
+    from teefl.store.staging import StagingArea
 
     shm = Path("/dev/shm") / f"teefl-{os.getuid()}"
     probe = StagingArea.open(shm, 1)

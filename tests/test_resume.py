@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from fedutil import SYNTHETIC, read_jsonl
-from teefl.federation import codec
 from teefl.federation.aggregator import Aggregator
 from teefl.federation.runinfo import count_start, read_run_json, update_run_json
 from teefl.measure.events import EventRecorder, read_events
 from teefl.plan import plan_from_dict
+from teefl.wire import codec
 
 NAMES = ["col1", "col2", "col3"]
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from teefl.federation import codec
-from teefl.federation.durable import RoundStore
-from teefl.federation.fedavg import FiniteScan, FlatUpdate
-from teefl.federation.staging import StagingArea
+from teefl.store.rounds import RoundStore
+from teefl.store.staging import StagingArea
+from teefl.wire import assembly, codec
+from teefl.wire.checks import FiniteScan, FlatUpdate
 from teefl.workload.models import build_model
 
 
@@ -259,7 +259,7 @@ def _payload(name: str = "mobilenet_v3_small", dtype: torch.dtype | None = None)
 
 def _scanned(layout: codec.Layout, payload: bytearray, piece: int) -> FiniteScan:
     scan = FiniteScan(layout, payload)
-    asm = codec.Assembler(len(payload), b"", 1 << 40, check="none", buffer=bytearray(payload))
+    asm = assembly.Assembler(len(payload), b"", 1 << 40, check="none", buffer=bytearray(payload))
     scan.buffer = asm.buf
     view = memoryview(payload)
     pos = 0
@@ -276,14 +276,14 @@ def _scanned(layout: codec.Layout, payload: bytearray, piece: int) -> FiniteScan
     return scan
 
 
-@pytest.mark.parametrize("piece", [4096, codec.HASH_PIECE, 4 << 20])
+@pytest.mark.parametrize("piece", [4096, assembly.HASH_PIECE, 4 << 20])
 def test_scan_while_receiving_agrees_with_the_whole_check(piece: int) -> None:
     layout, payload = _payload()
     assert _scanned(layout, payload, piece).finite()
     float_bytes = [(b, b + n * d.itemsize) for d, b, n in layout.runs if d.is_floating_point]
     begin, end = float_bytes[0]
     # a NaN at the first and last float, and on both sides of a piece boundary
-    for at in (begin, end - 4, begin + codec.HASH_PIECE - 4, begin + codec.HASH_PIECE):
+    for at in (begin, end - 4, begin + assembly.HASH_PIECE - 4, begin + assembly.HASH_PIECE):
         bad = bytearray(payload)
         bad[at : at + 4] = torch.tensor([float("nan")]).numpy().tobytes()
         assert not FlatUpdate(layout, bad).finite()
@@ -309,7 +309,7 @@ def test_scan_proves_nothing_where_it_did_not_see_every_element() -> None:
 
 def test_scan_leaves_bfloat16_to_the_whole_check() -> None:
     layout, payload = _payload("small_cnn", torch.bfloat16)
-    assert not _scanned(layout, payload, codec.HASH_PIECE).finite()
+    assert not _scanned(layout, payload, assembly.HASH_PIECE).finite()
     assert FlatUpdate(layout, payload).finite()  # which still accepts it
 
 

@@ -11,8 +11,6 @@ import torch
 from torch import nn
 
 from teefl.errors import TeeflError
-from teefl.federation import codec
-from teefl.federation.fedavg import FlatUpdate
 from teefl.strategy import (
     PROXIMAL_MU,
     FedAdagrad,
@@ -27,6 +25,8 @@ from teefl.strategy import (
     TrimmedMean,
     proximal_term,
 )
+from teefl.wire import codec
+from teefl.wire.checks import FlatUpdate
 
 F64 = torch.float64
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from teefl.errors import TeeflError
-from teefl.federation import codec
-from teefl.federation.fedavg import CoordinateRobust, FlatUpdate, RunningFedAvg, UpdateRejected
+from teefl.federation.fedavg import CoordinateRobust, RunningFedAvg
 from teefl.strategy import (
     FedAdagrad,
     FedAdam,
@@ -25,6 +24,8 @@ from teefl.strategy import (
 )
 from teefl.strategy import pieces as pieces_mod
 from teefl.strategy.state import StrategyState
+from teefl.wire import codec
+from teefl.wire.checks import FlatUpdate, UpdateRejected
 
 
 def _model(g: torch.Generator, scale: float = 1.0) -> dict[str, torch.Tensor]:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from fedutil import SYNTHETIC, final_accuracy, read_jsonl, run_dir_of, run_plan, write_plan
-from teefl.federation import teefl_pb2, teefl_pb2_grpc
 from teefl.federation.aggregator import final_state
 from teefl.security import pki
+from teefl.wire import teefl_pb2, teefl_pb2_grpc
 
 
 def _run(tmp: Path, transport: str) -> Path:

@@ -28,20 +28,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from teefl.errors import TeeflError
-from teefl.federation import attest, codec, dataplane, peerinput, teefl_pb2, teefl_pb2_grpc
-from teefl.federation.durable import METRICS, BufferPool, RoundStore, write_atomic
+from teefl.federation import attest, dataplane
 from teefl.federation.fairshare import FairShare, Superseded
 from teefl.federation.faults import fault
-from teefl.federation.fedavg import (
-    FiniteScan,
-    FlatUpdate,
-    RunningFedAvg,
-    UpdateRejected,
-    check_update,
-    make_aggregator,
-)
+from teefl.federation.fedavg import RunningFedAvg, make_aggregator
 from teefl.federation.runinfo import update_run_json
-from teefl.federation.staging import StagingArea
 from teefl.federation.transport import bind, payload_check, server_options
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan, plan_digest
@@ -56,6 +47,12 @@ from teefl.security.tls import (
     client_cert,
     peer_certificate_pem,
 )
+from teefl.store.atomic import METRICS, write_atomic
+from teefl.store.files import BufferPool
+from teefl.store.rounds import RoundStore
+from teefl.store.staging import StagingArea
+from teefl.wire import assembly, codec, compression, peerinput, teefl_pb2, teefl_pb2_grpc
+from teefl.wire.checks import FiniteScan, FlatUpdate, UpdateRejected, check_update
 from teefl.workload.datasets import dataset_shape
 from teefl.workload.models import build_model
 
@@ -145,7 +142,7 @@ def _crc_of(header: teefl_pb2.Header) -> int | None:
 
 
 def _sinks(*sinks: Any) -> Any:
-    """One `codec.Assembler` sink calling each of ``sinks`` that is not None, in order."""
+    """One `assembly.Assembler` sink calling each of ``sinks`` that is not None, in order."""
     live = [s for s in sinks if s is not None]
     if len(live) < 2:
         return live[0] if live else None
@@ -157,7 +154,7 @@ def _sinks(*sinks: Any) -> Any:
     return both
 
 
-def _finished(asm: codec.Assembler) -> codec.ReceivedPayload:
+def _finished(asm: assembly.Assembler) -> codec.ReceivedPayload:
     """The received payload, checked against the header's digest; a mismatch refuses it."""
     try:
         return asm.finish()
@@ -568,7 +565,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         net = self.plan.network
         self.compressed: tuple[bytes, bytes, int] | None = None  # (zstd frame, SHA-256, CRC32C)
         if net.compression == "zstd":  # compressed once per round, sent to everyone
-            frame = codec.compress(self.payload, net.compression_level)
+            frame = compression.compress(self.payload, net.compression_level)
             sha = codec.sha256(frame) if self.check == "sha256" else b""
             self.compressed = (frame, sha, codec.crc32c(frame))
 
@@ -1167,7 +1164,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     dataplane.send_frame(conn.sock, dataplane.ACK, dup.SerializeToString())
                     return
                 try:
-                    codec.Assembler.check_announced(
+                    assembly.Assembler.check_announced(
                         h.total_size, h.sha256, self.update_limit, self.check
                     )
                 except codec.PayloadError as exc:  # checked before a file is made for it
@@ -1185,7 +1182,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 scan = self._finite_scan(h, buffer)
                 sink = _sinks(target.write if target is not None else None, scan)
                 try:
-                    asm = codec.Assembler.for_header(h, self.update_limit, self.check, buffer, sink)
+                    asm = assembly.Assembler.for_header(
+                        h, self.update_limit, self.check, buffer, sink
+                    )
                 except codec.PayloadError as exc:  # a field the check needs is missing
                     raise UpdateRejected(f"malformed update header: {exc}") from None
                 # from GO to ACK the upload is "moving": a background checkpoint waits
@@ -1279,7 +1278,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
 
     def _encoding_of(self, h) -> str:
         """The update's wire encoding, refused unless the plan's compression is that one."""
-        want = codec.encoding_of(self.plan.network.compression)
+        want = compression.encoding_of(self.plan.network.compression)
         if h.encoding != want:
             raise UpdateRejected(
                 f"update encoding {h.encoding or 'none'!r}, the plan's network.compression is "
@@ -1295,7 +1294,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         """A received zstd frame (checked against the header's digest) -> the payload in a
         buffer of its own, and the digests it is stored with (computed here)."""
         try:
-            raw = codec.decompress(frame, h.raw_size, self.update_limit)
+            raw = compression.decompress(frame, h.raw_size, self.update_limit)
         except codec.PayloadError as exc:
             raise UpdateRejected(str(exc)) from None
         sha = codec.sha256(raw) if self.check == "sha256" else b""
@@ -1405,7 +1404,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 raise UpdateRejected("evaluation report must not carry a payload")
             return self._accept(name, h.round, None, samples, metrics, None, t0, token=token)[0]
         try:
-            asm = codec.Assembler.for_header(h, self.update_limit, self.check)
+            asm = assembly.Assembler.for_header(h, self.update_limit, self.check)
         except codec.PayloadError as exc:
             raise UpdateRejected(str(exc)) from None
         if first.data:
@@ -1549,7 +1548,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         """The add, to run after the ACK. Called with ``cond`` held; the add itself runs under
         ``sum_lock`` only: holding ``cond`` for its ~50 ms (ResNet-18) stalled every other
         upload's receive loop and every long poll. The round cannot close (and replace
-        ``fedavg``) while ``adding`` counts it. ``staged``: a `durable.StagedUpdate` moved into
+        ``fedavg``) while ``adding`` counts it. ``staged``: a `rounds.StagedUpdate` moved into
         the run directory after the add -- so before the round closes, and long before its
         checkpoint lets the round's updates go."""
         fedavg = self.fedavg

@@ -36,7 +36,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from teefl.errors import TeeflError
-from teefl.federation import teefl_pb2
 from teefl.plan import AttestationSpec, Plan, plan_digest, plan_sections
 from teefl.security.tee.evidence import (
     ConfigfsTsmProvider,
@@ -56,6 +55,7 @@ from teefl.security.tee.verify import (
     spki_der_of,
     verify_evidence,
 )
+from teefl.wire import teefl_pb2
 
 log = logging.getLogger("teefl.attest")
 

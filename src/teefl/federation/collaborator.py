@@ -28,7 +28,7 @@ import grpc
 import torch
 
 from teefl.errors import TeeflError
-from teefl.federation import attest, codec, dataplane, teefl_pb2, teefl_pb2_grpc
+from teefl.federation import attest, dataplane
 from teefl.federation.faults import fault
 from teefl.federation.resident import ResidentModel
 from teefl.federation.transport import client_certs, open_channel, payload_check
@@ -36,6 +36,7 @@ from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
 from teefl.security import session as session_keys
 from teefl.security.tls import ConnectError, split_target
+from teefl.wire import assembly, codec, compression, teefl_pb2, teefl_pb2_grpc
 from teefl.workload.datasets import load_dataset
 from teefl.workload.models import build_model
 from teefl.workload.partition import collaborator_data
@@ -639,10 +640,10 @@ class Collaborator:
                 net = self.plan.network
                 encoding, raw_size = "", 0
                 if self.data is not None:  # compressed updates travel over the data plane only
-                    encoding = codec.encoding_of(net.compression)
+                    encoding = compression.encoding_of(net.compression)
                 if encoding:
                     raw_size = len(payload)
-                    payload = codec.compress(payload, net.compression_level)
+                    payload = compression.compress(payload, net.compression_level)
                 # the SHA-256 only where the aggregator checks it (payload_check sha256)
                 digest = codec.sha256(payload) if self.check == "sha256" else b""
                 crc = codec.crc32c(payload)
@@ -794,7 +795,7 @@ class Collaborator:
                 if self._rx is None or len(self._rx) != h.total_size:
                     self._rx = bytearray(h.total_size)
                 buffer = self._rx
-            asm = codec.Assembler.for_header(h, 1 << 40, self.check, buffer=buffer)
+            asm = assembly.Assembler.for_header(h, 1 << 40, self.check, buffer=buffer)
             asm.add(head)
             try:
                 asm.receive(dataplane.reader(sock), dataplane.STEP, lambda: fault("download", r))
@@ -812,19 +813,19 @@ class Collaborator:
     def _download_frame(self, h, r: int) -> tuple[dict[str, torch.Tensor] | None, int]:
         """A compressed model (``network.compression``): the frame, checked against the header,
         then decompressed into the model where its layout is the model's."""
-        want = codec.encoding_of(self.plan.network.compression)
+        want = compression.encoding_of(self.plan.network.compression)
         if h.encoding != want:
             raise TeeflError(
                 f"the aggregator sent the model as {h.encoding!r}; this plan's "
                 f"network.compression is {self.plan.network.compression!r}"
             )
-        asm = codec.Assembler.for_header(h, 1 << 40, self.check)
+        asm = assembly.Assembler.for_header(h, 1 << 40, self.check)
         try:
             asm.receive(dataplane.reader(self.data), dataplane.STEP, lambda: fault("download", r))
         except codec.PayloadError as exc:  # the connection ended mid-payload
             raise dataplane.Closed(str(exc)) from None
         # a checksum mismatch or a malformed frame here is corruption: fatal, not a retry
-        raw = codec.decompress(asm.finish(), h.raw_size, 1 << 40)
+        raw = compression.decompress(asm.finish(), h.raw_size, 1 << 40)
         resident = self.resident
         if (
             resident is not None
@@ -847,7 +848,7 @@ class Collaborator:
             if not first.HasField("header"):
                 raise TeeflError("model stream did not start with a header")
             h = first.header
-            asm = codec.Assembler.for_header(h, 1 << 40, self.check)
+            asm = assembly.Assembler.for_header(h, 1 << 40, self.check)
             for chunk in stream:
                 if chunk.offset != asm.filled:
                     raise TeeflError(f"model stream out of order at offset {chunk.offset}")

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from teefl.errors import TeeflError
-from teefl.federation import peerinput
+from teefl.wire import peerinput
 
 log = logging.getLogger("teefl.dataplane")
 
@@ -150,7 +150,7 @@ def expect(sock: Any, kind: int) -> bytes:
 
 
 def reader(sock: Any) -> Callable[[memoryview], int]:
-    """``recv_into`` for `codec.Assembler.receive`, with a broken connection as `Closed`."""
+    """``recv_into`` for `assembly.Assembler.receive`, with a broken connection as `Closed`."""
 
     def read(view: memoryview) -> int:
         try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from teefl.federation import codec
+from teefl.wire import codec
 
 
 class ResidentModel:

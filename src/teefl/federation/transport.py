@@ -45,7 +45,7 @@ def channel_options(plan: Plan) -> list[tuple[str, int | str]]:
 
 def payload_check(plan: Plan) -> str:
     """What received payloads are checked against (``network.payload_check``, see plan.py):
-    one of `teefl.federation.codec.CHECKS`."""
+    one of `teefl.wire.codec.CHECKS`."""
     check = plan.network.payload_check
     if check != "auto":
         return check

@@ -15,7 +15,7 @@ Per round the server calls:
    optimiser resumes exactly where the checkpoint left it.
 
 The fast path: an accumulator whose ``layout`` is not None also takes a
-`teefl.federation.fedavg.FlatUpdate` of that layout (the payload's dtype runs as a few flat
+`teefl.wire.checks.FlatUpdate` of that layout (the payload's dtype runs as a few flat
 tensors, no decode) and writes its result into the run views of a payload of that layout
 (`codec.Layout.run_views`). The server asks ``acc.layout`` -- it never needs to know which
 strategy it runs.
@@ -32,9 +32,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from teefl.errors import TeeflError
-from teefl.federation import codec
-from teefl.federation.fedavg import FlatUpdate
 from teefl.strategy.state import StrategyState
+from teefl.wire import codec
+from teefl.wire.checks import FlatUpdate
 
 #: one value of a round's configuration: what a protobuf map of scalars can carry
 ConfigValue = float | int | str | bool
@@ -60,8 +60,8 @@ class Accumulator(Protocol):
     count: int
 
     def add(self, update: Update, num_samples: int, *, checked: bool = False) -> None:
-        """Check, then take one update; a rejected one (`fedavg.UpdateRejected`) changes
-        nothing. ``checked``: the caller has just run `fedavg.check_update` on this update."""
+        """Check, then take one update; a rejected one (`checks.UpdateRejected`) changes
+        nothing. ``checked``: the caller has just run `checks.check_update` on this update."""
         ...
 
     def result_into(self, out: Mapping[str, torch.Tensor] | list[torch.Tensor]) -> None:

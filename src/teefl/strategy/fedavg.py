@@ -13,10 +13,10 @@ from collections.abc import Mapping
 
 import torch
 
-from teefl.federation import codec
 from teefl.federation.fedavg import RunningFedAvg
 from teefl.strategy.base import Strategy
 from teefl.strategy.registry import register_strategy
+from teefl.wire import codec
 
 
 @register_strategy("fedavg")

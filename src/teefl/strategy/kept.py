@@ -14,10 +14,10 @@ from collections.abc import Mapping
 import torch
 
 from teefl.errors import TeeflError
-from teefl.federation import codec
-from teefl.federation.fedavg import UpdateRejected
 from teefl.strategy.base import Update
 from teefl.strategy.pieces import Pieces, chunks
+from teefl.wire import codec
+from teefl.wire.checks import UpdateRejected
 
 
 class KeptUpdates:

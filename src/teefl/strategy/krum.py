@@ -22,11 +22,11 @@ import torch
 from pydantic import Field
 
 from teefl.errors import TeeflError
-from teefl.federation import codec
 from teefl.strategy.base import Strategy, StrategyOptions
 from teefl.strategy.kept import KeptUpdates
 from teefl.strategy.pieces import chunks
 from teefl.strategy.registry import register_strategy
+from teefl.wire import codec
 
 
 class KrumOptions(StrategyOptions):

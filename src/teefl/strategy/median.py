@@ -11,10 +11,10 @@ from collections.abc import Mapping
 
 import torch
 
-from teefl.federation import codec
 from teefl.strategy.base import Strategy
 from teefl.strategy.kept import KeptUpdates
 from teefl.strategy.registry import register_strategy
+from teefl.wire import codec
 
 
 class MedianAccumulator(KeptUpdates):

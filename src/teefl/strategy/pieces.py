@@ -14,8 +14,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from teefl.federation import codec
-from teefl.federation.fedavg import FlatUpdate, UpdateRejected, check_update
+from teefl.wire import codec
+from teefl.wire.checks import FlatUpdate, UpdateRejected, check_update
 
 #: elements per stretch of element-wise work: 1 Mi float64 = 8 MiB per temporary
 CHUNK = 1 << 20

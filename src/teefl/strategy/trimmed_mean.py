@@ -12,10 +12,10 @@ from collections.abc import Mapping
 import torch
 from pydantic import Field
 
-from teefl.federation import codec
 from teefl.strategy.base import Strategy, StrategyOptions
 from teefl.strategy.kept import KeptUpdates
 from teefl.strategy.registry import register_strategy
+from teefl.wire import codec
 
 
 class TrimmedMeanOptions(StrategyOptions):

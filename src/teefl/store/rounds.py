@@ -27,254 +27,25 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import fcntl
 import hashlib
-import hmac
 import json
 import logging
 import os
 import re
 import shutil
 import stat
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import crc32c as _crc32c
-
 from teefl.errors import TeeflError
-from teefl.federation.staging import Slot
-from teefl.runfiles import DIR_MODE, FILE_MODE, private_dir
-
-STATE = "state.json"
-METRICS = "metrics.jsonl"
-
-#: temporary files of this module's writers (`write_atomic`, `UpdateFile`, runinfo's):
-#: ``.<name>.tmp-<pid>`` or ``.<name>.tmp-<pid>-<thread>``
-_TMP = re.compile(r"^\..+\.tmp-(\d+)(?:-\d+)?$")
+from teefl.runfiles import DIR_MODE, private_dir
+from teefl.store.atomic import METRICS, STATE, TEMP_NAME, write_atomic
+from teefl.store.files import UpdateFile, digest_meta, matches, meta_doc, write_meta
+from teefl.store.staging import Slot
 
 log = logging.getLogger("teefl.durable")
-
-
-#: bytes per write() when a writer yields between slices (see `write_atomic`)
-WRITE_SLICE = 4 << 20
-
-
-def write_atomic(
-    path: Path,
-    data: Any,
-    fsync: bool = True,
-    pause: Callable[[], None] | None = None,
-) -> None:
-    """Temp file, (fsync), rename: a crash leaves either the old file or the new one, never half.
-
-    ``data``: any bytes-like object. ``pause``: called before each `WRITE_SLICE` bytes, so a
-    background writer can give way. A durable write (``fsync``) of page-aligned memory
-    (`codec.PagePayload`) goes around the page cache, see `_write_direct`.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    view = memoryview(data).cast("B")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
-    try:
-        done = _write_direct(fd, view, pause) if fsync else 0
-        for start in range(done, len(view), WRITE_SLICE):
-            if pause is not None:
-                pause()
-            _pwrite_all(fd, view[start : start + WRITE_SLICE], start)
-        if fsync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)  # a failed write leaves no half file behind either
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-
-
-#: alignment of memory, file offset and length that every Linux file system's O_DIRECT accepts
-DIRECT_ALIGN = 4096
-
-
-def _write_direct(fd: int, view: memoryview, pause: Callable[[], None] | None) -> int:
-    """Write the longest `DIRECT_ALIGN`-multiple prefix of ``view`` with ``O_DIRECT``; return
-    how many bytes were written (0 where the memory is not page-aligned or the file system
-    refuses ``O_DIRECT``: the caller writes the rest the ordinary way).
-
-    Why: a checkpoint written through the page cache costs the CPU a copy of the whole model
-    (~10 ms per 45 MB here) plus the writeback's; on 2 cores that came out of the next round's
-    transfers. With ``O_DIRECT`` the disk reads the model's memory itself (~2 ms of CPU, 15 ms
-    of waiting with the GIL released; benchmarks/comm_limit.py, docs/benchmarks.md).
-    """
-    n = len(view) // DIRECT_ALIGN * DIRECT_ALIGN
-    if not n or view.readonly or not hasattr(os, "O_DIRECT"):
-        return 0
-    if ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN:
-        return 0  # a bytearray's memory starts 16 bytes past a page here
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-    except OSError:
-        return 0  # e.g. tmpfs
-    done = 0
-    try:
-        while done < n:
-            if pause is not None:
-                pause()
-            end = min(done + WRITE_SLICE, n)
-            _pwrite_all(fd, view[done:end], done)
-            done = end
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        # the file system wants a coarser alignment: the rest goes through the page cache
-    finally:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-    return done
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:  # never for a regular file; a loop that cannot end if it ever were
-            raise OSError(errno.EIO, f"write of {len(view)} bytes at {offset} made no progress")
-        view, offset = view[n:], offset + n
-
-
-class BufferPool:
-    """Receive buffers for updates, kept from round to round (at most ``keep`` of them).
-
-    Why: a fresh 45 MB buffer costs ~30 ms of page faults here on its first write, more than
-    receiving into it; a buffer that was written before costs nothing more. The aggregator
-    holds at most ``max_inflight_updates`` updates at once, so that many buffers suffice and
-    memory does not grow with the number of collaborators.
-    """
-
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
-        self.free: list[bytearray] = []
-        self.lock = threading.Lock()
-
-    def take(self, size: int) -> bytearray:
-        with self.lock:
-            for i, buf in enumerate(self.free):
-                if len(buf) == size:
-                    return self.free.pop(i)
-        return bytearray(size)
-
-    def give(self, buf: bytearray) -> None:
-        """Return a buffer; the caller guarantees nothing reads or writes it any more."""
-        with self.lock:
-            if len(self.free) >= self.keep:
-                self.free.pop(0)  # another size (the model changed): the oldest goes
-            self.free.append(buf)
-
-
-class UpdateFile:
-    """An update's file, written piece by piece while the update is being received.
-
-    Each received piece (`codec.Assembler`'s ``sink``) is written to the file at once, while it
-    is still in the CPU cache; `commit` then only renames the file into place and writes the
-    metadata -- the same crash guarantee as `save_update` (survives the aggregator process, not
-    a power loss). Not used for sealed storage, whose file holds ciphertext.
-
-    Why not a shared memory map of the file (the previous design): the first write to every
-    page of a mapping faults (~2.5 us per 4 KiB page here, and again after each writeback),
-    which made receiving 45 MB into the map cost ~40 ms against ~9 ms into a kept buffer plus
-    ~9 ms of ``pwrite`` (measured on this machine; docs/benchmarks.md).
-
-    ``reuse``: a file of an earlier round, consumed and dropped since (see
-    `RoundStore.drop_updates`), to overwrite instead of making a new one: its blocks are
-    allocated and its pages cached, so overwriting costs about half of writing a new file.
-    """
-
-    def __init__(
-        self,
-        final: Path,
-        meta_path: Path,
-        buffer: bytearray,
-        reuse: Path | None = None,
-    ) -> None:
-        self.final, self.meta_path, self.buffer = final, meta_path, buffer
-        self.size = len(buffer)
-        self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
-        try:
-            if reuse is None:
-                raise FileNotFoundError
-            os.replace(reuse, self.tmp)
-        except FileNotFoundError:
-            flags |= os.O_TRUNC
-        self.fd = os.open(self.tmp, flags, FILE_MODE)
-        try:
-            os.ftruncate(self.fd, self.size)
-        except OSError:
-            os.close(self.fd)
-            raise
-        self.written = 0  # bytes of the buffer's prefix already in the file
-
-    def write(self, view: memoryview, offset: int) -> None:
-        """Write one received piece (pieces arrive in order; the buffer holds them too)."""
-        if offset != self.written:
-            raise ValueError(f"update piece at {offset}, expected {self.written}")
-        _pwrite_all(self.fd, view, offset)
-        self.written += len(view)
-
-    def commit(self, meta: dict[str, Any], digests: dict[str, Any], verified: bool) -> None:
-        """The payload is complete and checked: put it in place, then its metadata (last);
-        ``digests`` and ``verified`` as in `RoundStore.save_update`."""
-        self.place()
-        if not _digest_meta(digests):  # nothing claimed (an old sender over TLS): compute one
-            digests, verified = {"sha256": hashlib.sha256(self.buffer).digest()}, True
-        _write_meta(self.meta_path, meta, digests, verified)
-
-    def place(self) -> None:
-        """Write what is not written yet and rename the file into place (no metadata)."""
-        if self.written < self.size:  # filled without the sink: write the rest now
-            self.write(memoryview(self.buffer)[self.written :], self.written)
-        os.close(self.fd)
-        self.fd = -1
-        os.replace(self.tmp, self.final)
-
-    def abort(self) -> None:
-        """Nothing of a refused or broken upload stays on disk."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            self.tmp.unlink()
-
-
-def _meta_doc(meta: dict[str, Any], digests: dict[str, Any], verified: bool) -> dict[str, Any]:
-    """An update's metadata: what it claims, its digests, whether they were checked on arrival."""
-    return {**meta, **_digest_meta(digests), "verified": verified}
-
-
-def _write_meta(path: Path, meta: dict[str, Any], digests: dict[str, Any], verified: bool) -> None:
-    write_atomic(path, json.dumps(_meta_doc(meta, digests, verified)).encode(), fsync=False)
-
-
-def _digest_meta(digests: dict[str, Any]) -> dict[str, Any]:
-    """``{"sha256": bytes, "crc32c": int}`` (either may be missing) as stored in JSON."""
-    out: dict[str, Any] = {}
-    if digests.get("sha256"):
-        out["sha256"] = digests["sha256"].hex()
-    if digests.get("crc32c") is not None:
-        out["crc32c"] = int(digests["crc32c"])
-    return out
-
-
-def _matches(payload: Any, meta: dict[str, Any]) -> bool:
-    """Whether ``payload`` has the digest ``meta`` records (False where it records none)."""
-    sha, crc = meta.get("sha256"), meta.get("crc32c")
-    if isinstance(sha, str):
-        return hmac.compare_digest(hashlib.sha256(payload).hexdigest(), sha)
-    if isinstance(crc, int) and not isinstance(crc, bool):
-        return _crc32c.crc32c(payload) == crc
-    return False
 
 
 class _Dropped(Exception):
@@ -481,7 +252,7 @@ class RoundStore:
             raise TeeflError(f"cannot resume from {path}: {exc}; refusing to resume") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise TeeflError(f"cannot resume from {path}: {exc}") from None
-        if not _matches(payload, state):
+        if not matches(payload, state):
             raise TeeflError(f"cannot resume: checkpoint {name} fails its checksum")
         return rnd, payload
 
@@ -500,10 +271,10 @@ class RoundStore:
         """
         for directory in (self.model_dir, *self._update_dirs()):
             for entry in _listdir(directory):
-                if _TMP.match(entry):
+                if TEMP_NAME.match(entry):
                     _unlink(directory / entry)
         for entry in _listdir(self.run_dir):
-            m = _TMP.match(entry)
+            m = TEMP_NAME.match(entry)
             if m and _pid_gone(int(m.group(1))):
                 _unlink(self.run_dir / entry)
         if not self.keep:
@@ -585,7 +356,7 @@ class RoundStore:
         if not digests:
             digests, verified = {"sha256": hashlib.sha256(payload).digest()}, True
         # the metadata is written last: an update counts only once both files exist
-        doc = self._signed(_meta_doc(meta, digests, verified), ctx)
+        doc = self._signed(meta_doc(meta, digests, verified), ctx)
         write_atomic(d / f"{name}.json", json.dumps(doc).encode(), fsync=False)
 
     def save_report(self, rnd: int, name: str, meta: dict[str, Any]) -> None:
@@ -614,10 +385,10 @@ class RoundStore:
         committed, hence never acknowledged: `load_updates` drops it.)"""
         assert self.seal_key is None  # sealed updates are stored as ciphertext, never staged
         d = self._made_round_dir(rnd)
-        if not _digest_meta(digests):  # nothing claimed (an old sender over TLS): compute one
+        if not digest_meta(digests):  # nothing claimed (an old sender over TLS): compute one
             digests, verified = {"sha256": hashlib.sha256(slot.mem).digest()}, True
         staged = slot.name_for(rnd, name)
-        _write_meta(d / f"{name}.json", {**meta, "staged": staged}, digests, verified)
+        write_meta(d / f"{name}.json", {**meta, "staged": staged}, digests, verified)
         try:
             slot.link(staged)
         except OSError:
@@ -726,7 +497,7 @@ class RoundStore:
         payload, from_staged = None, False
         if where is not None:
             payload = _read_own_file(where)
-            from_staged = payload is not None and _matches(payload, meta)
+            from_staged = payload is not None and matches(payload, meta)
         if not from_staged and (payload is None or file.exists()):
             try:
                 payload = self._read(file, ctx)
@@ -748,7 +519,7 @@ class RoundStore:
                     "restarted since)"
                 )
             raise _Dropped(f"its payload {file} is missing (never committed)")
-        if not from_staged and not _matches(payload, meta):
+        if not from_staged and not matches(payload, meta):
             if meta.get("verified", True) is False:
                 # its digest is the sender's claim, never checked (it came over TLS): the
                 # sender's own digest was wrong, so the update is not trusted after all

@@ -13,7 +13,7 @@ import hashlib
 import json
 import mmap
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import crc32c as _crc32c
@@ -63,7 +63,7 @@ class PagePayload(mmap.mmap):
     """A payload buffer that starts on a page boundary: private anonymous memory, zeroed.
 
     Why: the aggregator's checkpoint is then written with ``O_DIRECT`` straight from the model's
-    memory (`durable.write_atomic`): the disk reads it by DMA instead of the CPU copying 45 MB
+    memory (`atomic.write_atomic`): the disk reads it by DMA instead of the CPU copying 45 MB
     into the page cache, which on 2 cores slowed the next round's transfers (docs/benchmarks.md).
     A ``bytearray``'s memory starts 16 bytes past a page here, which ``O_DIRECT`` refuses.
     Compares equal to any bytes-like object of the same content, as a ``bytearray`` does.
@@ -364,197 +364,8 @@ def crc32c(data: bytes | bytearray | memoryview) -> int:
 CHECKS = ("none", "crc32c", "sha256")
 
 
-def encoding_of(compression: str) -> str:
-    """The `Header.encoding` that ``network.compression`` sends: "" = the payload itself."""
-    return "" if compression == "none" else compression
-
-
-def compress(payload: Any, level: int = 1) -> bytes:
-    """The payload as one zstd frame that records its size and a checksum of its content
-    (``network.compression: zstd``): the wire's CRC32C or TLS covers the frame, the frame's own
-    checksum what comes out of it."""
-    import zstandard
-
-    zc = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
-    return zc.compress(payload)
-
-
-def decompress(data: Any, raw_size: int, limit: int) -> bytes:
-    """The payload of a zstd frame announced to hold ``raw_size`` bytes.
-
-    Checked before anything is allocated: the announced size within ``limit`` and equal to the
-    size the frame itself records, so a small hostile frame cannot make us allocate more
-    (a "zip bomb"); one frame and nothing after it.
-    """
-    import zstandard
-
-    if raw_size > limit:
-        raise PayloadError(f"announced payload of {raw_size} bytes exceeds limit {limit}")
-    try:
-        recorded = zstandard.frame_content_size(data)
-    except zstandard.ZstdError as exc:
-        raise PayloadError(f"malformed zstd payload: {exc}") from None
-    if recorded < 0:
-        raise PayloadError("zstd frame does not record its size")
-    if recorded != raw_size:
-        raise PayloadError(f"zstd frame records {recorded} bytes, the header announced {raw_size}")
-    try:
-        out = zstandard.ZstdDecompressor().decompress(
-            data, max_output_size=raw_size, allow_extra_data=False
-        )
-    except zstandard.ZstdError as exc:
-        raise PayloadError(f"malformed zstd payload: {exc}") from None
-    if len(out) != raw_size:
-        raise PayloadError(f"zstd payload holds {len(out)} bytes, announced {raw_size}")
-    return out
-
-
 def iter_chunks(payload: bytes | bytearray | memoryview, chunk_size: int) -> Iterator[memoryview]:
     """Slices of the payload without copying it; the transport copies each slice once."""
     view = memoryview(payload)
     for offset in range(0, len(view), chunk_size):
         yield view[offset : offset + chunk_size]
-
-
-#: bytes hashed at a time while receiving from a socket: small enough that they are hashed
-#: while still in the CPU cache the receive just wrote them through (4 MiB pieces cost ~2x more)
-HASH_PIECE = 256 << 10
-
-
-class Assembler:
-    """Receives chunks into a buffer allocated once from the announced size.
-
-    Why preallocate: a growing bytes object copies the whole payload on every append; and a
-    declared size lets the receiver refuse an oversized stream before buffering it. Why hash on
-    arrival: the SHA-256 of each chunk is computed while gRPC receives the next one (hashlib
-    releases the GIL), instead of one pass over the whole payload after the last chunk.
-
-    ``check`` (one of `CHECKS`): "sha256" verifies ``expected_sha256``; "crc32c" verifies
-    ``expected_crc32c`` instead (5 ms per 45 MB instead of 25 ms: enough against accidental
-    corruption, which is all a checksum can catch on a connection without TLS); "none" for a
-    payload that came over TLS, whose records are each authenticated by their AEAD tag.
-    ``buffer``: receive into this writable buffer of exactly ``total_size`` bytes (a buffer
-    kept from round to round) instead of a fresh one. ``sink(piece, offset)``: called with each
-    piece once it is in the buffer and checksummed, in order (the aggregator writes it to the
-    update's file while it is still in the CPU cache).
-    """
-
-    def __init__(
-        self,
-        total_size: int,
-        expected_sha256: bytes,
-        limit: int,
-        *,
-        check: str = "sha256",
-        expected_crc32c: int | None = None,
-        buffer: Any = None,
-        sink: Callable[[memoryview, int], None] | None = None,
-    ) -> None:
-        self.check_announced(total_size, expected_sha256, limit, check)
-        if check not in CHECKS:
-            raise ValueError(f"unknown payload check {check!r}")
-        if check == "crc32c" and expected_crc32c is None:
-            raise PayloadError("header carries no CRC32C (the receiver checks one)")
-        self.total = total_size
-        self.expected = expected_sha256
-        self.expected_crc = expected_crc32c
-        self.check = check
-        self._crc = 0
-        self.buf = ReceivedPayload(total_size) if buffer is None else buffer
-        self._view = memoryview(self.buf).cast("B")
-        if len(self._view) != total_size:
-            raise ValueError("receive buffer does not have the announced size")
-        self._hash = hashlib.sha256()
-        self.filled = 0
-        self.sink = sink
-
-    @classmethod
-    def for_header(
-        cls,
-        header: Any,
-        limit: int,
-        check: str,
-        buffer: Any = None,
-        sink: Callable[[memoryview, int], None] | None = None,
-    ) -> Assembler:
-        """The assembler a wire `Header` (teefl.proto) announces: its size and digests."""
-        crc = header.crc32c if header.HasField("crc32c") else None
-        return cls(
-            header.total_size,
-            header.sha256,
-            limit,
-            check=check,
-            expected_crc32c=crc,
-            buffer=buffer,
-            sink=sink,
-        )
-
-    @staticmethod
-    def check_announced(
-        total_size: int, expected_sha256: bytes, limit: int, check: str = "sha256"
-    ) -> None:
-        """The header checks, before any buffer (or file) is made for the payload. A sender
-        leaves the SHA-256 out (empty) where nobody checks it (`CHECKS`)."""
-        if total_size > limit:
-            raise PayloadError(f"announced payload of {total_size} bytes exceeds limit {limit}")
-        if len(expected_sha256) != 32 and (check == "sha256" or expected_sha256):
-            raise PayloadError("header carries no valid SHA-256")
-
-    def add(self, data: bytes | bytearray | memoryview) -> None:
-        n = len(data)
-        end = self.filled + n
-        if end > self.total:
-            raise PayloadError(f"stream carries more than the announced {self.total} bytes")
-        if n:
-            self._view[self.filled : end] = data
-            self._digest(data)
-            if self.sink is not None:
-                self.sink(self._view[self.filled : end], self.filled)
-        self.filled = end
-
-    def _digest(self, data: bytes | bytearray | memoryview) -> None:
-        if self.check == "sha256":
-            self._hash.update(data)
-        elif self.check == "crc32c":
-            self._crc = _crc32c.crc32c(data, self._crc)
-
-    def receive(
-        self, recv_into: Callable[[memoryview], int], step: int, tick: Callable[[], None] | None
-    ) -> None:
-        """Fill the rest of the buffer straight from a socket (no intermediate copy).
-
-        ``recv_into(view)`` returns the bytes it wrote into ``view`` (0 at end of stream); the
-        bytes are hashed in `HASH_PIECE` pieces as they come in, and ``tick`` reports progress
-        after every ``step`` bytes.
-        """
-        piece = min(step, HASH_PIECE)
-        while self.filled < self.total:
-            end = min(self.total, self.filled + step)
-            while self.filled < end:
-                start = pos = self.filled
-                stop = min(end, start + piece)
-                while pos < stop:
-                    k = recv_into(self._view[pos:stop])
-                    if k == 0:
-                        raise PayloadError(
-                            f"stream ended after {pos} of {self.total} announced bytes (truncated)"
-                        )
-                    pos += k
-                self._digest(self._view[start:stop])
-                if self.sink is not None:
-                    self.sink(self._view[start:stop], start)
-                self.filled = stop
-            if tick is not None:
-                tick()
-
-    def finish(self) -> ReceivedPayload:
-        if self.filled != self.total:
-            raise PayloadError(
-                f"stream ended after {self.filled} of {self.total} announced bytes (truncated)"
-            )
-        if self.check == "sha256" and self._hash.digest() != self.expected:
-            raise PayloadError("payload SHA-256 does not match its header (corrupted in transit)")
-        if self.check == "crc32c" and self._crc != self.expected_crc:
-            raise PayloadError("payload CRC32C does not match its header (corrupted in transit)")
-        self._view.release()
-        return self.buf

@@ -1,0 +1,154 @@
+"""A payload received as chunks: preallocated from its announced size, hashed on arrival."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import crc32c as _crc32c
+
+from teefl.wire.codec import CHECKS, PayloadError, ReceivedPayload
+
+#: bytes hashed at a time while receiving from a socket: small enough that they are hashed
+#: while still in the CPU cache the receive just wrote them through (4 MiB pieces cost ~2x more)
+HASH_PIECE = 256 << 10
+
+
+class Assembler:
+    """Receives chunks into a buffer allocated once from the announced size.
+
+    Why preallocate: a growing bytes object copies the whole payload on every append; and a
+    declared size lets the receiver refuse an oversized stream before buffering it. Why hash on
+    arrival: the SHA-256 of each chunk is computed while gRPC receives the next one (hashlib
+    releases the GIL), instead of one pass over the whole payload after the last chunk.
+
+    ``check`` (one of `CHECKS`): "sha256" verifies ``expected_sha256``; "crc32c" verifies
+    ``expected_crc32c`` instead (5 ms per 45 MB instead of 25 ms: enough against accidental
+    corruption, which is all a checksum can catch on a connection without TLS); "none" for a
+    payload that came over TLS, whose records are each authenticated by their AEAD tag.
+    ``buffer``: receive into this writable buffer of exactly ``total_size`` bytes (a buffer
+    kept from round to round) instead of a fresh one. ``sink(piece, offset)``: called with each
+    piece once it is in the buffer and checksummed, in order (the aggregator writes it to the
+    update's file while it is still in the CPU cache).
+    """
+
+    def __init__(
+        self,
+        total_size: int,
+        expected_sha256: bytes,
+        limit: int,
+        *,
+        check: str = "sha256",
+        expected_crc32c: int | None = None,
+        buffer: Any = None,
+        sink: Callable[[memoryview, int], None] | None = None,
+    ) -> None:
+        self.check_announced(total_size, expected_sha256, limit, check)
+        if check not in CHECKS:
+            raise ValueError(f"unknown payload check {check!r}")
+        if check == "crc32c" and expected_crc32c is None:
+            raise PayloadError("header carries no CRC32C (the receiver checks one)")
+        self.total = total_size
+        self.expected = expected_sha256
+        self.expected_crc = expected_crc32c
+        self.check = check
+        self._crc = 0
+        self.buf = ReceivedPayload(total_size) if buffer is None else buffer
+        self._view = memoryview(self.buf).cast("B")
+        if len(self._view) != total_size:
+            raise ValueError("receive buffer does not have the announced size")
+        self._hash = hashlib.sha256()
+        self.filled = 0
+        self.sink = sink
+
+    @classmethod
+    def for_header(
+        cls,
+        header: Any,
+        limit: int,
+        check: str,
+        buffer: Any = None,
+        sink: Callable[[memoryview, int], None] | None = None,
+    ) -> Assembler:
+        """The assembler a wire `Header` (teefl.proto) announces: its size and digests."""
+        crc = header.crc32c if header.HasField("crc32c") else None
+        return cls(
+            header.total_size,
+            header.sha256,
+            limit,
+            check=check,
+            expected_crc32c=crc,
+            buffer=buffer,
+            sink=sink,
+        )
+
+    @staticmethod
+    def check_announced(
+        total_size: int, expected_sha256: bytes, limit: int, check: str = "sha256"
+    ) -> None:
+        """The header checks, before any buffer (or file) is made for the payload. A sender
+        leaves the SHA-256 out (empty) where nobody checks it (`CHECKS`)."""
+        if total_size > limit:
+            raise PayloadError(f"announced payload of {total_size} bytes exceeds limit {limit}")
+        if len(expected_sha256) != 32 and (check == "sha256" or expected_sha256):
+            raise PayloadError("header carries no valid SHA-256")
+
+    def add(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        end = self.filled + n
+        if end > self.total:
+            raise PayloadError(f"stream carries more than the announced {self.total} bytes")
+        if n:
+            self._view[self.filled : end] = data
+            self._digest(data)
+            if self.sink is not None:
+                self.sink(self._view[self.filled : end], self.filled)
+        self.filled = end
+
+    def _digest(self, data: bytes | bytearray | memoryview) -> None:
+        if self.check == "sha256":
+            self._hash.update(data)
+        elif self.check == "crc32c":
+            self._crc = _crc32c.crc32c(data, self._crc)
+
+    def receive(
+        self, recv_into: Callable[[memoryview], int], step: int, tick: Callable[[], None] | None
+    ) -> None:
+        """Fill the rest of the buffer straight from a socket (no intermediate copy).
+
+        ``recv_into(view)`` returns the bytes it wrote into ``view`` (0 at end of stream); the
+        bytes are hashed in `HASH_PIECE` pieces as they come in, and ``tick`` reports progress
+        after every ``step`` bytes.
+        """
+        piece = min(step, HASH_PIECE)
+        while self.filled < self.total:
+            end = min(self.total, self.filled + step)
+            while self.filled < end:
+                start = pos = self.filled
+                stop = min(end, start + piece)
+                while pos < stop:
+                    k = recv_into(self._view[pos:stop])
+                    if k == 0:
+                        raise PayloadError(
+                            f"stream ended after {pos} of {self.total} announced bytes (truncated)"
+                        )
+                    pos += k
+                self._digest(self._view[start:stop])
+                if self.sink is not None:
+                    self.sink(self._view[start:stop], start)
+                self.filled = stop
+            if tick is not None:
+                tick()
+
+    def finish(self) -> ReceivedPayload:
+        if self.filled != self.total:
+            raise PayloadError(
+                f"stream ended after {self.filled} of {self.total} announced bytes (truncated)"
+            )
+        if self.check == "sha256" and self._hash.digest() != self.expected:
+            raise PayloadError("payload SHA-256 does not match its header (corrupted in transit)")
+        if self.check == "crc32c" and self._crc != self.expected_crc:
+            raise PayloadError("payload CRC32C does not match its header (corrupted in transit)")
+        self._view.release()
+        return self.buf

@@ -1,0 +1,146 @@
+"""Checks an update passes before it counts: names, shapes, dtypes, finiteness.
+
+Why a scan while receiving (`FiniteScan`): a NaN or Inf in one update would poison the global
+model for everyone; the sums are computed on pieces still in the CPU cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from teefl.errors import TeeflError
+from teefl.wire import codec
+
+
+class UpdateRejected(TeeflError):
+    """An update that does not fit the global model; it never touches the running sum."""
+
+
+def check_update(reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> None:
+    """Names, shapes and dtypes must match the global model exactly; values must be finite."""
+    missing = reference.keys() - update.keys()
+    extra = update.keys() - reference.keys()
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {sorted(missing)[:3]}")
+        if extra:
+            parts.append(f"unknown tensors {sorted(extra)[:3]}")
+        raise UpdateRejected("update does not match the model: " + ", ".join(parts))
+    floats: list[tuple[str, torch.Tensor]] = []
+    for name, ref in reference.items():
+        t = update[name]
+        if t.dtype != ref.dtype:
+            raise UpdateRejected(f"tensor {name}: dtype {t.dtype} instead of {ref.dtype}")
+        if t.shape != ref.shape:
+            raise UpdateRejected(
+                f"tensor {name}: shape {tuple(t.shape)} instead of {tuple(ref.shape)}"
+            )
+        if t.is_floating_point() and t.numel():
+            floats.append((name, t))
+    if not _sums_finite([t for _, t in floats]):
+        for name, t in floats:  # which one: the exact check, only on this rare path
+            if not _all_finite(t):
+                raise UpdateRejected(f"tensor {name}: contains NaN or Inf")
+
+
+def _sums_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor's sum is finite, with one host synchronisation per dtype.
+
+    Asking ``bool(isfinite(t.sum()))`` per tensor costs ~10 us of Python and a sync each: 2.8 ms
+    for MobileNetV3-Small's 210 float tensors, against 1.1 ms for this. A False here proves
+    nothing by itself (finite values may overflow a sum); the caller then checks exactly.
+    """
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t.sum())
+    return all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in groups.values())
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite, without a bool tensor the size of the model.
+
+    A NaN or an infinity anywhere makes the sum NaN or infinite, so a finite sum proves every
+    element finite -- one streaming reduction, ~10x faster than ``isfinite(t).all()`` on a
+    ResNet-18 update here. Only a non-finite sum (a bad value, or finite values whose sum
+    overflows) pays for the exact element-wise check.
+    """
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+class FlatUpdate:
+    """An update whose payload has exactly the global model's `codec.Layout`, seen as that
+    layout's runs (a few flat tensors instead of one per tensor), for `RunningFedAvg.add`."""
+
+    def __init__(self, layout: codec.Layout, payload: Any) -> None:
+        self.layout, self.runs = layout, layout.run_views(payload)
+
+    def finite(self) -> bool:
+        """Whether every float element is finite (cheap; False proves nothing, see
+        `_sums_finite`: the caller then checks tensor by tensor)."""
+        return _sums_finite([t for t in self.runs if t.is_floating_point()])
+
+
+class FiniteScan:
+    """The finiteness check of an update of a known layout, made piece by piece while it is
+    received (an `assembly.Assembler` sink): each piece's float elements are summed right after
+    the receive loop wrote and checksummed them, while they are still in the CPU cache.
+
+    Why: checked after the last byte, the same sums read the whole update back from memory on
+    the acknowledgement's critical path -- ~0.7 ms of MobileNetV3-Small's 3.5 ms upload on
+    loopback here, against ~10 us per 256 KiB piece inside the loop; on a link slower than the
+    CPU the pieces are summed while the next ones are still on the wire, for nothing. Summed
+    with NumPy, which never spreads a sum over threads: torch's intra-op threads, woken for
+    every piece while the sender holds the other core, made ResNet-18's upload 2.6x slower.
+    As `FlatUpdate.finite`: every partial sum finite proves every element finite; a False (or
+    a scan that did not see every float byte exactly once, in element-aligned pieces, or a
+    dtype NumPy lacks: bfloat16) proves nothing, and the caller then checks the whole update
+    the usual way.
+    """
+
+    def __init__(self, layout: codec.Layout, buffer: Any) -> None:
+        self.buffer = buffer
+        self.runs = [
+            (b, b + n * d.itemsize, _NUMPY.get(d)) for d, b, n in layout.runs if d.is_floating_point
+        ]
+        self.expected = sum(e - b for b, e, _ in self.runs)
+        self.seen = 0
+        self.complete = all(dt is not None for _, _, dt in self.runs)
+        self.sums: list[float] = []
+
+    def __call__(self, piece: memoryview, offset: int) -> None:
+        if not self.complete:
+            return
+        end = offset + len(piece)
+        for begin, stop, dtype in self.runs:
+            lo, hi = max(begin, offset), min(stop, end)
+            if lo >= hi:
+                continue
+            if (lo - begin) % dtype.itemsize or (hi - lo) % dtype.itemsize:
+                self.complete = False  # an element split between pieces: not summed here
+                return
+            n = (hi - lo) // dtype.itemsize
+            with np.errstate(over="ignore", invalid="ignore"):  # inf / NaN are the answer
+                self.sums.append(float(np.frombuffer(self.buffer, dtype, n, lo).sum()))
+            self.seen += hi - lo
+
+    def finite(self) -> bool:
+        """True only where every float element was summed and every sum is finite."""
+        if not self.complete or self.seen != self.expected:
+            return False
+        return all(math.isfinite(x) for x in self.sums)
+
+
+#: the float dtypes `FiniteScan` sums with NumPy, as little-endian NumPy dtypes
+_NUMPY = {
+    torch.float16: np.dtype("<f2"),
+    torch.float32: np.dtype("<f4"),
+    torch.float64: np.dtype("<f8"),
+}
