@@ -445,13 +445,13 @@ def _apply_patches(patches: list[str]) -> None:
     for p in patches:
         if p.startswith("grpc:"):
             # extra gRPC channel/server options "grpc:name=value,name=value" (tuning experiments)
-            from teefl.federation import transport
+            from teefl.transport import channels
 
             extra = []
             for item in p.removeprefix("grpc:").split(","):
                 key, _, val = item.partition("=")
                 extra.append((key, int(val) if val.lstrip("-").isdigit() else val))
-            for mod in (transport, agg_mod):
+            for mod in (channels, agg_mod):
                 for fn in ("server_options", "channel_options"):
                     if hasattr(mod, fn):
                         orig_fn = getattr(mod, fn)

@@ -113,9 +113,9 @@ def live_aggregator(plan_path: Path, run_dir: Path) -> Iterator[tuple[Any, int]]
     """The aggregator of ``plan_path`` serving gRPC and its data plane in this process (its
     round loop does not run: rounds stay where they are). Yields (aggregator, gRPC port)."""
     from teefl.federation.aggregator import Aggregator, add_to_server
-    from teefl.federation.transport import bind, server_options
     from teefl.measure.events import EventRecorder
     from teefl.plan import load_plan, require_transport
+    from teefl.transport.channels import bind, server_options
 
     plan = load_plan(plan_path)
     require_transport(plan)

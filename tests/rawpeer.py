@@ -26,7 +26,7 @@ from fedutil import (
     with_transport,
     write_plan,
 )
-from teefl.federation import dataplane
+from teefl.transport import framing
 from teefl.wire import codec, teefl_pb2, teefl_pb2_grpc
 
 
@@ -129,7 +129,7 @@ class Aggregator:
         if self.certs is None:
             return None
         cert, key = self._client_cert(name) if self.transport == "mtls" else (None, None)
-        return dataplane.client_context(Path(self.certs.ca), cert, key)
+        return framing.client_context(Path(self.certs.ca), cert, key)
 
     def raw(self, name: str = "col1", rcvbuf: int | None = None) -> Any:
         """A data-plane connection, TLS handshake done where the plan says TLS, nothing sent."""
@@ -145,17 +145,17 @@ class Aggregator:
         """An authorised data connection of ``name`` (HELLO answered OK)."""
         s = self.raw(name, rcvbuf)
         hello = json.dumps({"collaborator": name, "token": token.hex()}).encode()
-        dataplane.send_frame(s, dataplane.HELLO, hello)
-        dataplane.expect(s, dataplane.OK)
+        framing.send_frame(s, framing.HELLO, hello)
+        framing.expect(s, framing.OK)
         return s
 
     def model(self, sock: Any) -> tuple[teefl_pb2.Header, bytes]:
         """Download the open round's model on an authorised connection."""
         req = teefl_pb2.ModelRequest(collaborator="", round=1)
-        dataplane.send_frame(sock, dataplane.GET, req.SerializeToString())
-        h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
+        framing.send_frame(sock, framing.GET, req.SerializeToString())
+        h = teefl_pb2.Header.FromString(framing.expect(sock, framing.MODEL))
         buf = bytearray(h.total_size)
-        dataplane.recv_exact(sock, memoryview(buf))
+        framing.recv_exact(sock, memoryview(buf))
         return h, bytes(buf)
 
     # -- what the aggregator wrote --------------------------------------------------------------
@@ -210,8 +210,8 @@ def read_all(sock: Any, timeout: float) -> tuple[list[tuple[int, bytes]], bool]:
     frames = []
     try:
         while True:
-            frames.append(dataplane.recv_frame(sock))
-    except dataplane.Closed as exc:
+            frames.append(framing.recv_frame(sock))
+    except framing.Closed as exc:
         return frames, "timed out" not in str(exc)
     except (OSError, ssl.SSLError):
         return frames, True

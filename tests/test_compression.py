@@ -13,10 +13,10 @@ import zstandard
 
 from fedutil import SYNTHETIC, FakeContext, join_request, read_jsonl, run_plan
 from teefl.errors import TeeflError
-from teefl.federation import dataplane
 from teefl.federation.aggregator import Aggregator, final_state
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
+from teefl.transport import framing, socket_client
 from teefl.wire import assembly, codec, compression, teefl_pb2
 
 
@@ -67,7 +67,7 @@ def _served(tmp_path: Path, compression: str):
     server = agg._data_server("127.0.0.1")
     assert server is not None
     token = agg.Join(join_request(plan, "col1"), FakeContext()).session_token
-    return agg, server, dataplane.connect("127.0.0.1", agg.data_port, "col1", token, None)
+    return agg, server, socket_client.connect("127.0.0.1", agg.data_port, "col1", token, None)
 
 
 def _frame_header(payload, frame, **kw) -> teefl_pb2.Header:
@@ -89,24 +89,24 @@ def test_compressed_download_and_upload(tmp_path: Path) -> None:
     try:
         with sock:
             req = teefl_pb2.ModelRequest(collaborator="col1", round=1)
-            dataplane.send_frame(sock, dataplane.GET, req.SerializeToString())
-            h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
+            framing.send_frame(sock, framing.GET, req.SerializeToString())
+            h = teefl_pb2.Header.FromString(framing.expect(sock, framing.MODEL))
             assert h.encoding == "zstd" and h.raw_size == len(agg.payload)
             assert h.total_size < h.raw_size  # the frame is what travels
             asm = assembly.Assembler(
                 h.total_size, b"", 1 << 30, check="crc32c", expected_crc32c=h.crc32c
             )
-            asm.receive(dataplane.reader(sock), 4096, None)
+            asm.receive(framing.reader(sock), 4096, None)
             assert compression.decompress(asm.finish(), h.raw_size, 1 << 30) == bytes(agg.payload)
 
             state = {k: v + 1 if v.is_floating_point() else v for k, v in agg.global_state.items()}
             payload = codec.encode_state(state)
             frame = compression.compress(payload)
             header = _frame_header(payload, frame)
-            dataplane.send_frame(sock, dataplane.PUT, header.SerializeToString())
-            dataplane.expect(sock, dataplane.GO)
-            dataplane.send_payload(sock, frame)
-            ack = teefl_pb2.UpdateAck.FromString(dataplane.expect(sock, dataplane.ACK))
+            framing.send_frame(sock, framing.PUT, header.SerializeToString())
+            framing.expect(sock, framing.GO)
+            framing.send_payload(sock, frame)
+            ack = teefl_pb2.UpdateAck.FromString(framing.expect(sock, framing.ACK))
             assert ack.accepted, ack.message
         # stored decompressed, with a digest of what is stored (a restart replays it as is)
         d = agg.run_dir / "updates" / "round-0001"
@@ -131,15 +131,15 @@ def test_refused_compressed_uploads_leave_nothing(tmp_path: Path, case: str) -> 
             elif case == "corrupt frame":
                 frame = frame[:-8] + bytes(8)
                 h.crc32c = codec.crc32c(frame)  # intact on the wire, broken inside
-            dataplane.send_frame(sock, dataplane.PUT, h.SerializeToString())
+            framing.send_frame(sock, framing.PUT, h.SerializeToString())
             if case == "not in the plan":  # refused from the header alone
-                with pytest.raises(dataplane.RemoteError, match=r"network\.compression"):
-                    dataplane.expect(sock, dataplane.GO)
+                with pytest.raises(framing.RemoteError, match=r"network\.compression"):
+                    framing.expect(sock, framing.GO)
             else:
-                dataplane.expect(sock, dataplane.GO)
-                dataplane.send_payload(sock, frame)
-                with pytest.raises(dataplane.RemoteError, match="zstd") as err:
-                    dataplane.expect(sock, dataplane.ACK)
+                framing.expect(sock, framing.GO)
+                framing.send_payload(sock, frame)
+                with pytest.raises(framing.RemoteError, match="zstd") as err:
+                    framing.expect(sock, framing.ACK)
                 assert err.value.code == "INVALID_ARGUMENT"
         assert not agg.received and not agg.store.load_updates(1)
     finally:

@@ -15,13 +15,13 @@ import torch
 
 from fedutil import SYNTHETIC, join_request
 from fedutil import FakeContext as _Ctx
-from teefl.federation import dataplane
 from teefl.federation.aggregator import Aggregator
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
 from teefl.security import pki
 from teefl.store.files import BufferPool
 from teefl.store.rounds import RoundStore
+from teefl.transport import framing, socket_client
 from teefl.wire import assembly, codec, teefl_pb2
 
 
@@ -29,32 +29,32 @@ from teefl.wire import assembly, codec, teefl_pb2
 def test_frames_round_trip_and_garbage_is_refused() -> None:
     a, b = socket.socketpair()
     with a, b:
-        dataplane.send_frame(a, dataplane.GET, b"hello")
-        dataplane.send_frame(a, dataplane.OK)
-        assert dataplane.recv_frame(b) == (dataplane.GET, b"hello")
-        assert dataplane.recv_frame(b) == (dataplane.OK, b"")
-        dataplane.send_error(a, "FAILED_PRECONDITION", "round 3 is not open")
-        with pytest.raises(dataplane.RemoteError) as err:
-            dataplane.expect(b, dataplane.MODEL)
+        framing.send_frame(a, framing.GET, b"hello")
+        framing.send_frame(a, framing.OK)
+        assert framing.recv_frame(b) == (framing.GET, b"hello")
+        assert framing.recv_frame(b) == (framing.OK, b"")
+        framing.send_error(a, "FAILED_PRECONDITION", "round 3 is not open")
+        with pytest.raises(framing.RemoteError) as err:
+            framing.expect(b, framing.MODEL)
         assert err.value.code == "FAILED_PRECONDITION"
-        dataplane.send_frame(a, dataplane.OK)
-        with pytest.raises(dataplane.Closed, match="unexpected frame"):
-            dataplane.expect(b, dataplane.MODEL)
+        framing.send_frame(a, framing.OK)
+        with pytest.raises(framing.Closed, match="unexpected frame"):
+            framing.expect(b, framing.MODEL)
     for garbage in (
         b"\x63" + (5).to_bytes(4, "little") + b"abcde",  # unknown kind
-        bytes([dataplane.PUT]) + (dataplane.MAX_FRAME + 1).to_bytes(4, "little"),  # too big
+        bytes([framing.PUT]) + (framing.MAX_FRAME + 1).to_bytes(4, "little"),  # too big
     ):
         a, b = socket.socketpair()
         with a, b:
             a.sendall(garbage)
-            with pytest.raises(dataplane.Closed, match="not a teefl peer"):
-                dataplane.recv_frame(b)
+            with pytest.raises(framing.Closed, match="not a teefl peer"):
+                framing.recv_frame(b)
     a, b = socket.socketpair()
     with b:
-        a.sendall(bytes([dataplane.ACK]))  # a header cut short
+        a.sendall(bytes([framing.ACK]))  # a header cut short
         a.close()
-        with pytest.raises(dataplane.Closed, match="closed"):
-            dataplane.recv_frame(b)
+        with pytest.raises(framing.Closed, match="closed"):
+            framing.recv_frame(b)
 
 
 class _Trickle:
@@ -238,7 +238,7 @@ def _join(agg: Aggregator, name: str) -> bytes:
 
 
 def _connect(agg: Aggregator, name: str, token: bytes):
-    return dataplane.connect("127.0.0.1", agg.data_port, name, token, None)
+    return socket_client.connect("127.0.0.1", agg.data_port, name, token, None)
 
 
 def _header(agg: Aggregator, name: str, payload, **kw) -> teefl_pb2.Header:
@@ -255,10 +255,10 @@ def _header(agg: Aggregator, name: str, payload, **kw) -> teefl_pb2.Header:
 
 
 def _put(sock, header: teefl_pb2.Header, payload) -> teefl_pb2.UpdateAck:
-    dataplane.send_frame(sock, dataplane.PUT, header.SerializeToString())
-    dataplane.expect(sock, dataplane.GO)
-    dataplane.send_payload(sock, payload)
-    return teefl_pb2.UpdateAck.FromString(dataplane.expect(sock, dataplane.ACK))
+    framing.send_frame(sock, framing.PUT, header.SerializeToString())
+    framing.expect(sock, framing.GO)
+    framing.send_payload(sock, payload)
+    return teefl_pb2.UpdateAck.FromString(framing.expect(sock, framing.ACK))
 
 
 def _files(agg: Aggregator) -> list[str]:
@@ -271,17 +271,17 @@ def _files(agg: Aggregator) -> list[str]:
 
 
 def test_connection_needs_the_token_of_the_latest_join(served: Aggregator) -> None:
-    with pytest.raises(dataplane.RemoteError, match="Join first") as err:
+    with pytest.raises(framing.RemoteError, match="Join first") as err:
         _connect(served, "col1", b"\0" * 32)  # never joined
     assert err.value.code == "UNAUTHENTICATED"
     old = _join(served, "col1")
     new = _join(served, "col1")
-    with pytest.raises(dataplane.RemoteError, match="outdated"):
+    with pytest.raises(framing.RemoteError, match="outdated"):
         _connect(served, "col1", old)
-    with pytest.raises(dataplane.RemoteError, match="not a collaborator") as err:
+    with pytest.raises(framing.RemoteError, match="not a collaborator") as err:
         _connect(served, "mallory", new)
     assert err.value.code == "PERMISSION_DENIED"
-    with pytest.raises(dataplane.RemoteError, match="outdated"):
+    with pytest.raises(framing.RemoteError, match="outdated"):
         _connect(served, "col2", new)  # col1's token does not open col2's connection
     _connect(served, "col1", new).close()
 
@@ -290,23 +290,23 @@ def test_download_is_the_published_payload(served: Aggregator) -> None:
     sock = _connect(served, "col1", _join(served, "col1"))
     with sock:
         req = teefl_pb2.ModelRequest(collaborator="col1", round=1)
-        dataplane.send_frame(sock, dataplane.GET, req.SerializeToString())
-        h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
+        framing.send_frame(sock, framing.GET, req.SerializeToString())
+        h = teefl_pb2.Header.FromString(framing.expect(sock, framing.MODEL))
         assert h.sha256 == b""  # payload_check auto: nobody checks a SHA-256, none is made
         asm = assembly.Assembler(
             h.total_size, h.sha256, 1 << 30, check="crc32c", expected_crc32c=h.crc32c
         )
-        asm.receive(dataplane.reader(sock), 4096, None)
+        asm.receive(framing.reader(sock), 4096, None)
         assert bytes(asm.finish()) == bytes(served.payload)
         assert h.crc32c == codec.crc32c(served.payload)
         req.round = 2  # not open yet: refused, and the connection stays usable
-        dataplane.send_frame(sock, dataplane.GET, req.SerializeToString())
-        with pytest.raises(dataplane.RemoteError, match="not open") as err:
-            dataplane.expect(sock, dataplane.MODEL)
+        framing.send_frame(sock, framing.GET, req.SerializeToString())
+        with pytest.raises(framing.RemoteError, match="not open") as err:
+            framing.expect(sock, framing.MODEL)
         assert err.value.code == "FAILED_PRECONDITION"
         req.round = 1
-        dataplane.send_frame(sock, dataplane.GET, req.SerializeToString())
-        h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
+        framing.send_frame(sock, framing.GET, req.SerializeToString())
+        h = teefl_pb2.Header.FromString(framing.expect(sock, framing.MODEL))
         assert h.total_size == len(served.payload)
 
 
@@ -329,10 +329,8 @@ def test_upload_is_stored_counted_and_summed_then_duplicates_are_not(served: Agg
         stored = (served.run_dir / "updates/round-0001/col1.safetensors").read_bytes()
         assert stored == bytes(payload)
         # a second upload of the same round is answered at once, without its data
-        dataplane.send_frame(
-            sock, dataplane.PUT, _header(served, "col1", payload).SerializeToString()
-        )
-        dup = teefl_pb2.UpdateAck.FromString(dataplane.expect(sock, dataplane.ACK))
+        framing.send_frame(sock, framing.PUT, _header(served, "col1", payload).SerializeToString())
+        dup = teefl_pb2.UpdateAck.FromString(framing.expect(sock, framing.ACK))
         assert dup.accepted and "already counted" in dup.message
     assert served.fedavg.count == 1
 
@@ -355,11 +353,11 @@ def test_refused_upload_leaves_nothing_and_the_connection_in_step(
     elif fault == "evaluate_only":
         header.evaluate_only = True
     with _connect(served, "col1", _join(served, "col1")) as sock:
-        dataplane.send_frame(sock, dataplane.PUT, header.SerializeToString())
-        with pytest.raises(dataplane.RemoteError) as err:
-            if dataplane.expect(sock, dataplane.GO) == b"":
-                dataplane.send_payload(sock, payload)
-                dataplane.expect(sock, dataplane.ACK)
+        framing.send_frame(sock, framing.PUT, header.SerializeToString())
+        with pytest.raises(framing.RemoteError) as err:
+            if framing.expect(sock, framing.GO) == b"":
+                framing.send_payload(sock, payload)
+                framing.expect(sock, framing.ACK)
         expected = {
             "corrupt": "CRC32C",
             "nan": "NaN",
@@ -377,8 +375,8 @@ def test_refused_upload_leaves_nothing_and_the_connection_in_step(
 def test_upload_broken_mid_stream_is_discarded(served: Aggregator) -> None:
     payload = codec.encode_state(served.global_state)
     sock = _connect(served, "col1", _join(served, "col1"))
-    dataplane.send_frame(sock, dataplane.PUT, _header(served, "col1", payload).SerializeToString())
-    dataplane.expect(sock, dataplane.GO)
+    framing.send_frame(sock, framing.PUT, _header(served, "col1", payload).SerializeToString())
+    framing.expect(sock, framing.GO)
     sock.sendall(memoryview(payload)[: len(payload) // 2])
     sock.close()
     _wait(lambda: not served.inflight)
@@ -442,20 +440,20 @@ def test_mtls_data_connection_needs_the_collaborators_own_certificate(tmp_path, 
     server = agg._data_server("127.0.0.1")
     try:
         token = agg._open_session("col1").token  # as Join would (its gRPC CN check aside)
-        col2 = dataplane.client_context(certs / "ca.crt", *pki.collaborator_paths(certs, "col2"))
-        with pytest.raises(dataplane.RemoteError, match="does not match") as err:
-            dataplane.connect("127.0.0.1", agg.data_port, "col1", token, col2)
+        col2 = framing.client_context(certs / "ca.crt", *pki.collaborator_paths(certs, "col2"))
+        with pytest.raises(framing.RemoteError, match="does not match") as err:
+            socket_client.connect("127.0.0.1", agg.data_port, "col1", token, col2)
         assert err.value.code == "PERMISSION_DENIED"
-        no_cert = dataplane.client_context(certs / "ca.crt", None, None)
-        with pytest.raises((dataplane.Closed, ConnectionError, OSError)):
-            s = dataplane.connect("127.0.0.1", agg.data_port, "col1", token, no_cert)
-            dataplane.recv_frame(s)  # TLS 1.3 reports a refused client certificate late
-        col1 = dataplane.client_context(certs / "ca.crt", *pki.collaborator_paths(certs, "col1"))
+        no_cert = framing.client_context(certs / "ca.crt", None, None)
+        with pytest.raises((framing.Closed, ConnectionError, OSError)):
+            s = socket_client.connect("127.0.0.1", agg.data_port, "col1", token, no_cert)
+            framing.recv_frame(s)  # TLS 1.3 reports a refused client certificate late
+        col1 = framing.client_context(certs / "ca.crt", *pki.collaborator_paths(certs, "col1"))
         with pytest.raises(Exception, match="attestation was bound to"):
-            dataplane.connect(
+            socket_client.connect(
                 "127.0.0.1", agg.data_port, "col1", token, col1, expected_spki=b"another key"
             )
-        dataplane.connect("127.0.0.1", agg.data_port, "col1", token, col1).close()
+        socket_client.connect("127.0.0.1", agg.data_port, "col1", token, col1).close()
     finally:
         server.stop()
 
@@ -470,15 +468,15 @@ def test_payload_check_sha256_is_enforced_end_to_end(tmp_path: Path) -> None:
             payload = codec.encode_state(agg.global_state)
             header = _header(agg, "col1", payload)
             header.sha256 = b"\1" * 32  # the CRC32C is right: only the SHA-256 can catch it
-            dataplane.send_frame(sock, dataplane.PUT, header.SerializeToString())
-            dataplane.expect(sock, dataplane.GO)
-            dataplane.send_payload(sock, payload)
-            with pytest.raises(dataplane.RemoteError, match="SHA-256"):
-                dataplane.expect(sock, dataplane.ACK)
+            framing.send_frame(sock, framing.PUT, header.SerializeToString())
+            framing.expect(sock, framing.GO)
+            framing.send_payload(sock, payload)
+            with pytest.raises(framing.RemoteError, match="SHA-256"):
+                framing.expect(sock, framing.ACK)
             header.sha256 = b""
-            dataplane.send_frame(sock, dataplane.PUT, header.SerializeToString())
-            with pytest.raises(dataplane.RemoteError, match="no valid SHA-256"):
-                dataplane.expect(sock, dataplane.GO)
+            framing.send_frame(sock, framing.PUT, header.SerializeToString())
+            with pytest.raises(framing.RemoteError, match="no valid SHA-256"):
+                framing.expect(sock, framing.GO)
             assert _put(sock, _header(agg, "col1", payload), payload).accepted
         meta = (tmp_path / "updates/round-0001/col1.json").read_text()
         assert '"sha256"' in meta and '"verified": true' in meta

@@ -19,8 +19,8 @@ import grpc
 import pytest
 
 from rawpeer import Aggregator, update_header
-from teefl.federation import dataplane
 from teefl.federation.fairshare import FairShare, Superseded
+from teefl.transport import framing
 from teefl.wire import teefl_pb2
 
 
@@ -109,7 +109,7 @@ def _stall_uploads(agg: Aggregator, token: bytes, payload_size: int, n: int = 4)
     header = update_header("col1", b"\0" * payload_size).SerializeToString()
     for _ in range(n):
         s = agg.connect("col1", token)
-        dataplane.send_frame(s, dataplane.PUT, header)
+        framing.send_frame(s, framing.PUT, header)
         socks.append(s)
     time.sleep(1.0)  # every one that will get GO has it
     return socks
@@ -117,9 +117,9 @@ def _stall_uploads(agg: Aggregator, token: bytes, payload_size: int, n: int = 4)
 
 def _time_to_go(agg: Aggregator, token: bytes, payload: bytes) -> tuple[float, Any]:
     s = agg.connect("col2", token)
-    dataplane.send_frame(s, dataplane.PUT, update_header("col2", payload).SerializeToString())
+    framing.send_frame(s, framing.PUT, update_header("col2", payload).SerializeToString())
     t0 = time.monotonic()
-    dataplane.expect(s, dataplane.GO)
+    framing.expect(s, framing.GO)
     return time.monotonic() - t0, s
 
 
@@ -134,8 +134,8 @@ def test_stalled_uploads_of_one_member_do_not_delay_anothers_go(small: Aggregato
     took, s = _time_to_go(small, tok2, model)
     with s:
         assert took < 1.0, f"col2 waited {took:.1f} s for GO"
-        dataplane.send_payload(s, model)
-        ack = teefl_pb2.UpdateAck.FromString(dataplane.expect(s, dataplane.ACK))
+        framing.send_payload(s, model)
+        ack = teefl_pb2.UpdateAck.FromString(framing.expect(s, framing.ACK))
         assert ack.accepted and ack.message == "accepted"
     for x in stalled:
         x.close()
@@ -183,15 +183,15 @@ def test_a_slow_upload_is_not_cut(tmp_path: Path) -> None:
         _, token = agg.join("col1")
         with agg.connect("col1", token) as s:
             _, model = agg.model(s)
-            dataplane.send_frame(s, dataplane.PUT, update_header("col1", model).SerializeToString())
-            dataplane.expect(s, dataplane.GO)
+            framing.send_frame(s, framing.PUT, update_header("col1", model).SerializeToString())
+            framing.expect(s, framing.GO)
             t0 = time.monotonic()
             step = 10_000  # 10 KB every 0.1 s: 100 KB/s
             for i in range(0, len(model), step):
                 s.sendall(model[i : i + step])
                 time.sleep(0.1)
             took = time.monotonic() - t0
-            ack = teefl_pb2.UpdateAck.FromString(dataplane.expect(s, dataplane.ACK))
+            ack = teefl_pb2.UpdateAck.FromString(framing.expect(s, framing.ACK))
         assert ack.accepted, ack.message
         assert took > 4 * 1.5, took  # much longer than idle_timeout, bytes moving all along
         assert not any(e.get("what") == "upload_idle_cut" for e in agg.events())
@@ -214,7 +214,7 @@ def _stall_readers(agg: Aggregator, token: bytes, n: int = 4) -> list:
     for _ in range(n):
         s = agg.connect("col1", token, rcvbuf=4096)
         req = teefl_pb2.ModelRequest(collaborator="col1", round=1)
-        dataplane.send_frame(s, dataplane.GET, req.SerializeToString())
+        framing.send_frame(s, framing.GET, req.SerializeToString())
         socks.append(s)
     time.sleep(1.0)
     return socks
@@ -229,12 +229,12 @@ def test_stalled_readers_of_one_member_do_not_delay_anothers_download(resnet: Ag
     stalled = _stall_readers(resnet, tok1)
     with resnet.connect("col2", tok2) as s:
         req = teefl_pb2.ModelRequest(collaborator="col2", round=1)
-        dataplane.send_frame(s, dataplane.GET, req.SerializeToString())
+        framing.send_frame(s, framing.GET, req.SerializeToString())
         t0 = time.monotonic()
-        h = teefl_pb2.Header.FromString(dataplane.expect(s, dataplane.MODEL))
+        h = teefl_pb2.Header.FromString(framing.expect(s, framing.MODEL))
         started = time.monotonic() - t0
         buf = bytearray(h.total_size)
-        dataplane.recv_exact(s, memoryview(buf))
+        framing.recv_exact(s, memoryview(buf))
     assert started < 1.0, f"the download started after {started:.1f} s"
     assert h.total_size > 40 << 20
     for x in stalled:
@@ -285,8 +285,8 @@ def test_threads_and_memory_stay_bounded_under_attack(resnet: Aggregator) -> Non
             assert got == model
         took, s = _time_to_go(resnet, tok2, model)
         with s:
-            dataplane.send_payload(s, model)
-            ack = teefl_pb2.UpdateAck.FromString(dataplane.expect(s, dataplane.ACK))
+            framing.send_payload(s, model)
+            ack = teefl_pb2.UpdateAck.FromString(framing.expect(s, framing.ACK))
         after = resnet.status()
     finally:
         stop.set()

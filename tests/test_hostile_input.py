@@ -24,8 +24,8 @@ import pytest
 
 from fedutil import free_port
 from rawpeer import Aggregator, read_all, update_header
-from teefl.federation import dataplane
 from teefl.security import pki
+from teefl.transport import framing, socket_client, socket_server
 from teefl.wire import peerinput, teefl_pb2
 
 TOKEN = b"\x07" * 32
@@ -97,22 +97,22 @@ class _Server:
 
         def hello(conn, name, token) -> None:
             if token != TOKEN:
-                raise dataplane.RemoteError("UNAUTHENTICATED", f"bad token for {name}")
+                raise framing.RemoteError("UNAUTHENTICATED", f"bad token for {name}")
 
         def get(conn, body) -> None:
-            dataplane.send_frame(conn.sock, dataplane.MODEL, b"")
+            framing.send_frame(conn.sock, framing.MODEL, b"")
 
         def refused(what, peer, reason, **fields) -> None:
             self.refused.append((what, peer, reason))
 
-        self.server = dataplane.DataServer(
+        self.server = socket_server.DataServer(
             "127.0.0.1",
             0,
             tls,
             hello,
             get,
             lambda conn, body: None,
-            limits=dataplane.Limits(**limits),
+            limits=socket_server.Limits(**limits),
             refused=refused,
         )
         self.server.start()
@@ -127,7 +127,7 @@ class _Server:
 
     def hello(self, s, name: str = "col1", token: bytes = TOKEN) -> None:
         body = json.dumps({"collaborator": name, "token": token.hex()}).encode()
-        dataplane.send_frame(s, dataplane.HELLO, body)
+        framing.send_frame(s, framing.HELLO, body)
 
     def __enter__(self) -> _Server:
         return self
@@ -146,7 +146,7 @@ def _wait(cond, timeout: float = 10.0) -> None:
 def _answer(s) -> tuple[str, str, bool]:
     """The ERROR the server answered and whether it then closed the connection."""
     frames, closed = read_all(s, 10)
-    assert frames and frames[0][0] == dataplane.ERROR, frames
+    assert frames and frames[0][0] == framing.ERROR, frames
     err = json.loads(frames[0][1])
     return err["code"], err["message"], closed
 
@@ -167,7 +167,7 @@ def _answer(s) -> tuple[str, str, bool]:
 )
 def test_a_bad_hello_gets_an_answer_and_the_connection_closes(body, code, fault) -> None:
     with _Server() as srv, srv.raw() as s:
-        s.sendall(bytes([dataplane.HELLO]) + len(body).to_bytes(4, "little") + body)
+        s.sendall(bytes([framing.HELLO]) + len(body).to_bytes(4, "little") + body)
         got_code, message, closed = _answer(s)
         assert (got_code, closed) == (code, True) and fault in message
         assert "\n" not in message and len(message) < 200
@@ -178,7 +178,7 @@ def test_a_bad_hello_gets_an_answer_and_the_connection_closes(body, code, fault)
 def test_not_starting_with_hello_is_refused_and_a_good_one_is_served() -> None:
     with _Server() as srv:
         with srv.raw() as s:
-            dataplane.send_frame(s, dataplane.GET, b"")
+            framing.send_frame(s, framing.GET, b"")
             code, message, _ = _answer(s)
             assert (
                 code == "UNAUTHENTICATED" and "must start with HELLO (got frame kind 3)" in message
@@ -188,9 +188,9 @@ def test_not_starting_with_hello_is_refused_and_a_good_one_is_served() -> None:
             assert _answer(s) == ("UNAUTHENTICATED", "bad token for col1", True)
         with srv.raw() as s:
             srv.hello(s)
-            dataplane.expect(s, dataplane.OK)
-            dataplane.send_frame(s, dataplane.GET, b"")
-            assert dataplane.expect(s, dataplane.MODEL) == b""
+            framing.expect(s, framing.OK)
+            framing.send_frame(s, framing.GET, b"")
+            assert framing.expect(s, framing.MODEL) == b""
             s.sendall(b"\x63" + (5).to_bytes(4, "little") + b"abcde")  # an unknown frame kind
             code, message, closed = _answer(s)
             assert (code, closed) == ("INVALID_ARGUMENT", True) and "malformed frame" in message
@@ -201,7 +201,7 @@ def test_one_deadline_for_the_whole_handshake() -> None:
     per-receive timeout (30 s) was reset by every byte and never fired."""
     with _Server(handshake_timeout=1.0) as srv, srv.raw() as s:
         body = json.dumps({"collaborator": "col1", "token": TOKEN.hex()}).encode()
-        frame = bytes([dataplane.HELLO]) + len(body).to_bytes(4, "little") + body
+        frame = bytes([framing.HELLO]) + len(body).to_bytes(4, "little") + body
         t0 = time.monotonic()
         closed_at = None
         for i in range(len(frame) - 1):
@@ -230,7 +230,7 @@ def test_unauthorised_connections_are_bounded_per_address_and_in_all() -> None:
         assert read_all(first[2], 5) == ([], True)
         _wait(lambda: len(srv.server.pending) == 6)
         srv.hello(third)  # a newcomer is served whatever the others do
-        dataplane.expect(third, dataplane.OK)
+        framing.expect(third, framing.OK)
         reasons = [r for _, _, r in srv.refused]
         assert sum("from 127.0.0.1" in r for r in reasons) == 2
         assert sum("more than 6 unauthorised" in r for r in reasons) == 1
@@ -247,7 +247,7 @@ def test_idle_connections_cost_no_thread_and_do_not_delay_a_hello() -> None:
         t0 = time.monotonic()
         with srv.raw() as s:
             srv.hello(s)
-            dataplane.expect(s, dataplane.OK)
+            framing.expect(s, framing.OK)
         assert time.monotonic() - t0 < 1.0
         assert threading.active_count() <= threads + 1  # the authorised connection's own
         for s in idle:
@@ -273,7 +273,7 @@ def test_an_accept_error_is_retried_with_backoff_and_frees_a_descriptor(caplog) 
             t0 = time.monotonic()
             with srv.raw() as s:
                 srv.hello(s)
-                dataplane.expect(s, dataplane.OK)
+                framing.expect(s, framing.OK)
             took = time.monotonic() - t0
         assert srv.server.accept_errors == 5 and took < 5.0
         assert srv.server.thread.is_alive()
@@ -288,12 +288,12 @@ def test_a_member_holds_at_most_two_authorised_connections() -> None:
         for _ in range(3):
             s = srv.raw()
             srv.hello(s)
-            dataplane.expect(s, dataplane.OK)
+            framing.expect(s, framing.OK)
             socks.append(s)
         assert read_all(socks[0], 5) == ([], True)  # the oldest was cut
         for s in socks[1:]:
-            dataplane.send_frame(s, dataplane.GET, b"")
-            assert dataplane.expect(s, dataplane.MODEL) == b""
+            framing.send_frame(s, framing.GET, b"")
+            assert framing.expect(s, framing.MODEL) == b""
             s.close()
 
 
@@ -310,19 +310,19 @@ def test_tls_handshakes_do_not_block_each_other(certs) -> None:
     """Idle TCP connections, a half ClientHello and a peer that is not TLS at all, beside a
     real TLS client: its handshake and HELLO are answered at once."""
     cert, key = pki.aggregator_paths(certs)
-    tls = dataplane.server_context(certs / "ca.crt", cert, key, require_client_cert=True)
+    tls = socket_server.server_context(certs / "ca.crt", cert, key, require_client_cert=True)
     with _Server(tls=tls) as srv:
         idle = [srv.raw() for _ in range(50)]
         half = srv.raw()
         half.sendall(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello's first bytes, no more
         garbage = srv.raw()
         garbage.sendall(b"GET / HTTP/1.1\r\n\r\n")
-        ctx = dataplane.client_context(certs / "ca.crt", *pki.collaborator_paths(certs, "col1"))
+        ctx = framing.client_context(certs / "ca.crt", *pki.collaborator_paths(certs, "col1"))
         t0 = time.monotonic()
-        s = dataplane.connect("127.0.0.1", srv.port, "col1", TOKEN, ctx)
+        s = socket_client.connect("127.0.0.1", srv.port, "col1", TOKEN, ctx)
         assert time.monotonic() - t0 < 1.0
-        dataplane.send_frame(s, dataplane.GET, b"")
-        assert dataplane.expect(s, dataplane.MODEL) == b""
+        framing.send_frame(s, framing.GET, b"")
+        assert framing.expect(s, framing.MODEL) == b""
         assert read_all(garbage, 5)[1]  # refused and closed
         _wait(lambda: any("TLS handshake failed" in r for _, _, r in srv.refused))
         for x in [*idle, half, garbage, s]:
@@ -355,12 +355,12 @@ def _no_traceback(log: str) -> None:
 def test_nested_hello_of_100000_brackets(agg: Aggregator) -> None:
     def attack() -> None:
         with agg.raw() as s:
-            s.sendall(bytes([dataplane.HELLO]) + (100_000).to_bytes(4, "little") + b"[" * 100_000)
+            s.sendall(bytes([framing.HELLO]) + (100_000).to_bytes(4, "little") + b"[" * 100_000)
             code, message, closed = _answer(s)
             assert (code, closed) == ("INVALID_ARGUMENT", True)
             assert "HELLO of 100000 bytes exceeds the limit of 4096" in message
         with agg.raw() as s:  # and within the size limit, refused for its depth
-            dataplane.send_frame(s, dataplane.HELLO, b"[" * 4000)
+            framing.send_frame(s, framing.HELLO, b"[" * 4000)
             code, message, closed = _answer(s)
             assert (code, closed) == ("INVALID_ARGUMENT", True) and "nested deeper" in message
 
@@ -380,11 +380,11 @@ def test_a_name_cannot_write_a_forged_log_line_or_event(agg: Aggregator) -> None
             body = json.dumps({"collaborator": evil, "token": TOKEN.hex()}).encode()
             # the server answers from the frame header and closes: the rest may not go out
             with contextlib.suppress(OSError):
-                s.sendall(bytes([dataplane.HELLO]) + len(body).to_bytes(4, "little") + body)
+                s.sendall(bytes([framing.HELLO]) + len(body).to_bytes(4, "little") + body)
             assert "exceeds the limit" in _answer(s)[1]
         with agg.raw() as s:  # a name that fits in 4 KiB: refused by the plan's name rule
             body = json.dumps({"collaborator": evil[:3000], "token": TOKEN.hex()}).encode()
-            dataplane.send_frame(s, dataplane.HELLO, body)
+            framing.send_frame(s, framing.HELLO, body)
             assert "is not a collaborator name" in _answer(s)[1]
         with pytest.raises(grpc.RpcError) as err:  # gRPC: Join and WaitRound
             agg.stub("col1").Join(teefl_pb2.JoinRequest(collaborator=evil), timeout=30)
@@ -420,9 +420,9 @@ def test_put_header_without_crc32c(agg: Aggregator) -> None:
             _, model = agg.model(s)
             h = update_header("col1", model)
             h.ClearField("crc32c")
-            dataplane.send_frame(s, dataplane.PUT, h.SerializeToString())
-            with pytest.raises(dataplane.RemoteError) as err:
-                dataplane.expect(s, dataplane.GO)
+            framing.send_frame(s, framing.PUT, h.SerializeToString())
+            with pytest.raises(framing.RemoteError) as err:
+                framing.expect(s, framing.GO)
             assert err.value.code == "INVALID_ARGUMENT"
             assert "malformed update header" in err.value.message
             assert "no CRC32C" in err.value.message
@@ -440,13 +440,11 @@ def test_an_update_whose_safetensors_header_nests_100000_deep(agg: Aggregator) -
 
     def attack() -> None:
         with agg.connect("col1", token) as s:
-            dataplane.send_frame(
-                s, dataplane.PUT, update_header("col1", payload).SerializeToString()
-            )
-            dataplane.expect(s, dataplane.GO)
-            dataplane.send_payload(s, payload)
-            with pytest.raises(dataplane.RemoteError) as err:
-                dataplane.expect(s, dataplane.ACK)
+            framing.send_frame(s, framing.PUT, update_header("col1", payload).SerializeToString())
+            framing.expect(s, framing.GO)
+            framing.send_payload(s, payload)
+            with pytest.raises(framing.RemoteError) as err:
+                framing.expect(s, framing.ACK)
             assert "nested too deeply" in err.value.message
 
     log, events = _since(agg, attack)
@@ -487,13 +485,13 @@ def test_an_upload_cut_as_idle_is_answered_and_closed(agg: Aggregator) -> None:
     def attack() -> None:
         with agg.connect("col1", token) as s:
             _, model = agg.model(s)
-            dataplane.send_frame(s, dataplane.PUT, update_header("col1", model).SerializeToString())
-            dataplane.expect(s, dataplane.GO)
+            framing.send_frame(s, framing.PUT, update_header("col1", model).SerializeToString())
+            framing.expect(s, framing.GO)
             s.sendall(model[: len(model) // 2])  # then nothing: idle_timeout is 2 s
             t0 = time.monotonic()
             frames, closed = read_all(s, 10)
             assert closed and time.monotonic() - t0 < 5
-            assert frames and frames[0][0] == dataplane.ERROR, frames
+            assert frames and frames[0][0] == framing.ERROR, frames
             err = json.loads(frames[0][1])
             assert err["code"] == "DEADLINE_EXCEEDED" and "moved no byte for 2 s" in err["message"]
 

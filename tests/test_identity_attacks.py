@@ -43,12 +43,13 @@ from identutil import (
     token_metadata,
 )
 from teefl.errors import TeeflError
-from teefl.federation import attest, dataplane
+from teefl.federation import attest
 from teefl.federation.aggregator import Aggregator, final_state
 from teefl.measure.events import EventRecorder
 from teefl.plan import load_plan, plan_from_dict
 from teefl.security import pki
 from teefl.security.tee.evidence import SimulatedProvider
+from teefl.transport import framing, socket_client
 from teefl.wire import codec, teefl_pb2, teefl_pb2_grpc
 from teefl.workload.datasets import dataset_shape
 from teefl.workload.models import build_model
@@ -119,11 +120,11 @@ def _no_data_plane_bytes(port: int, data_port: int, ca: Path, cert: Path, key: P
     """The copied certificate on the data plane, with a guessed token: refused before any
     model byte (whatever the token, the certificate is not the session's)."""
     tls = client_ssl(ca, port, cert, key)
-    with pytest.raises((dataplane.RemoteError, dataplane.Closed, TeeflError)):
-        sock = dataplane.connect("127.0.0.1", data_port, "col1", os.urandom(32), tls)
+    with pytest.raises((framing.RemoteError, framing.Closed, TeeflError)):
+        sock = socket_client.connect("127.0.0.1", data_port, "col1", os.urandom(32), tls)
         req = teefl_pb2.ModelRequest(collaborator="col1", round=1)
-        dataplane.send_frame(sock, dataplane.GET, req.SerializeToString())
-        dataplane.expect(sock, dataplane.MODEL)
+        framing.send_frame(sock, framing.GET, req.SerializeToString())
+        framing.expect(sock, framing.MODEL)
 
 
 def _refused_join(stub, plan, name: str) -> str:
@@ -244,16 +245,16 @@ class _Tee:
 
         roots = fetch_pin(self.port) + self.ca.read_bytes()  # attested aggregator, or the CA
         tls = session.client_ssl_context(roots, (reply.session_cert, self.key_pem), pinned=True)
-        return dataplane.connect(
+        return socket_client.connect(
             "127.0.0.1", agg.data_port, self.name, token or reply.session_token, tls
         )
 
 
 def _get(sock) -> int:
     req = teefl_pb2.ModelRequest(collaborator="col1", round=1)
-    dataplane.send_frame(sock, dataplane.GET, req.SerializeToString())
-    h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
-    dataplane.recv_exact(sock, memoryview(bytearray(h.total_size)))
+    framing.send_frame(sock, framing.GET, req.SerializeToString())
+    h = teefl_pb2.Header.FromString(framing.expect(sock, framing.MODEL))
+    framing.recv_exact(sock, memoryview(bytearray(h.total_size)))
     return h.total_size
 
 
@@ -283,9 +284,9 @@ def test_a_join_ends_the_earlier_session_whatever_its_outcome(tmp_path: Path, ro
         with pytest.raises(grpc.RpcError) as err:
             session.WaitRound(wait, timeout=10, metadata=md)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with pytest.raises((dataplane.Closed, OSError)):  # its data connection was cut
+        with pytest.raises((framing.Closed, OSError)):  # its data connection was cut
             _get(sock)
-        with pytest.raises(dataplane.RemoteError, match="outdated"):
+        with pytest.raises(framing.RemoteError, match="outdated"):
             tee.data(agg, reply)
         # ... and so does a successful one: the old token and certificate stop working
         first = tee.join(enrol_stub)
@@ -524,10 +525,10 @@ def test_client_certificate_must_be_a_client_certificate(
         with channel(port, issued.ca, good_cert.read_bytes(), good_key.read_bytes()) as ch:
             reply = teefl_pb2_grpc.FederationStub(ch).Join(join_request(plan, "col1"), timeout=10)
         tls = client_ssl(issued.ca, port, bad_cert, bad_key)
-        with pytest.raises(dataplane.RemoteError, match=message):
-            dataplane.connect("127.0.0.1", agg.data_port, "col1", reply.session_token, tls)
+        with pytest.raises(framing.RemoteError, match=message):
+            socket_client.connect("127.0.0.1", agg.data_port, "col1", reply.session_token, tls)
         tls = client_ssl(issued.ca, port, good_cert, good_key)
-        dataplane.connect("127.0.0.1", agg.data_port, "col1", reply.session_token, tls).close()
+        socket_client.connect("127.0.0.1", agg.data_port, "col1", reply.session_token, tls).close()
 
 
 def test_pki_issues_client_certificates_the_aggregator_accepts(tmp_path: Path) -> None:

@@ -9,10 +9,10 @@ import threading
 import pytest
 import torch
 
-from teefl.federation import dataplane
 from teefl.federation.collaborator import Collaborator
 from teefl.federation.fedavg import RunningFedAvg
 from teefl.federation.resident import ResidentModel
+from teefl.transport import framing
 from teefl.wire import codec, teefl_pb2
 from teefl.wire.checks import FlatUpdate, UpdateRejected
 from teefl.workload.models import build_model
@@ -175,7 +175,7 @@ def _collaborator(model: torch.nn.Module, sock) -> Collaborator:
 
 def _serve_model(sock, payload) -> threading.Thread:
     def serve() -> None:
-        dataplane.recv_frame(sock)  # GET
+        framing.recv_frame(sock)  # GET
         h = teefl_pb2.Header(
             collaborator="col1",
             round=1,
@@ -183,8 +183,8 @@ def _serve_model(sock, payload) -> threading.Thread:
             format=codec.FORMAT,
             crc32c=codec.crc32c(payload),
         )
-        dataplane.send_frame(sock, dataplane.MODEL, h.SerializeToString())
-        dataplane.send_payload(sock, payload)
+        framing.send_frame(sock, framing.MODEL, h.SerializeToString())
+        framing.send_payload(sock, payload)
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()

@@ -28,12 +28,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from teefl.errors import TeeflError
-from teefl.federation import attest, dataplane
+from teefl.federation import attest
 from teefl.federation.fairshare import FairShare, Superseded
 from teefl.federation.faults import fault
 from teefl.federation.fedavg import RunningFedAvg, make_aggregator
 from teefl.federation.runinfo import update_run_json
-from teefl.federation.transport import bind, payload_check, server_options
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan, plan_digest
 from teefl.runfiles import append_private
@@ -51,6 +50,8 @@ from teefl.store.atomic import METRICS, write_atomic
 from teefl.store.files import BufferPool
 from teefl.store.rounds import RoundStore
 from teefl.store.staging import StagingArea
+from teefl.transport import framing, socket_server
+from teefl.transport.channels import bind, payload_check, server_options
 from teefl.wire import assembly, codec, compression, peerinput, teefl_pb2, teefl_pb2_grpc
 from teefl.wire.checks import FiniteScan, FlatUpdate, UpdateRejected, check_update
 from teefl.workload.datasets import dataset_shape
@@ -79,7 +80,7 @@ class _Transfer:
     """An upload or a download in progress, as the idle cut (`Aggregator._supervise`) sees it.
 
     Idle means that no byte moved for ``idle_timeout``, however slowly bytes move: ``probe``
-    reads the connection's byte counters from the kernel (`dataplane.tcp_moved`, data plane
+    reads the connection's byte counters from the kernel (`framing.tcp_moved`, data plane
     only), ``touch`` notes progress the transfer reports itself (a piece received or sent, a
     gRPC message); both cost a few attribute stores, no lock.
     """
@@ -1007,8 +1008,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             if ticket is not None:
                 self.slots.release(ticket)
 
-    # -- data plane (see dataplane.py) -------------------------------------------------------
-    def data_hello(self, conn: dataplane.Connection, name: str, token: bytes) -> None:
+    # -- data plane (see framing.py) -------------------------------------------------------
+    def data_hello(self, conn: socket_server.Connection, name: str, token: bytes) -> None:
         """Authorise a data connection as `_known` does a call: the token of the latest Join,
         and under mtls a client certificate that may carry model traffic (CN = name,
         clientAuth, CA:false; with collaborators' attestation exactly the session certificate
@@ -1018,7 +1019,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             # the name passed the plan's name rule in the data plane; logged at a bounded rate
             shown = peerinput.name_for_log(name)
             self.refusals.refused("data connection", conn.peer, reason, collaborator=shown)
-            raise dataplane.RemoteError(code, reason)
+            raise framing.RemoteError(code, reason)
 
         if name not in self.names:
             refuse("PERMISSION_DENIED", f"'{name}' is not a collaborator of this plan")
@@ -1049,7 +1050,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             session.conns.add(conn)
             self.conn_tokens[conn] = token
 
-    def data_get(self, conn: dataplane.Connection, body: bytes) -> None:
+    def data_get(self, conn: socket_server.Connection, body: bytes) -> None:
         """One download: the MODEL header, then the round's payload straight from memory."""
         name = conn.name
         try:
@@ -1057,11 +1058,11 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         except Exception:  # protobuf's DecodeError, or worse: a malformed request
             reason = "malformed model request"
             self.refusals.refused("download", conn.peer, reason, collaborator=name)
-            dataplane.send_error(conn.sock, "INVALID_ARGUMENT", reason)
+            framing.send_error(conn.sock, "INVALID_ARGUMENT", reason)
             return
         with self.cond:
             if req.round != self.round or self.done:
-                dataplane.send_error(
+                framing.send_error(
                     conn.sock,
                     "FAILED_PRECONDITION",
                     f"round {req.round} is not open (open round: {self.round})",
@@ -1079,7 +1080,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         try:
             ticket = self.download_slots.acquire(name, transfer.supersede)
         except Superseded as exc:
-            dataplane.send_error(conn.sock, "CANCELLED", f"download of {name}: {exc}")
+            framing.send_error(conn.sock, "CANCELLED", f"download of {name}: {exc}")
             return
         try:
             t1 = time.monotonic()
@@ -1097,9 +1098,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 transfer.touch()  # idle from now on, not from the wait for a slot
                 self.sending.add(transfer)
             try:
-                dataplane.send_frame(conn.sock, dataplane.MODEL, header.SerializeToString())
+                framing.send_frame(conn.sock, framing.MODEL, header.SerializeToString())
                 with self._moving():
-                    dataplane.send_payload(conn.sock, payload, transfer.touch)
+                    framing.send_payload(conn.sock, payload, transfer.touch)
             finally:
                 with self.cond:
                     self.sending.discard(transfer)
@@ -1118,7 +1119,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             queued_s=round(t1 - t0, 6),
         )
 
-    def data_put(self, conn: dataplane.Connection, body: bytes) -> None:
+    def data_put(self, conn: socket_server.Connection, body: bytes) -> None:
         """One upload: PUT header -> GO once a receive slot is ours -> payload -> ACK.
 
         Every check that needs no payload byte runs before GO, so a refused upload costs the
@@ -1137,12 +1138,12 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         except Exception:  # protobuf's DecodeError, or a nesting beyond its limit
             reason = "malformed update header"
             self.refusals.refused("upload", conn.peer, reason, collaborator=name)
-            dataplane.send_error(conn.sock, "INVALID_ARGUMENT", reason)
+            framing.send_error(conn.sock, "INVALID_ARGUMENT", reason)
             return
         if h.collaborator != name:
             reason = f"this connection belongs to {name}"
             self.refusals.refused("upload", conn.peer, reason, collaborator=name)
-            dataplane.send_error(conn.sock, "PERMISSION_DENIED", reason)
+            framing.send_error(conn.sock, "PERMISSION_DENIED", reason)
             return
         transfer = _Transfer("upload", name, h.round, conn.cancel, conn.moved)
         try:
@@ -1153,7 +1154,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             try:
                 ticket = self.slots.acquire(name, transfer.supersede)
             except Superseded as exc:
-                dataplane.send_error(conn.sock, "CANCELLED", f"upload of {name}: {exc}")
+                framing.send_error(conn.sock, "CANCELLED", f"upload of {name}: {exc}")
                 return
             with self.cond:
                 self.active += 1
@@ -1161,7 +1162,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             try:
                 dup = self._open_update(name, h, transfer)
                 if dup is not None:
-                    dataplane.send_frame(conn.sock, dataplane.ACK, dup.SerializeToString())
+                    framing.send_frame(conn.sock, framing.ACK, dup.SerializeToString())
                     return
                 try:
                     assembly.Assembler.check_announced(
@@ -1189,18 +1190,18 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     raise UpdateRejected(f"malformed update header: {exc}") from None
                 # from GO to ACK the upload is "moving": a background checkpoint waits
                 moving.enter_context(self._moving())
-                dataplane.send_frame(conn.sock, dataplane.GO)
+                framing.send_frame(conn.sock, framing.GO)
                 # each receive waits at most idle_timeout for a byte: idle is "no byte
                 # moved", however slowly bytes move
                 conn.sock.settimeout(self.plan.federation.idle_timeout)
                 try:
-                    asm.receive(dataplane.reader(conn.sock), dataplane.STEP, transfer.touch)
+                    asm.receive(framing.reader(conn.sock), framing.STEP, transfer.touch)
                 except codec.PayloadError:  # the peer ended mid-payload
-                    raise dataplane.Closed("upload ended before its announced size") from None
-                except dataplane.Idle:
+                    raise framing.Closed("upload ended before its announced size") from None
+                except framing.Idle:
                     self._idle_cut(transfer)
-                    with contextlib.suppress(OSError, dataplane.Closed):
-                        dataplane.send_error(
+                    with contextlib.suppress(OSError, framing.Closed):
+                        framing.send_error(
                             conn.sock,
                             "DEADLINE_EXCEEDED",
                             f"upload moved no byte for {self.plan.federation.idle_timeout:g}"
@@ -1232,7 +1233,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 )
                 target = None  # committed: its file is the stored update now
                 try:
-                    dataplane.send_frame(conn.sock, dataplane.ACK, ack.SerializeToString())
+                    framing.send_frame(conn.sock, framing.ACK, ack.SerializeToString())
                 finally:
                     moving.close()
                     if add is not None:
@@ -1261,8 +1262,8 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             stale = isinstance(exc, StaleUpdate)
             code = "FAILED_PRECONDITION" if stale else "INVALID_ARGUMENT"
             verdict = "stale" if stale else "rejected"
-            dataplane.send_error(conn.sock, code, f"update {verdict}: {exc}")
-        except dataplane.Closed:
+            framing.send_error(conn.sock, code, f"update {verdict}: {exc}")
+        except framing.Closed:
             if not transfer.cut:  # else the idle cut or the newer upload has said so
                 log.warning("upload of %s for round %d broke off; discarded", name, h.round)
                 self.rec.info("update_broken", collaborator=name, round=h.round)
@@ -1790,7 +1791,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 self.staging.close()
             update_run_json(self.run_dir, peak_inflight_updates=self.peak_active)
 
-    def _data_server(self, listen: str) -> dataplane.DataServer | None:
+    def _data_server(self, listen: str) -> socket_server.DataServer | None:
         """Start the data plane (plan ``network.data_plane: socket``) on the gRPC host."""
         net = self.plan.network
         if net.data_plane != "socket":
@@ -1799,12 +1800,12 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         if (self.plan.security.transport or "none") != "none":
             assert self.tls_chain is not None  # checked by bind()
             tls = session_keys.server_ssl_context(self.tls_chain, self._client_roots())
-        limits = dataplane.Limits(
+        limits = socket_server.Limits(
             handshake_timeout=net.handshake_timeout,
             max_pending=net.max_pending_handshakes,
             max_pending_per_address=net.max_pending_per_address,
         )
-        data = dataplane.DataServer(
+        data = socket_server.DataServer(
             listen,
             net.data_port,
             tls,

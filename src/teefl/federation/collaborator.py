@@ -28,14 +28,15 @@ import grpc
 import torch
 
 from teefl.errors import TeeflError
-from teefl.federation import attest, dataplane
+from teefl.federation import attest
 from teefl.federation.faults import fault
 from teefl.federation.resident import ResidentModel
-from teefl.federation.transport import client_certs, open_channel, payload_check
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
 from teefl.security import session as session_keys
 from teefl.security.tls import ConnectError, split_target
+from teefl.transport import framing, socket_client
+from teefl.transport.channels import client_certs, open_channel, payload_check
 from teefl.wire import assembly, codec, compression, teefl_pb2, teefl_pb2_grpc
 from teefl.workload.datasets import load_dataset
 from teefl.workload.models import build_model
@@ -301,7 +302,7 @@ class Collaborator:
             self.data = None
 
     def _open_data(self, reply: teefl_pb2.JoinReply) -> None:
-        """The data-plane connection (see dataplane.py) when the plan says
+        """The data-plane connection (see framing.py) when the plan says
         ``network.data_plane: socket``: a reply that offers none is refused, not taken as a
         reason to move model data over another path (a downgrade the plan did not ask for)."""
         self._close_data()
@@ -325,12 +326,12 @@ class Collaborator:
             roots = self.pin if self.pin is not None else certs.ca.read_bytes()
             tls = session_keys.client_ssl_context(roots, chain, pinned=self.pin is not None)
         try:
-            self.data = dataplane.connect(
+            self.data = socket_client.connect(
                 host, reply.data_port, self.name, reply.session_token, tls, self._aggregator_spki
             )
-        except dataplane.Closed as exc:
+        except framing.Closed as exc:
             raise _Lost(str(exc)) from None
-        except dataplane.RemoteError as exc:
+        except framing.RemoteError as exc:
             raise self._status(exc.code, exc.message) from None
 
     def _join(
@@ -753,19 +754,19 @@ class Collaborator:
         """The same over the data plane: PUT header, wait for GO, the payload, wait for ACK."""
         sock = self.data
         try:
-            dataplane.send_frame(sock, dataplane.PUT, header.SerializeToString())
-            kind, body = dataplane.recv_frame(sock)
-            if kind == dataplane.ERROR:
-                dataplane.raise_error(body)
-            if kind == dataplane.ACK:  # already counted (e.g. we restarted after its ack)
+            framing.send_frame(sock, framing.PUT, header.SerializeToString())
+            kind, body = framing.recv_frame(sock)
+            if kind == framing.ERROR:
+                framing.raise_error(body)
+            if kind == framing.ACK:  # already counted (e.g. we restarted after its ack)
                 return teefl_pb2.UpdateAck.FromString(body)
-            if kind != dataplane.GO:
-                raise dataplane.Closed(f"unexpected frame {kind} instead of GO")
-            dataplane.send_payload(sock, payload, tick=lambda: fault("upload", r))
-            return teefl_pb2.UpdateAck.FromString(dataplane.expect(sock, dataplane.ACK))
-        except dataplane.RemoteError as exc:
+            if kind != framing.GO:
+                raise framing.Closed(f"unexpected frame {kind} instead of GO")
+            framing.send_payload(sock, payload, tick=lambda: fault("upload", r))
+            return teefl_pb2.UpdateAck.FromString(framing.expect(sock, framing.ACK))
+        except framing.RemoteError as exc:
             raise self._status(exc.code, exc.message) from None
-        except (dataplane.Closed, OSError) as exc:
+        except (framing.Closed, OSError) as exc:
             raise _Lost(f"data plane: {exc}") from None
 
     def _download_data(self, r: int) -> tuple[dict[str, torch.Tensor] | None, int]:
@@ -777,8 +778,8 @@ class Collaborator:
         resident = self.resident
         into_model = False
         try:
-            dataplane.send_frame(sock, dataplane.GET, request.SerializeToString())
-            h = teefl_pb2.Header.FromString(dataplane.expect(sock, dataplane.MODEL))
+            framing.send_frame(sock, framing.GET, request.SerializeToString())
+            h = teefl_pb2.Header.FromString(framing.expect(sock, framing.MODEL))
             if h.encoding:
                 return self._download_frame(h, r)
             head = b""
@@ -787,7 +788,7 @@ class Collaborator:
                 # (a broken connection after it leaves the model half-overwritten, which is
                 # harmless: the model is used only after a complete, checked download)
                 head = bytearray(len(resident.head))
-                dataplane.recv_exact(sock, memoryview(head))
+                framing.recv_exact(sock, memoryview(head))
                 into_model = head == resident.head and resident.intact()
             if into_model:
                 buffer = resident.payload
@@ -798,12 +799,12 @@ class Collaborator:
             asm = assembly.Assembler.for_header(h, 1 << 40, self.check, buffer=buffer)
             asm.add(head)
             try:
-                asm.receive(dataplane.reader(sock), dataplane.STEP, lambda: fault("download", r))
+                asm.receive(framing.reader(sock), framing.STEP, lambda: fault("download", r))
             except codec.PayloadError as exc:  # the connection ended mid-payload
-                raise dataplane.Closed(str(exc)) from None
-        except dataplane.RemoteError as exc:
+                raise framing.Closed(str(exc)) from None
+        except framing.RemoteError as exc:
             raise self._status(exc.code, exc.message) from None
-        except (dataplane.Closed, OSError) as exc:
+        except (framing.Closed, OSError) as exc:
             raise _Lost(f"data plane: {exc}") from None
         payload = asm.finish()  # a checksum mismatch here is corruption: fatal, not a retry
         if into_model:
@@ -821,9 +822,9 @@ class Collaborator:
             )
         asm = assembly.Assembler.for_header(h, 1 << 40, self.check)
         try:
-            asm.receive(dataplane.reader(self.data), dataplane.STEP, lambda: fault("download", r))
+            asm.receive(framing.reader(self.data), framing.STEP, lambda: fault("download", r))
         except codec.PayloadError as exc:  # the connection ended mid-payload
-            raise dataplane.Closed(str(exc)) from None
+            raise framing.Closed(str(exc)) from None
         # a checksum mismatch or a malformed frame here is corruption: fatal, not a retry
         raw = compression.decompress(asm.finish(), h.raw_size, 1 << 40)
         resident = self.resident

@@ -1,0 +1,1 @@
+"""How parties reach each other: the gRPC control plane and the socket data plane."""
