@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from teefl.catalog import DATASET_NAMES, MODEL_NAMES
 from teefl.errors import TeeflError
 from teefl.security.tee.policy import AttestationPolicies
 
@@ -34,8 +35,6 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from teefl.workload.models import MODEL_NAMES
-
         if v not in MODEL_NAMES:
             raise ValueError(f"unknown model {v!r}; choose one of: {', '.join(MODEL_NAMES)}")
         return v
@@ -65,8 +64,6 @@ class DatasetSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from teefl.workload.datasets import DATASET_NAMES
-
         if v not in DATASET_NAMES:
             raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(DATASET_NAMES)}")
         return v
