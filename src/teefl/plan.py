@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from teefl.catalog import DATASET_NAMES, MODEL_NAMES
 from teefl.errors import TeeflError
 from teefl.security.tee.policy import AttestationPolicies
 
@@ -34,8 +35,6 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from teefl.workload.models import MODEL_NAMES
-
         if v not in MODEL_NAMES:
             raise ValueError(f"unknown model {v!r}; choose one of: {', '.join(MODEL_NAMES)}")
         return v
@@ -65,8 +64,6 @@ class DatasetSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from teefl.workload.datasets import DATASET_NAMES
-
         if v not in DATASET_NAMES:
             raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(DATASET_NAMES)}")
         return v
@@ -114,11 +111,10 @@ class NetworkSpec(_Strict):
     #: what a receiver checks each payload against: "auto" = its CRC32C over transport none
     #: (accidental corruption) and nothing more over TLS, whose records are each authenticated
     #: by their AEAD tag; "crc32c" or "sha256" = that, whatever the transport (SHA-256 costs
-    #: ~25 ms per 45 MB on each side here, CRC32C ~5 ms)
+    #: ~5x CRC32C: docs/decisions/002-payload-check.md)
     payload_check: Literal["auto", "crc32c", "sha256"] = "auto"
-    #: the model and the updates compressed on the data plane (off by default): zstd saves
-    #: ~8 % of float32 weights at ~90 + ~50 ms per 45 MB here, so it pays only on links
-    #: slower than ~200 Mb/s (docs/benchmarks.md); data_plane socket only
+    #: the model and the updates compressed on the data plane (off by default: float weights
+    #: barely shrink, so it pays only on slow links; docs/decisions/003-*.md); socket only
     compression: Literal["none", "zstd"] = "none"
     #: zstd level: 1 is the fastest; higher levels barely shrink float weights further
     compression_level: int = Field(1, ge=1, le=19)

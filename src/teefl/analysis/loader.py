@@ -21,6 +21,7 @@ import yaml
 
 from teefl.errors import TeeflError
 from teefl.measure.events import read_events
+from teefl.rundir import RunDir as Layout  # the files; `RunDir` here is a loaded run
 
 #: Buffers in a torch state dict that are not trainable parameters (excluded from "parameters").
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -82,7 +83,7 @@ class RunDir:
 
 def is_run_dir(path: Path) -> bool:
     """A run directory has run.json, or at least an events/ folder."""
-    return (path / "run.json").is_file() or (path / "events").is_dir()
+    return Layout(path).is_run()
 
 
 def find_run_dirs(paths: Iterable[Path | str], max_depth: int = 2) -> list[Path]:
@@ -184,12 +185,13 @@ def load_run_dir(path: Path | str) -> RunDir:
     warnings: list[str] = []
     if not is_run_dir(path):
         raise TeeflError(f"{path} is not a run directory (no run.json and no events/)")
-    run = _read_json(path / "run.json", warnings)
+    files = Layout(path)
+    run = _read_json(files.run_json, warnings)
     if run is None:
         warnings.append("run.json missing or unreadable: model, dataset and configuration unknown")
         run = {}
     plan: dict[str, Any] | None = None
-    plan_path = path / "plan.yaml"
+    plan_path = files.plan
     if plan_path.is_file():
         try:
             loaded = yaml.safe_load(plan_path.read_text(encoding="utf-8"))
@@ -197,12 +199,12 @@ def load_run_dir(path: Path | str) -> RunDir:
         except (OSError, yaml.YAMLError) as exc:
             warnings.append(f"plan.yaml unreadable ({exc.__class__.__name__})")
     env: dict[str, dict[str, Any]] = {}
-    for p in sorted((path / "env").glob("*.json")):
+    for p in files.env_files():
         data = _read_json(p, warnings)
         if data is not None:
             env[p.stem] = data
     processes: dict[str, ProcessLog] = {}
-    for p in sorted((path / "events").glob("*.jsonl")):
+    for p in files.event_files():
         try:
             records = read_events(p)
         except OSError as exc:
@@ -210,19 +212,7 @@ def load_run_dir(path: Path | str) -> RunDir:
             continue
         log = _process_log(records, p.stem)
         processes[log.process] = log
-    metrics: list[dict[str, Any]] = []
-    mpath = path / "metrics.jsonl"
-    if mpath.is_file():
-        for line in mpath.read_text(encoding="utf-8", errors="replace").splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # torn last line of a killed run
-            if isinstance(rec, dict):
-                metrics.append(rec)
+    metrics = files.read_metrics()  # a torn last line of a killed run is skipped
     return RunDir(
         path=path,
         run=run,

@@ -26,6 +26,7 @@ from teefl.analysis.loader import find_run_dirs
 from teefl.analysis.summary import load_summary
 from teefl.analysis.timefmt import format_both
 from teefl.errors import TeeflError
+from teefl.rundir import RunDir as Layout
 
 #: Plan keys (dotted prefixes) that may differ inside one group: the security configuration, the
 #: dataset and model (table axes), and keys that do not change the work done.
@@ -108,9 +109,10 @@ def collect(paths: Sequence[Path | str]) -> tuple[list[RunEntry], list[tuple[str
             excluded.append((str(d), str(exc)))
             continue
         plan = None
-        if (d / "plan.yaml").is_file():
+        plan_file = Layout(d).plan
+        if plan_file.is_file():
             try:
-                loaded = yaml.safe_load((d / "plan.yaml").read_text(encoding="utf-8"))
+                loaded = yaml.safe_load(plan_file.read_text(encoding="utf-8"))
                 plan = loaded if isinstance(loaded, dict) else {}
             except (OSError, yaml.YAMLError):
                 plan = None

@@ -25,6 +25,7 @@ from teefl.analysis import mechanisms
 from teefl.analysis.loader import ProcessLog, RunDir, load_run_dir, model_info_from_safetensors
 from teefl.analysis.timefmt import format_hms
 from teefl.errors import TeeflError
+from teefl.rundir import RunDir as Layout
 from teefl.runfiles import write_private
 
 SCHEMA = "teefl.summary/1"
@@ -247,7 +248,7 @@ def _model_info(run: RunDir, warnings: list[str]) -> tuple[dict[str, Any] | None
     info = run.run.get("model_info")
     if isinstance(info, dict) and info:
         return info, "run.json"
-    final = run.path / "model" / "final.safetensors"
+    final = Layout(run.path).final_model()
     if final.is_file():
         try:
             return model_info_from_safetensors(final), "model/final.safetensors"
@@ -415,8 +416,8 @@ def write_summary(run_dir: Path | str) -> dict[str, Any]:
     run_dir = Path(run_dir)
     summary = build_summary(run_dir)
     summary["generated_wall"] = time.time()
-    target = run_dir / "summary.json"
-    tmp = run_dir / f".summary.json.{os.getpid()}.tmp"
+    target = Layout(run_dir).summary
+    tmp = run_dir / f".{target.name}.{os.getpid()}.tmp"
     try:
         write_private(tmp, json.dumps(summary, indent=2, default=str) + "\n")
         os.replace(tmp, target)
@@ -433,9 +434,10 @@ def load_summary(run_dir: Path | str) -> dict[str, Any]:
     ground truth. Copies of runs without events (only summary.json) still work.
     """
     run_dir = Path(run_dir)
-    if (run_dir / "events").is_dir() and any((run_dir / "events").glob("*.jsonl")):
+    files = Layout(run_dir)
+    if files.event_files():
         return build_summary(run_dir)
-    sfile = run_dir / "summary.json"
+    sfile = files.summary
     if sfile.is_file():
         try:
             data = json.loads(sfile.read_text(encoding="utf-8"))

@@ -23,11 +23,14 @@ import itertools
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from teefl.bench.study import Study, _merge
+from teefl.bench.mapping import deep_merge
 from teefl.errors import TeeflError
 from teefl.plan import Plan, plan_from_dict, require_transport
+
+if TYPE_CHECKING:  # annotations only: the study imports this module to check its cells
+    from teefl.bench.study import Study
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def cell_overrides(study: Study, model: str, dataset: str, cfg: Config, rounds: 
 
 def build_plan(study: Study, cell: Cell, *, key_file: Path | None = None) -> Plan:
     """The cell's Plan: base plan + the cell's overrides (+ the study's at-rest key)."""
-    data = _merge(study.base_dict(), cell.overrides)
+    data = deep_merge(study.base_dict(), cell.overrides)
     if cell.config.at_rest == "sealed":
         at = data["security"]["at_rest"]
         if not (at.get("key_file") or at.get("key_env")):

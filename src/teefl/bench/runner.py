@@ -43,6 +43,7 @@ from rich.table import Table
 from teefl.bench.matrix import Cell, Config, build_plan, plan_cells
 from teefl.bench.study import Study, differing_keys
 from teefl.errors import TeeflError
+from teefl.rundir import RunDir
 
 if TYPE_CHECKING:
     from teefl.bench.executor import Executor
@@ -80,17 +81,13 @@ class StudyResult:
 
 def cell_finished(cell_dir: Path) -> bool:
     """run.json says completed and summary.json exists (it is written last)."""
-    from teefl.federation.runinfo import read_run_json
-
-    return (
-        read_run_json(cell_dir).get("status") == "completed"
-        and (cell_dir / "summary.json").is_file()
-    )
+    rd = RunDir(cell_dir)
+    return rd.read().get("status") == "completed" and rd.summary.is_file()
 
 
 def read_cell_record(cell_dir: Path) -> dict[str, Any]:
     try:
-        data = json.loads((cell_dir / "bench.json").read_text(encoding="utf-8"))
+        data = json.loads(RunDir(cell_dir).bench_record.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -98,7 +95,7 @@ def read_cell_record(cell_dir: Path) -> dict[str, Any]:
 
 def _summary(cell_dir: Path) -> dict[str, Any]:
     try:
-        return json.loads((cell_dir / "summary.json").read_text(encoding="utf-8"))
+        return json.loads(RunDir(cell_dir).summary.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -172,7 +169,7 @@ def _reap_orphans(cell_dir: Path) -> None:
     they must not keep writing into a cell that is about to be rerun.
     """
     marker = str(cell_dir.resolve())
-    for env_file in sorted((cell_dir / "env").glob("*.json")):
+    for env_file in RunDir(cell_dir).env_files():
         try:
             pid = int(json.loads(env_file.read_text(encoding="utf-8")).get("pid"))
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -215,7 +212,6 @@ def run_cell(
     """
     from teefl.federation.launcher import launch, new_run_id
     from teefl.federation.report import finish_run
-    from teefl.federation.runinfo import update_run_json
     from teefl.federation.setup import issue_throwaway_pki
     from teefl.plan import require_transport
 
@@ -242,7 +238,7 @@ def run_cell(
     try:
         launch(plan, cell_dir, rid, data_dir=data_dir, console=console, progress=False, wrap=wrap)
     except TeeflError as exc:
-        update_run_json(cell_dir, error=str(exc))
+        RunDir(cell_dir).update(error=str(exc))
         return CellOutcome(cell, "failed", rid, time.monotonic() - t0, error=str(exc))
     if topology is not None and before is not None:
         after = topology.link_bytes()
@@ -274,7 +270,7 @@ def run_cell(
     }
     if executor is not None:
         record["executor"] = executor
-    (cell_dir / "bench.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    RunDir(cell_dir).bench_record.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     summary = finish_run(cell_dir)  # summary.json last: it marks the cell finished
     return _outcome_from(cell, "completed", summary, wall)
 

@@ -64,6 +64,8 @@ from pydantic import (
     model_validator,
 )
 
+from teefl.bench.mapping import deep_merge
+from teefl.catalog import DATASET_NAMES, MODEL_NAMES
 from teefl.errors import TeeflError
 from teefl.plan import NAME_RE, Plan, plan_from_dict
 
@@ -134,8 +136,6 @@ class Axes(_Strict):
     def _models(cls, v: list[str] | None) -> list[str] | None:
         if v is None:
             return v
-        from teefl.workload.models import MODEL_NAMES
-
         for m in v:
             if m not in MODEL_NAMES:
                 raise ValueError(f"unknown model {m!r}; choose from: {', '.join(MODEL_NAMES)}")
@@ -146,8 +146,6 @@ class Axes(_Strict):
     def _datasets(cls, v: list[str] | None) -> list[str] | None:
         if v is None:
             return v
-        from teefl.workload.datasets import DATASET_NAMES
-
         for d in v:
             if d not in DATASET_NAMES:
                 raise ValueError(f"unknown dataset {d!r}; choose from: {', '.join(DATASET_NAMES)}")
@@ -375,15 +373,7 @@ def rate_bits(rate: str) -> float:
     return float(m.group(1)) * _RATE_FACTOR[m.group(2)]
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep merge: mappings merge key by key, anything else replaces."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
+_merge = deep_merge  # the name older code and tests use
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

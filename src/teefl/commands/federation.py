@@ -74,10 +74,10 @@ def run(
     install_stop_handlers()  # first: a SIGTERM from here on stops every process we start
     from rich.console import Console
 
-    from teefl.federation import runlock
     from teefl.federation.launcher import launch, new_run_id
     from teefl.federation.report import finish_run, print_summary
     from teefl.plan import require_transport
+    from teefl.rundir import RUN_LOCK, RunDir
 
     console = Console()
     plan = _load(plan_path, transport)
@@ -105,7 +105,7 @@ def run(
     writable_dir(runs_dir, "runs directory", "--runs-dir")
     run_dir = writable_dir((runs_dir / rid).resolve(), "run directory")
     # held until this process ends: a second `teefl run` on this run id stops here, naming us
-    runlock.acquire(run_dir, runlock.RUN_LOCK, "teefl run")
+    RunDir(run_dir).acquire(RUN_LOCK, "teefl run")
     if throwaway_pki:
         from teefl.federation.setup import issue_throwaway_pki
 
@@ -175,56 +175,49 @@ def aggregator(
     t_start = time.monotonic()
     restarts = None
     if run_dir is not None:  # first thing: a restart killed during its start-up is counted too
-        from teefl.federation.runinfo import count_start
+        from teefl.rundir import RunDir
 
         writable_dir(run_dir.resolve(), "run directory", "--run-dir")  # one line, no traceback
-        restarts = count_start(run_dir)
+        restarts = RunDir(run_dir).count_start()
     _logging(log_level)
     _sigterm_as_interrupt()
     from teefl.measure.host import tune_malloc
 
     tune_malloc()
-    from teefl.federation import runlock
     from teefl.federation.launcher import new_run_id
-    from teefl.federation.runinfo import (
-        count_start,
-        first_anchor,
-        read_run_json,
-        security_config,
-        update_run_json,
-    )
     from teefl.measure.events import EventRecorder
     from teefl.measure.host import environment, tee_record, write_environment
     from teefl.plan import require_transport
+    from teefl.rundir import AGGREGATOR, AGGREGATOR_LOCK, RunDir, security_config
     from teefl.runfiles import write_private
 
     plan = _load(plan_path)
     require_transport(plan)
-    previous = read_run_json(run_dir) if run_dir is not None else {}
+    previous = RunDir(run_dir).read() if run_dir is not None else {}
     if previous.get("status") == "completed":
         raise TeeflError(f"run {run_dir} is already completed; start a new run directory")
     rid = run_id or previous.get("run_id") or new_run_id(plan.name)
     rdir = writable_dir((run_dir or Path("runs") / rid).resolve(), "run directory", "--run-dir")
     # held until this process ends: a second aggregator on this run directory stops here
-    runlock.acquire(rdir, runlock.AGGREGATOR_LOCK, "teefl aggregator")
+    rd = RunDir(rdir)
+    rd.acquire(AGGREGATOR_LOCK, "teefl aggregator")
     from teefl.federation.aggregator import Aggregator  # torch: after the quick checks
 
     if restarts is None:
-        restarts = count_start(rdir)
-    if not (rdir / "plan.yaml").exists():
-        write_private(rdir / "plan.yaml", plan.to_yaml())
+        restarts = rd.count_start()
+    if not rd.plan.exists():
+        write_private(rd.plan, plan.to_yaml())
     # a restarted aggregator continues the same run: T still counts from the first start
-    anchor = first_anchor(rdir / "events" / "aggregator.jsonl")
+    anchor = rd.first_anchor(AGGREGATOR)
     if anchor is not None:
         t_start = anchor
-    rec = EventRecorder(rdir, rid, "aggregator", "aggregator")
+    rec = EventRecorder(rdir, rid, AGGREGATOR, "aggregator")
     tee = tee_record(plan.runtime.tee_label)
-    write_environment(rdir, "aggregator", environment("aggregator", {"run": rid, "tee": tee}))
+    write_environment(rdir, AGGREGATOR, environment("aggregator", {"run": rid, "tee": tee}))
     agg = Aggregator(plan, rdir, rid, rec)
     if agg.resumed_from is not None:
         rec.info("resumed", completed_round=agg.resumed_from, round=agg.round)
-    update_run_json(
-        rdir,
+    rd.update(
         run_id=rid,
         name=plan.name,
         status="starting",
@@ -251,12 +244,11 @@ def aggregator(
         status = "interrupted"
         raise
     except TeeflError as exc:
-        update_run_json(rdir, error=str(exc))
+        rd.update(error=str(exc))
         raise
     finally:
         done = agg.round - 1 if not agg.done else plan.federation.rounds
-        update_run_json(
-            rdir,
+        rd.update(
             status=status,
             finished_wall=time.time(),
             rounds_completed=min(done, plan.federation.rounds),

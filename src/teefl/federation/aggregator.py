@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import json
 import logging
 import os
 import queue
@@ -32,10 +31,9 @@ from teefl.federation import attest
 from teefl.federation.fairshare import FairShare, Superseded
 from teefl.federation.faults import fault
 from teefl.federation.fedavg import RunningFedAvg, make_aggregator
-from teefl.federation.runinfo import update_run_json
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan, plan_digest
-from teefl.runfiles import append_private
+from teefl.rundir import RunDir
 from teefl.security import pki
 from teefl.security import session as session_keys
 from teefl.security.session import SessionCA
@@ -46,7 +44,7 @@ from teefl.security.tls import (
     client_cert,
     peer_certificate_pem,
 )
-from teefl.store.atomic import METRICS, write_atomic
+from teefl.store.atomic import write_atomic
 from teefl.store.files import BufferPool
 from teefl.store.rounds import RoundStore
 from teefl.store.staging import StagingArea
@@ -206,7 +204,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         channels, _, _, classes = dataset_shape(plan.dataset)
         model = build_model(plan.model.name, channels, classes, seed=plan.seed)
         self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.model_dir = self.run_dir / "model"
+        self.model_dir = RunDir(self.run_dir).model_dir
 
         self._init_identity()
         fed = plan.federation
@@ -1662,7 +1660,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         # only now: until its checkpoint is durable, a restart rebuilds the round from these
         # (after the final round no round reuses their files: the spares go too)
         self.store.drop_updates(rnd, last=rnd == self.rounds)
-        update_run_json(self.run_dir, rounds_completed=rnd)  # where a crash leaves the run
+        RunDir(self.run_dir).update(rounds_completed=rnd)  # where a crash leaves the run
         with self.cond:  # collaborators may drop their copies of this round's updates now
             self.durable_round = max(self.durable_round, rnd)
 
@@ -1733,11 +1731,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         }
         # one line per round: a round closed again after a restart finds its line removed by
         # `RoundStore.clean_up` (it keeps the lines of durable rounds only)
-        fd = append_private(self.run_dir / METRICS)
-        try:
-            os.write(fd, (json.dumps(line) + "\n").encode())
-        finally:
-            os.close(fd)
+        RunDir(self.run_dir).append_metrics(line)
 
     # -- serving -----------------------------------------------------------------------------
     def serve(
@@ -1775,7 +1769,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         )
         if port_file is not None:
             write_atomic(port_file, str(bound).encode())
-        update_run_json(self.run_dir, status="running", port=bound)
+        RunDir(self.run_dir).update(status="running", port=bound)
         try:
             self._supervise()
             # every collaborator heard of the end: a restart would have nothing to resume, so
@@ -1789,7 +1783,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             self.refusals.flush()  # the count of refusals not logged one by one, if any
             if self.staging is not None:
                 self.staging.close()
-            update_run_json(self.run_dir, peak_inflight_updates=self.peak_active)
+            RunDir(self.run_dir).update(peak_inflight_updates=self.peak_active)
 
     def _data_server(self, listen: str) -> socket_server.DataServer | None:
         """Start the data plane (plan ``network.data_plane: socket``) on the gRPC host."""
@@ -1936,9 +1930,9 @@ def add_to_server(servicer: Aggregator, server: grpc.Server) -> None:
 
 def final_state(run_dir: Path, key: bytes | None = None) -> dict[str, torch.Tensor]:
     """Load a run's final global model (plain, or sealed when ``key`` is given)."""
-    model = Path(run_dir) / "model"
+    rd = RunDir(run_dir)
     if key is not None:
         from teefl.security.sealed import read_sealed
 
-        return codec.decode_state(read_sealed(model / "final.safetensors.sealed", key))
-    return codec.decode_state((model / "final.safetensors").read_bytes())
+        return codec.decode_state(read_sealed(rd.final_model(sealed=True), key))
+    return codec.decode_state(rd.final_model().read_bytes())

@@ -378,10 +378,12 @@ class RateLimiter:
 
 def write_verdict(run_dir: Path, party: str, record: dict[str, Any]) -> None:
     """Keep every verdict (accepted or refused) in the run: ``attestation/<party>.json``."""
+    from teefl.rundir import RunDir
     from teefl.runfiles import private_dir, write_private
 
-    out = private_dir(Path(run_dir) / "attestation")
-    path = out / f"{party}.json"
+    rd = RunDir(run_dir)
+    private_dir(rd.attestation_dir)
+    path = rd.verdicts(party)
     history = []
     if path.exists():
         try:

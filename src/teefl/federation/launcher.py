@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from teefl.errors import TeeflError
 from teefl.plan import Plan
+from teefl.rundir import AGGREGATOR, RUN_LOCK, RunDir, collaborator_process
 from teefl.writable import writable_dir
 
 POLL_S = 0.1
@@ -201,10 +202,10 @@ def _gramine(
     return wrap_command(
         launcher,
         argv,
-        run_dir / "gramine",
+        RunDir(run_dir).gramine_dir,
         role=role,
         name=process,
-        plan_path=run_dir / "plan.yaml",
+        plan_path=RunDir(run_dir).plan,
         cert_paths=certs,
         key_paths=keys,
         trusted_paths=[collateral] if collateral is not None else [],
@@ -255,18 +256,14 @@ def launch(
         argv = _gramine(plan, process, argv, run_dir, data_dir)  # innermost: the TEE runtime
         return wrap(process, argv) if wrap is not None else argv
 
-    from teefl.federation import runlock
     from teefl.runfiles import private_dir
 
     writable_dir(run_dir, "run directory")
     private_dir(run_dir)  # the run's files are its owner's alone (docs/security.md)
-    lock = runlock.acquire(run_dir, runlock.RUN_LOCK, "teefl run")  # before anything is written
-    try:
+    with RunDir(run_dir).hold(RUN_LOCK, "teefl run"):  # before anything is written
         return _launch(
             plan, run_dir, run_id, data_dir, console, progress, startup_timeout, spawn_wrap
         )
-    finally:
-        runlock.release(lock)
 
 
 def _launch(
@@ -281,11 +278,12 @@ def _launch(
 ) -> RunResult:
     from teefl.runfiles import write_private
 
-    plan_path = run_dir / "plan.yaml"
+    rd = RunDir(run_dir)
+    plan_path = rd.plan
     write_private(plan_path, plan.to_yaml())
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     base = [sys.executable, "-m", "teefl"]
-    port_file = run_dir / "port"
+    port_file = rd.port_file
     port_file.unlink(missing_ok=True)
     procs: list[Proc] = []
     result = RunResult(run_id, run_dir, "failed", procs)
@@ -305,7 +303,7 @@ def _launch(
                 "--port-file",
                 str(port_file),
             ],
-            run_dir / "logs" / "aggregator.log",
+            rd.log(AGGREGATOR),
             env,
             spawn_wrap,
             procs,
@@ -315,7 +313,7 @@ def _launch(
         extra = ["--data-dir", str(data_dir)] if data_dir else []
         for name in plan.collaborators:
             _spawn(
-                f"collaborator-{name}",
+                collaborator_process(name),
                 [
                     *base,
                     "collaborator",
@@ -329,7 +327,7 @@ def _launch(
                     str(run_dir),
                     *extra,
                 ],
-                run_dir / "logs" / f"collaborator-{name}.log",
+                rd.log(collaborator_process(name)),
                 env,
                 spawn_wrap,
                 procs,
@@ -356,9 +354,8 @@ def _record_end(plan: Plan, run_dir: Path, status: str, error: str | None) -> No
     written "interrupted" (the run failed or was interrupted whatever it thought); one that had
     to be killed, or never started, wrote no end at all -- then rounds_completed comes from its
     events."""
-    from teefl.federation.runinfo import read_run_json, update_run_json
-
-    info = read_run_json(run_dir)
+    rd = RunDir(run_dir)
+    info = rd.read()
     if info.get("status") == "completed":
         return
     fields: dict[str, object] = {"status": status, "finished_wall": time.time()}
@@ -366,13 +363,13 @@ def _record_end(plan: Plan, run_dir: Path, status: str, error: str | None) -> No
         fields["error"] = error
     if info.get("status") in (None, "starting", "running"):
         fields["rounds_completed"] = min(_rounds_closed(run_dir), plan.federation.rounds)
-    update_run_json(run_dir, **fields)
+    rd.update(**fields)
 
 
 def _rounds_closed(run_dir: Path) -> int:
     """The last round the aggregator's events say it closed (0 if none)."""
     last = 0
-    for ev in _EventTail(run_dir / "events" / "aggregator.jsonl").read():
+    for ev in _EventTail(RunDir(run_dir).events()).read():
         if ev.get("what") == "round_closed" and isinstance(ev.get("round"), int):
             last = max(last, ev["round"])
     return last
@@ -407,7 +404,7 @@ def _failure(p: Proc) -> str:
 def _watch(plan: Plan, run_dir: Path, procs: list[Proc], console: Console, show: bool) -> None:
     """Drive progress bars from the aggregator's events until every process has exited."""
     rounds, n = plan.federation.rounds, len(plan.collaborators)
-    tail = _EventTail(run_dir / "events" / "aggregator.jsonl")
+    tail = _EventTail(RunDir(run_dir).events())
     bars = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -9,12 +9,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from teefl.federation.runinfo import read_run_json, update_run_json
+from teefl.rundir import RunDir, collaborator_process
 
 
 def _dataset_info(run_dir: Path) -> dict[str, Any] | None:
     """Dataset statistics as the collaborators saw them (the aggregator never loads data)."""
-    for env_file in sorted((run_dir / "env").glob("collaborator-*.json")):
+    for env_file in RunDir(run_dir).env_files(collaborator_process("")):
         try:
             ds = json.loads(env_file.read_text(encoding="utf-8")).get("dataset")
         except (OSError, json.JSONDecodeError):
@@ -41,22 +41,15 @@ def finish_run(run_dir: Path) -> dict[str, Any]:
     from teefl.analysis.summary import write_summary
 
     info = _dataset_info(run_dir)
-    if info and "dataset_info" not in read_run_json(run_dir):
-        update_run_json(run_dir, dataset_info=info)
+    rd = RunDir(run_dir)
+    if info and "dataset_info" not in rd.read():
+        rd.update(dataset_info=info)
     return write_summary(run_dir)
 
 
 def _final_per_collaborator(run_dir: Path) -> dict[str, dict[str, float]]:
     """Per-collaborator metrics of the final model, from the evaluation pass in metrics.jsonl."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return {}
-    for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for rec in reversed(RunDir(run_dir).read_metrics()):
         if rec.get("round") == "final":
             return rec.get("collaborators", {})
     return {}

@@ -1,12 +1,11 @@
 """A collaborator's model whose tensors live inside its own wire payload.
 
-Why: without it, every round the collaborator decodes the downloaded payload and copies it into
-the model (~6-10 ms for ResNet-18 here, ~3-4 ms for MobileNetV3-Small's 244 tensors), then
-serializes the trained model into a new payload before uploading it (~40 ms for ResNet-18).
-Here each parameter and buffer of the model is a view into one buffer laid out exactly as
-`codec.encode_state` lays out the model (a standard safetensors file). The model *is* the
-payload: a download whose header is byte-for-byte this layout is received straight into the
-model's memory, and an upload sends that memory as it is.
+Why: without it, every round the collaborator decodes the downloaded payload, copies it into
+the model, and serializes the trained model into a new payload before uploading it
+(docs/decisions/004-resident-model.md). Here each parameter and buffer of the model is a view
+into one buffer laid out exactly as `codec.encode_state` lays out the model (a standard
+safetensors file). The model *is* the payload: a download whose header is byte-for-byte this
+layout is received straight into the model's memory, and an upload sends that memory as it is.
 
 Training updates parameters and buffers in place, so they stay views; `intact` checks that
 before the memory is sent, and the collaborator falls back to `codec.encode_state` and

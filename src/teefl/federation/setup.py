@@ -16,9 +16,10 @@ from teefl.plan import Plan
 
 def issue_throwaway_pki(plan: Plan, run_dir: Path, console: Console) -> None:
     """Issue a fresh CA and certificates into ``run_dir/pki`` and point the plan at them."""
+    from teefl.rundir import RunDir
     from teefl.security.pki import issue_for_plan
 
-    pki = issue_for_plan(plan, run_dir / "pki")
+    pki = issue_for_plan(plan, RunDir(run_dir).pki_dir)
     tls = plan.security.tls
     tls.ca, tls.server_cert, tls.server_key = pki.ca, pki.server_cert, pki.server_key
     tls.client_dir = pki.client_dir

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from teefl.rundir import RunDir
 from teefl.runfiles import append_private, private_dir
 
 #: Phases defined by the brief; others may be added but these have fixed meanings.
@@ -51,8 +52,9 @@ class EventRecorder:
         self.run_id, self.process, self.role = run_id, process, role
         if not Path(run_dir).is_dir():  # a party's own run directory: its owner's alone
             private_dir(run_dir)
-        events_dir = private_dir(Path(run_dir) / "events")
-        self.path = events_dir / f"{process}.jsonl"
+        rd = RunDir(run_dir)
+        private_dir(rd.events_dir)
+        self.path = rd.events(process)
         self._lock = threading.Lock()
         # mode 0600; a line torn by a killed earlier process of this name is ended first, so
         # this process's anchor line stays readable

@@ -60,9 +60,12 @@ def environment(role: str, extra: dict[str, Any] | None = None) -> dict[str, Any
 
 
 def write_environment(run_dir: Path, process: str, env: dict[str, Any]) -> Path:
+    from teefl.rundir import RunDir
     from teefl.runfiles import private_dir, write_private
 
-    out = private_dir(Path(run_dir) / "env") / f"{process}.json"
+    rd = RunDir(run_dir)
+    private_dir(rd.env_dir)
+    out = rd.env(process)
     write_private(out, json.dumps(env, indent=2, default=str) + "\n")
     return out
 

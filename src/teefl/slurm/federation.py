@@ -36,6 +36,7 @@ from rich.console import Console
 
 from teefl.errors import TeeflError
 from teefl.plan import Plan
+from teefl.rundir import RunDir
 from teefl.slurm import client
 
 #: how long a finished job's run directory may take to show its last files on another node
@@ -199,10 +200,11 @@ def submit(plan: Plan, run_dir: Path, spec: JobSpec, data_dir: Path | None) -> t
                 "--runs-dir or working directory"
             )
     run_dir.mkdir(parents=True)
-    (run_dir / "plan.yaml").write_text(plan.to_yaml(), encoding="utf-8")
-    script = write_script(run_dir / "slurm" / "federation.sbatch", plan, run_dir, spec, data_dir)
+    rd = RunDir(run_dir)
+    rd.plan.write_text(plan.to_yaml(), encoding="utf-8")
+    script = write_script(rd.slurm_dir / "federation.sbatch", plan, run_dir, spec, data_dir)
     job = client.submit(script)
-    (run_dir / "slurm" / "job.json").write_text(
+    (rd.slurm_dir / "job.json").write_text(
         json.dumps({"job": job, "script": script.name, "submitted_wall": time.time()}) + "\n",
         encoding="utf-8",
     )
@@ -239,9 +241,8 @@ class _Lines:
 
 def follow(job: str, run_dir: Path, plan: Plan, console: Console, poll: float = 2.0) -> dict:
     """Follow the job until it has left the queue; the run's summary, or one line why not."""
-    from teefl.federation.runinfo import read_run_json
-
-    events = _Lines(run_dir / "events" / "aggregator.jsonl")
+    rd = RunDir(run_dir)
+    events = _Lines(rd.events())
     rounds = plan.federation.rounds
     shown, silent_since = "", None
     while True:
@@ -271,15 +272,15 @@ def follow(job: str, run_dir: Path, plan: Plan, console: Console, poll: float = 
             console.print(f"job {job}: {state}", highlight=False)
             shown = state
         time.sleep(poll)
-    log = run_dir / "slurm" / f"job-{job}.out"
+    log = rd.slurm_dir / f"job-{job}.out"
     info = client.job_info(job) or {}
     # a job that ran to its end may show its last files late on this node; one cancelled while
     # it waited has none to show
     ran = info.get("JobState") in (None, "COMPLETED", "FAILED")
     deadline = time.monotonic() + (FILES_GRACE_S if ran else 0.0)
     while True:
-        run = read_run_json(run_dir)
-        summary = run_dir / "summary.json"
+        run = rd.read()
+        summary = rd.summary
         if run.get("status") == "completed" and summary.is_file():
             return json.loads(summary.read_text(encoding="utf-8"))
         if run.get("status") not in (None, "starting", "running") or time.monotonic() > deadline:
@@ -356,7 +357,7 @@ def launch_in_allocation(
     if not nodelist:
         raise TeeflError("teefl slurm launch runs inside a Slurm job (SLURM_JOB_NODELIST unset)")
     client.require("srun", "scontrol")
-    plan = load_plan(run_dir / "plan.yaml")
+    plan = load_plan(RunDir(run_dir).plan)
     nodes = client.hostnames(nodelist)
     tasks = client.tasks_per_node(os.environ.get("SLURM_TASKS_PER_NODE", "1"))
     where = place(plan.collaborators, nodes, tasks, aggregator_node)

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from teefl.catalog import DATASET_NAMES
 from teefl.errors import TeeflError
 from teefl.plan import DatasetSpec, SyntheticSpec
 
-DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
+__all__ = ["DATASET_NAMES"]  # with the names below; re-exported from `teefl.catalog`
 
 #: (channels, height, width, classes) -- lets the aggregator build the model without the data
 DATASET_META: dict[str, tuple[int, int, int, int]] = {

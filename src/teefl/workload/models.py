@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from teefl.catalog import MODEL_NAMES
 from teefl.errors import TeeflError
 
-MODEL_NAMES: tuple[str, ...] = ("small_cnn", "resnet18", "mobilenet_v3_small")
+__all__ = ["MODEL_NAMES"]  # with the names below; re-exported from `teefl.catalog`
 
 
 class SmallCNN(nn.Module):
