@@ -149,32 +149,14 @@ SERVER_SIDE = (
 )
 
 RULES = {
-    # the plan is data: loading one needs neither torch (workload) nor the verifiers (security).
-    # Known: the attestation policy schema (`AttestationPolicies`, pydantic only) still lives
-    # with its checks in security/tee/policy.py; moving the schema out is the next step.
+    # the plan is data: loading one needs neither torch (workload) nor the verifiers (security);
+    # its attestation policy schema is teefl.policyspec, which the verifiers import
     "plan-no-workload-security": Rule(
-        "teefl.plan",
-        ("teefl.workload", "teefl.security"),
-        ("torch", "grpc"),
-        known=(
-            "teefl.security",
-            "teefl.security.tee",
-            "teefl.security.tee.errors",
-            "teefl.security.tee.policy",
-            "teefl.security.tee.snp",
-            "teefl.security.tee.snp.policy",
-            "teefl.security.tee.verdict",
-        ),
+        "teefl.plan", ("teefl.workload", "teefl.security"), ("torch", "grpc")
     ),
-    # the bench drives runs through the library, never through the CLI layer above it.
-    # Known: `bench.runner.finish_study` calls the `teefl report` / `teefl fit` commands; their
-    # printing-free part belongs in teefl.analysis
-    "bench-no-commands": Rule(
-        "teefl.bench",
-        ("teefl.commands",),
-        lazy=True,
-        known=("teefl.commands", "teefl.commands.analysis"),
-    ),
+    # the bench drives runs through the library, never through the CLI layer above it (the report
+    # and the fit it ends with are teefl.analysis.report / .fitting / .console)
+    "bench-no-commands": Rule("teefl.bench", ("teefl.commands",), lazy=True),
     # the analysis reads run directories (teefl.rundir) anywhere, without the training stack
     "analysis-no-federation": Rule("teefl.analysis", SERVER_SIDE, ("torch", "grpc"), lazy=True),
     # the run-directory contract is readable by the analysis: same rule
@@ -199,13 +181,10 @@ def test_import_rule(name: str) -> None:
     assert not gone, f"{name}: no longer imported, remove from `known`: {gone}"
 
 
-#: lazy-import cycles left today (each reported to be broken; the list may only shrink):
-#: the bench runner, its executors and the Slurm executor call each other; the workload
-#: digest asks the resolver for a reference's file while the resolver digests what it loads
-KNOWN_CYCLES = {
-    frozenset({"teefl.bench.executor", "teefl.bench.runner", "teefl.bench.slurm"}),
-    frozenset({"teefl.workload.digest", "teefl.workload.resolve"}),
-}
+#: lazy-import cycles left today, each with why; the list may only shrink (it is empty: the
+#: bench's cells are teefl.bench.cell below the runner and the executors, the workload registry
+#: is teefl.workload.registry below the resolver and the digest)
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 def cycles() -> list[frozenset[str]]:

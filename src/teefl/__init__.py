@@ -78,7 +78,7 @@ if TYPE_CHECKING:
 def register_workload(name: str) -> Any:
     """Decorator: ``@teefl.register_workload("name")`` on a workload class makes ``name`` a
     value of the plan's ``workload.name`` (see docs for the class's methods)."""
-    from teefl.workload.resolve import WORKLOADS
+    from teefl.workload.registry import WORKLOADS
 
     return WORKLOADS.register(name)
 

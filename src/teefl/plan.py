@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from teefl.catalog import DATASET_NAMES, MODEL_NAMES
 from teefl.errors import TeeflError
-from teefl.security.tee.policy import AttestationPolicies
+from teefl.policyspec import AttestationPolicies
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 

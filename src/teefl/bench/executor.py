@@ -1,8 +1,8 @@
 """Where the cells of a study run: the seam between the runner and the machines.
 
-The runner (`teefl.bench.runner`) decides which cells are to run, prints one line per finished
-cell, keeps the ETA and ends with the report and the fit. An executor only turns cells into
-`CellOutcome`s, in the order they finish:
+The runner (`teefl.bench.runner`) picks the executor (`make_executor`), decides which cells are
+to run, prints one line per finished cell, keeps the ETA and ends with the report and the fit.
+An executor only turns cells into `CellOutcome`s (`teefl.bench.cell`), in the order they finish:
 
 - `LocalExecutor`: on this host, one cell after another, every party on loopback
 - `NetnsExecutor`: the same, every party in its own network namespace (study network mode netns)
@@ -23,8 +23,8 @@ from typing import Any
 
 from rich.console import Console
 
+from teefl.bench.cell import CellOutcome, run_cell
 from teefl.bench.matrix import Cell
-from teefl.bench.runner import CellOutcome, run_cell
 from teefl.bench.study import Study
 from teefl.errors import TeeflError
 
@@ -126,16 +126,3 @@ class NetnsExecutor(Executor):
                 highlight=False,
             )
             yield from self._one_by_one(ctx, todo, topo)
-
-
-def make_executor(study: Study, *, detach: bool = False) -> Executor:
-    """The executor the study asks for (``executor.kind``, ``network.mode``)."""
-    if study.executor.kind == "slurm":
-        from teefl.bench.slurm import SlurmExecutor
-
-        return SlurmExecutor(study.executor.slurm, detach=detach)
-    if detach:
-        raise TeeflError("--detach leaves cells running as Slurm jobs: it needs --executor slurm")
-    if study.network.mode == "netns":
-        return NetnsExecutor(study)
-    return Executor()

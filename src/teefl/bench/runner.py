@@ -22,17 +22,14 @@ the cell; the run id (time + random) is how `teefl report A/ B/` tells runs of t
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import os
-import signal
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from rich.console import Console
@@ -40,26 +37,19 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from teefl.bench.matrix import Cell, Config, build_plan, plan_cells
+from teefl.bench.cell import (
+    CellOutcome,
+    _outcome_from,
+    _signals_as_interrupt,
+    _summary,
+    cell_finished,
+    read_cell_record,
+)
+from teefl.bench.executor import Executor, NetnsExecutor, RunContext
+from teefl.bench.matrix import Cell, Config, plan_cells
 from teefl.bench.study import Study, differing_keys
 from teefl.errors import TeeflError
-from teefl.rundir import RunDir
-
-if TYPE_CHECKING:
-    from teefl.bench.executor import Executor
-
-CELL_SCHEMA = "teefl.bench-cell/1"
-
-
-@dataclass
-class CellOutcome:
-    cell: Cell
-    status: str  # completed | kept | failed | skipped
-    run_id: str | None = None
-    wall_s: float | None = None  # the whole cell: certificates, start-up, run, summary
-    t_s: float | None = None  # wall-clock T of the run (aggregator's run span)
-    accuracy: float | None = None
-    error: str | None = None
+from teefl.writable import writable_dir
 
 
 @dataclass
@@ -77,27 +67,6 @@ class StudyResult:
 
 
 # -- the output directory -----------------------------------------------------------------------
-
-
-def cell_finished(cell_dir: Path) -> bool:
-    """run.json says completed and summary.json exists (it is written last)."""
-    rd = RunDir(cell_dir)
-    return rd.read().get("status") == "completed" and rd.summary.is_file()
-
-
-def read_cell_record(cell_dir: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(RunDir(cell_dir).bench_record.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _summary(cell_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads(RunDir(cell_dir).summary.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def check_study_copy(study: Study, out: Path, *, force: bool) -> list[str]:
@@ -162,130 +131,7 @@ def _lock(out: Path) -> Iterator[None]:
         fh.close()
 
 
-def _reap_orphans(cell_dir: Path) -> None:
-    """Stop processes a killed runner left behind in this cell (their env/*.json name them).
-
-    Why: the parties run in sessions of their own, so a SIGKILLed runner leaves them training;
-    they must not keep writing into a cell that is about to be rerun.
-    """
-    marker = str(cell_dir.resolve())
-    for env_file in RunDir(cell_dir).env_files():
-        try:
-            pid = int(json.loads(env_file.read_text(encoding="utf-8")).get("pid"))
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError, TypeError, json.JSONDecodeError):
-            continue
-        if marker in cmdline and pid != os.getpid():
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-                time.sleep(0.5)
-
-
-def _move_aside(cell_dir: Path, out: Path) -> Path:
-    _reap_orphans(cell_dir)
-    dest = out / "attic" / time.strftime("%Y%m%d-%H%M%S") / cell_dir.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists():
-        dest = dest.with_name(f"{dest.name}-{os.getpid()}")
-    os.replace(cell_dir, dest)
-    return dest
-
-
 # -- one cell -----------------------------------------------------------------------------------
-
-
-def run_cell(
-    study: Study,
-    cell: Cell,
-    out: Path,
-    *,
-    data_dir: Path | None = None,
-    console: Console | None = None,
-    topology: Any = None,
-    key_file: Path | None = None,
-    executor: dict[str, Any] | None = None,
-) -> CellOutcome:
-    """Run one cell as a real federation into OUT/<cell> (as ``teefl run`` does).
-
-    ``executor`` (e.g. the Slurm job and node) is recorded in the cell's bench.json.
-    """
-    from teefl.federation.launcher import launch, new_run_id
-    from teefl.federation.report import finish_run
-    from teefl.federation.setup import issue_throwaway_pki
-    from teefl.plan import require_transport
-
-    console = console or Console(stderr=True)
-    cell_dir = (out / cell.name).resolve()
-    if cell_dir.exists():
-        _move_aside(cell_dir, out)
-    plan = build_plan(study, cell, key_file=key_file)
-    network: dict[str, Any] = {"mode": "loopback"}
-    if topology is not None:
-        # the certificate must name the address collaborators dial: set it before issuing
-        plan.network.host = topology.aggregator_ip
-        plan.network.listen = None
-        network = topology.describe()
-    t0 = time.monotonic()
-    started = time.time()
-    rid = new_run_id(cell.name)
-    cell_dir.mkdir(parents=True)
-    if (plan.security.transport or "none") != "none" and plan.security.tls.ca is None:
-        issue_throwaway_pki(plan, cell_dir, Console(file=io.StringIO()))
-    require_transport(plan)
-    before = topology.link_bytes() if topology is not None else None
-    wrap = topology.wrap if topology is not None else None
-    try:
-        launch(plan, cell_dir, rid, data_dir=data_dir, console=console, progress=False, wrap=wrap)
-    except TeeflError as exc:
-        RunDir(cell_dir).update(error=str(exc))
-        return CellOutcome(cell, "failed", rid, time.monotonic() - t0, error=str(exc))
-    if topology is not None and before is not None:
-        after = topology.link_bytes()
-        network["bytes"] = {
-            k: {d: after[k][d] - before.get(k, {}).get(d, 0) for d in ("tx", "rx")} for k in after
-        }
-    wall = time.monotonic() - t0
-    record = {
-        "schema": CELL_SCHEMA,
-        "study": study.name,
-        "cell": cell.name,
-        "model": cell.model,
-        "dataset": cell.dataset,
-        "config": cell.config.name,
-        "axes": {
-            "transport": cell.config.transport,
-            "launcher": cell.config.launcher,
-            "at_rest": cell.config.at_rest,
-            "attestation": cell.config.attestation,
-        },
-        "rounds": cell.rounds,
-        "repeat": cell.repeat,
-        "host_label": study.host_label,
-        "notes": cell.notes,
-        "network": network,
-        "started_wall": started,
-        "wall_s": wall,
-        "run_id": rid,
-    }
-    if executor is not None:
-        record["executor"] = executor
-    RunDir(cell_dir).bench_record.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    summary = finish_run(cell_dir)  # summary.json last: it marks the cell finished
-    return _outcome_from(cell, "completed", summary, wall)
-
-
-def _outcome_from(
-    cell: Cell, status: str, summary: dict[str, Any], wall: float | None
-) -> CellOutcome:
-    return CellOutcome(
-        cell,
-        status,
-        summary.get("run_id"),
-        wall,
-        (summary.get("wall_clock") or {}).get("seconds"),
-        (summary.get("final") or {}).get("accuracy"),
-    )
 
 
 # -- estimates ----------------------------------------------------------------------------------
@@ -389,6 +235,23 @@ def _cell_line(i: int, n: int, o: CellOutcome, eta: float | None) -> str:
     )
 
 
+def make_executor(study: Study, *, detach: bool = False) -> Executor:
+    """The executor the study asks for (``executor.kind``, ``network.mode``).
+
+    Here rather than in `teefl.bench.executor`: the Slurm executor builds on that module, so
+    only a module above both may choose between them.
+    """
+    if study.executor.kind == "slurm":
+        from teefl.bench.slurm import SlurmExecutor
+
+        return SlurmExecutor(study.executor.slurm, detach=detach)
+    if detach:
+        raise TeeflError("--detach leaves cells running as Slurm jobs: it needs --executor slurm")
+    if study.network.mode == "netns":
+        return NetnsExecutor(study)
+    return Executor()
+
+
 def run_study(
     study: Study,
     out: Path,
@@ -408,8 +271,6 @@ def run_study(
     `teefl.bench.executor`). Raises KeyboardInterrupt after cleaning up when interrupted (Ctrl-C
     or SIGTERM); a rerun with the same arguments continues where it stopped.
     """
-    from teefl.bench.executor import make_executor
-
     console = console or Console()
     out = Path(out).resolve()
     executor = executor or make_executor(study)
@@ -501,24 +362,6 @@ def _study_key(out: Path) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP take Ctrl-C's path, so every finally block (namespaces!) runs."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        with contextlib.suppress(ValueError, OSError):  # not the main thread
-            old[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-
-
 def _run_cells(
     executor: Executor,
     study: Study,
@@ -531,8 +374,6 @@ def _run_cells(
     result: StudyResult,
     key_file: Path | None,
 ) -> None:
-    from teefl.bench.executor import RunContext
-
     bars = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -592,29 +433,30 @@ def _print_order(console: Console, cells: list[Cell], out: Path) -> None:
 def finish_study(
     study: Study, out: Path, console: Console, result: StudyResult | None = None
 ) -> None:
-    """`teefl report` and `teefl fit` on everything in OUT, and Tables II/III on the console."""
-    from teefl.commands import analysis
+    """What `teefl report` and `teefl fit` do, on everything in OUT, and Tables II/III."""
+    from teefl.analysis.console import print_fit, print_report, print_warnings
+    from teefl.analysis.fitting import fit_inputs, write_fit
+    from teefl.analysis.report import make_report
 
     if not any(cell_finished(d) for d in out.iterdir() if d.is_dir()):
         console.print("[yellow]no finished cell yet: nothing to report[/yellow]")
         return
     resamples = study.report.resamples
     try:
-        analysis.report(run_dirs=[out], out=out / "report", resamples=resamples, seed=0)
+        writable_dir(out / "report", "report directory")
+        report = make_report([out], out / "report", resamples=resamples, seed=0)
     except TeeflError as exc:
         console.print(f"[yellow]report not written: {escape(str(exc))}[/yellow]")
         return
+    print_report(console, report, out / "report")
     print_tables(out, console)
     console.print("\n[bold]Overhead model[/bold] (teefl fit): T = T_base · (1 + Σ C_k · x_k)")
     try:
-        analysis.fit(
-            inputs=[out],
-            out=out / "fit.json",
-            plot_dir=None,
-            resamples=resamples,
-            seed=0,
-            level=0.95,
-        )
+        fit, notes = fit_inputs([out], resamples=resamples, seed=0, level=0.95)
+        print_fit(console, fit, 0.95)
+        print_warnings(console, notes + fit["warnings"])
+        write_fit(fit, out / "fit.json")
+        console.print(f"wrote {out / 'fit.json'}", highlight=False)
     except TeeflError as exc:
         console.print(f"[yellow]not fitted: {escape(str(exc))}[/yellow]")
     if result is not None:

@@ -40,9 +40,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from teefl.bench.executor import Executor, RunContext
-from teefl.bench.matrix import Cell, plan_cells
-from teefl.bench.runner import (
+from teefl.bench.cell import (
     CellOutcome,
     _outcome_from,
     _signals_as_interrupt,
@@ -51,6 +49,8 @@ from teefl.bench.runner import (
     read_cell_record,
     run_cell,
 )
+from teefl.bench.executor import Executor, RunContext
+from teefl.bench.matrix import Cell, plan_cells
 from teefl.bench.study import CellResources, SlurmResources, SlurmSpec, Study, study_from_dict
 from teefl.errors import TeeflError
 from teefl.slurm import client

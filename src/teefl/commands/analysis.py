@@ -104,20 +104,12 @@ def report(
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
 ) -> None:
     """Tables I-III, per-phase breakdown, overhead model and figures -> OUT/report.md."""
+    from teefl.analysis.console import print_report
     from teefl.analysis.report import make_report
 
     writable_dir(out, "report directory", "--out")
     result = make_report(run_dirs, out, resamples=resamples, seed=seed)
-    console = _console()
-    _warn(console, result["warnings"])
-    for path, reason in result["excluded"]:
-        console.print(f"[yellow]excluded:[/yellow] {_esc(path)}: {_esc(reason)}", highlight=False)
-    groups = result["groups"]
-    console.print(
-        f"{result['runs']} runs in {len(groups)} group(s); wrote {len(result['files'])} files "
-        f"to {out}/ -- open {result['report']}",
-        highlight=False,
-    )
+    print_report(_console(), result, out)
 
 
 def fit(
@@ -139,95 +131,24 @@ def fit(
     level: Annotated[float, typer.Option(help="Confidence level of the intervals.")] = 0.95,
 ) -> None:
     """Fit T = T_base*(1 + sum C_k x_k) per model by NNLS, with bootstrap intervals and R^2."""
-    from teefl.analysis import perfmodel
-    from teefl.analysis.report import collect, form_groups
-    from teefl.analysis.timefmt import format_both
+    from teefl.analysis.console import print_fit
+    from teefl.analysis.fitting import draw_fit, fit_inputs, write_fit
 
     # outputs first: a read-only target is one line now, not a traceback after the bootstrap
     if out is not None:
         writable_dir(out.parent, "directory of --out", "--out")
     if plot_dir is not None:
         writable_dir(plot_dir, "plot directory", "--plot-dir")
-    obs: list[perfmodel.Observation] = []
-    run_paths: list[Path] = []
-    for p in inputs:
-        if p.is_file():
-            obs += perfmodel.read_times_csv(p)
-        elif p.is_dir():
-            run_paths.append(p)
-        else:
-            raise TeeflError(f"no such file or directory: {p}")
-    notes: list[str] = []
-    if run_paths:
-        entries, excluded = collect(run_paths)
-        notes += [f"excluded {p}: {r}" for p, r in excluded]
-        groups = form_groups(entries)
-        if len(groups) > 1:
-            keys = sorted({k for g in groups for k in g.differs})
-            notes.append(
-                f"the runs come from {len(groups)} plans that differ in {', '.join(keys)}; they "
-                "are fitted together here (teefl report keeps them apart)"
-            )
-        obs += perfmodel.observations_from_summaries(e.summary for e in entries)
-    result = perfmodel.fit(
-        obs, resamples=resamples, seed=seed, level=level, sources=[str(p) for p in inputs]
-    )
+    result, notes = fit_inputs(inputs, resamples=resamples, seed=seed, level=level)
     console = _console()
-    from rich.table import Table
-
-    pct = round(100 * level)
-    for model, mf in result["models"].items():
-        console.print(
-            f"\n[bold]{_esc(model)}[/bold]: {mf['runs']} runs"
-            + (f" ({mf['runs_skipped']} skipped)" if mf["runs_skipped"] else "")
-            + f", R² = {_r(mf['r2'])} (on T - T_base), {_r(mf['r2_wallclock'])} (on T)"
-            + ("" if mf.get("intervals_estimable", True) else _EXACT),
-            highlight=False,
-        )
-        t = Table(show_edge=False, header_style="bold")
-        for c in ("coefficient", "value", f"{pct} % interval", "resamples"):
-            t.add_column(c, justify="left" if c == "coefficient" else "right")
-        for term, co in mf["coefficients"].items():
-            t.add_row(
-                _esc(f"C[{term}]"),
-                f"{co['value']:.4f}" if co["value"] is not None else "not identifiable",
-                _esc(perfmodel.format_interval(co["low"], co["high"], "{:.4f}")),
-                str(co["valid_resamples"]),
-            )
-        console.print(t)
-        t = Table(show_edge=False, header_style="bold")
-        for c in ("dataset", "configuration", "n", "measured T", "predicted T", "error"):
-            t.add_column(c, justify="left" if c in ("dataset", "configuration") else "right")
-        for p in mf["predictions"]:
-            t.add_row(
-                _esc(p["dataset"]),
-                _esc(p["config"]),
-                str(p["n"]),
-                format_both(p["measured"]),
-                format_both(p["predicted"]),
-                f"{p['error_pct']:+.1f} %" if p["error_pct"] is not None else "-",
-            )
-        console.print(t)
+    print_fit(console, result, level)
     _warn(console, notes + result["warnings"])
     if out is not None:
-        try:
-            out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        except OSError as exc:
-            raise TeeflError(f"cannot write {out}: {exc.strerror}") from None
+        write_fit(result, out)
         console.print(f"wrote {out}", highlight=False)
     if plot_dir is not None:
-        from teefl.analysis.plots import overhead_chart, slug
-
-        for model, mf in result["models"].items():
-            png = overhead_chart(mf, plot_dir / f"overhead_{slug(model)}.png")
+        for png in draw_fit(result, plot_dir):
             console.print(f"wrote {png}", highlight=False)
-
-
-_EXACT = " [yellow](exact fit: as many runs as parameters; no interval -- see warning)[/yellow]"
-
-
-def _r(v: Any) -> str:
-    return f"{v:.3f}" if isinstance(v, int | float) else "-"
 
 
 def predict(

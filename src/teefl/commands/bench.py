@@ -199,7 +199,7 @@ def bench(
     if study.network.bandwidth and study.network.mode != "netns":
         raise TeeflError("a bandwidth cap needs network mode netns (--network netns)")
     target = out or Path(f"bench-{study.name}")
-    from teefl.bench.executor import make_executor
+    from teefl.bench.runner import make_executor
 
     executor = make_executor(study, detach=detach)
     if not dry_run:

@@ -52,7 +52,7 @@ def digest(
 @workload_app.command("list")
 def list_() -> None:
     """The workload names a plan can use (built-in, registered, installed entry points)."""
-    from teefl.workload.resolve import WORKLOADS
+    from teefl.workload.registry import WORKLOADS
 
     for name in WORKLOADS.names():
         typer.echo(name)

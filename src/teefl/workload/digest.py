@@ -158,7 +158,7 @@ def digest_target(target: Target) -> str:
 def workload_digest(ref: str, base_dir: Path | None = None) -> str:
     """The workload digest of reference ``ref`` (a name, ``module:attr`` or ``./file.py:attr``
     relative to ``base_dir``, default the current directory), running none of its code."""
-    from teefl.workload.resolve import WORKLOADS
+    from teefl.workload.registry import WORKLOADS
 
     return digest_target(WORKLOADS.target(ref, base_dir))
 
@@ -166,7 +166,7 @@ def workload_digest(ref: str, base_dir: Path | None = None) -> str:
 def describe_files(ref: str, base_dir: Path | None = None) -> tuple[str, Path, list[CodeFile]]:
     """The digest of ``ref``, its code root and each covered file's path, size and SHA-256
     (for an audit of what the digest vouches for)."""
-    from teefl.workload.resolve import WORKLOADS
+    from teefl.workload.registry import WORKLOADS
 
     target = WORKLOADS.target(ref, base_dir)
     files = code_files(target)

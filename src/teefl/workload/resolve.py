@@ -1,6 +1,6 @@
 """From a plan's ``workload: {name, options}`` to a ready workload, or one clear line why not.
 
-`resolve_workload` finds the code (`WORKLOADS`, a `teefl.registry.Registry`), computes its
+`resolve_workload` finds the code (`teefl.workload.registry.WORKLOADS`), computes its
 digest from the same bytes, validates the options, creates the instance, and returns a
 `LoadedWorkload` whose methods run the user's code with teefl's checks around it: metrics
 checked, exceptions turned into `WorkloadFailure`, the model's type and travelling tensors
@@ -17,28 +17,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from teefl.errors import TeeflError
-from teefl.registry import Registry, Target, error_line
-from teefl.workload.api import Party, RoundInfo, travelling_names, workload_problem
+from teefl.registry import Target, error_line
+from teefl.workload.api import Party, RoundInfo, travelling_names
 from teefl.workload.failure import run_metrics, run_user
+from teefl.workload.registry import WORKLOADS
 
 if TYPE_CHECKING:
     from torch import nn
-
-#: every workload a plan can name; built-ins are imported only when used
-WORKLOADS: Registry[type] = Registry(
-    "workload",
-    "teefl.workloads",
-    lambda obj: workload_problem(obj) is None,
-    "a workload (a class with build_model, load, train and evaluate)",
-    why=workload_problem,
-    files=True,
-    lazy={
-        "vision": "teefl.workload.vision:Vision",
-        "image-folder": "teefl.workload.image_folder:ImageFolderWorkload",
-        "tabular": "teefl.workload.tabular:Tabular",
-        "noop": "teefl.workload.noop:NoOp",
-    },
-)
 
 
 def _near(target: Target) -> Path | str:

@@ -23,152 +23,28 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
+from teefl.policyspec import (
+    KIND_FIELDS,
+    ROLE_KEYS,
+    ROLES,
+    TDX_PINS,
+    AttestationPolicies,
+    Policy,
+    SnpPolicy,
+)
 from teefl.security.tee.errors import AttestationError
-from teefl.security.tee.snp.policy import SnpPolicy, check_snp, hex_list
+from teefl.security.tee.snp.policy import check_snp
 from teefl.security.tee.verdict import QuoteVerdict
 
 log = logging.getLogger("teefl.tee")
 
 REPORT_DATA_SIZE = 64
-TDX_PINS = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3")
-ROLES = ("aggregator", "collaborator")
-#: the plan key of each role's policy (``security.attestation.policies.<key>``)
-ROLE_KEYS = {"aggregator": "aggregator", "collaborator": "collaborators"}
-
 # TD attribute and SGX attribute DEBUG bits (Intel TDX module spec; SGX SDM "ATTRIBUTES").
 TD_ATTRIBUTE_DEBUG = 1 << 0
 SGX_ATTRIBUTE_DEBUG = 1 << 1
 
-
-class Policy(BaseModel):
-    """What a verifier accepts. ``None`` for a list means "not checked".
-
-    Defaults are strict where it is cheap to be: only ``UpToDate`` Intel platforms, no debug TEE,
-    and the evidence must bind the TLS key of the connection. Measurement allow-lists have no
-    default because their values depend on the image the operator built; ``require_pinned``
-    refuses a policy without them wherever attestation is required.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    #: Intel TCB statuses accepted for TDX/SGX (SEV-SNP is judged by ``snp.min_tcb``)
-    accepted_tcb_statuses: list[str] = Field(default_factory=lambda: ["UpToDate"])
-    #: accept a debug TD / debug enclave / SNP guest whose policy allows debugging
-    allow_debug: bool = False
-    # TDX
-    mrtd: list[str] | None = None
-    rtmr0: list[str] | None = None
-    rtmr1: list[str] | None = None
-    rtmr2: list[str] | None = None
-    rtmr3: list[str] | None = None
-    #: RTMRs deliberately left unchecked (e.g. RTMR3, extended at run time); warned at every start
-    tdx_unpinned: list[Literal["rtmr0", "rtmr1", "rtmr2", "rtmr3"]] = Field(default_factory=list)
-    mrconfigid: list[str] | None = None
-    #: XFAM and TD attributes as in the quote (8 bytes, little-endian, hex)
-    xfam: list[str] | None = None
-    td_attributes: list[str] | None = None
-    # SGX
-    mrenclave: list[str] | None = None
-    mrsigner: list[str] | None = None
-    isv_prod_id: int | None = None
-    min_isv_svn: int | None = None
-    # SEV-SNP
-    snp: SnpPolicy | None = None
-    # Binding and the test stand-in
-    require_binding: bool = True
-    allow_simulated: bool = False
-    #: SHA-256 (hex) of the DER SubjectPublicKeyInfo of each accepted simulated signing key
-    simulated_keys: list[str] | None = None
-
-    @field_validator("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mrconfigid")
-    @classmethod
-    def _tdx_hex(cls, v: list[str] | None, info: Any) -> list[str] | None:
-        return hex_list(v, 48, info.field_name)
-
-    @field_validator("xfam", "td_attributes")
-    @classmethod
-    def _tdx_u64(cls, v: list[str] | None, info: Any) -> list[str] | None:
-        return hex_list(v, 8, info.field_name)
-
-    @field_validator("mrenclave", "mrsigner", "simulated_keys")
-    @classmethod
-    def _hex32(cls, v: list[str] | None, info: Any) -> list[str] | None:
-        return hex_list(v, 32, info.field_name)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Policy:
-        both = [r for r in self.tdx_unpinned if getattr(self, r) is not None]
-        if both:
-            raise ValueError(f"{', '.join(both)} both pinned and listed in tdx_unpinned")
-        if self.allow_simulated:
-            missing = []
-            if not self.simulated_keys:
-                missing.append(
-                    "simulated_keys (SHA-256 of each simulated signing key's public key)"
-                )
-            missing += self.tdx_missing()
-            if missing:
-                raise ValueError(
-                    "allow_simulated needs pinned simulated evidence, missing: "
-                    + ", ".join(missing)
-                    + " (`teefl tee policy --simulated-key FILE` prints them)"
-                )
-        return self
-
-    # -- pins --------------------------------------------------------------------------------
-    def tdx_missing(self) -> list[str]:
-        """TDX measurements that must be pinned but are not (MRTD, RTMRs not in tdx_unpinned)."""
-        return [
-            name
-            for name in TDX_PINS
-            if name not in self.tdx_unpinned and getattr(self, name) is None
-        ]
-
-    def missing_pins(self, kind: str) -> list[str]:
-        """What this policy lacks to accept evidence of ``kind`` under ``required``."""
-        if kind == "tdx":
-            return self.tdx_missing()
-        if kind == "sgx":
-            if self.mrenclave is not None:
-                return []
-            return [
-                k for k in ("mrsigner", "isv_prod_id", "min_isv_svn") if getattr(self, k) is None
-            ]
-        if kind == "sev-snp":
-            return (
-                ["snp.measurement", "snp.min_tcb"]
-                if self.snp is None
-                else [f"snp.{k}" for k in self.snp.missing_pins()]
-            )
-        if kind == "simulated":
-            if not self.allow_simulated:
-                return ["allow_simulated"]
-            return ([] if self.simulated_keys else ["simulated_keys"]) + self.tdx_missing()
-        return [f"(no pins known for {kind} evidence)"]
-
-    def pinned_kinds(self) -> list[str]:
-        """The kinds of evidence this policy can accept when pins are required."""
-        kinds = [k for k in ("tdx", "sgx", "sev-snp") if self._mentions(k)]
-        kinds = [k for k in kinds if not self.missing_pins(k)]
-        if self.allow_simulated and not self.missing_pins("simulated"):
-            kinds.append("simulated")
-        return kinds
-
-    def _mentions(self, kind: str) -> bool:
-        """Does the policy pin anything for ``kind`` (simulated counts as TDX-shaped)?"""
-        fields = _KIND_FIELDS["tdx" if kind == "simulated" else kind]
-        return any(getattr(self, f) is not None for f in fields)
-
-
-_KIND_FIELDS = {
-    "tdx": ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mrconfigid", "xfam", "td_attributes"),
-    "sgx": ("mrenclave", "mrsigner", "isv_prod_id", "min_isv_svn"),
-    "sev-snp": ("snp",),
-}
 
 _DISPLAY = {
     "mrtd": "MRTD",
@@ -187,25 +63,6 @@ _DISPLAY = {
 }
 #: where each TDX policy field is found in the verdict's measurements
 _TDX_SOURCE = {"mrconfigid": "mr_config_id"}
-
-
-class AttestationPolicies(BaseModel):
-    """``security.attestation.policies``: one policy per role of the party being verified.
-
-    ``aggregator`` judges the aggregator's evidence (checked by every collaborator);
-    ``collaborators`` judges each collaborator's evidence (checked by the aggregator). Two keys,
-    because the two roles usually run different images and may run on different TEEs.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    aggregator: Policy | None = None
-    collaborators: Policy | None = None
-
-    def for_role(self, role: str) -> Policy | None:
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        return getattr(self, ROLE_KEYS[role])
 
 
 def require_pinned(policy: Policy | None, where: str) -> list[str]:
@@ -299,7 +156,7 @@ def check_policy(
 
     shape = "tdx" if kind == "simulated" else kind
     own = policy._mentions(kind)
-    for other, fields in _KIND_FIELDS.items():
+    for other, fields in KIND_FIELDS.items():
         if other == shape or own:
             continue  # a policy pinning this kind too may pin others (mixed federations)
         for name in fields:
@@ -307,7 +164,7 @@ def check_policy(
                 failures.append(f"{_DISPLAY[name]} required by policy but a {kind} quote has none")
 
     if shape == "tdx":
-        names = TDX_PINS if kind == "simulated" else _KIND_FIELDS["tdx"]
+        names = TDX_PINS if kind == "simulated" else KIND_FIELDS["tdx"]
         for name in names:
             allowed = getattr(policy, name)
             if allowed is None:
@@ -415,6 +272,7 @@ def policy_block(verdict: QuoteVerdict) -> dict[str, Any]:
 __all__ = [
     "ROLES",
     "ROLE_KEYS",
+    "TDX_PINS",
     "AttestationPolicies",
     "Policy",
     "check_policy",
