@@ -113,6 +113,7 @@ def run_cell(
     from teefl.federation.report import finish_run
     from teefl.federation.setup import issue_throwaway_pki
     from teefl.plan import require_transport
+    from teefl.resolved import transport_of, with_overrides
 
     console = console or Console(stderr=True)
     cell_dir = (out / cell.name).resolve()
@@ -122,14 +123,17 @@ def run_cell(
     network: dict[str, Any] = {"mode": "loopback"}
     if topology is not None:
         # the certificate must name the address collaborators dial: set it before issuing
-        plan.network.host = topology.aggregator_ip
-        plan.network.listen = None
+        plan = with_overrides(
+            plan,
+            {"network.host": topology.aggregator_ip, "network.listen": None},
+            "the namespaces'",
+        )
         network = topology.describe()
     t0 = time.monotonic()
     started = time.time()
     rid = new_run_id(cell.name)
     cell_dir.mkdir(parents=True)
-    if (plan.security.transport or "none") != "none" and plan.security.tls.ca is None:
+    if transport_of(plan) != "none" and plan.security.tls.ca is None:
         issue_throwaway_pki(plan, cell_dir, Console(file=io.StringIO()))
     require_transport(plan)
     before = topology.link_bytes() if topology is not None else None

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,16 +18,40 @@ from teefl.writable import writable_dir
 PlanArg = Annotated[Path | None, typer.Argument(help="Plan YAML; omit for the embedded default.")]
 
 
-def _load(plan_path: Path | None, transport: str | None = None):
-    """Load the plan (or the embedded default), with ``--transport`` applied before checks."""
+def _load(plan_path: Path | None, overrides: dict[str, Any] | None = None):
+    """Load the plan (or the embedded default) with the command line's ``overrides`` (see
+    `overrides`), validated as a whole before anything else looks at it."""
     from teefl.plan import default_plan, load_plan
+    from teefl.resolved import with_overrides
 
     plan = default_plan() if plan_path is None else load_plan(plan_path)
-    if transport is not None:
-        if transport not in ("none", "tls", "mtls"):
-            raise TeeflError(f"--transport must be none, tls or mtls (got {transport!r})")
-        plan.security.transport = transport  # type: ignore[assignment]
-    return plan
+    return with_overrides(plan, overrides or {})
+
+
+def overrides(
+    *,
+    transport: str | None = None,
+    launcher: str | None = None,
+    tee_label: str | None = None,
+    rounds: int | None = None,
+    collaborators: int | None = None,
+) -> dict[str, Any]:
+    """The plan keys the run options override (None: not given), their choices checked with
+    the option's name (the plan's validation names the key)."""
+    if transport is not None and transport not in ("none", "tls", "mtls"):
+        raise TeeflError(f"--transport must be none, tls or mtls (got {transport!r})")
+    if launcher is not None and launcher not in ("native", "gramine-direct", "gramine-sgx"):
+        raise TeeflError(
+            f"--launcher must be native, gramine-direct or gramine-sgx (got {launcher!r})"
+        )
+    given = {
+        "security.transport": transport,
+        "runtime.launcher": launcher,
+        "runtime.tee_label": tee_label,
+        "federation.rounds": rounds,
+        "collaborators": collaborators,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _logging(level: str) -> None:
@@ -77,25 +101,23 @@ def run(
     from teefl.federation.launcher import launch, new_run_id
     from teefl.federation.report import finish_run, print_summary
     from teefl.plan import require_transport
+    from teefl.resolved import resolve, transport_of
     from teefl.rundir import RUN_LOCK, RunDir
 
     console = Console()
-    plan = _load(plan_path, transport)
-    if launcher is not None:
-        if launcher not in ("native", "gramine-direct", "gramine-sgx"):
-            raise TeeflError(
-                f"--launcher must be native, gramine-direct or gramine-sgx (got {launcher!r})"
-            )
-        plan.runtime.launcher = launcher  # type: ignore[assignment]
-    if tee_label is not None:
-        plan.runtime.tee_label = tee_label
-    if rounds is not None:
-        plan.federation.rounds = rounds
-    if collaborators is not None:
-        plan.collaborators = [f"col{i + 1}" for i in range(collaborators)]
+    plan = _load(
+        plan_path,
+        overrides(
+            transport=transport,
+            launcher=launcher,
+            tee_label=tee_label,
+            rounds=rounds,
+            collaborators=collaborators,
+        ),
+    )
     rid = run_id or new_run_id(plan.name)
     # plan mistakes are said before anything is created on disk
-    throwaway_pki = (plan.security.transport or "none") != "none" and plan.security.tls.ca is None
+    throwaway_pki = transport_of(plan) != "none" and plan.security.tls.ca is None
     if not throwaway_pki:
         require_transport(plan)
     if plan.dataset.root is not None:
@@ -115,11 +137,12 @@ def run(
         from teefl.federation.attest import check_policies
 
         check_policies(plan.security.attestation)
-    _announce_dataset(plan, data_dir, console)
+    plan = _announce_dataset(plan, data_dir, console)
+    resolved = resolve(plan, "launcher", run_dir)
     console.print(
         f"teefl run [bold]{rid}[/bold]: {len(plan.collaborators)} collaborators, "
         f"{plan.federation.rounds} rounds, {plan.model.name} on {plan.dataset.name}, "
-        f"transport {plan.security.transport or 'none'}\n  run directory: {run_dir}"
+        f"transport {resolved.transport}\n  run directory: {run_dir}"
     )
     att = plan.security.attestation
     if att.enabled and (att.provider == "simulated" or att.allow_simulated):
@@ -128,7 +151,7 @@ def run(
             "software key; it proves nothing about the platform. For tests and demos only."
             "[/bold red]"
         )
-    if (plan.security.transport or "none") == "none":
+    if not resolved.encrypted:
         console.print(
             "[yellow]warning: transport none -- model updates travel unencrypted and "
             "unauthenticated[/yellow]"
@@ -140,10 +163,11 @@ def run(
     print_summary(summary, console, result.run_dir)
 
 
-def _announce_dataset(plan, data_dir: Path | None, console) -> None:
-    """Fall back to synthetic data -- loudly -- when the default plan's dataset is missing."""
+def _announce_dataset(plan, data_dir: Path | None, console):
+    """The plan to run: the default plan falls back to synthetic data -- loudly -- when its
+    dataset is missing."""
     if plan.dataset.name == "synthetic":
-        return
+        return plan
     from teefl.workload.datasets import check_root, load_dataset
 
     check_root(plan.dataset)  # a root the plan names is never replaced by synthetic data
@@ -157,7 +181,10 @@ def _announce_dataset(plan, data_dir: Path | None, console) -> None:
             "(seeded, learnable) -- its accuracy says nothing about real data."
             "[/yellow]"
         )
-        plan.dataset.name = "synthetic"
+        from teefl.resolved import with_overrides
+
+        return with_overrides(plan, {"dataset.name": "synthetic"}, "synthetic fallback")
+    return plan
 
 
 def aggregator(

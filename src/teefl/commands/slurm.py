@@ -90,30 +90,22 @@ def federation(
     """
     from rich.console import Console
 
+    from teefl.commands.federation import overrides
     from teefl.federation.launcher import new_run_id
     from teefl.federation.report import print_summary
     from teefl.plan import load_plan, require_transport
+    from teefl.resolved import resolve, with_overrides
     from teefl.slurm import client
     from teefl.slurm import federation as fed
 
     console = Console(highlight=False)
     client.require("sbatch", "squeue", "scontrol")
-    plan = load_plan(plan_path)
-    if transport is not None:
-        if transport not in ("none", "tls", "mtls"):
-            raise TeeflError(f"--transport must be none, tls or mtls (got {transport!r})")
-        plan.security.transport = transport  # type: ignore[assignment]
-    if launcher is not None:
-        if launcher not in ("native", "gramine-direct", "gramine-sgx"):
-            raise TeeflError(
-                f"--launcher must be native, gramine-direct or gramine-sgx (got {launcher!r})"
-            )
-        plan.runtime.launcher = launcher  # type: ignore[assignment]
-    if rounds is not None:
-        plan.federation.rounds = rounds
-    if tee_label is not None:
-        plan.runtime.tee_label = tee_label
+    plan = with_overrides(
+        load_plan(plan_path),
+        overrides(transport=transport, launcher=launcher, rounds=rounds, tee_label=tee_label),
+    )
     require_transport(plan)
+    resolved = resolve(plan, "launcher")
     spec = fed.JobSpec(
         cpus_per_task=cpus_per_task or plan.training.threads or 1,
         nodes=nodes,
@@ -132,7 +124,7 @@ def federation(
     spec.aggregator_node = fed.pinned_node(plan, spec)
     if spec.aggregator_node is not None:
         fed.check_certificate(plan, fed.aggregator_host(aggregator_host, spec.aggregator_node))
-    elif (plan.security.transport or "none") != "none":
+    elif resolved.encrypted:
         console.print(
             "[yellow]the aggregator's node is chosen by Slurm: its certificate must name every "
             "node it may get (or pass --aggregator-node / set network.host to a node)[/yellow]"
@@ -147,11 +139,11 @@ def federation(
         f"teefl slurm federation [bold]{rid}[/bold]: aggregator + {n} collaborators as Slurm job "
         f"{job} ({n + 1} tasks"
         + (f" on {nodes} nodes" if nodes else "")
-        + f"), {plan.federation.rounds} rounds, transport {plan.security.transport}"
+        + f"), {plan.federation.rounds} rounds, transport {resolved.transport}"
         + (f", launcher {plan.runtime.launcher}" if plan.runtime.launcher != "native" else "")
         + f"\n  run directory: {run_dir}\n  batch script:  {script}"
     )
-    if (plan.security.transport or "none") == "none":
+    if not resolved.encrypted:
         console.print(
             "[yellow]warning: transport none -- model updates cross the cluster network "
             "unencrypted and unauthenticated[/yellow]"

@@ -36,6 +36,7 @@ from rich.console import Console
 
 from teefl.errors import TeeflError
 from teefl.plan import Plan
+from teefl.resolved import transport_of, with_overrides
 from teefl.rundir import RunDir
 from teefl.slurm import client
 
@@ -135,7 +136,7 @@ def pinned_node(plan: Plan, spec: JobSpec) -> str | None:
 
 def check_certificate(plan: Plan, host: str) -> None:
     """The aggregator's certificate must name the host collaborators dial."""
-    if (plan.security.transport or "none") == "none" or plan.security.tls.server_cert is None:
+    if transport_of(plan) == "none" or plan.security.tls.server_cert is None:
         return
     from teefl.security import pki
 
@@ -362,9 +363,12 @@ def launch_in_allocation(
     tasks = client.tasks_per_node(os.environ.get("SLURM_TASKS_PER_NODE", "1"))
     where = place(plan.collaborators, nodes, tasks, aggregator_node)
     host = aggregator_host(host_template, where["aggregator"])
-    plan.network.host = host
-    if plan.network.listen is None:
-        plan.network.listen = "0.0.0.0"
+    # the host collaborators dial is known only now, inside the allocation
+    plan = with_overrides(
+        plan,
+        {"network.host": host, "network.listen": plan.network.listen or "0.0.0.0"},
+        "the allocation's",
+    )
     require_transport(plan)
     check_certificate(plan, host)
     console.print(
