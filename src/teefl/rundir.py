@@ -37,6 +37,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -64,6 +65,9 @@ AGGREGATOR_LOCK = "aggregator.lock"  # held by every aggregator
 BENCH = "bench.json"
 EVENTS, ENV, LOGS, MODEL, UPDATES = "events", "env", "logs", "model", "updates"
 ATTESTATION, PKI, GRAMINE, SLURM = "attestation", "pki", "gramine", "slurm"
+SPARE = "spare"  # under updates/: payload files of closed rounds, kept for reuse
+#: a round's folder of stored updates under updates/ (`RunDir.round_updates`)
+ROUND_UPDATES = re.compile(r"round-(\d{4,})")
 AGGREGATOR = "aggregator"  # the aggregator's process name (events, env, log)
 
 
@@ -150,7 +154,7 @@ class RunDir:
     @property
     def spare_dir(self) -> Path:
         """Update files of closed rounds kept for reuse (their blocks already allocated)."""
-        return self.updates_dir / "spare"
+        return self.updates_dir / SPARE
 
     @property
     def attestation_dir(self) -> Path:
@@ -203,6 +207,12 @@ class RunDir:
 
     def round_updates(self, rnd: int) -> Path:
         return self.updates_dir / f"round-{rnd:04d}"
+
+    @staticmethod
+    def updates_round(name: str) -> int | None:
+        """The round of a folder name under updates/ (``round-0007`` -> 7); None for others."""
+        m = ROUND_UPDATES.fullmatch(name)
+        return int(m.group(1)) if m else None
 
     # -- run.json --------------------------------------------------------------------------------
     def read(self) -> dict[str, Any]:

@@ -12,10 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from teefl.rundir import METRICS, STATE  # noqa: F401 - the run directory's names, re-exported
 from teefl.runfiles import FILE_MODE
-
-STATE = "state.json"
-METRICS = "metrics.jsonl"
 
 #: temporary files of this module's writers (`write_atomic`, `UpdateFile`, runinfo's):
 #: ``.<name>.tmp-<pid>`` or ``.<name>.tmp-<pid>-<thread>``

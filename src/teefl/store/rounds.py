@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 from collections.abc import Callable
@@ -40,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from teefl.errors import TeeflError
+from teefl.rundir import RunDir
 from teefl.runfiles import DIR_MODE, private_dir
-from teefl.store.atomic import METRICS, STATE, TEMP_NAME, write_atomic
+from teefl.store.atomic import TEMP_NAME, write_atomic
 from teefl.store.files import UpdateFile, digest_meta, matches, meta_doc, write_meta
 from teefl.store.staging import Slot
 
@@ -119,6 +119,7 @@ class RoundStore:
         staging_dir: Path | None = None,
     ) -> None:
         self.run_dir, self.seal_key, self.keep = Path(run_dir), seal_key, keep
+        self.rd = RunDir(self.run_dir)  # every path and name of the run directory
         self.run_id = run_id
         self.staging_dir = Path(staging_dir) if staging_dir and seal_key is None else None
         self.mkey: bytes | None = None
@@ -127,7 +128,7 @@ class RoundStore:
 
             self.mkey = metadata_key(seal_key)
         private_dir(self.run_dir)
-        self.model_dir = private_dir(self.run_dir / "model")
+        self.model_dir = private_dir(self.rd.model_dir)
 
     # -- payloads (sealed or plain) ------------------------------------------------------------
     def _suffix(self) -> str:
@@ -173,7 +174,7 @@ class RoundStore:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_name(self, rnd: int, final: bool) -> str:
-        return f"model/{'final' if final else f'round-{rnd:04d}'}{self._suffix()}"
+        return RunDir.checkpoint_name(rnd, final, sealed=self.seal_key is not None)
 
     def save_checkpoint(
         self,
@@ -213,11 +214,11 @@ class RoundStore:
         else:
             state["sha256"] = hashlib.sha256(payload).hexdigest()
         state = self._signed(state, self._context("state"))
-        write_atomic(self.run_dir / STATE, json.dumps(state, indent=2).encode())
+        write_atomic(self.rd.state, json.dumps(state, indent=2).encode())
         return path
 
     def final_path(self) -> Path:
-        return self.model_dir / f"final{self._suffix()}"
+        return self.rd.final_model(sealed=self.seal_key is not None)
 
     def load_state(self) -> tuple[int, bytes] | None:
         """(last completed round, its global model payload), or None for a fresh run.
@@ -227,7 +228,7 @@ class RoundStore:
         sealed run, whose HMAC fails (edited, or another run's); a checkpoint that is not that
         round's of this run (a rollback), or that fails its checksum.
         """
-        path = self.run_dir / STATE
+        path = self.rd.state
         if not path.exists():
             return None
         from teefl.security.sealed import SealedError
@@ -286,7 +287,7 @@ class RoundStore:
         self.truncate_metrics(completed)
 
     def _update_dirs(self) -> list[Path]:
-        updates = self.run_dir / "updates"
+        updates = self.rd.updates_dir
         return [
             updates / e
             for e in _listdir(updates)
@@ -296,16 +297,16 @@ class RoundStore:
     def stored_rounds(self) -> list[int]:
         """Rounds with a directory of stored updates, in order."""
         out = []
-        for entry in _listdir(self.run_dir / "updates"):
-            m = re.fullmatch(r"round-(\d{4,})", entry)
-            if m:
-                out.append(int(m.group(1)))
+        for entry in _listdir(self.rd.updates_dir):
+            rnd = RunDir.updates_round(entry)
+            if rnd is not None:
+                out.append(rnd)
         return sorted(out)
 
     def truncate_metrics(self, completed: int) -> None:
         """Keep one ``metrics.jsonl`` line per round up to ``completed`` (the first of each; a
         torn line goes too): the lines a restart will write again are removed, atomically."""
-        path = self.run_dir / METRICS
+        path = self.rd.metrics
         try:
             old = path.read_bytes()
         except FileNotFoundError:
@@ -325,7 +326,7 @@ class RoundStore:
 
     # -- acknowledged updates ------------------------------------------------------------------
     def _round_dir(self, rnd: int) -> Path:
-        return self.run_dir / "updates" / f"round-{rnd:04d}"
+        return self.rd.round_updates(rnd)
 
     def _made_round_dir(self, rnd: int) -> Path:
         d = self._round_dir(rnd)
@@ -406,7 +407,7 @@ class RoundStore:
         return UpdateFile(d / file, d / f"{name}.json", buffer, reuse=self._spare_dir() / file)
 
     def _spare_dir(self) -> Path:
-        return self.run_dir / "updates" / "spare"
+        return self.rd.spare_dir
 
     def _staged_path(self, staged: Any) -> Path | None:
         """Where a staged update named in metadata is, or None where that name is not a file
@@ -551,7 +552,7 @@ class RoundStore:
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(self._spare_dir())
             with contextlib.suppress(OSError):  # not empty: another round's, kept
-                (self.run_dir / "updates").rmdir()
+                self.rd.updates_dir.rmdir()
 
 
 def _listdir(directory: Path) -> list[str]:
