@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import teefl
 
 EXPECTED = {
@@ -67,8 +69,11 @@ def test_unknown_name_is_an_attribute_error() -> None:
         raise AssertionError("teefl.NoSuchThing resolved")
 
 
-def test_register_workload_registers_a_plain_class() -> None:
-    from teefl.workload.resolve import WORKLOADS
+def test_register_workload_registers_a_plain_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    from teefl.workload.registry import WORKLOADS
+
+    # the registry is process-wide: the name goes again after the test (other tests list names)
+    monkeypatch.setattr(WORKLOADS, "_entries", dict(WORKLOADS._entries))
 
     @teefl.register_workload("test-public-api-wl")
     class W:
