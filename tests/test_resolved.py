@@ -82,7 +82,7 @@ def test_overrides_validate_the_whole_plan_and_leave_the_original() -> None:
     assert plan.federation.rounds != 7 and len(plan.collaborators) == 3  # not mutated
     # an override meets the plan's cross-field checks (the CLI used to assign past them)
     attested = _plan(security={"transport": "tls", "attestation": {"collaborators": "required"}})
-    with pytest.raises(TeeflError, match="command line overrides.*TLS key") as exc:
+    with pytest.raises(TeeflError, match=r"command line overrides.*TLS key") as exc:
         with_overrides(attested, {"security.transport": "none"})
     assert "\n" not in str(exc.value)
     with pytest.raises(TeeflError, match="rounds"):

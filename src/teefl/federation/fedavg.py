@@ -36,8 +36,7 @@ class RunningFedAvg:
         reuse: RunningFedAvg | None = None,
     ) -> None:
         """``reuse``: a finished aggregator of the same layout whose sum memory this one takes
-        over (its pages are mapped already: a fresh 90 MB of float64 sums for ResNet-18 costs
-        ~20 ms of page faults here)."""
+        over (its pages are mapped already; fresh sums fault, docs/decisions/006)."""
         self.reference = reference
         self.sums: dict[str, torch.Tensor] = {}
         self.total_samples = 0

@@ -2,7 +2,7 @@
 
 Why: a TLS key that an administrator issued lives in a file, and a file on a host is readable by
 that host's operator -- who could then stand in for the TEE on any connection bound to that key
-(issue 19, weakness 1). With attestation required, a party therefore makes its TLS key pair in
+(docs/security.md). With attestation required, a party therefore makes its TLS key pair in
 memory at start-up and never writes it anywhere; its evidence is bound to that key, and only a
 certificate *for that key* carries model traffic:
 

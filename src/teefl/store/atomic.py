@@ -66,10 +66,9 @@ def _write_direct(fd: int, view: memoryview, pause: Callable[[], None] | None) -
     how many bytes were written (0 where the memory is not page-aligned or the file system
     refuses ``O_DIRECT``: the caller writes the rest the ordinary way).
 
-    Why: a checkpoint written through the page cache costs the CPU a copy of the whole model
-    (~10 ms per 45 MB here) plus the writeback's; on 2 cores that came out of the next round's
-    transfers. With ``O_DIRECT`` the disk reads the model's memory itself (~2 ms of CPU, 15 ms
-    of waiting with the GIL released; benchmarks/comm_limit.py, docs/benchmarks.md).
+    Why: through the page cache the CPU copies the whole model, which comes out of the next
+    round's transfers; with ``O_DIRECT`` the disk reads the model's memory itself, with the GIL
+    released (docs/decisions/008-durable-writes.md).
     """
     n = len(view) // DIRECT_ALIGN * DIRECT_ALIGN
     if not n or view.readonly or not hasattr(os, "O_DIRECT"):

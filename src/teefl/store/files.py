@@ -20,8 +20,8 @@ from teefl.store.atomic import pwrite_all, write_atomic
 class BufferPool:
     """Receive buffers for updates, kept from round to round (at most ``keep`` of them).
 
-    Why: a fresh 45 MB buffer costs ~30 ms of page faults here on its first write, more than
-    receiving into it; a buffer that was written before costs nothing more. The aggregator
+    Why: a fresh buffer's first write faults in every page, costing about as much as receiving
+    into it (docs/decisions/006-kept-buffers.md); a buffer written before does not. The aggregator
     holds at most ``max_inflight_updates`` updates at once, so that many buffers suffice and
     memory does not grow with the number of collaborators.
     """
@@ -54,10 +54,8 @@ class UpdateFile:
     metadata -- the same crash guarantee as `save_update` (survives the aggregator process, not
     a power loss). Not used for sealed storage, whose file holds ciphertext.
 
-    Why not a shared memory map of the file (the previous design): the first write to every
-    page of a mapping faults (~2.5 us per 4 KiB page here, and again after each writeback),
-    which made receiving 45 MB into the map cost ~40 ms against ~9 ms into a kept buffer plus
-    ~9 ms of ``pwrite`` (measured on this machine; docs/benchmarks.md).
+    Why not a shared memory map of the file: the first write to every page of a mapping faults,
+    and again after each writeback (docs/decisions/006-kept-buffers.md).
 
     ``reuse``: a file of an earlier round, consumed and dropped since (see
     `RoundStore.drop_updates`), to overwrite instead of making a new one: its blocks are

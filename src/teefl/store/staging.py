@@ -3,9 +3,8 @@ acknowledged without a disk write on the way.
 
 Why: the aggregator may acknowledge an update only once a crash of its process can no longer
 lose it. Writing each received piece to the update's file in the run directory made that so,
-but cost a copy of every byte into the page cache on the receiving thread before the ack:
-~0.6 ms of MobileNetV3-Small's 3.9 ms upload and ~5 ms of ResNet-18's 22 ms here (loopback,
-2 cores; docs/benchmarks.md). A file in shared memory (tmpfs, ``/dev/shm``) is as durable
+but cost a copy of every byte into the page cache on the receiving thread before the ack
+(docs/decisions/008-durable-writes.md). A file in shared memory (tmpfs, ``/dev/shm``) is as durable
 against a crash of the process as the page cache is -- the kernel keeps it -- and a mapping of
 it *is* the receive buffer, so the update is stored the moment it has arrived. It is copied to
 the run directory after the acknowledgement, with the FedAvg add, and the round closes only once
@@ -149,7 +148,7 @@ class StagingArea:
     """Slots in one directory of a tmpfs, at most ``keep`` kept free from round to round (the
     aggregator receives at most ``max_inflight_updates`` updates at once).
 
-    Why keep them: a slot's first use faults in and zeroes its pages (~30 ms per 45 MB here);
+    Why keep them: a slot's first use faults in and zeroes its pages (docs/decisions/006);
     a slot written before costs nothing more, as for the receive buffers it replaces.
     """
 

@@ -31,7 +31,7 @@ class FedAvg(Strategy):
         reference: Mapping[str, torch.Tensor],
         layout: codec.Layout | None = None,
     ) -> RunningFedAvg:
-        # the finished round's sums are taken over: their pages are mapped already (a fresh
-        # 90 MB of float64 for ResNet-18 costs ~20 ms of page faults)
+        # the finished round's sums are taken over: their pages are mapped already (fresh sums
+        # fault, docs/decisions/006-kept-buffers.md)
         self._last = RunningFedAvg(reference, layout, reuse=self._last)
         return self._last

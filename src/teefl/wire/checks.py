@@ -52,8 +52,7 @@ def check_update(reference: Mapping[str, torch.Tensor], update: Mapping[str, tor
 def _sums_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every tensor's sum is finite, with one host synchronisation per dtype.
 
-    Asking ``bool(isfinite(t.sum()))`` per tensor costs ~10 us of Python and a sync each: 2.8 ms
-    for MobileNetV3-Small's 210 float tensors, against 1.1 ms for this. A False here proves
+    Why per dtype: a sync per tensor costs more than the sums (docs/decisions/007). A False proves
     nothing by itself (finite values may overflow a sum); the caller then checks exactly.
     """
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -94,9 +93,8 @@ class FiniteScan:
     the receive loop wrote and checksummed them, while they are still in the CPU cache.
 
     Why: checked after the last byte, the same sums read the whole update back from memory on
-    the acknowledgement's critical path -- ~0.7 ms of MobileNetV3-Small's 3.5 ms upload on
-    loopback here, against ~10 us per 256 KiB piece inside the loop; on a link slower than the
-    CPU the pieces are summed while the next ones are still on the wire, for nothing. Summed
+    the acknowledgement's critical path (docs/decisions/007); on a link slower than the CPU the
+    pieces are summed while the next ones are still on the wire, for nothing. Summed
     with NumPy, which never spreads a sum over threads: torch's intra-op threads, woken for
     every piece while the sender holds the other core, made ResNet-18's upload 2.6x slower.
     As `FlatUpdate.finite`: every partial sum finite proves every element finite; a False (or

@@ -1,10 +1,8 @@
 """What a peer sent, made safe to parse, to log and to record before anything is known about it.
 
 Why one place: a data-plane HELLO, a gRPC request's collaborator name and an ERROR frame come
-from a party that may be hostile and, before authentication, from anyone who can reach the port.
-Each of them used to be parsed without a depth bound (a HELLO of 100,000 ``[`` ended in a
-`RecursionError` traceback) and logged verbatim (a 1 MB name with newlines wrote forged lines
-into the aggregator's log). Here:
+from a party that may be hostile and, before authentication, from anyone who can reach the port:
+unbounded parsing ends in a traceback, verbatim logging lets a peer forge log lines. Here:
 
 - `shown` turns anything a peer sent into one printable line of bounded length (a truncated
   ``repr``: newlines, escapes and control characters appear escaped, never raw);
