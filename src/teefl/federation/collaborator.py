@@ -688,6 +688,8 @@ class Collaborator:
         rec, plan = self.rec, self.plan
         bs = plan.training.batch_size
         lr, mu = roundconfig.training_overrides(config or {})
+        if config:
+            rec.info("round_config", round=r, config=config)
         with rec.span("validate_global", round=r) as s:
             vg = evaluate(self.model, self.x_test, self.y_test, bs, self.device)
             s["metrics"], s["samples"] = vg, vg["samples"]
