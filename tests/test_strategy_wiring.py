@@ -15,13 +15,14 @@ import torch
 
 from fedutil import SYNTHETIC, FakeContext, join_request, session_metadata
 from teefl.errors import TeeflError
-from teefl.federation import codec, roundconfig, teefl_pb2
+from teefl.federation import roundconfig
 from teefl.federation.aggregator import Aggregator
 from teefl.federation.collaborator import Collaborator
 from teefl.measure.events import EventRecorder
 from teefl.plan import TrainingSpec, plan_from_dict
 from teefl.strategy import FedAdam, FedAvg, Median, TrimmedMean, decode_state
 from teefl.strategy.registry import check_plan_strategy
+from teefl.wire import codec, teefl_pb2
 from teefl.workload.models import build_model
 from teefl.workload.train import train_local
 
