@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +266,105 @@ class FakeContext:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+# -- chaos: a federation whose parties are killed and restarted ----------------------------------
+CHAOS_ROUNDS = 3
+CHAOS_NAMES = ("col1", "col2", "col3")
+SHM = Path("/dev/shm")
+
+
+def chaos_plan(
+    tmp: Path, transport: str, staging: Path, federation: dict[str, Any] | None = None
+) -> Path:
+    """The chaos tests' plan: `SYNTHETIC`, `CHAOS_ROUNDS` rounds, ``federation`` keys added."""
+    data: dict[str, Any] = {
+        **SYNTHETIC,
+        "network": {"host": "127.0.0.1", "port": free_port(), "chunk_size": 16384},
+        "federation": {
+            "rounds": CHAOS_ROUNDS,
+            "round_timeout": 300,
+            "staging_dir": str(staging),
+            **(federation or {}),
+        },
+    }
+    plan = write_plan(tmp / "plan.yaml", data)
+    with_transport(plan, data, transport, tmp / "pki")
+    return plan
+
+
+class ChaosFederation:
+    """One federation of `teefl aggregator` and three `teefl collaborator` processes, started
+    through the CLI, whose parties a test kills (SIGKILL) and restarts at will."""
+
+    def __init__(self, tmp: Path, transport: str, federation: dict[str, Any] | None = None) -> None:
+        self.staging = SHM / f"teefl-chaos-{uuid.uuid4().hex[:12]}"
+        self.plan = chaos_plan(tmp, transport, self.staging, federation)
+        self.run = tmp / "run"
+        self.parties = Parties(self.plan, self.run, tmp / "procs.log")
+        self.aggregator_pids: list[int] = []
+
+    # -- processes --------------------------------------------------------------------------
+    def start_aggregator(self, fault: str | None = None) -> None:
+        env = {"TEEFL_FAULT_INJECT": fault} if fault else None
+        self.aggregator_pids.append(self.parties.aggregator(env=env).pid)
+
+    def start(self) -> None:
+        self.start_aggregator()
+        for name in CHAOS_NAMES:
+            self.parties.collaborator(name)
+
+    def kill(self, key: str) -> None:
+        p = self.parties.procs[key]
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(timeout=30) == -signal.SIGKILL, f"{key} had already ended"
+
+    def finish(self) -> None:
+        for key in ("aggregator", *CHAOS_NAMES):
+            rc = self.parties.procs[key].wait(timeout=300)
+            assert rc == 0, f"{key} exited {rc}:\n" + self.log()[-5000:]
+
+    def stop(self) -> None:
+        self.parties.stop()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def log(self) -> str:
+        return self.parties.log.read_text(errors="replace")
+
+    # -- the live events --------------------------------------------------------------------
+    def events(self, process: str = "aggregator") -> list[dict[str, Any]]:
+        path = self.run / "events" / f"{process}.jsonl"
+        from teefl.measure.events import read_events
+
+        return read_events(path) if path.exists() else []
+
+    def accepted(self, rnd: int, since: int = 0) -> set[str]:
+        """Collaborators whose update of ``rnd`` the aggregator counted (acknowledged, or
+        replayed from the run directory at a restart) in its events from index ``since``."""
+        return {
+            e["collaborator"]
+            for e in self.events()[since:]
+            if e.get("what") in ("update_accepted", "update_replayed") and e.get("round") == rnd
+        }
+
+    def wait(self, what: str, cond, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not seen within {timeout} s: {what}\n" + self.log()[-4000:])
+            agg = self.parties.procs["aggregator"]
+            if agg.poll() is not None:
+                raise AssertionError(f"aggregator exited {agg.returncode} before {what}")
+            time.sleep(0.02)
+
+    def completed_rounds(self) -> int:
+        try:
+            return int(json.loads((self.run / "run.json").read_text()).get("rounds_completed", 0))
+        except (OSError, json.JSONDecodeError):
+            return 0
+
+
+def model_files(d: Path) -> dict[str, bytes]:
+    """Every ``*.safetensors`` file of ``d`` by name (checkpoints, final model, strategy
+    states), for a bit-for-bit comparison of two runs."""
+    return {p.name: p.read_bytes() for p in sorted(d.glob("*.safetensors"))}

@@ -14,110 +14,18 @@ only in its collaborator's kept copy.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
-import time
-import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from fedutil import SYNTHETIC, Parties, free_port, read_jsonl, with_transport, write_plan
-from teefl.measure.events import read_events
+from fedutil import CHAOS_NAMES as NAMES
+from fedutil import CHAOS_ROUNDS as ROUNDS
+from fedutil import ChaosFederation as Chaos
+from fedutil import model_files as _files
+from fedutil import read_jsonl
 
 pytestmark = pytest.mark.slow
-
-ROUNDS = 3
-NAMES = ("col1", "col2", "col3")
-SHM = Path("/dev/shm")
-
-
-def _plan(tmp: Path, transport: str, staging: Path) -> Path:
-    data: dict[str, Any] = {
-        **SYNTHETIC,
-        "network": {"host": "127.0.0.1", "port": free_port(), "chunk_size": 16384},
-        "federation": {
-            "rounds": ROUNDS,
-            "round_timeout": 300,
-            "staging_dir": str(staging),
-        },
-    }
-    plan = write_plan(tmp / "plan.yaml", data)
-    with_transport(plan, data, transport, tmp / "pki")
-    return plan
-
-
-class Chaos:
-    """One federation of `teefl aggregator` and three `teefl collaborator` processes."""
-
-    def __init__(self, tmp: Path, transport: str) -> None:
-        self.staging = SHM / f"teefl-chaos-{uuid.uuid4().hex[:12]}"
-        self.plan = _plan(tmp, transport, self.staging)
-        self.run = tmp / "run"
-        self.parties = Parties(self.plan, self.run, tmp / "procs.log")
-        self.aggregator_pids: list[int] = []
-
-    # -- processes --------------------------------------------------------------------------
-    def start_aggregator(self, fault: str | None = None) -> None:
-        env = {"TEEFL_FAULT_INJECT": fault} if fault else None
-        self.aggregator_pids.append(self.parties.aggregator(env=env).pid)
-
-    def start(self) -> None:
-        self.start_aggregator()
-        for name in NAMES:
-            self.parties.collaborator(name)
-
-    def kill(self, key: str) -> None:
-        p = self.parties.procs[key]
-        p.send_signal(signal.SIGKILL)
-        assert p.wait(timeout=30) == -signal.SIGKILL, f"{key} had already ended"
-
-    def finish(self) -> None:
-        for key in ("aggregator", *NAMES):
-            rc = self.parties.procs[key].wait(timeout=300)
-            assert rc == 0, f"{key} exited {rc}:\n" + self.log()[-5000:]
-
-    def stop(self) -> None:
-        self.parties.stop()
-        shutil.rmtree(self.staging, ignore_errors=True)
-
-    def log(self) -> str:
-        return self.parties.log.read_text(errors="replace")
-
-    # -- the live events --------------------------------------------------------------------
-    def events(self, process: str = "aggregator") -> list[dict[str, Any]]:
-        path = self.run / "events" / f"{process}.jsonl"
-        return read_events(path) if path.exists() else []
-
-    def accepted(self, rnd: int, since: int = 0) -> set[str]:
-        """Collaborators whose update of ``rnd`` the aggregator counted (acknowledged, or
-        replayed from the run directory at a restart) in its events from index ``since``."""
-        return {
-            e["collaborator"]
-            for e in self.events()[since:]
-            if e.get("what") in ("update_accepted", "update_replayed") and e.get("round") == rnd
-        }
-
-    def wait(self, what: str, cond, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not seen within {timeout} s: {what}\n" + self.log()[-4000:])
-            agg = self.parties.procs["aggregator"]
-            if agg.poll() is not None:
-                raise AssertionError(f"aggregator exited {agg.returncode} before {what}")
-            time.sleep(0.02)
-
-    def completed_rounds(self) -> int:
-        try:
-            return int(json.loads((self.run / "run.json").read_text()).get("rounds_completed", 0))
-        except (OSError, json.JSONDecodeError):
-            return 0
-
-
-def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.glob("*.safetensors"))}
 
 
 @pytest.fixture(scope="module")

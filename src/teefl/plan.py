@@ -241,6 +241,30 @@ class RuntimeSpec(_Strict):
     sign_key: Path | None = None
 
 
+class StrategySpec(_Strict):
+    """Which aggregation strategy, with its options.
+
+    ``name``: a registered name (``fedavg``, ``fedadam``, ...) or a ``module:attr`` reference.
+    Checked only by form here: the strategy registry imports torch, which loading a plan must
+    not; the name and the options are resolved by `teefl.strategy.registry.check_plan_strategy`
+    before any party starts.
+    """
+
+    name: str = "fedavg"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _reference(cls, v: str) -> str:
+        v = v.strip()
+        if not re.match(r"^[A-Za-z0-9_.:-]+$", v) or v.count(":") > 1:
+            raise ValueError(
+                f"strategy {v!r} must be a strategy name (fedavg, fedadam, ...) or a "
+                "'module:attribute' reference"
+            )
+        return v
+
+
 class FederationSpec(_Strict):
     rounds: int = Field(3, ge=1)
     #: a round closes when every collaborator's update is in, or -- once ``round_timeout``
@@ -256,11 +280,9 @@ class FederationSpec(_Strict):
     #: largest sample count one update may claim (so nobody can dominate FedAvg by claiming
     #: a billion samples)
     max_samples_per_update: int = Field(1_000_000, ge=1)
-    #: fedavg (streaming, constant memory) | median | trimmed_mean (coordinate-wise, robust to
-    #: outliers; they keep every update of the round in memory)
-    aggregation: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
-    #: fraction trimmed at each end by trimmed_mean
-    trim_ratio: float = Field(0.1, ge=0, lt=0.5)
+    #: the aggregation strategy (docs/strategies.md); the older spelling ``aggregation: NAME``
+    #: (+ ``trim_ratio``) is read as ``strategy: {name: NAME, options: {trim_ratio: ...}}``
+    strategy: StrategySpec = StrategySpec()
     #: updates received and decoded at once; more uploads wait in gRPC flow control
     max_inflight_updates: int = Field(4, ge=1)
     #: downloads of the global model streamed at once; more wait for a slot (the wait counts as
@@ -278,6 +300,32 @@ class FederationSpec(_Strict):
     update_staging: Literal["memory", "disk"] = "memory"
     #: the tmpfs for "memory" staging (teefl makes a folder ``teefl-<uid>`` in it)
     staging_dir: Path = Path("/dev/shm")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aggregation_spelling(cls, data: Any) -> Any:
+        """Plans written before strategies were objects say ``aggregation: median`` and
+        ``trim_ratio: 0.2``; they keep working, read as the ``strategy`` section they mean."""
+        if not isinstance(data, dict) or not ({"aggregation", "trim_ratio"} & data.keys()):
+            return data
+        data = dict(data)
+        name = data.pop("aggregation", None)
+        ratio = data.pop("trim_ratio", None)
+        if name is None:
+            return data  # trim_ratio alone: it never applied to fedavg
+        if "strategy" in data:
+            raise ValueError(
+                "federation.aggregation and federation.strategy are both set: keep only "
+                "federation.strategy"
+            )
+        if name not in ("fedavg", "median", "trimmed_mean"):
+            raise ValueError(
+                f"federation.aggregation {name!r}: choose fedavg, median or trimmed_mean, or "
+                "name any strategy under federation.strategy.name"
+            )
+        options = {"trim_ratio": ratio} if name == "trimmed_mean" and ratio is not None else {}
+        data["strategy"] = {"name": name, "options": options}
+        return data
 
 
 class Plan(_Strict):

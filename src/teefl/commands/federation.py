@@ -120,6 +120,9 @@ def run(
     throwaway_pki = transport_of(plan) != "none" and plan.security.tls.ca is None
     if not throwaway_pki:
         require_transport(plan)
+    from teefl.strategy.registry import check_plan_strategy
+
+    check_plan_strategy(plan.federation.strategy)
     if plan.dataset.root is not None:
         from teefl.workload.datasets import check_root
 
@@ -220,6 +223,9 @@ def aggregator(
 
     plan = _load(plan_path)
     require_transport(plan)
+    from teefl.strategy.registry import check_plan_strategy
+
+    check_plan_strategy(plan.federation.strategy)
     previous = RunDir(run_dir).read() if run_dir is not None else {}
     if previous.get("status") == "completed":
         raise TeeflError(f"run {run_dir} is already completed; start a new run directory")

@@ -1,4 +1,5 @@
-"""The aggregator: round state machine, streaming FedAvg, checkpoints and the final model.
+"""The aggregator: round state machine, the plan's aggregation strategy, checkpoints and the final
+model.
 
 Why a condition variable and long polls instead of collaborators polling on a timer: a round opens
 the instant the last update is accumulated, and every waiting collaborator learns it within the
@@ -27,10 +28,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from teefl.errors import TeeflError
-from teefl.federation import attest
+from teefl.federation import attest, roundconfig
 from teefl.federation.fairshare import FairShare, Superseded
 from teefl.federation.faults import fault
-from teefl.federation.fedavg import RunningFedAvg, make_aggregator
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan, plan_digest
 from teefl.rundir import RunDir
@@ -48,6 +48,14 @@ from teefl.store.atomic import write_atomic
 from teefl.store.files import BufferPool
 from teefl.store.rounds import RoundStore
 from teefl.store.staging import StagingArea
+from teefl.strategy import (
+    RoundConfig,
+    StrategyState,
+    check_round_config,
+    decode_state,
+    encode_state,
+)
+from teefl.strategy.registry import plan_strategy
 from teefl.transport import framing, socket_server
 from teefl.transport.channels import bind, payload_check, server_options
 from teefl.wire import assembly, codec, compression, peerinput, teefl_pb2, teefl_pb2_grpc
@@ -253,16 +261,22 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.sum_lock = threading.Lock()  # serializes deferred adds (see `_deferred_add`)
         self.data_port = 0  # the data plane's port once serving (0: the gRPC streams only)
         #: checkpoints of closed rounds waiting to be written (see `_checkpoints`)
-        self.ckpt_queue: queue.Queue[tuple[int, codec.Buffer, bytes, int] | None] = queue.Queue()
+        self.ckpt_queue: queue.Queue[tuple[int, codec.Buffer, bytes, int, StrategyState] | None] = (
+            queue.Queue()
+        )
         threading.Thread(target=self._checkpoints, name="checkpoint", daemon=True).start()
+        #: the aggregation rule, for the whole run (docs/strategies.md); what it must carry
+        #: over a restart is saved with every checkpoint and restored from the one resumed from
+        self.strategy = plan_strategy(fed.strategy)
         #: the last completed round of a resumed run (0: a restart in round 1, which had
         #: acknowledged updates but no durable checkpoint yet); None: a fresh run
         self.resumed_from: int | None = None
-        resume = self.store.load_state()
+        resume = self.store.load_resume()
         completed = 0
         if resume is not None:
-            self.resumed_from = completed = resume[0]
-            self.global_state = self._resumed_state(resume[1])
+            self.resumed_from = completed = resume.round
+            self.global_state = self._resumed_state(resume.payload)
+            self._restore_strategy(resume)
             self.round = completed + 1
         #: the last round whose checkpoint is durable: collaborators keep a copy of each update
         #: they sent until they hear that its round is at most this (docs/reliability.md)
@@ -271,6 +285,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         # durable, metrics lines of the rounds it is about to close again
         self.store.clean_up(completed, final=completed == self.rounds)
         self.closed_before = self._rounds_closed_before()
+        #: the open round's accumulator (`strategy.Accumulator`) and the config its
+        #: collaborators train with
+        self.round_config: RoundConfig = {}
         self.fedavg = self._new_round_aggregator()
         self.round_opened = time.monotonic()
         self._publish()
@@ -311,6 +328,25 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             ) from None
         return state
 
+    def _restore_strategy(self, resume: Any) -> None:
+        """Give the strategy the state saved with the checkpoint resumed from. A checkpoint
+        written before strategies were saved names none: a stateless strategy needs nothing,
+        and a stateful one refuses to begin the next round with one line."""
+        if resume.strategy is None:
+            return
+        source = self.run_dir / f"model/strategy-round-{resume.round:04d}"
+        state = (
+            StrategyState(resume.strategy)
+            if resume.strategy_state is None
+            else decode_state(resume.strategy_state, str(source))
+        )
+        if state.strategy != resume.strategy:
+            raise TeeflError(
+                f"cannot resume from {self.run_dir / 'state.json'}: it names strategy "
+                f"{resume.strategy!r}, but the saved state is {state.strategy!r}'s"
+            )
+        self.strategy.restore(state)
+
     def _rounds_closed_before(self) -> set[int]:
         """Rounds an earlier process of this run recorded as closed (``round_closed`` in its
         events): closed again after a restart, they are not recorded twice."""
@@ -332,15 +368,14 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         return StagingArea.open(directory, self.plan.federation.max_inflight_updates)
 
     def _new_round_aggregator(self):
-        fed = self.plan.federation
-        old = getattr(self, "fedavg", None)  # the finished round's, whose sums are reused
-        return make_aggregator(
-            self.global_state,
-            fed.aggregation,
-            fed.trim_ratio,
-            layout=self._model_layout(),
-            reuse=old if isinstance(old, RunningFedAvg) else None,
-        )
+        """The open round's accumulator and config. Beginning a round ends the previous one's
+        accumulator: FedAvg (and FedOpt) take its sums over, their pages mapped already."""
+        if not self.evaluating:
+            config = self.strategy.configure(self.round)
+            self.round_config = check_round_config(config, self.strategy.name)
+        else:
+            self.round_config = {}
+        return self.strategy.begin(self.round, self.global_state, self._model_layout())
 
     def _model_layout(self) -> codec.Layout | None:
         """The global model's payload layout (`codec.Layout`), computed again only when the
@@ -839,6 +874,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                     round=self.round,
                     evaluate_only=self.evaluating,
                     durable_round=self.durable_round,
+                    round_config=roundconfig.to_proto(self.round_config),
                 )
             return teefl_pb2.WaitReply(round=0, durable_round=self.durable_round)
 
@@ -1355,7 +1391,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
 
     def _finite_scan(self, h, buffer: Any) -> FiniteScan | None:
         """The finiteness check to run while an update of the global model's size arrives."""
-        layout = self.fedavg.layout if isinstance(self.fedavg, RunningFedAvg) else None
+        layout = self.fedavg.layout
         if layout is None or buffer is None or h.total_size != layout.size:
             return None
         return FiniteScan(layout, buffer)
@@ -1368,7 +1404,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         or the ``scan`` made while it arrived) and FedAvg sums it; else decoded and checked
         tensor by tensor (which also names the offending tensor of a non-finite update).
         ``owned``: see `codec.decode_state`."""
-        layout = self.fedavg.layout if isinstance(self.fedavg, RunningFedAvg) else None
+        layout = self.fedavg.layout
         if layout is not None and layout.matches(payload):
             flat = FlatUpdate(layout, payload)
             if (scan is not None and scan.finite()) or flat.finite():
@@ -1610,7 +1646,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         with self.rec.span("aggregate", round=rnd, final=True):
             # the mean is written run by run straight into the next download's payload where
             # the sums are kept in the model's layout (the layout stays the global model's)
-            layout = self.fedavg.layout if isinstance(self.fedavg, RunningFedAvg) else None
+            layout = self.fedavg.layout
             if layout is not None:
                 payload = self.spares.take(layout)
                 self.fedavg.result_into(layout.run_views(payload))
@@ -1618,6 +1654,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 self.layout = layout
             else:
                 payload, self.global_state = None, self.fedavg.result()
+            # a snapshot (copies) taken right after the result, before the next round begins:
+            # it is written with this round's checkpoint, in the background
+            strategy_state = self.strategy.state()
         with self.rec.span("publish", round=rnd) as s:
             previous = self.payload
             self._publish(payload)
@@ -1626,7 +1665,7 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         del previous
         # the final round's too: the evaluation pass overlaps it, and ends only once it is
         # durable (above); the run's span ends when the final model is on disk
-        self.ckpt_queue.put((rnd, self.payload, self.digest, self.crc))
+        self.ckpt_queue.put((rnd, self.payload, self.digest, self.crc, strategy_state))
         if rnd not in self.closed_before:  # closed again after a restart: recorded once
             self.rec.info("round_closed", round=rnd)
         self.round += 1
@@ -1637,14 +1676,24 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
         self.cond.notify_all()
         return True
 
-    def _write_checkpoint(self, rnd: int, payload: codec.Buffer, digest: bytes, crc: int) -> None:
-        """Called by the background writer (`_checkpoints`), which gives way to transfers."""
+    def _write_checkpoint(
+        self,
+        rnd: int,
+        payload: codec.Buffer,
+        digest: bytes,
+        crc: int,
+        strategy_state: StrategyState | None = None,
+    ) -> None:
+        """Called by the background writer (`_checkpoints`), which gives way to transfers.
+        ``strategy_state``: the strategy's state after this round, saved with its checkpoint
+        (a stateless strategy's empty state is only named in the resume pointer)."""
 
         def pause() -> None:
             fault("checkpoint", rnd)  # crash tests: killed mid-write, the checkpoint not durable
             self._give_way()
 
         with self.rec.span("checkpoint", round=rnd) as s:
+            st = strategy_state or StrategyState(self.strategy.name)
             self.store.save_checkpoint(
                 rnd,
                 payload,
@@ -1652,8 +1701,11 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
                 sha256=digest or None,
                 crc32c=crc,
                 pause=pause,
+                strategy=st.strategy,
+                strategy_state=encode_state(st) if st.meta or st.tensors else None,
             )
             s["bytes"] = len(payload)
+        fault("durable", rnd)  # crash tests: the checkpoint and its strategy state are durable
         if rnd == self.rounds:
             self.rec.record("run", self.t_start, time.monotonic())
             self.rec.info("final_model_written", path=str(self.store.final_path()))
@@ -1704,9 +1756,9 @@ class Aggregator(teefl_pb2_grpc.FederationServicer):
             try:
                 if item is None:
                     return
-                rnd, payload, digest, crc = item
+                rnd, payload, digest, crc, strategy_state = item
                 try:
-                    self._write_checkpoint(rnd, payload, digest, crc)
+                    self._write_checkpoint(rnd, payload, digest, crc, strategy_state)
                 except Exception as exc:  # a checkpoint that cannot be written fails the run
                     log.error("checkpoint of round %d failed: %s", rnd, exc)
                     with self.cond:

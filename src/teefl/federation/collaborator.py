@@ -28,7 +28,7 @@ import grpc
 import torch
 
 from teefl.errors import TeeflError
-from teefl.federation import attest
+from teefl.federation import attest, roundconfig
 from teefl.federation.faults import fault
 from teefl.federation.resident import ResidentModel
 from teefl.measure.events import EventRecorder
@@ -632,7 +632,7 @@ class Collaborator:
                     log.warning("%s: evaluation report not needed any more (%s)", self.name, exc)
                 self.last = r
                 continue
-            metrics = self._round(r)
+            metrics = self._round(r, roundconfig.from_proto(w.round_config))
             with rec.span("serialize", round=r) as s:
                 if self.resident is not None and self.resident.intact():
                     payload = self.resident.payload  # the model's own memory, sent as it is
@@ -681,11 +681,15 @@ class Collaborator:
             self._kept(r, header, payload)  # after the ACK: off the transfer path
             self.last = r
 
-    def _round(self, r: int) -> dict[str, float]:
-        """Validate the global model, train, validate the local model (the OpenFL order)."""
+    def _round(self, r: int, config: dict[str, Any] | None = None) -> dict[str, float]:
+        """Validate the global model, train, validate the local model (the OpenFL order).
+        ``config``: the strategy's round config (`roundconfig`); empty: train as the plan says."""
         assert self.rec is not None
         rec, plan = self.rec, self.plan
         bs = plan.training.batch_size
+        lr, mu = roundconfig.training_overrides(config or {})
+        if config:
+            rec.info("round_config", round=r, config=config)
         with rec.span("validate_global", round=r) as s:
             vg = evaluate(self.model, self.x_test, self.y_test, bs, self.device)
             s["metrics"], s["samples"] = vg, vg["samples"]
@@ -693,7 +697,14 @@ class Collaborator:
         with rec.span("train", round=r) as s:
             seed = plan.seed * 1_000_003 + self.index * 1009 + r
             tr = train_local(
-                self.model, self.x_train, self.y_train, plan.training, self.device, seed
+                self.model,
+                self.x_train,
+                self.y_train,
+                plan.training,
+                self.device,
+                seed,
+                lr=lr,
+                proximal_mu=mu,
             )
             s["metrics"], s["samples"] = tr, tr["samples"]
         with rec.span("validate_local", round=r) as s:

@@ -6,7 +6,9 @@ SIGKILL itself. Collaborator points: ``download``, ``train``, ``upload``. Aggreg
 ``settle`` (an update acknowledged from shared memory and summed, not yet moved to the run
 directory), ``checkpoint`` (the round's checkpoint being written: its temporary file exists, the
 round is closed in memory and the next one may be open, nothing of it is durable), ``startup``
-(a restarted aggregator with the open round ``round`` replayed, before it serves).
+(a restarted aggregator with the open round ``round`` replayed, before it serves), ``durable``
+(the round's checkpoint, strategy state and resume pointer durable; its stored updates not yet
+dropped, run.json not yet updated).
 Unset in normal use, where `fault` costs one environment lookup.
 """
 

@@ -251,6 +251,9 @@ def launch(
     (``ip netns exec NS ...``). None starts the processes as they are.
     """
     console = console or Console(stderr=True)
+    from teefl.strategy.registry import check_plan_strategy
+
+    check_plan_strategy(plan.federation.strategy)  # one line here, not in the aggregator's log
 
     def spawn_wrap(process: str, argv: list[str]) -> list[str]:
         argv = _gramine(plan, process, argv, run_dir, data_dir)  # innermost: the TEE runtime

@@ -102,6 +102,18 @@ class SavedUpdate:
     meta: dict[str, Any]
 
 
+@dataclass
+class Resume:
+    """What `RoundStore.load_resume` found: the last completed round, its checkpoint's payload,
+    the strategy that made it (None: a run directory older than strategies) and that strategy's
+    encoded state after it (None: it keeps none)."""
+
+    round: int
+    payload: bytes
+    strategy: str | None = None
+    strategy_state: bytes | None = None
+
+
 class RoundStore:
     """Checkpoints, the resume pointer and acknowledged updates of one run directory.
 
@@ -184,8 +196,15 @@ class RoundStore:
         sha256: bytes | None = None,
         crc32c: int | None = None,
         pause: Callable[[], None] | None = None,
+        strategy: str | None = None,
+        strategy_state: bytes | None = None,
     ) -> Path:
         """Checkpoint of a completed round, then the resume pointer; the final model too.
+
+        ``strategy``: the name of the strategy that made the round; ``strategy_state``: its
+        encoded state after the round (`teefl.strategy.encode_state`; None: it keeps none),
+        written durably before the resume pointer, which names both -- so the state a restart
+        restores always belongs to the checkpoint it resumes from.
 
         The resume pointer records the payload's digest the caller already has -- its SHA-256,
         else its CRC32C (both computed to announce the download) -- and only without either is
@@ -207,6 +226,15 @@ class RoundStore:
             "checkpoint": str(path.relative_to(self.run_dir)),
             "final": final,
         }
+        if strategy is not None:
+            state["strategy"] = strategy
+        if strategy_state is not None:
+            name = self._strategy_name(rnd)
+            self._write(
+                self.run_dir / name, strategy_state, True, pause, self._context("strategy", rnd)
+            )
+            state["strategy_state"] = name
+            state["strategy_sha256"] = hashlib.sha256(strategy_state).hexdigest()
         if sha256:
             state["sha256"] = sha256.hex()
         elif crc32c is not None:
@@ -217,11 +245,21 @@ class RoundStore:
         write_atomic(self.rd.state, json.dumps(state, indent=2).encode())
         return path
 
+    def _strategy_name(self, rnd: int) -> str:
+        return f"model/strategy-round-{rnd:04d}{self._suffix()}"
+
     def final_path(self) -> Path:
         return self.rd.final_model(sealed=self.seal_key is not None)
 
     def load_state(self) -> tuple[int, bytes] | None:
-        """(last completed round, its global model payload), or None for a fresh run.
+        """(last completed round, its global model payload), or None for a fresh run (see
+        `load_resume`)."""
+        resume = self.load_resume()
+        return None if resume is None else (resume.round, resume.payload)
+
+    def load_resume(self) -> Resume | None:
+        """What a restart resumes from, or None for a fresh run: the last completed round, its
+        global model payload, and the strategy state saved with it.
 
         Refused with one line naming the fault: a ``state.json`` that does not parse, that names
         any other file than its round's checkpoint (never a path outside ``model/``), or, in a
@@ -249,13 +287,25 @@ class RoundStore:
                 raise ValueError(f"it names checkpoint {state['checkpoint']!r}, expected {name!r}")
             kind = "final" if final else "checkpoint"
             payload = self._read(self.run_dir / name, self._context(kind, rnd))
+            strategy, sstate = state.get("strategy"), None
+            if strategy is not None and not isinstance(strategy, str):
+                raise ValueError(f"strategy {strategy!r} is not a name")
+            if "strategy_state" in state:
+                sname = self._strategy_name(rnd)
+                if state["strategy_state"] != sname:
+                    raise ValueError(
+                        f"it names strategy state {state['strategy_state']!r}, expected {sname!r}"
+                    )
+                sstate = self._read(self.run_dir / sname, self._context("strategy", rnd))
+                if hashlib.sha256(sstate).hexdigest() != state.get("strategy_sha256"):
+                    raise TeeflError(f"cannot resume: strategy state {sname} fails its checksum")
         except SealedError as exc:
             raise TeeflError(f"cannot resume from {path}: {exc}; refusing to resume") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise TeeflError(f"cannot resume from {path}: {exc}") from None
         if not matches(payload, state):
             raise TeeflError(f"cannot resume: checkpoint {name} fails its checksum")
-        return rnd, payload
+        return Resume(rnd, payload, strategy, sstate)
 
     # -- what a dead aggregator left -----------------------------------------------------------
     def clean_up(self, completed: int, final: bool = False) -> None:

@@ -72,3 +72,24 @@ def build_strategy(
 def strategy_names() -> list[str]:
     """Every strategy name a lookup finds (built-in, registered, entry points)."""
     return STRATEGIES.names()
+
+
+#: where a plan names its strategy (errors name this key)
+PLAN_KEY = "federation.strategy"
+
+
+def plan_strategy(spec: Any) -> Strategy:
+    """The strategy a plan's ``federation.strategy`` section (`teefl.plan.StrategySpec`) names,
+    built with its options; every problem is one `TeeflError` line naming the key."""
+    return build_strategy(spec.name, spec.options, where=PLAN_KEY)
+
+
+def check_plan_strategy(spec: Any) -> None:
+    """Resolve and build the plan's strategy once, before any party starts, so that an unknown
+    name or a bad option stops the run with one line instead of in the aggregator's log.
+
+    The default (``fedavg`` without options) needs no check, and importing the registry
+    imports torch: a plain FedAvg plan starts without that cost."""
+    if spec.name == "fedavg" and not spec.options:
+        return
+    plan_strategy(spec)

@@ -119,16 +119,37 @@ class WaitRequest(_message.Message):
     def __init__(self, collaborator: str | None = ..., after_round: int | None = ...) -> None: ...
 
 class WaitReply(_message.Message):
-    __slots__ = ("done", "durable_round", "evaluate_only", "round")
+    __slots__ = ("done", "durable_round", "evaluate_only", "round", "round_config")
+    class RoundConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ConfigValue
+        def __init__(self, key: str | None = ..., value: ConfigValue | _Mapping | None = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     DURABLE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_CONFIG_FIELD_NUMBER: _ClassVar[int]
     round: int
     done: bool
     evaluate_only: bool
     durable_round: int
-    def __init__(self, round: int | None = ..., done: bool | None = ..., evaluate_only: bool | None = ..., durable_round: int | None = ...) -> None: ...
+    round_config: _containers.MessageMap[str, ConfigValue]
+    def __init__(self, round: int | None = ..., done: bool | None = ..., evaluate_only: bool | None = ..., durable_round: int | None = ..., round_config: _Mapping[str, ConfigValue] | None = ...) -> None: ...
+
+class ConfigValue(_message.Message):
+    __slots__ = ("flag", "integer", "number", "text")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    INTEGER_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    number: float
+    integer: int
+    text: str
+    flag: bool
+    def __init__(self, number: float | None = ..., integer: int | None = ..., text: str | None = ..., flag: bool | None = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ("collaborator", "round")

@@ -55,11 +55,14 @@ def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:
+def _optimizer(
+    model: nn.Module, spec: TrainingSpec, lr: float | None = None
+) -> torch.optim.Optimizer:
+    lr = spec.lr if lr is None else lr
     if spec.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=spec.lr)
+        return torch.optim.Adam(model.parameters(), lr=lr)
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     raise TeeflError(f"unknown optimizer {spec.optimizer!r}; choose adam or sgd")
 
 
@@ -70,11 +73,18 @@ def train_local(
     spec: TrainingSpec,
     device: torch.device,
     seed: int,
+    *,
+    lr: float | None = None,
+    proximal_mu: float = 0.0,
 ) -> dict:
     """Train ``model`` in place on (x uint8, y int64) for ``spec.epochs``; return mean loss, n.
 
     The shuffle comes from a generator seeded by ``seed`` and dropout draws from a forked RNG
     seeded likewise, so a round is reproducible and the caller's RNG is left untouched.
+    ``lr`` and ``proximal_mu`` come from the strategy's round config (`teefl.strategy`): the
+    round's learning rate instead of ``spec.lr``, and FedProx's proximal term's weight (the
+    term pulls towards the model as it is now, the round's global model). The reported loss
+    is the task's loss, without the proximal term.
     """
     n = len(x)
     if n == 0:
@@ -83,8 +93,13 @@ def train_local(
         raise ValueError(f"{n} images but {len(y)} labels")
     model.to(device)
     model.train()
-    opt = _optimizer(model, spec)
+    opt = _optimizer(model, spec, lr)
     loss_fn = nn.CrossEntropyLoss()
+    prox = None
+    if proximal_mu:
+        from teefl.strategy.fedprox import ProximalTerm
+
+        prox = ProximalTerm(model, proximal_mu)  # before the first step: the global model
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     cuda = [device.index or 0] if device.type == "cuda" else []
@@ -98,7 +113,10 @@ def train_local(
                 yb = y[idx].to(device, non_blocking=True)
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model(xb), yb)
-                loss.backward()
+                if prox is not None:
+                    (loss + prox(model)).backward()
+                else:
+                    loss.backward()
                 opt.step()
                 total += loss.item() * (e - s)
                 count += e - s
