@@ -207,7 +207,7 @@ def aggregator(
     rdir = writable_dir((run_dir or Path("runs") / rid).resolve(), "run directory", "--run-dir")
     # held until this process ends: a second aggregator on this run directory stops here
     runlock.acquire(rdir, runlock.AGGREGATOR_LOCK, "teefl aggregator")
-    from teefl.federation.aggregator import Aggregator  # torch: after the quick checks
+    from teefl.server.aggregator import Aggregator  # torch: after the quick checks
 
     if restarts is None:
         restarts = count_start(rdir)
