@@ -7,7 +7,7 @@ What is here, and why it is measured this way:
   times send + receive. Both sides use buffers allocated once and reused, so this is what the
   machine can do, not what a careful program does.
 - ``fed_transfer``: teefl's real transfer path. An aggregator process runs the real
-  `teefl.federation.aggregator.Aggregator` (its gRPC server, round state machine, streaming FedAvg
+  `teefl.server.aggregator.Aggregator` (its gRPC server, round state machine, streaming FedAvg
   and checkpoints) and a collaborator process runs the real
   `teefl.federation.collaborator.Collaborator` loop with training replaced by "return the received
   model unchanged". The figure is read from the collaborator's own ``download`` and ``upload``
@@ -440,7 +440,8 @@ def _apply_patches(patches: list[str]) -> None:
     """Candidate changes, applied in the child only, so their effect can be measured before
     anyone edits the code (see docs/benchmarks.md). The earlier `ack-first` and
     `zero-copy-receive` candidates were measured this way and are now part of the aggregator."""
-    from teefl.federation import aggregator as agg_mod
+    from teefl.server import aggregator as agg_mod
+    from teefl.server import checkpointer as ckpt_mod
 
     for p in patches:
         if p.startswith("grpc:"):
@@ -462,11 +463,11 @@ def _apply_patches(patches: list[str]) -> None:
             def no_checkpoint(self, rnd, *a, **k):
                 self.store.drop_updates(rnd)
 
-            agg_mod.Aggregator._write_checkpoint = no_checkpoint
+            ckpt_mod.Checkpointer.write = no_checkpoint
         elif p == "disk-staging":
             # the path before shared-memory staging (plan federation.update_staging: disk):
             # each received piece written to the run directory before the ack
-            agg_mod.Aggregator._open_staging = lambda self: None
+            agg_mod.open_staging = lambda plan, directory: None
         else:
             raise SystemExit(f"unknown patch {p!r}")
 
@@ -475,11 +476,10 @@ def _agg_main(args: argparse.Namespace) -> None:
     import resource
     import threading
 
-    from teefl.federation.aggregator import Aggregator
-    from teefl.federation.fedavg import RunningFedAvg
     from teefl.measure.events import EventRecorder
     from teefl.measure.host import tune_malloc
     from teefl.plan import load_plan, require_transport
+    from teefl.server.aggregator import Aggregator
 
     tune_malloc()  # as `teefl aggregator` does
     _apply_patches(args.patch)
@@ -492,13 +492,8 @@ def _agg_main(args: argparse.Namespace) -> None:
     agg = Aggregator(plan, run_dir, "bench", rec)
     if args.spec not in ("resnet18", "mobilenet_v3_small"):
         module = build_module(args.spec)
-        agg.global_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        agg.reset_model({k: v.detach().clone() for k, v in module.state_dict().items()})
         del module
-        if hasattr(agg, "_new_round_aggregator"):
-            agg.fedavg = agg._new_round_aggregator()
-        else:
-            agg.fedavg = RunningFedAvg(agg.global_state)
-        agg._publish()
     import gc
 
     gc.collect()

@@ -112,19 +112,20 @@ def secure_plan(
 def live_aggregator(plan_path: Path, run_dir: Path) -> Iterator[tuple[Any, int]]:
     """The aggregator of ``plan_path`` serving gRPC and its data plane in this process (its
     round loop does not run: rounds stay where they are). Yields (aggregator, gRPC port)."""
-    from teefl.federation.aggregator import Aggregator, add_to_server
     from teefl.measure.events import EventRecorder
     from teefl.plan import load_plan, require_transport
+    from teefl.server.aggregator import Aggregator
     from teefl.transport.channels import bind, server_options
+    from teefl.transport.grpc_server import add_to_server, server_credentials
 
     plan = load_plan(plan_path)
     require_transport(plan)
     agg = Aggregator(plan, run_dir, "id", EventRecorder(run_dir, "id", "aggregator", "aggregator"))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=server_options(plan))
     add_to_server(agg, server)
-    creds = agg._server_credentials() if hasattr(agg, "_server_credentials") else None
+    creds = server_credentials(agg.service, plan)
     port = bind(server, plan, "127.0.0.1", 0, *([creds] if creds is not None else []))
-    data = agg._data_server("127.0.0.1")
+    data = agg.data_server("127.0.0.1")
     server.start()
     try:
         yield agg, port

@@ -13,9 +13,9 @@ import zstandard
 
 from fedutil import SYNTHETIC, FakeContext, join_request, read_jsonl, run_plan
 from teefl.errors import TeeflError
-from teefl.federation.aggregator import Aggregator, final_state
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
+from teefl.server.aggregator import Aggregator, final_state
 from teefl.transport import framing, socket_client
 from teefl.wire import assembly, codec, compression, teefl_pb2
 
@@ -64,9 +64,9 @@ def _served(tmp_path: Path, compression: str):
     net = {"compression": compression}
     plan = plan_from_dict({**SYNTHETIC, "collaborators": ["col1"], "network": net})
     agg = Aggregator(plan, tmp_path, "dp", EventRecorder(tmp_path, "dp", "aggregator", "agg"))
-    server = agg._data_server("127.0.0.1")
+    server = agg.data_server("127.0.0.1")
     assert server is not None
-    token = agg.Join(join_request(plan, "col1"), FakeContext()).session_token
+    token = agg.grpc.Join(join_request(plan, "col1"), FakeContext()).session_token
     return agg, server, socket_client.connect("127.0.0.1", agg.data_port, "col1", token, None)
 
 

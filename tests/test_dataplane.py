@@ -15,10 +15,10 @@ import torch
 
 from fedutil import SYNTHETIC, join_request
 from fedutil import FakeContext as _Ctx
-from teefl.federation.aggregator import Aggregator
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
 from teefl.security import pki
+from teefl.server.aggregator import Aggregator
 from teefl.store.files import BufferPool
 from teefl.store.rounds import RoundStore
 from teefl.transport import framing, socket_client
@@ -221,10 +221,10 @@ def served(tmp_path, request):
     run = tmp_path / "run"
     agg = Aggregator(plan, run, "dp", EventRecorder(run, "dp", "aggregator", "agg"))
     assert (agg.staging is not None) == (request.param == "memory")
-    server = agg._data_server("127.0.0.1")
+    server = agg.data_server("127.0.0.1")
     assert server is not None
     yield agg
-    _wait(lambda: agg.adding == 0)  # an acknowledged update is moved to disk after the ack
+    _wait(lambda: agg.rounds.adding == 0)  # an acknowledged update is moved to disk after the ack
     server.stop()
     if agg.staging is not None:
         agg.staging.close()
@@ -232,7 +232,7 @@ def served(tmp_path, request):
 
 
 def _join(agg: Aggregator, name: str) -> bytes:
-    reply = agg.Join(join_request(agg.plan, name), _Ctx())
+    reply = agg.grpc.Join(join_request(agg.plan, name), _Ctx())
     assert reply.data_port == agg.data_port and len(reply.session_token) == 32
     return reply.session_token
 
@@ -324,7 +324,7 @@ def test_upload_is_stored_counted_and_summed_then_duplicates_are_not(served: Agg
         ack = _put(sock, _header(served, "col1", payload), payload)
         assert ack.accepted and ack.message == "accepted"
         assert "col1" in served.received
-        _wait(lambda: served.adding == 0 and served.fedavg.count == 1)
+        _wait(lambda: served.rounds.adding == 0 and served.model.fedavg.count == 1)
         assert _files(served) == ["round-0001/col1.json", "round-0001/col1.safetensors"]
         stored = (served.run_dir / "updates/round-0001/col1.safetensors").read_bytes()
         assert stored == bytes(payload)
@@ -332,7 +332,7 @@ def test_upload_is_stored_counted_and_summed_then_duplicates_are_not(served: Agg
         framing.send_frame(sock, framing.PUT, _header(served, "col1", payload).SerializeToString())
         dup = teefl_pb2.UpdateAck.FromString(framing.expect(sock, framing.ACK))
         assert dup.accepted and "already counted" in dup.message
-    assert served.fedavg.count == 1
+    assert served.model.fedavg.count == 1
 
 
 @pytest.mark.parametrize("fault", ["corrupt", "nan", "size", "stale", "evaluate_only"])
@@ -347,7 +347,7 @@ def test_refused_upload_leaves_nothing_and_the_connection_in_step(
     if fault == "corrupt":
         header.crc32c ^= 1
     elif fault == "size":
-        header.total_size = served.update_limit + 1
+        header.total_size = served.publisher.update_limit + 1
     elif fault == "stale":
         header.round = 7
     elif fault == "evaluate_only":
@@ -379,7 +379,7 @@ def test_upload_broken_mid_stream_is_discarded(served: Aggregator) -> None:
     framing.expect(sock, framing.GO)
     sock.sendall(memoryview(payload)[: len(payload) // 2])
     sock.close()
-    _wait(lambda: not served.inflight)
+    _wait(lambda: not served.rounds.inflight)
     assert "col1" not in served.received and _files(served) == []
     events = (served.run_dir / "events").rglob("*.jsonl")
     assert any("update_broken" in p.read_text() for p in events)
@@ -437,9 +437,9 @@ def test_mtls_data_connection_needs_the_collaborators_own_certificate(tmp_path, 
         }
     )
     agg = Aggregator(plan, tmp_path, "dp", EventRecorder(tmp_path, "dp", "aggregator", "agg"))
-    server = agg._data_server("127.0.0.1")
+    server = agg.data_server("127.0.0.1")
     try:
-        token = agg._open_session("col1").token  # as Join would (its gRPC CN check aside)
+        token = agg.identity.open_session("col1").token  # as Join would (its gRPC CN check aside)
         col2 = framing.client_context(certs / "ca.crt", *pki.collaborator_paths(certs, "col2"))
         with pytest.raises(framing.RemoteError, match="does not match") as err:
             socket_client.connect("127.0.0.1", agg.data_port, "col1", token, col2)
@@ -461,8 +461,8 @@ def test_mtls_data_connection_needs_the_collaborators_own_certificate(tmp_path, 
 def test_payload_check_sha256_is_enforced_end_to_end(tmp_path: Path) -> None:
     plan = plan_from_dict({**SYNTHETIC, "network": {"payload_check": "sha256"}})
     agg = Aggregator(plan, tmp_path, "dp", EventRecorder(tmp_path, "dp", "aggregator", "agg"))
-    assert agg.digest == codec.sha256(agg.payload)  # published: collaborators check it
-    server = agg._data_server("127.0.0.1")
+    assert agg.publisher.digest == codec.sha256(agg.payload)  # published: collaborators check it
+    server = agg.data_server("127.0.0.1")
     try:
         with _connect(agg, "col1", _join(agg, "col1")) as sock:
             payload = codec.encode_state(agg.global_state)
@@ -502,7 +502,7 @@ def test_update_of_the_models_layout_is_summed_flat_and_others_per_tensor(
         payload = codec.encode_state(state)
         asm = assembly.Assembler(len(payload), b"", 1 << 30, check="none")
         asm.add(payload)
-        return served._decode_update(asm.finish())[1]
+        return served.model.decode_update(asm.finish())[1]
 
     same = {k: v + 1 if v.is_floating_point() else v for k, v in served.global_state.items()}
     assert isinstance(decoded(same), FlatUpdate)
@@ -515,10 +515,10 @@ def test_update_of_the_models_layout_is_summed_flat_and_others_per_tensor(
     with pytest.raises(UpdateRejected, match="unknown tensors"):
         decoded(extra)
     # both kinds sum into the same FedAvg: the mean of +1 and +3 is +2
-    served.fedavg.add(decoded(same), 1, checked=True)
+    served.model.fedavg.add(decoded(same), 1, checked=True)
     ref = served.global_state
-    served.fedavg.add({k: v + 3 if v.is_floating_point() else v for k, v in ref.items()}, 1)
-    mean = served.fedavg.result()
+    served.model.fedavg.add({k: v + 3 if v.is_floating_point() else v for k, v in ref.items()}, 1)
+    mean = served.model.fedavg.result()
     for k, v in ref.items():
         want = v + 2 if v.is_floating_point() else v
         assert torch.allclose(mean[k], want), k

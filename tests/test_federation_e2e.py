@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fedutil import FASHION, SYNTHETIC, final_accuracy, phases, run_dir_of, teefl, write_plan
-from teefl.federation.aggregator import final_state
 from teefl.measure.events import PHASES
+from teefl.server.aggregator import final_state
 
 #: every phase of the brief except `attest`, which exists only when attestation is on
 BRIEF_PHASES = set(PHASES) - {"attest"}

@@ -9,10 +9,11 @@ import pytest
 
 from fedutil import SYNTHETIC, join_request, session_metadata
 from fedutil import FakeContext as _Ctx
-from teefl.federation.aggregator import UPLOAD_GO, Aggregator, _chunk_to_wire
 from teefl.federation.collaborator import Collaborator
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
+from teefl.server.aggregator import Aggregator
+from teefl.transport.grpc_server import UPLOAD_GO, _chunk_to_wire
 from teefl.wire import codec, teefl_pb2
 
 
@@ -28,7 +29,7 @@ def agg(tmp_path) -> Aggregator:
     )
     agg = Aggregator(plan, tmp_path, "fc", EventRecorder(tmp_path, "fc", "aggregator", "agg"))
     # one session per member (the fair-share tests act as several)
-    agg.mds = [session_metadata(agg.Join(join_request(plan, n), _Ctx())) for n in agg.names]
+    agg.mds = [session_metadata(agg.grpc.Join(join_request(plan, n), _Ctx())) for n in agg.names]
     agg.md = agg.mds[0]
     return agg
 
@@ -46,10 +47,10 @@ def _parse(messages: list) -> tuple[teefl_pb2.Header, bytes]:
 
 def test_download_stream_carries_exactly_the_published_payload(agg: Aggregator) -> None:
     ctx = _Ctx(md=agg.md)
-    header, data = _parse(list(agg.GetModel(_request(agg), ctx)))
+    header, data = _parse(list(agg.grpc.GetModel(_request(agg), ctx)))
     assert data == bytes(agg.payload)
-    assert header.total_size == len(agg.payload) and header.sha256 == agg.digest
-    assert len(agg.wire_chunks) == -(-len(agg.payload) // 4096)  # one message per chunk
+    assert header.total_size == len(agg.payload) and header.sha256 == agg.publisher.digest
+    assert len(agg.publisher.wire_chunks) == -(-len(agg.payload) // 4096)  # one message per chunk
     state = codec.decode_state(data)
     assert state.keys() == agg.global_state.keys()
     for cb in ctx.callbacks:
@@ -69,12 +70,12 @@ def _request(agg: Aggregator, who: int = 0) -> teefl_pb2.ModelRequest:
 
 def test_download_slots_are_bounded_and_given_back_when_the_rpc_ends(agg: Aggregator) -> None:
     first, second = _Ctx(md=agg.mds[0]), _Ctx(md=agg.mds[1])
-    agg.GetModel(_request(agg, 0), first)
-    agg.GetModel(_request(agg, 1), second)  # both slots taken (max_concurrent_downloads: 2)
+    agg.grpc.GetModel(_request(agg, 0), first)
+    agg.grpc.GetModel(_request(agg, 1), second)  # both slots taken (max_concurrent_downloads: 2)
     third_done = threading.Event()
 
     def third() -> None:
-        agg.GetModel(_request(agg, 2), _Ctx(md=agg.mds[2]))
+        agg.grpc.GetModel(_request(agg, 2), _Ctx(md=agg.mds[2]))
         third_done.set()
 
     t = threading.Thread(target=third, daemon=True)
@@ -88,8 +89,8 @@ def test_download_slots_are_bounded_and_given_back_when_the_rpc_ends(agg: Aggreg
 
 def test_a_slot_is_not_kept_for_an_rpc_that_already_ended(agg: Aggregator) -> None:
     for i in range(5):  # more than the two slots: each is released at once
-        agg.GetModel(_request(agg, i % 3), _Ctx(ended=True, md=agg.mds[i % 3]))
-    assert agg.download_slots.held == 0
+        agg.grpc.GetModel(_request(agg, i % 3), _Ctx(ended=True, md=agg.mds[i % 3]))
+    assert agg.service.download_slots.held == 0
 
 
 def test_a_members_newer_download_supersedes_its_older_one(agg: Aggregator) -> None:
@@ -97,21 +98,21 @@ def test_a_members_newer_download_supersedes_its_older_one(agg: Aggregator) -> N
     connection of the collaborator's, or a second stream of a misbehaving one), which gives
     its slot back when it ends; the other slot stays free for the other collaborators."""
     old, new = _Ctx(md=agg.mds[0]), _Ctx(md=agg.mds[0])
-    agg.GetModel(_request(agg, 0), old)
+    agg.grpc.GetModel(_request(agg, 0), old)
     got = threading.Event()
     t = threading.Thread(
-        target=lambda: (agg.GetModel(_request(agg, 0), new), got.set()), daemon=True
+        target=lambda: (agg.grpc.GetModel(_request(agg, 0), new), got.set()), daemon=True
     )
     t.start()
     assert _wait_for(lambda: old.cancelled), "the older download was not cancelled"
     assert not got.wait(0.2), "the newer download started before the older gave its slot back"
     other = _Ctx(md=agg.mds[1])
-    agg.GetModel(_request(agg, 1), other)  # another member: the second slot, at once
+    agg.grpc.GetModel(_request(agg, 1), other)  # another member: the second slot, at once
     for cb in old.callbacks:  # the cancelled RPC ends
         cb()
     assert got.wait(5), "the newer download did not get the slot the older gave back"
     t.join(5)
-    assert agg.download_slots.holders(agg.names[0]) == 1
+    assert agg.service.download_slots.holders(agg.names[0]) == 1
 
 
 def _wait_for(cond, timeout: float = 5.0) -> bool:
@@ -192,6 +193,6 @@ def test_put_update_grants_the_slot_in_initial_metadata(agg: Aggregator) -> None
         for i, p in enumerate(codec.iter_chunks(payload, 4096))
     ]
     ctx = _Ctx(md=agg.md)
-    ack = agg._put_update(iter(chunks), ctx)
+    ack = agg.grpc._put_update(iter(chunks), ctx)
     assert ack.accepted, ack.message
     assert ctx.metadata == [((UPLOAD_GO, "1"),)]

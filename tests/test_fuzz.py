@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedutil import SYNTHETIC
-from teefl.federation.aggregator import Aggregator
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
+from teefl.server.aggregator import Aggregator
 from teefl.wire import codec, teefl_pb2
 from teefl.wire.checks import UpdateRejected
 
@@ -96,10 +96,10 @@ def test_mutated_updates_never_corrupt_the_model(
     if swap and len(chunks) > 1:
         chunks[0], chunks[-1] = chunks[-1], chunks[0]
     with contextlib.suppress(UpdateRejected):
-        agg._receive("col1", first.header, first, iter(chunks), _Ctx(), 0.0)
+        agg.grpc._receive("col1", first.header, first, iter(chunks), _Ctx(), 0.0)
     # the round cannot close with one of three updates: the global model must be untouched
     assert agg.round == 1
     for k, v in before.items():
         assert torch.equal(agg.global_state[k], v)
     # whatever was accepted passed every check: finite, right names, shapes and dtypes
-    assert agg.fedavg.count <= 1
+    assert agg.model.fedavg.count <= 1

@@ -44,11 +44,11 @@ from identutil import (
 )
 from teefl.errors import TeeflError
 from teefl.federation import attest
-from teefl.federation.aggregator import Aggregator, final_state
 from teefl.measure.events import EventRecorder
 from teefl.plan import load_plan, plan_from_dict
 from teefl.security import pki
 from teefl.security.tee.evidence import SimulatedProvider
+from teefl.server.aggregator import Aggregator, final_state
 from teefl.transport import framing, socket_client
 from teefl.wire import codec, teefl_pb2, teefl_pb2_grpc
 from teefl.workload.datasets import dataset_shape
@@ -308,19 +308,23 @@ def test_grpc_model_rpcs_are_refused_under_the_socket_data_plane(tmp_path: Path)
     agg = Aggregator(plan, tmp_path, "dp", EventRecorder(tmp_path, "dp", "aggregator", "agg"))
     wait = teefl_pb2.WaitRequest(collaborator="col1", after_round=0)
     with pytest.raises(RuntimeError, match="Join first"):  # every call needs the session token
-        agg.WaitRound(wait, FakeContext())
-    md = session_metadata(agg.Join(join_request(plan, "col1"), FakeContext()))
-    assert agg.WaitRound(wait, FakeContext(md=md)).round == 1
+        agg.grpc.WaitRound(wait, FakeContext())
+    md = session_metadata(agg.grpc.Join(join_request(plan, "col1"), FakeContext()))
+    assert agg.grpc.WaitRound(wait, FakeContext(md=md)).round == 1
     with pytest.raises(RuntimeError, match="data plane"):
-        list(agg.GetModel(teefl_pb2.ModelRequest(collaborator="col1", round=1), FakeContext(md=md)))
+        list(
+            agg.grpc.GetModel(
+                teefl_pb2.ModelRequest(collaborator="col1", round=1), FakeContext(md=md)
+            )
+        )
     update = _poisoned_update(plan, "col1", 1)
     update[0].header.num_samples = 10
     with pytest.raises(RuntimeError, match="data plane"):
-        agg._put_update(iter(update), FakeContext(md=md))
+        agg.grpc._put_update(iter(update), FakeContext(md=md))
     # the metrics-only evaluation report passes this gate (and is judged by the round logic)
     report = teefl_pb2.Header(collaborator="col1", round=1, evaluate_only=True, num_samples=5)
     with pytest.raises(RuntimeError, match="outside the evaluation pass"):
-        agg._put_update(iter([teefl_pb2.Chunk(header=report)]), FakeContext(md=md))
+        agg.grpc._put_update(iter([teefl_pb2.Chunk(header=report)]), FakeContext(md=md))
     assert agg.received == {}
 
 
@@ -585,7 +589,7 @@ def test_challenge_quotes_only_for_an_authenticated_caller_and_not_without_pause
     pki.issue_collaborator(tmp_path / "pki", "mallory")  # same CA, not in the plan
     quotes = []
     with live_aggregator(plan_path, tmp_path / "run") as (agg, port):
-        real = agg.provider
+        real = agg.identity.provider
 
         class Counting:
             kind = real.kind
@@ -594,7 +598,7 @@ def test_challenge_quotes_only_for_an_authenticated_caller_and_not_without_pause
                 quotes.append(report_data)
                 return real.get_evidence(report_data)
 
-        agg.provider = Counting()
+        agg.identity.provider = Counting()
 
         def challenge(cert_name: str, claim: str) -> str:
             cert, key = pki.collaborator_paths(tmp_path / "pki", cert_name)

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from fedutil import SYNTHETIC, read_jsonl
-from teefl.federation.aggregator import Aggregator
 from teefl.federation.runinfo import count_start, read_run_json, update_run_json
 from teefl.measure.events import EventRecorder, read_events
 from teefl.plan import plan_from_dict
+from teefl.server.aggregator import Aggregator
 from teefl.wire import codec
 
 NAMES = ["col1", "col2", "col3"]
@@ -34,7 +34,7 @@ def _agg(tmp_path: Path, staging: str = "disk", **fed) -> Aggregator:
 
 def _stop(agg: Aggregator) -> None:
     """The process dies: nothing more is written (its staged slots stay, as after SIGKILL)."""
-    agg.ckpt_queue.join()
+    agg.checkpointer.join()
     agg.rec.close()
 
 
@@ -60,7 +60,7 @@ def test_a_restart_in_round_1_replays_its_acknowledged_updates(tmp_path: Path) -
         "col2": {"samples": 7, "train.loss": 0.5},
         "col3": {"samples": 9, "train.loss": 0.5},
     }
-    assert agg.fedavg.count == 2
+    assert agg.model.fedavg.count == 2
     _stop(agg)
 
 
@@ -126,8 +126,8 @@ def test_a_round_closed_before_its_checkpoint_is_closed_again_once(tmp_path: Pat
     for name in NAMES:
         _store(first, 1, name)
     _store(first, 2, "col2", samples=4)
-    with first.cond:
-        first._write_metrics(1)
+    with first.rounds.cond:
+        first.rounds.write_metrics(1)
     first.rec.info("round_closed", round=1)
     tmp = tmp_path / "run/model" / ".round-0001.safetensors.tmp-4000001"
     tmp.write_bytes(b"half a checkpoint")
@@ -136,8 +136,8 @@ def test_a_round_closed_before_its_checkpoint_is_closed_again_once(tmp_path: Pat
     agg = _agg(tmp_path)
     assert not tmp.exists()  # a dead process's temporary file
     assert agg.round == 1 and len(agg.received) == 3
-    with agg.cond:  # what `serve` does first
-        agg._close_round()
+    with agg.rounds.cond:  # what `serve` does first
+        agg.rounds.close_round()
     assert agg.round == 2 and agg.received == {"col2": {"samples": 4, "train.loss": 0.5}}
     _stop(agg)
     lines = read_jsonl(tmp_path / "run/metrics.jsonl")
@@ -163,9 +163,9 @@ def test_a_resent_update_completes_the_round_and_the_next_ones_stored_updates_co
     agg = _agg(tmp_path)
     assert agg.round == 1 and sorted(agg.received) == ["col1", "col2"]
     state = codec.decode_state(bytes(agg.payload))
-    ack, _ = agg._accept("col3", 1, state, 10, {}, bytes(agg.payload), 0.0)  # the resend
-    assert ack.accepted and agg.close_pending
-    agg._close_pending_round()
+    ack, _ = agg.intake.accept("col3", 1, state, 10, {}, bytes(agg.payload), 0.0)  # the resend
+    assert ack.accepted and agg.rounds.close_pending
+    agg.rounds.close_pending_round()
     assert agg.round == 3  # round 2 was complete from its stored updates and closed too
     _stop(agg)
     assert [m["round"] for m in read_jsonl(tmp_path / "run/metrics.jsonl")] == [1, 2]
@@ -210,17 +210,17 @@ def test_a_restart_during_the_evaluation_pass_keeps_the_reports_received(tmp_pat
     first.store.save_checkpoint(2, bytes(first.payload), final=True)  # SYNTHETIC: 2 rounds
     _stop(first)
     second = _agg(tmp_path)
-    assert second.evaluating
-    ack, _ = second._accept("col1", 3, None, 50, {"final.accuracy": 0.75}, None, 0.0)
+    assert second.rounds.evaluating
+    ack, _ = second.intake.accept("col1", 3, None, 50, {"final.accuracy": 0.75}, None, 0.0)
     assert ack.accepted
-    with second.cond:
-        second._write_metrics(3)  # as if it had closed the pass, then died before the end
+    with second.rounds.cond:
+        second.rounds.write_metrics(3)  # as if it had closed the pass, then died before the end
     _stop(second)
     agg = _agg(tmp_path)
     assert agg.received == {"col1": {"samples": 50, "final.accuracy": 0.75}}
     for name in ("col2", "col3"):
-        agg._accept(name, 3, None, 50, {"final.accuracy": 0.5}, None, 0.0)
-    agg._close_pending_round()
+        agg.intake.accept(name, 3, None, 50, {"final.accuracy": 0.5}, None, 0.0)
+    agg.rounds.close_pending_round()
     assert agg.done
     _stop(agg)
     (final,) = read_jsonl(tmp_path / "run/metrics.jsonl")

@@ -10,8 +10,8 @@ import pytest
 from gramine_standin import install_stand_ins
 
 from fedutil import SYNTHETIC, phases, run_dir_of, teefl, write_plan
-from teefl.federation.aggregator import final_state
 from teefl.security.sealed import load_key, open_sealed, read_sealed, write_key_file
+from teefl.server.aggregator import final_state
 
 
 def _owners_alone(run: Path) -> None:

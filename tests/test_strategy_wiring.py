@@ -15,14 +15,13 @@ import torch
 
 from fedutil import SYNTHETIC, FakeContext, join_request, session_metadata
 from teefl.errors import TeeflError
-from teefl.federation import roundconfig
-from teefl.federation.aggregator import Aggregator
+from teefl.server.aggregator import Aggregator
 from teefl.federation.collaborator import Collaborator
 from teefl.measure.events import EventRecorder
 from teefl.plan import TrainingSpec, plan_from_dict
 from teefl.strategy import FedAdam, FedAvg, Median, TrimmedMean, decode_state
 from teefl.strategy.registry import check_plan_strategy
-from teefl.wire import codec, teefl_pb2
+from teefl.wire import codec, roundconfig, teefl_pb2
 from teefl.workload.models import build_model
 from teefl.workload.train import train_local
 
@@ -41,7 +40,7 @@ def _agg(tmp_path: Path, **fed) -> Aggregator:
 
 
 def _stop(agg: Aggregator) -> None:
-    agg.ckpt_queue.join()
+    agg.checkpointer.join()
     agg.rec.close()
 
 
@@ -65,11 +64,11 @@ def _round(agg: Aggregator, flat: bool = True) -> None:
     rnd = agg.round
     for i, (name, state) in enumerate(_updates(agg, rnd).items()):
         payload = codec.encode_state(state)
-        update = agg._decode_update(payload)[1] if flat else state
-        agg.fedavg.add(update, 10 + i, checked=True)
-        agg.received[name] = {"samples": 10 + i}
-    with agg.cond:
-        agg._close_round()
+        update = agg.model.decode_update(payload)[1] if flat else state
+        agg.model.fedavg.add(update, 10 + i, checked=True)
+        agg.rounds.received[name] = {"samples": 10 + i}
+    with agg.rounds.cond:
+        agg.rounds.close_round()
 
 
 # -- picking the strategy ----------------------------------------------------------------------
@@ -77,10 +76,10 @@ def test_the_plan_picks_the_strategy_and_old_plans_still_work(tmp_path: Path) ->
     assert isinstance(_agg(tmp_path / "a").strategy, FedAvg)
     agg = _agg(tmp_path / "b", strategy=FEDADAM)
     assert isinstance(agg.strategy, FedAdam) and agg.strategy.options.eta == 0.05
-    assert agg.fedavg.layout is not None  # the flat path, asked of the accumulator
-    assert agg.round_config == {"lr": 0.02}
+    assert agg.model.fedavg.layout is not None  # the flat path, asked of the accumulator
+    assert agg.model.round_config == {"lr": 0.02}
     old = _agg(tmp_path / "c", aggregation="median")
-    assert isinstance(old.strategy, Median) and old.fedavg.layout is not None
+    assert isinstance(old.strategy, Median) and old.model.fedavg.layout is not None
     trim = _agg(tmp_path / "d", aggregation="trimmed_mean", trim_ratio=0.2)
     assert isinstance(trim.strategy, TrimmedMean) and trim.strategy.options.trim_ratio == 0.2
     for a in (agg, old, trim):
@@ -102,17 +101,17 @@ def test_unknown_strategies_and_options_stop_with_one_line() -> None:
 
 def test_fedavg_reuses_the_finished_rounds_sums(tmp_path: Path) -> None:
     agg = _agg(tmp_path)
-    sums = [t.data_ptr() for t in agg.fedavg.run_sums]
+    sums = [t.data_ptr() for t in agg.model.fedavg.run_sums]
     _round(agg)
-    assert [t.data_ptr() for t in agg.fedavg.run_sums] == sums  # no fresh float64 pages
+    assert [t.data_ptr() for t in agg.model.fedavg.run_sums] == sums  # no fresh float64 pages
     _stop(agg)
 
 
 # -- the round config on the wire --------------------------------------------------------------
 def test_wait_round_carries_the_round_config(tmp_path: Path) -> None:
     agg = _agg(tmp_path, strategy={"name": "fedprox", "options": {"mu": 0.25}})
-    reply = agg.Join(join_request(agg.plan, "col1"), FakeContext())
-    w = agg.WaitRound(
+    reply = agg.grpc.Join(join_request(agg.plan, "col1"), FakeContext())
+    w = agg.grpc.WaitRound(
         teefl_pb2.WaitRequest(collaborator="col1", after_round=0),
         FakeContext(md=session_metadata(reply)),
     )

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fedutil import SYNTHETIC, final_accuracy, read_jsonl, run_dir_of, run_plan, write_plan
-from teefl.federation.aggregator import final_state
 from teefl.security import pki
+from teefl.server.aggregator import final_state
 from teefl.wire import teefl_pb2, teefl_pb2_grpc
 
 

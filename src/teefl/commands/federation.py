@@ -234,7 +234,7 @@ def aggregator(
     # held until this process ends: a second aggregator on this run directory stops here
     rd = RunDir(rdir)
     rd.acquire(AGGREGATOR_LOCK, "teefl aggregator")
-    from teefl.federation.aggregator import Aggregator  # torch: after the quick checks
+    from teefl.server.aggregator import Aggregator  # torch: after the quick checks
 
     if restarts is None:
         restarts = rd.count_start()

@@ -28,7 +28,7 @@ import grpc
 import torch
 
 from teefl.errors import TeeflError
-from teefl.federation import attest, roundconfig
+from teefl.federation import attest
 from teefl.federation.faults import fault
 from teefl.federation.resident import ResidentModel
 from teefl.measure.events import EventRecorder
@@ -37,7 +37,7 @@ from teefl.security import session as session_keys
 from teefl.security.tls import ConnectError, split_target
 from teefl.transport import framing, socket_client
 from teefl.transport.channels import client_certs, open_channel, payload_check
-from teefl.wire import assembly, codec, compression, teefl_pb2, teefl_pb2_grpc
+from teefl.wire import assembly, codec, compression, roundconfig, teefl_pb2, teefl_pb2_grpc
 from teefl.workload.datasets import load_dataset
 from teefl.workload.models import build_model
 from teefl.workload.partition import collaborator_data

@@ -1,0 +1,301 @@
+"""The round state machine: the open round, who is in it, quorum, timeout and close.
+
+Why a condition variable and long polls instead of collaborators polling on a timer: a round opens
+the instant the last update is accumulated, and every waiting collaborator learns it within the
+same millisecond -- idle time shows up as ``wait`` on the collaborator, never as communication.
+`Rounds.cond` is THE round lock: every field below is read and written under it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from teefl.errors import TeeflError
+from teefl.server.checkpointer import Checkpointer, write_metrics
+from teefl.server.model import GlobalModel
+from teefl.server.publish import Publisher
+from teefl.server.transfers import Transfer, idle_cut
+from teefl.transport.base import Aborted, Unauthenticated
+
+log = logging.getLogger("teefl.aggregator")
+
+#: a long poll returns after this long with "nothing new", so dead connections surface
+WAIT_KEEPALIVE_S = 15.0
+
+
+@dataclass(frozen=True)
+class Waited:
+    """What a long poll learnt: the round to take part in (0: nothing new), or the end."""
+
+    round: int = 0
+    done: bool = False
+    evaluate_only: bool = False
+    durable_round: int = 0
+    #: the round's config from the strategy, sent with the round (docs/strategies.md)
+    config: dict[str, Any] | None = None
+
+
+class Rounds:
+    """Rounds 1..R, then the final evaluation pass (round R+1)."""
+
+    def __init__(
+        self,
+        plan: Any,
+        recorder: Any,
+        run_dir: Path,
+        model: GlobalModel,
+        publisher: Publisher,
+        completed: int,
+        closed_before: set[int],
+    ) -> None:
+        fed = plan.federation
+        self.rec, self.run_dir, self.model, self.publisher = recorder, run_dir, model, publisher
+        self.total = fed.rounds
+        self.names = list(plan.collaborators)
+        self.idle_timeout, self.round_timeout = fed.idle_timeout, fed.round_timeout
+        self.quorum = fed.min_collaborators or len(self.names)
+        self.cond = threading.Condition()
+        self.round = completed + 1  # the open round; total+1 is the final evaluation pass
+        self.done = False
+        self.failed: str | None = None
+        self.received: dict[str, dict[str, Any]] = {}
+        self.told_done: set[str] = set()
+        self.joined: set[str] = set()
+        self.persisting: set[str] = set()  # updates being written to disk, not yet counted
+        self.close_pending = False  # every update is in; the round closes after the last ack
+        self.inflight: dict[str, Transfer] = {}  # uploads receiving their bytes, by member
+        self.sending: set[Transfer] = set()  # downloads in progress
+        self.polls: dict[str, object] = {}  # collaborator -> its one long poll
+        self.active = self.peak_active = 0  # updates being received right now, and the peak
+        self.adding = 0  # acknowledged updates whose deferred add is still running
+        #: the last round whose checkpoint is durable: collaborators keep a copy of each update
+        #: they sent until they hear that its round is at most this (docs/reliability.md)
+        self.durable_round = completed
+        self.closed_before = closed_before  # closed by an earlier process: recorded once
+        self.round_opened = time.monotonic()
+        self.checkpointer: Checkpointer | None = None  # wired by the builder
+        #: counts the stored updates of the open round (`intake.Replay.open_round`)
+        self.replay: Callable[[], int] = lambda: 0
+
+    @property
+    def evaluating(self) -> bool:
+        return self.round == self.total + 1
+
+    # -- callbacks of the checkpointer ---------------------------------------------------------
+    def fail(self, reason: str) -> None:
+        with self.cond:
+            self.failed = reason
+            self.cond.notify_all()
+
+    def made_durable(self, rnd: int) -> None:
+        with self.cond:
+            self.durable_round = max(self.durable_round, rnd)
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    # -- members -------------------------------------------------------------------------------
+    def joined_member(self, name: str) -> None:
+        with self.cond:
+            if not self.joined:  # round 1's clock starts when the federation does
+                self.round_opened = time.monotonic()
+            self.joined.add(name)
+
+    def position(self, name: str) -> tuple[int, bool, int]:
+        """(open round, whether ``name``'s update is in it, durable round), read together."""
+        with self.cond:
+            return self.round, name in self.received, self.durable_round
+
+    def wait(self, name: str, after: int, current: Callable[[], bool]) -> Waited:
+        """Long poll. One per collaborator: a newer poll of the same collaborator makes the older
+        one return at once with "nothing new" (a poll holds one of the server's worker threads;
+        16 polls of one member held every worker and a Join waited 14 s). ``current``: whether
+        the caller's session is still its member's latest."""
+        me = object()
+
+        def ready() -> bool:
+            # a collaborator that already contributed to the open round (e.g. restarted after
+            # its upload was acknowledged) waits for the next one: nothing is counted twice
+            return (
+                bool(self.done or self.failed)
+                or (self.round > after and name not in self.received)
+                or not current()  # its session ended (a newer Join)
+            )
+
+        with self.cond:
+            if name in self.polls:
+                self.cond.notify_all()  # the older poll sees it is not the newest and returns
+            self.polls[name] = me
+            try:
+                self.cond.wait_for(
+                    lambda: ready() or self.polls.get(name) is not me, timeout=WAIT_KEEPALIVE_S
+                )
+            finally:
+                if self.polls.get(name) is me:
+                    del self.polls[name]
+            if not current():
+                raise Unauthenticated(f"the session of {name} ended: Join first")
+            if self.failed:
+                raise Aborted(f"run failed: {self.failed}")
+            if self.done:
+                self.told_done.add(name)
+                self.cond.notify_all()
+                return Waited(done=True, durable_round=self.durable_round)
+            if ready():
+                config = dict(self.model.round_config)
+                return Waited(self.round, False, self.evaluating, self.durable_round, config)
+            return Waited(durable_round=self.durable_round)
+
+    # -- transfers -----------------------------------------------------------------------------
+    def upload_started(self) -> None:
+        with self.cond:
+            self.active += 1
+            self.peak_active = max(self.peak_active, self.active)
+
+    def upload_ended(self, name: str, transfer: Transfer) -> None:
+        with self.cond:
+            self.active -= 1
+            if self.inflight.get(name) is transfer:
+                del self.inflight[name]
+
+    def forget(self, name: str, transfer: Transfer) -> None:
+        with self.cond:
+            if self.inflight.get(name) is transfer:
+                del self.inflight[name]
+
+    # -- closing -------------------------------------------------------------------------------
+    def close_soon(self) -> None:
+        """Close the round in its own thread once every update is in: the uploader that
+        completed it is answered without waiting for the close."""
+        if self.close_pending:
+            threading.Thread(target=self.close_pending_round, name="close-round").start()
+
+    def close_pending_round(self) -> None:
+        with self.cond:
+            if self.close_pending:
+                self.close_round()
+
+    def close_round(self) -> None:
+        """Called with the lock held once every collaborator's update is in (or a quorum's, on
+        timeout). The round it opens may hold updates already: acknowledged before a crash,
+        they are counted now (``replay``), and that round is closed too once complete -- round
+        by round, as far as the stored updates go."""
+        while self._close_open_round():
+            self.replay()
+            if len(self.received) < len(self.names):
+                return
+
+    def _close_open_round(self) -> bool:
+        """Close the open round (lock held); True when it opened the next one."""
+        rnd = self.round
+        ckpt = self.checkpointer
+        assert ckpt is not None
+        # acknowledged updates may still be being summed (deferred adds); while we wait, the
+        # lock is free, so another closer may get there first: then there is nothing to do
+        self.cond.wait_for(lambda: self.adding == 0 or self.round != rnd or self.done)
+        if self.round != rnd or self.done:
+            return False
+        self.close_pending = False
+        self.write_metrics(rnd)
+        if self.evaluating:
+            # the final model is on disk before anyone hears of the end: its write ran in the
+            # background during the evaluation pass (waiting frees the lock for the writer)
+            self.cond.wait_for(lambda: ckpt.pending == 0 or bool(self.failed))
+            if self.failed:
+                return False  # `supervise` ends the run with the failure
+            self.done = True
+            self.rec.info("evaluation_done", round=rnd)
+            self.cond.notify_all()
+            return False
+        pub = self.publisher
+        with self.rec.span("aggregate", round=rnd, final=True):
+            # the mean is written run by run straight into the next download's payload where
+            # the sums are kept in the model's layout (the layout stays the global model's)
+            payload = self.model.aggregate(pub.spare)
+            # a snapshot (copies) taken right after the result, before the next round begins:
+            # it is written with this round's checkpoint, in the background
+            strategy_state = self.model.strategy.state()
+        with self.rec.span("publish", round=rnd) as s:
+            previous = pub.publish(self.model.global_state, payload)
+            s["bytes"] = len(pub.payload)
+        pub.retire(previous)
+        del previous, payload
+        # the final round's too: the evaluation pass overlaps it, and ends only once it is
+        # durable (above); the run's span ends when the final model is on disk
+        ckpt.put(rnd, pub.payload, pub.digest, pub.crc, strategy_state)
+        if rnd not in self.closed_before:  # closed again after a restart: recorded once
+            self.rec.info("round_closed", round=rnd)
+        self.round += 1
+        ckpt.new_round()
+        self.received = {}
+        self.model.new_round(self.round, self.evaluating)
+        self.round_opened = time.monotonic()
+        self.cond.notify_all()
+        return True
+
+    def write_metrics(self, rnd: int) -> None:
+        """The closing round's metrics line (lock held)."""
+        write_metrics(self.run_dir, "final" if self.evaluating else rnd, self.received)
+
+    # -- supervision ---------------------------------------------------------------------------
+    def _cut_idle(self, now: float) -> None:
+        """Cut every upload and download that moved no byte for ``idle_timeout`` (a dead or
+        stalled peer, not a slow one: see `Transfer`); its connection is closed or its RPC
+        cancelled, so the peer sees the end, and its slot is given back. Lock held."""
+        idle_limit = self.idle_timeout
+        for transfer in [*self.inflight.values(), *self.sending]:
+            # a data-plane upload's own receive times out after idle_timeout and answers the
+            # peer why (intake); this is its backstop, the only cut of everything else
+            backstop = transfer.kind == "upload" and transfer.probe is not None
+            if transfer.cut or transfer.idle_for(now) <= idle_limit * (2 if backstop else 1):
+                continue
+            idle_cut(transfer, idle_limit, self.rec)
+            transfer.cancel()
+            if self.inflight.get(transfer.name) is transfer:
+                del self.inflight[transfer.name]
+            self.sending.discard(transfer)
+
+    def supervise(self) -> None:
+        """Enforce the round timeout: close with a quorum, or fail the run naming who is missing."""
+        timeout, quorum = self.round_timeout, self.quorum
+        with self.cond:
+            while not self.done:
+                self.cond.wait(timeout=0.5)
+                if self.failed:  # a checkpoint or a deferred add failed: the run cannot go on
+                    raise TeeflError(self.failed)
+                now = time.monotonic()
+                self._cut_idle(now)
+                if self.done or self.close_pending or now - self.round_opened <= timeout:
+                    continue
+                if self.inflight:  # transfers still moving bytes are not killed by the deadline
+                    continue
+                missing = sorted(set(self.names) - set(self.received))
+                if len(self.received) >= quorum and (self.received or self.evaluating):
+                    log.warning(
+                        "round %d closed on timeout with %d of %d updates; missing: %s",
+                        self.round,
+                        len(self.received),
+                        len(self.names),
+                        ", ".join(missing),
+                    )
+                    self.rec.info("round_quorum", round=self.round, missing=missing)
+                    self.close_round()
+                    continue
+                self.failed = (
+                    f"round {self.round} timed out after {timeout:g} s with "
+                    f"{len(self.received)} of {quorum} required updates; "
+                    f"missing: {', '.join(missing)}"
+                )
+                self.cond.notify_all()
+                raise TeeflError(self.failed)
+            # let every collaborator hear that the run is over (bounded)
+            deadline = time.monotonic() + 10.0
+            while len(self.told_done) < len(self.names) and time.monotonic() < deadline:
+                self.cond.wait(timeout=0.2)
