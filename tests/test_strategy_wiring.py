@@ -15,10 +15,10 @@ import torch
 
 from fedutil import SYNTHETIC, FakeContext, join_request, session_metadata
 from teefl.errors import TeeflError
-from teefl.server.aggregator import Aggregator
 from teefl.federation.collaborator import Collaborator
 from teefl.measure.events import EventRecorder
 from teefl.plan import TrainingSpec, plan_from_dict
+from teefl.server.aggregator import Aggregator
 from teefl.strategy import FedAdam, FedAvg, Median, TrimmedMean, decode_state
 from teefl.strategy.registry import check_plan_strategy
 from teefl.wire import codec, roundconfig, teefl_pb2
