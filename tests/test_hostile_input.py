@@ -25,7 +25,7 @@ import pytest
 from fedutil import free_port
 from rawpeer import Aggregator, read_all, update_header
 from teefl.security import pki
-from teefl.transport import framing, socket_client, socket_server
+from teefl.transport import admission, framing, socket_client, socket_server
 from teefl.wire import peerinput, teefl_pb2
 
 TOKEN = b"\x07" * 32
@@ -112,7 +112,7 @@ class _Server:
             hello,
             get,
             lambda conn, body: None,
-            limits=socket_server.Limits(**limits),
+            limits=admission.Limits(**limits),
             refused=refused,
         )
         self.server.start()
@@ -221,14 +221,14 @@ def test_one_deadline_for_the_whole_handshake() -> None:
 def test_unauthorised_connections_are_bounded_per_address_and_in_all() -> None:
     with _Server(max_pending=6, max_pending_per_address=4) as srv:
         first = [srv.raw("127.0.0.1") for _ in range(6)]  # 2 more than one address may hold
-        _wait(lambda: len(srv.server.pending) == 4)
+        _wait(lambda: len(srv.server.admission.pending) == 4)
         for s in first[:2]:  # the oldest were closed to make room
             assert read_all(s, 5) == ([], True)
         other = [srv.raw("127.0.0.2") for _ in range(2)]
-        _wait(lambda: len(srv.server.pending) == 6)
+        _wait(lambda: len(srv.server.admission.pending) == 6)
         third = srv.raw("127.0.0.3")  # over the total: the busiest address loses its oldest
         assert read_all(first[2], 5) == ([], True)
-        _wait(lambda: len(srv.server.pending) == 6)
+        _wait(lambda: len(srv.server.admission.pending) == 6)
         srv.hello(third)  # a newcomer is served whatever the others do
         framing.expect(third, framing.OK)
         reasons = [r for _, _, r in srv.refused]
@@ -242,7 +242,7 @@ def test_idle_connections_cost_no_thread_and_do_not_delay_a_hello() -> None:
     with _Server(max_pending=400, max_pending_per_address=400) as srv:
         threads = threading.active_count()
         idle = [srv.raw() for _ in range(300)]
-        _wait(lambda: len(srv.server.pending) == 300)
+        _wait(lambda: len(srv.server.admission.pending) == 300)
         assert threading.active_count() == threads  # the old server: one thread each
         t0 = time.monotonic()
         with srv.raw() as s:
@@ -259,8 +259,8 @@ def test_an_accept_error_is_retried_with_backoff_and_frees_a_descriptor(caplog) 
     unauthorised connection (a descriptor for the next accept) and retries after a pause."""
     with _Server() as srv:
         idle = srv.raw()
-        _wait(lambda: len(srv.server.pending) == 1)
-        real, failures = srv.server._accept, []
+        _wait(lambda: len(srv.server.admission.pending) == 1)
+        real, failures = srv.server.admission._accept, []
 
         def accept():
             if len(failures) < 5:
@@ -268,15 +268,15 @@ def test_an_accept_error_is_retried_with_backoff_and_frees_a_descriptor(caplog) 
                 raise OSError(errno.EMFILE, "Too many open files")
             return real()
 
-        srv.server._accept = accept
+        srv.server.admission._accept = accept
         with caplog.at_level(logging.WARNING, logger="teefl.dataplane"):
             t0 = time.monotonic()
             with srv.raw() as s:
                 srv.hello(s)
                 framing.expect(s, framing.OK)
             took = time.monotonic() - t0
-        assert srv.server.accept_errors == 5 and took < 5.0
-        assert srv.server.thread.is_alive()
+        assert srv.server.admission.accept_errors == 5 and took < 5.0
+        assert srv.server.admission.thread.is_alive()
         assert read_all(idle, 5) == ([], True)  # closed for a descriptor
         retries = [r for r in caplog.records if "accept() failed" in r.getMessage()]
         assert len(retries) == 1 and "Too many open files" in retries[0].getMessage()

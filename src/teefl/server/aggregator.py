@@ -38,7 +38,7 @@ from teefl.store.rounds import RoundStore
 from teefl.store.staging import StagingArea
 from teefl.strategy import Strategy, StrategyState, decode_state
 from teefl.strategy.registry import plan_strategy
-from teefl.transport import socket_server
+from teefl.transport import admission, socket_server
 from teefl.transport.channels import bind, payload_check, server_options
 from teefl.transport.grpc_server import GrpcServicer, add_to_server, server_credentials
 from teefl.transport.socket_handlers import DataHandlers
@@ -295,7 +295,7 @@ class Aggregator:
             tls = session_keys.server_ssl_context(
                 self.identity.tls_chain, self.identity.client_roots()
             )
-        limits = socket_server.Limits(
+        limits = admission.Limits(
             handshake_timeout=net.handshake_timeout,
             max_pending=net.max_pending_handshakes,
             max_pending_per_address=net.max_pending_per_address,
