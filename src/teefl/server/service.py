@@ -16,10 +16,11 @@ from teefl.federation import attest
 from teefl.federation.fairshare import FairShare, Superseded
 from teefl.server.checkpointer import Checkpointer
 from teefl.server.identity import Identity
-from teefl.server.intake import Intake, Upload
+from teefl.server.intake import Intake
 from teefl.server.publish import Publisher
 from teefl.server.rounds import Rounds
 from teefl.server.transfers import Transfer
+from teefl.server.upload import Upload
 from teefl.transport.base import Cancelled, Peer, Precondition, Refused
 from teefl.wire import codec, roundconfig, teefl_pb2
 
@@ -244,9 +245,8 @@ class Service:
         self, name: str, h: Any, cancel: Any, probe: Any, token: bytes | None, t0: float
     ) -> Upload:
         """One update of ``name`` (already checked) announced by header ``h``."""
-        return self.intake.upload(
-            name, h, Transfer("upload", name, h.round, cancel, probe), token, t0
-        )
+        transfer = Transfer("upload", name, h.round, cancel, probe)
+        return Upload(self.intake, name, h, transfer, token, t0)
 
     def refuse(self, peer: Peer, reason: str, status: str) -> Refused:
         return self.identity.refuse(peer, reason, status)

@@ -18,8 +18,9 @@ import grpc
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from teefl.security.tls import client_cert, peer_certificate_pem, peer_identity, tls_version
-from teefl.server.intake import StaleUpdate, Upload
+from teefl.server.intake import StaleUpdate
 from teefl.server.service import Service
+from teefl.server.upload import Upload
 from teefl.transport.base import Peer, Refused
 from teefl.wire import codec, peerinput, teefl_pb2, teefl_pb2_grpc
 from teefl.wire.checks import UpdateRejected
