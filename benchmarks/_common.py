@@ -225,10 +225,10 @@ def child(argv: list[str], timeout: float = 600, **kw: Any) -> Iterator[subproce
 def pki_for(directory: Path, names: list[str]) -> dict[str, str]:
     """Certificates for a loopback federation (teefl's own PKI); the plan's security.tls block."""
     from teefl.plan import plan_from_dict
-    from teefl.security import pki
+    from teefl.security import plan_pki
 
     plan = plan_from_dict({"collaborators": names, "security": {"transport": "mtls"}})
-    p = pki.issue_for_plan(plan, directory)
+    p = plan_pki.issue_for_plan(plan, directory)
     return {
         "ca": str(p.ca),
         "server_cert": str(p.server_cert),

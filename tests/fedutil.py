@@ -42,9 +42,9 @@ def with_transport(plan: Path, data: dict[str, Any], transport: str, pki_dir: Pa
     if transport == "none":
         return None
     from teefl.plan import load_plan
-    from teefl.security import pki
+    from teefl.security import plan_pki
 
-    issued = pki.issue_for_plan(load_plan(plan), pki_dir)
+    issued = plan_pki.issue_for_plan(load_plan(plan), pki_dir)
     data["security"] = {
         "transport": transport,
         "tls": {

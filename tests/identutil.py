@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedutil import SYNTHETIC, free_port, write_plan
-from teefl.security import pki
+from teefl.security import certificates, plan_pki
 from teefl.security.tee.evidence import (
     default_simulated_measurements,
     load_or_create_simulated_key,
@@ -73,7 +73,7 @@ def secure_plan(
     path: Path | None = None,
     pki_dir: Path | None = None,
     **sections: Any,
-) -> tuple[Path, dict[str, Any], pki.PlanPki]:
+) -> tuple[Path, dict[str, Any], plan_pki.PlanPki]:
     """A synthetic plan on loopback with a PKI issued for it (kept in ``pki_dir``, default
     ``tmp/pki``, and reused when it exists). ``sections`` replace top-level plan sections
     (``federation={...}``); ``attested``: True (both roles) or the roles of `attestation_spec`.
@@ -89,7 +89,7 @@ def secure_plan(
     write_plan(path, data)
     from teefl.plan import load_plan
 
-    issued = pki.issue_for_plan(load_plan(path), pki_dir or tmp / "pki")
+    issued = plan_pki.issue_for_plan(load_plan(path), pki_dir or tmp / "pki")
     security: dict[str, Any] = {"transport": transport}
     if transport != "none":
         tls = {
@@ -197,7 +197,7 @@ def odd_client_cert(
     """A certificate with CN=``cn`` signed by the PKI's own CA, but not a proper client
     certificate: ``ca`` sets basicConstraints CA:true; ``eku`` None leaves the extended key
     usage out, "server" makes it serverAuth. Returns (certificate, key) paths."""
-    ca_cert, ca_key = pki.load_ca(directory)
+    ca_cert, ca_key = certificates.load_ca(directory)
     key = ec.generate_private_key(ec.SECP384R1())
     builder = (
         x509.CertificateBuilder()

@@ -28,7 +28,7 @@ from fedutil import Parties, final_accuracy, phases, read_jsonl, run_dir_of, tee
 from identutil import attested_plan_data, channel, model_bytes, secure_plan, sim_key
 from teefl.federation import attest
 from teefl.plan import load_plan
-from teefl.security import pki, session
+from teefl.security import certificates, session
 from teefl.security.tee.evidence import SimulatedProvider
 from teefl.wire import teefl_pb2, teefl_pb2_grpc
 
@@ -50,7 +50,7 @@ def test_attested_federation_completes(tmp_path: Path) -> None:
     for name in ("col1", "col2", "col3"):
         verdicts = json.loads((run / "attestation" / f"collaborator-{name}.json").read_text())
         assert verdicts[-1]["accepted"] is True and verdicts[-1]["kind"] == "simulated"
-        cert = pki.collaborator_paths(pkid, name)[0]
+        cert = certificates.collaborator_paths(pkid, name)[0]
         assert verdicts[-1]["session_key"] != attest.fingerprint(
             attest.spki_of_pem(cert.read_bytes())
         )

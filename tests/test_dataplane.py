@@ -17,7 +17,7 @@ from fedutil import SYNTHETIC, join_request
 from fedutil import FakeContext as _Ctx
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
-from teefl.security import pki
+from teefl.security import certificates, pki
 from teefl.server.aggregator import Aggregator
 from teefl.store.files import BufferPool
 from teefl.store.rounds import RoundStore
@@ -420,7 +420,7 @@ def certs(tmp_path_factory):
 
 
 def test_mtls_data_connection_needs_the_collaborators_own_certificate(tmp_path, certs) -> None:
-    server_cert, server_key = pki.aggregator_paths(certs)
+    server_cert, server_key = certificates.aggregator_paths(certs)
     plan = plan_from_dict(
         {
             **SYNTHETIC,
@@ -440,7 +440,9 @@ def test_mtls_data_connection_needs_the_collaborators_own_certificate(tmp_path, 
     server = agg.data_server("127.0.0.1")
     try:
         token = agg.identity.open_session("col1").token  # as Join would (its gRPC CN check aside)
-        col2 = framing.client_context(certs / "ca.crt", *pki.collaborator_paths(certs, "col2"))
+        col2 = framing.client_context(
+            certs / "ca.crt", *certificates.collaborator_paths(certs, "col2")
+        )
         with pytest.raises(framing.RemoteError, match="does not match") as err:
             socket_client.connect("127.0.0.1", agg.data_port, "col1", token, col2)
         assert err.value.code == "PERMISSION_DENIED"
@@ -448,7 +450,9 @@ def test_mtls_data_connection_needs_the_collaborators_own_certificate(tmp_path, 
         with pytest.raises((framing.Closed, ConnectionError, OSError)):
             s = socket_client.connect("127.0.0.1", agg.data_port, "col1", token, no_cert)
             framing.recv_frame(s)  # TLS 1.3 reports a refused client certificate late
-        col1 = framing.client_context(certs / "ca.crt", *pki.collaborator_paths(certs, "col1"))
+        col1 = framing.client_context(
+            certs / "ca.crt", *certificates.collaborator_paths(certs, "col1")
+        )
         with pytest.raises(Exception, match="attestation was bound to"):
             socket_client.connect(
                 "127.0.0.1", agg.data_port, "col1", token, col1, expected_spki=b"another key"

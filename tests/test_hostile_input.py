@@ -24,7 +24,7 @@ import pytest
 
 from fedutil import free_port
 from rawpeer import Aggregator, read_all, update_header
-from teefl.security import pki
+from teefl.security import certificates, pki
 from teefl.transport import admission, framing, socket_client, socket_server
 from teefl.wire import peerinput, teefl_pb2
 
@@ -309,7 +309,7 @@ def certs(tmp_path_factory):
 def test_tls_handshakes_do_not_block_each_other(certs) -> None:
     """Idle TCP connections, a half ClientHello and a peer that is not TLS at all, beside a
     real TLS client: its handshake and HELLO are answered at once."""
-    cert, key = pki.aggregator_paths(certs)
+    cert, key = certificates.aggregator_paths(certs)
     tls = socket_server.server_context(certs / "ca.crt", cert, key, require_client_cert=True)
     with _Server(tls=tls) as srv:
         idle = [srv.raw() for _ in range(50)]
@@ -317,7 +317,9 @@ def test_tls_handshakes_do_not_block_each_other(certs) -> None:
         half.sendall(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello's first bytes, no more
         garbage = srv.raw()
         garbage.sendall(b"GET / HTTP/1.1\r\n\r\n")
-        ctx = framing.client_context(certs / "ca.crt", *pki.collaborator_paths(certs, "col1"))
+        ctx = framing.client_context(
+            certs / "ca.crt", *certificates.collaborator_paths(certs, "col1")
+        )
         t0 = time.monotonic()
         s = socket_client.connect("127.0.0.1", srv.port, "col1", TOKEN, ctx)
         assert time.monotonic() - t0 < 1.0

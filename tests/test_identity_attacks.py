@@ -46,7 +46,7 @@ from teefl.errors import TeeflError
 from teefl.federation import attest
 from teefl.measure.events import EventRecorder
 from teefl.plan import load_plan, plan_from_dict
-from teefl.security import pki
+from teefl.security import certificates, crl, pki
 from teefl.security.tee.evidence import SimulatedProvider
 from teefl.server.aggregator import Aggregator, final_state
 from teefl.transport import framing, socket_client
@@ -168,7 +168,9 @@ def test_copied_key_files_get_no_model_byte_and_no_update_counted(tmp_path: Path
     port = plan.network.port
     stolen = tmp_path / "attacker"  # all the attacker has: copies of col1's files, the CA
     stolen.mkdir()
-    cert, key = (shutil.copy(p, stolen) for p in pki.collaborator_paths(tmp_path / "pki", "col1"))
+    cert, key = (
+        shutil.copy(p, stolen) for p in certificates.collaborator_paths(tmp_path / "pki", "col1")
+    )
     cert, key = Path(cert), Path(key)
     run = tmp_path / "run"
     parties = Parties(plan_path, run, tmp_path / "procs.log")
@@ -263,7 +265,7 @@ def test_a_join_ends_the_earlier_session_whatever_its_outcome(tmp_path: Path, ro
     """With collaborators' attestation (and the aggregator's, or with its provisioned key)."""
     plan_path, _, issued = secure_plan(tmp_path, attested=True if roles == "both" else roles)
     plan = load_plan(plan_path)
-    cert, key = pki.collaborator_paths(tmp_path / "pki", "col1")
+    cert, key = certificates.collaborator_paths(tmp_path / "pki", "col1")
     with live_aggregator(plan_path, tmp_path / "run") as (agg, port):
         tee = _Tee(plan, port, issued.ca)
         enrol = channel(port, issued.ca, cert.read_bytes(), key.read_bytes())
@@ -376,7 +378,7 @@ def test_attested_binding_refuses_a_host_that_lies_about_its_plan(tmp_path: Path
     plan_path, data, issued = secure_plan(tmp_path, attested=True)
     plan = load_plan(plan_path)
     edited = plan_from_dict({**data, "federation": {"keep_updates": True}})
-    cert, key = pki.collaborator_paths(tmp_path / "pki", "col1")
+    cert, key = certificates.collaborator_paths(tmp_path / "pki", "col1")
     with live_aggregator(plan_path, tmp_path / "run") as (_, port):
         tee = _Tee(edited, port, issued.ca)
         tee.plan = edited
@@ -517,7 +519,7 @@ def test_client_certificate_must_be_a_client_certificate(
     plan_path, _, issued = secure_plan(tmp_path)
     plan = load_plan(plan_path)
     bad_cert, bad_key = odd_client_cert(tmp_path / "pki", "col1", **kind)
-    good_cert, good_key = pki.collaborator_paths(tmp_path / "pki", "col1")
+    good_cert, good_key = certificates.collaborator_paths(tmp_path / "pki", "col1")
     with live_aggregator(plan_path, tmp_path / "run") as (agg, port):
         with (
             channel(port, issued.ca, bad_cert.read_bytes(), bad_key.read_bytes()) as ch,
@@ -537,8 +539,10 @@ def test_client_certificate_must_be_a_client_certificate(
 
 def test_pki_issues_client_certificates_the_aggregator_accepts(tmp_path: Path) -> None:
     secure_plan(tmp_path)
-    cert = pki.load_certificate(pki.collaborator_paths(tmp_path / "pki", "col1")[0])
-    assert not pki.is_ca(cert) and pki.ekus(cert) == ["clientAuth"]
+    cert = certificates.load_certificate(
+        certificates.collaborator_paths(tmp_path / "pki", "col1")[0]
+    )
+    assert not certificates.is_ca(cert) and certificates.ekus(cert) == ["clientAuth"]
 
 
 def test_revoked_certificate_is_refused(tmp_path: Path) -> None:
@@ -553,7 +557,7 @@ def test_revoked_certificate_is_refused(tmp_path: Path) -> None:
     plan = load_plan(plan_path)
     with live_aggregator(plan_path, tmp_path / "run") as (_, port):
         for name, ok in (("col1", True), ("col2", False)):
-            cert, key = pki.collaborator_paths(tmp_path / "pki", name)
+            cert, key = certificates.collaborator_paths(tmp_path / "pki", name)
             with channel(port, issued.ca, cert.read_bytes(), key.read_bytes()) as ch:
                 stub = teefl_pb2_grpc.FederationStub(ch)
                 if ok:
@@ -569,16 +573,16 @@ def test_crl_is_checked_for_its_issuer_and_age(tmp_path: Path) -> None:
     pki.init_ca(tmp_path / "a")
     pki.init_ca(tmp_path / "b")
     first = pki.issue_collaborator(tmp_path / "a", "col1")
-    path, added = pki.revoke(tmp_path / "a", certificates=[first])
+    path, added = crl.revoke(tmp_path / "a", certificates=[first])
     second = pki.issue_collaborator(tmp_path / "a", "col1", force=True)
-    _, again = pki.revoke(tmp_path / "a", certificates=[second, first])  # kept, not repeated
-    serials = pki.load_crl(path, tmp_path / "a" / "ca.crt")
+    _, again = crl.revoke(tmp_path / "a", certificates=[second, first])  # kept, not repeated
+    serials = crl.load_crl(path, tmp_path / "a" / "ca.crt")
     assert len(added) == 1 and len(again) == 1 and len(serials) == 2
     with pytest.raises(TeeflError, match="not signed by CA"):
-        pki.load_crl(path, tmp_path / "b" / "ca.crt")
+        crl.load_crl(path, tmp_path / "b" / "ca.crt")
     late = dt.datetime.now(dt.UTC) + dt.timedelta(days=400)
     with pytest.raises(TeeflError, match="expired"):
-        pki.load_crl(path, tmp_path / "a" / "ca.crt", now=late)
+        crl.load_crl(path, tmp_path / "a" / "ca.crt", now=late)
 
 
 # -- the aggregator's quotes -------------------------------------------------------------------
@@ -601,7 +605,7 @@ def test_challenge_quotes_only_for_an_authenticated_caller_and_not_without_pause
         agg.identity.provider = Counting()
 
         def challenge(cert_name: str, claim: str) -> str:
-            cert, key = pki.collaborator_paths(tmp_path / "pki", cert_name)
+            cert, key = certificates.collaborator_paths(tmp_path / "pki", cert_name)
             with channel(port, issued.ca, cert.read_bytes(), key.read_bytes()) as ch:
                 try:
                     teefl_pb2_grpc.FederationStub(ch).Challenge(
@@ -636,7 +640,7 @@ def test_rate_limiter_refills() -> None:
 def test_endorsement_binds_key_nonce_and_configuration(tmp_path: Path) -> None:
     pki.init_ca(tmp_path)
     cert_path = pki.issue_aggregator(tmp_path, ["127.0.0.1"])
-    key = pki.load_private_key(pki.aggregator_paths(tmp_path)[1])
+    key = certificates.load_private_key(certificates.aggregator_paths(tmp_path)[1])
     spki, nonce, binding = b"spki", os.urandom(32), os.urandom(32)
     sig = attest.endorse(key, spki, nonce, binding)
     pem = cert_path.read_bytes()
@@ -647,7 +651,7 @@ def test_endorsement_binds_key_nonce_and_configuration(tmp_path: Path) -> None:
             attest.verify_endorsement(pem, sig, *args, ca=ca, host="127.0.0.1")
     with pytest.raises(attest.AttestationError, match="does not cover host"):
         attest.verify_endorsement(pem, sig, spki, nonce, binding, ca=ca, host="10.9.9.9")
-    serial = pki.load_certificate(cert_path).serial_number
+    serial = certificates.load_certificate(cert_path).serial_number
     with pytest.raises(attest.AttestationError, match="revoked"):
         attest.verify_endorsement(
             pem, sig, spki, nonce, binding, ca=ca, host="127.0.0.1", revoked=frozenset({serial})

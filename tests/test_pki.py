@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from teefl.errors import TeeflError
 from teefl.plan import load_plan, plan_from_dict
-from teefl.security import pki
+from teefl.security import certificates, pki, plan_pki
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -51,7 +51,7 @@ def test_init_ca_writes_a_pathlen0_p384_ca_with_private_key_0600(tmp_path: Path)
     assert isinstance(cert.signature_hash_algorithm, hashes.SHA384)
     key = cert.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1"
-    assert pki.common_name(cert).startswith("teefl CA ")
+    assert certificates.common_name(cert).startswith("teefl CA ")
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == dt.timedelta(days=3650)
 
 
@@ -80,7 +80,7 @@ def test_private_key_is_created_0600_even_with_umask_0(tmp_path: Path, monkeypat
         opened.append((str(path), mode))
         return real_open(path, flags, mode, *args, **kwargs)
 
-    monkeypatch.setattr(pki.os, "open", spy)
+    monkeypatch.setattr(certificates.os, "open", spy)
     old = os.umask(0)
     try:
         pki.init_ca(tmp_path)
@@ -128,16 +128,18 @@ def test_aggregator_certificate_sans_eku_and_signature(ca_dir: Path) -> None:
     assert path == ca_dir / "aggregator.crt"
     assert _mode(ca_dir / "aggregator.key") == 0o600
     cert = _cert(path)
-    assert pki.sans(cert) == ["DNS:agg.example", "IP:10.0.0.5", "IP:::1"]
-    assert pki.ekus(cert) == ["serverAuth"]
-    assert pki.common_name(cert) == "Agg.Example"
-    assert not pki.is_ca(cert)
+    assert certificates.sans(cert) == ["DNS:agg.example", "IP:10.0.0.5", "IP:::1"]
+    assert certificates.ekus(cert) == ["serverAuth"]
+    assert certificates.common_name(cert) == "Agg.Example"
+    assert not certificates.is_ca(cert)
     cert.verify_directly_issued_by(_cert(ca_dir / "ca.crt"))
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == dt.timedelta(days=30)
-    assert pki.covers_host(cert, "agg.example") and pki.covers_host(cert, "AGG.example.")
-    assert pki.covers_host(cert, "10.0.0.5") and pki.covers_host(cert, "[::1]")
-    assert not pki.covers_host(cert, "127.0.0.1")
-    assert not pki.covers_host(cert, "other.example")
+    assert certificates.covers_host(cert, "agg.example") and certificates.covers_host(
+        cert, "AGG.example."
+    )
+    assert certificates.covers_host(cert, "10.0.0.5") and certificates.covers_host(cert, "[::1]")
+    assert not certificates.covers_host(cert, "127.0.0.1")
+    assert not certificates.covers_host(cert, "other.example")
 
 
 def test_aggregator_needs_a_valid_host(ca_dir: Path) -> None:
@@ -149,9 +151,9 @@ def test_aggregator_needs_a_valid_host(ca_dir: Path) -> None:
 
 def test_wildcard_san_matches_one_label(ca_dir: Path) -> None:
     cert = _cert(pki.issue_aggregator(ca_dir, ["*.fl.example"]))
-    assert pki.covers_host(cert, "agg.fl.example")
-    assert not pki.covers_host(cert, "fl.example")
-    assert not pki.covers_host(cert, "a.b.fl.example")
+    assert certificates.covers_host(cert, "agg.fl.example")
+    assert not certificates.covers_host(cert, "fl.example")
+    assert not certificates.covers_host(cert, "a.b.fl.example")
 
 
 def test_collaborator_certificate(ca_dir: Path) -> None:
@@ -159,8 +161,8 @@ def test_collaborator_certificate(ca_dir: Path) -> None:
     assert path == ca_dir / "collaborators" / "col1.crt"
     assert _mode(ca_dir / "collaborators" / "col1.key") == 0o600
     cert = _cert(path)
-    assert pki.common_name(cert) == "col1"
-    assert pki.ekus(cert) == ["clientAuth"]
+    assert certificates.common_name(cert) == "col1"
+    assert certificates.ekus(cert) == ["clientAuth"]
     assert cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == (
         x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
     )
@@ -198,7 +200,7 @@ def test_private_key_others_can_read_is_refused_with_the_fix(ca_dir: Path, mode:
         f"run: chmod 600 {key}"
     )
     with pytest.raises(TeeflError) as err:
-        pki.load_private_key(key)
+        certificates.load_private_key(key)
     assert str(err.value) == expected
     # where the aggregator loads it for its port, and where `teefl pki issue` loads the CA's
     with pytest.raises(TeeflError) as err:
@@ -206,30 +208,30 @@ def test_private_key_others_can_read_is_refused_with_the_fix(ca_dir: Path, mode:
     assert str(err.value) == expected
     (ca_dir / "ca.key").chmod(0o644)
     with pytest.raises(TeeflError, match=r"ca\.key is accessible by group or others"):
-        pki.load_ca(ca_dir)
+        certificates.load_ca(ca_dir)
     key.chmod(0o600)
-    pki.load_private_key(key)
+    certificates.load_private_key(key)
 
 
 def test_key_not_matching_certificate(ca_dir: Path) -> None:
-    c1, _ = pki.collaborator_paths(ca_dir, "col1")
-    _, k2 = pki.collaborator_paths(ca_dir, "col2")
+    c1, _ = certificates.collaborator_paths(ca_dir, "col1")
+    _, k2 = certificates.collaborator_paths(ca_dir, "col2")
     pki.issue_collaborator(ca_dir, "col1")
     pki.issue_collaborator(ca_dir, "col2")
     with pytest.raises(TeeflError) as err:
-        pki.load_key_pair(c1, k2)
+        certificates.load_key_pair(c1, k2)
     assert str(err.value) == f"private key {k2} does not match certificate {c1}"
 
 
 def test_missing_files_name_the_path(ca_dir: Path) -> None:
     pki.issue_collaborator(ca_dir, "col1")
-    cert, key = pki.collaborator_paths(ca_dir, "col1")
+    cert, key = certificates.collaborator_paths(ca_dir, "col1")
     key.unlink()
     with pytest.raises(TeeflError) as err:
-        pki.load_key_pair(cert, key)
+        certificates.load_key_pair(cert, key)
     assert str(err.value) == f"private key file not found: {key}"
     with pytest.raises(TeeflError) as err:
-        pki.load_certificate(ca_dir / "nope.crt")
+        certificates.load_certificate(ca_dir / "nope.crt")
     assert str(err.value) == f"certificate file not found: {ca_dir / 'nope.crt'}"
 
 
@@ -237,11 +239,11 @@ def test_invalid_pem(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pem"
     bad.write_text("hello\n")
     with pytest.raises(TeeflError, match=r"bad\.pem is not a PEM certificate"):
-        pki.load_certificate(bad)
+        certificates.load_certificate(bad)
     with pytest.raises(TeeflError, match=r"bad\.pem is not a PEM private key"):
-        pki.load_private_key(bad)
+        certificates.load_private_key(bad)
     with pytest.raises(TeeflError, match="is a directory"):
-        pki.load_certificate(tmp_path)
+        certificates.load_certificate(tmp_path)
 
 
 def test_encrypted_key_is_refused_clearly(tmp_path: Path) -> None:
@@ -255,7 +257,7 @@ def test_encrypted_key_is_refused_clearly(tmp_path: Path) -> None:
         )
     )
     with pytest.raises(TeeflError, match="is encrypted; teefl needs an unencrypted key"):
-        pki.load_private_key(path)
+        certificates.load_private_key(path)
 
 
 def test_check_certificate_validity_ca_and_purpose(tmp_path: Path) -> None:
@@ -265,30 +267,30 @@ def test_check_certificate_validity_ca_and_purpose(tmp_path: Path) -> None:
     ca = d / "ca.crt"
     old = pki.issue_collaborator(d, "old", not_before=NOW - dt.timedelta(days=10), days=1)
     with pytest.raises(TeeflError) as err:
-        pki.check_certificate(old, ca_path=ca)
-    expiry = pki.format_time(_cert(old).not_valid_after_utc)
+        certificates.check_certificate(old, ca_path=ca)
+    expiry = certificates.format_time(_cert(old).not_valid_after_utc)
     assert str(err.value) == f"certificate {old} expired on {expiry}"
 
     future = pki.issue_collaborator(d, "future", not_before=NOW + dt.timedelta(days=1))
     with pytest.raises(TeeflError, match=r"future\.crt is not valid before \d{4}-\d\d-\d\d"):
-        pki.check_certificate(future, ca_path=ca)
+        certificates.check_certificate(future, ca_path=ca)
 
     foreign = pki.issue_collaborator(other, "col1")
     with pytest.raises(TeeflError) as err:
-        pki.check_certificate(foreign, ca_path=ca)
+        certificates.check_certificate(foreign, ca_path=ca)
     assert str(err.value).startswith(f"certificate {foreign} is not signed by CA {ca} (unknown CA")
 
     client = pki.issue_collaborator(d, "col1")
-    pki.check_certificate(client, ca_path=ca, purpose="client")
+    certificates.check_certificate(client, ca_path=ca, purpose="client")
     with pytest.raises(TeeflError, match=r"is not a server certificate.*clientAuth"):
-        pki.check_certificate(client, ca_path=ca, purpose="server")
+        certificates.check_certificate(client, ca_path=ca, purpose="server")
     with pytest.raises(TeeflError, match="is not a CA certificate"):
-        pki.check_certificate(client, ca_path=client)
+        certificates.check_certificate(client, ca_path=client)
 
 
 def test_describe_certificate(ca_dir: Path) -> None:
     path = pki.issue_aggregator(ca_dir, ["agg.example", "10.1.2.3"])
-    info = pki.describe_certificate(path)
+    info = certificates.describe_certificate(path)
     cert = _cert(path)
     assert info["subject"] == "CN=agg.example,O=teefl"
     assert info["issuer"] == _cert(ca_dir / "ca.crt").subject.rfc4514_string()
@@ -301,49 +303,49 @@ def test_describe_certificate(ca_dir: Path) -> None:
         cert.fingerprint(hashes.SHA256()).hex()
     )
     assert info["is_ca"] is False
-    assert pki.describe_certificate(ca_dir / "ca.crt")["is_ca"] is True
+    assert certificates.describe_certificate(ca_dir / "ca.crt")["is_ca"] is True
 
 
 # -- plan --------------------------------------------------------------------------------------
 def test_issue_for_plan_loopback_and_idempotent(tmp_path: Path) -> None:
     plan = plan_from_dict({"collaborators": ["a", "b"], "network": {"host": "127.0.0.1"}})
     d = tmp_path / "pki"
-    res = pki.issue_for_plan(plan, d)
+    res = plan_pki.issue_for_plan(plan, d)
     assert set(res.created) == {
         d / "ca.crt",
         d / "aggregator.crt",
         d / "collaborators" / "a.crt",
         d / "collaborators" / "b.crt",
     }
-    sans = pki.sans(_cert(res.server_cert))
+    sans = certificates.sans(_cert(res.server_cert))
     assert sans == ["DNS:localhost", "IP:127.0.0.1", "IP:::1"]
-    assert pki.common_name(_cert(res.server_cert)) == "127.0.0.1"
+    assert certificates.common_name(_cert(res.server_cert)) == "127.0.0.1"
 
-    again = pki.issue_for_plan(plan, d)
+    again = plan_pki.issue_for_plan(plan, d)
     assert again.created == [] and len(again.kept) == 4
 
     # a new collaborator: only its certificate is issued
     plan3 = plan_from_dict({"collaborators": ["a", "b", "c"], "network": {"host": "127.0.0.1"}})
-    res3 = pki.issue_for_plan(plan3, d)
+    res3 = plan_pki.issue_for_plan(plan3, d)
     assert res3.created == [d / "collaborators" / "c.crt"]
 
 
 def test_issue_for_plan_host_change_needs_force_and_keeps_ca(tmp_path: Path) -> None:
     d = tmp_path / "pki"
-    pki.issue_for_plan(plan_from_dict({"collaborators": 1}), d)
+    plan_pki.issue_for_plan(plan_from_dict({"collaborators": 1}), d)
     ca_before = (d / "ca.crt").read_bytes()
     moved = plan_from_dict({"collaborators": 1, "network": {"host": "agg.example"}})
     with pytest.raises(TeeflError, match=r"does not cover host 'agg\.example'; pass --force"):
-        pki.issue_for_plan(moved, d)
-    res = pki.issue_for_plan(moved, d, force=True)
+        plan_pki.issue_for_plan(moved, d)
+    res = plan_pki.issue_for_plan(moved, d, force=True)
     assert (d / "ca.crt").read_bytes() == ca_before
-    assert pki.sans(_cert(res.server_cert)) == ["DNS:agg.example"]
+    assert certificates.sans(_cert(res.server_cert)) == ["DNS:agg.example"]
 
 
 def test_security_yaml_loads_into_a_plan(tmp_path: Path) -> None:
     plan_path = tmp_path / "plan.yaml"
     plan_path.write_text("collaborators: 2\n")
-    res = pki.issue_for_plan(load_plan(plan_path), tmp_path / "pki")
+    res = plan_pki.issue_for_plan(load_plan(plan_path), tmp_path / "pki")
     block = res.security_yaml(relative_to=tmp_path)
     assert "transport: mtls" in block and "ca: pki/ca.crt" in block
     plan_path.write_text("collaborators: 2\n" + block)
@@ -378,7 +380,7 @@ def test_cli_init_issue_show(cli, tmp_path: Path) -> None:
 
     r = cli("pki", "show", str(d / "aggregator.crt"))
     assert r.exit_code == 0, r.output
-    info = pki.describe_certificate(d / "aggregator.crt")
+    info = certificates.describe_certificate(d / "aggregator.crt")
     for text in (
         "CN=agg.example,O=teefl",
         "DNS:agg.example, IP:10.0.0.7",
@@ -386,7 +388,7 @@ def test_cli_init_issue_show(cli, tmp_path: Path) -> None:
         "valid",
         "EC P-384",
         info["fingerprint_sha256"],
-        pki.format_time(info["not_after"]),
+        certificates.format_time(info["not_after"]),
     ):
         assert text in r.output, (text, r.output)
 

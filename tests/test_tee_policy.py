@@ -268,9 +268,9 @@ def test_run_refuses_an_unpinned_required_policy_before_starting(tmp_path: Path)
 def test_aggregator_alone_refuses_an_unpinned_policy_at_start(tmp_path: Path) -> None:
     plan = _plan(tmp_path, {})
     from teefl.plan import load_plan
-    from teefl.security import pki
+    from teefl.security import plan_pki
 
-    issued = pki.issue_for_plan(load_plan(plan), tmp_path / "pki")
+    issued = plan_pki.issue_for_plan(load_plan(plan), tmp_path / "pki")
     data = __import__("yaml").safe_load(plan.read_text())
     data["security"]["tls"] = {
         "ca": str(issued.ca),

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from teefl.errors import TeeflError
-from teefl.security import pki, tls
+from teefl.security import certificates, pki, plan_pki, tls
 
 NOW = dt.datetime.now(dt.UTC)
 ALLOWED = ["col1", "col2"]
@@ -32,10 +32,10 @@ class Pki:
         return self.good / "ca.crt"
 
     def agg(self, name: str = "aggregator", d: Path | None = None) -> tuple[Path, Path]:
-        return pki.aggregator_paths(d or self.good, name)
+        return certificates.aggregator_paths(d or self.good, name)
 
     def col(self, name: str, d: Path | None = None) -> tuple[Path, Path]:
-        return pki.collaborator_paths(d or self.good, name)
+        return certificates.collaborator_paths(d or self.good, name)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_server_credentials_refuse_expired_certificate(certs: Pki) -> None:
     cert, key = certs.agg("expired")
     with pytest.raises(TeeflError) as err:
         tls.server_credentials(certs.ca, cert, key, True)
-    date = pki.format_time(pki.load_certificate(cert).not_valid_after_utc)
+    date = certificates.format_time(certificates.load_certificate(cert).not_valid_after_utc)
     assert str(err.value) == f"certificate {cert} expired on {date}"
 
 
@@ -245,7 +245,7 @@ def test_server_credentials_refuse_not_yet_valid_certificate(certs: Pki) -> None
     cert, key = certs.agg("future")
     with pytest.raises(TeeflError) as err:
         tls.server_credentials(certs.ca, cert, key, True)
-    date = pki.format_time(pki.load_certificate(cert).not_valid_before_utc)
+    date = certificates.format_time(certificates.load_certificate(cert).not_valid_before_utc)
     assert str(err.value) == f"certificate {cert} is not valid before {date}"
 
 
@@ -309,7 +309,7 @@ def test_expired_server_certificate(certs: Pki) -> None:
     cert, key = certs.agg("expired")
     with serve(_raw_server_creds(cert, key, None), "tls") as (target, _):
         err = _connect_error(target, tls.channel_credentials(certs.ca), "tls", certs.ca)
-    date = pki.format_time(pki.load_certificate(cert).not_valid_after_utc)
+    date = certificates.format_time(certificates.load_certificate(cert).not_valid_after_utc)
     assert str(err).startswith(f"the aggregator's certificate at {target} expired on {date}")
 
 
@@ -317,7 +317,7 @@ def test_not_yet_valid_server_certificate(certs: Pki) -> None:
     cert, key = certs.agg("future")
     with serve(_raw_server_creds(cert, key, None), "tls") as (target, _):
         err = _connect_error(target, tls.channel_credentials(certs.ca), "tls", certs.ca)
-    date = pki.format_time(pki.load_certificate(cert).not_valid_before_utc)
+    date = certificates.format_time(certificates.load_certificate(cert).not_valid_before_utc)
     assert str(err).startswith(
         f"the aggregator's certificate at {target} is not valid before {date}"
     )
@@ -457,7 +457,7 @@ def test_details_fallback_translates_grpc_text() -> None:
 def test_credentials_from_a_plan(certs: Pki, tmp_path: Path) -> None:
     from teefl.plan import plan_from_dict
 
-    res = pki.issue_for_plan(plan_from_dict({"collaborators": ["col1"]}), tmp_path / "pki")
+    res = plan_pki.issue_for_plan(plan_from_dict({"collaborators": ["col1"]}), tmp_path / "pki")
 
     def security(**kw):
         return plan_from_dict({"collaborators": ["col1"], "security": kw}).security

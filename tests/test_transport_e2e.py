@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fedutil import SYNTHETIC, final_accuracy, read_jsonl, run_dir_of, run_plan, write_plan
-from teefl.security import pki
+from teefl.security import pki, plan_pki
 from teefl.server.aggregator import final_state
 from teefl.wire import teefl_pb2, teefl_pb2_grpc
 
@@ -91,7 +91,7 @@ def test_mtls_refuses_impostors_and_they_change_nothing(tmp_path: Path) -> None:
     plan_path = write_plan(tmp_path / "plan.yaml", data)
     from teefl.plan import load_plan
 
-    issued = pki.issue_for_plan(load_plan(plan_path), tmp_path / "pki")
+    issued = plan_pki.issue_for_plan(load_plan(plan_path), tmp_path / "pki")
     pki.issue_collaborator(tmp_path / "pki", "mallory")  # same CA, not in the plan
     data["security"] = {
         "transport": "mtls",

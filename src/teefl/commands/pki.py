@@ -43,15 +43,15 @@ def init(
     force: ForceOpt = False,
 ) -> None:
     """Create a CA (DIR/ca.crt, DIR/ca.key). Keep ca.key on the machine that issues certificates."""
-    from teefl.security import pki
+    from teefl.security import certificates, pki
 
     cert = pki.init_ca(directory, key_type=key_type, days=days, force=force)
-    info = pki.describe_certificate(cert)
+    info = certificates.describe_certificate(cert)
     out = _console()
     for line in (
-        f"created CA {cert} and {pki.ca_paths(directory)[1]} (mode 0600)",
+        f"created CA {cert} and {certificates.ca_paths(directory)[1]} (mode 0600)",
         f"  subject     {info['subject']}",
-        f"  valid until {pki.format_time(info['not_after'])}",
+        f"  valid until {certificates.format_time(info['not_after'])}",
         f"  SHA-256     {info['fingerprint_sha256']}",
     ):
         out.print(line, markup=False, soft_wrap=True)
@@ -81,7 +81,7 @@ def issue(
 ) -> None:
     """Issue the aggregator's server certificate and/or collaborators' client certificates."""
     from teefl.errors import TeeflError
-    from teefl.security import pki
+    from teefl.security import certificates, pki
 
     hosts, names = _split(aggregator), _split(collaborator)
     if not hosts and not names:
@@ -91,7 +91,7 @@ def issue(
     out = _console()
     if hosts:
         cert = pki.issue_aggregator(directory, hosts, days=days, force=force)
-        sans = ", ".join(pki.describe_certificate(cert)["sans"])
+        sans = ", ".join(certificates.describe_certificate(cert)["sans"])
         out.print(f"issued {cert} for {sans}", markup=False, soft_wrap=True)
     for name in names:
         cert = pki.issue_collaborator(directory, name, days=days, force=force)
@@ -122,18 +122,18 @@ def revoke(
     certificate is then refused wherever the plan names the list (security.tls.crl).
     """
     from teefl.errors import TeeflError
-    from teefl.security import pki
+    from teefl.security import certificates, crl
 
-    certs = [pki.collaborator_paths(directory, n)[0] for n in _split(names)]
+    certs = [certificates.collaborator_paths(directory, n)[0] for n in _split(names)]
     if aggregator:
-        certs.append(pki.aggregator_paths(directory)[0])
+        certs.append(certificates.aggregator_paths(directory)[0])
     serials = []
     for value in _split(serial):
         try:
             serials.append(int(value.replace(":", ""), 16))
         except ValueError:
             raise TeeflError(f"--serial {value!r} is not a hexadecimal serial number") from None
-    path, added = pki.revoke(directory, certificates=certs, serials=serials, days=days)
+    path, added = crl.revoke(directory, certificates=certs, serials=serials, days=days)
     out = _console()
     for number in added:
         out.print(f"revoked serial {number:x}", markup=False, soft_wrap=True)
@@ -154,9 +154,9 @@ def show(
     from rich.table import Table
     from rich.text import Text
 
-    from teefl.security import pki
+    from teefl.security import certificates
 
-    info = pki.describe_certificate(file)
+    info = certificates.describe_certificate(file)
     status_style = {"valid": "green"}.get(info["status"], "red")
     table = Table(title=str(file), show_header=False, title_justify="left")
     table.add_column("field", style="bold")
@@ -167,8 +167,8 @@ def show(
         ("CA", "yes" if info["is_ca"] else "no"),
         ("SANs", ", ".join(info["sans"]) or "-"),
         ("EKU", ", ".join(info["eku"]) or "-"),
-        ("not before", pki.format_time(info["not_before"])),
-        ("not after", pki.format_time(info["not_after"])),
+        ("not before", certificates.format_time(info["not_before"])),
+        ("not after", certificates.format_time(info["not_after"])),
         ("key", info["key_type"]),
         ("serial", info["serial"]),
         ("SHA-256", info["fingerprint_sha256"]),
@@ -194,12 +194,12 @@ def plan(
     Re-running after adding collaborators issues only the missing certificates.
     """
     from teefl.plan import load_plan
-    from teefl.security import pki
+    from teefl.security import plan_pki
 
     the_plan = load_plan(plan_path)
     plan_dir = plan_path.resolve().parent
     directory = directory if directory is not None else plan_dir / "pki"
-    result = pki.issue_for_plan(the_plan, directory, days=days, force=force)
+    result = plan_pki.issue_for_plan(the_plan, directory, days=days, force=force)
     out = _console()
     for p in result.created:
         out.print(f"created {p}", markup=False, soft_wrap=True)

@@ -121,10 +121,10 @@ def ca_digest(plan: Plan) -> bytes | None:
     ca = plan.security.tls.ca
     if ca is None or (plan.security.transport or "none") == "none":
         return None
-    from teefl.security import pki
+    from teefl.security import certificates
 
     return hashlib.sha256(
-        pki.load_certificate(ca).public_bytes(serialization.Encoding.DER)
+        certificates.load_certificate(ca).public_bytes(serialization.Encoding.DER)
     ).digest()
 
 
@@ -200,27 +200,27 @@ def verify_endorsement(
     """Check the aggregator's endorsement: its certificate is issued by the plan's CA, valid,
     a server certificate (EKU serverAuth, CA:false) for ``host``, not revoked, and its key
     signed our nonce with the in-memory SPKI. Returns the certificate."""
-    from teefl.security import pki
+    from teefl.security import certificates
 
     try:
         cert = x509.load_pem_x509_certificate(bytes(cert_pem))
     except ValueError:
         raise AttestationError("the aggregator's endorsement carries no PEM certificate") from None
-    ca_cert = pki.load_certificate(ca)
+    ca_cert = certificates.load_certificate(ca)
     try:
-        pki.check_validity(cert, "of the aggregator's endorsement")
-        pki.check_signed_by(cert, "of the aggregator's endorsement", ca_cert, ca)
+        certificates.check_validity(cert, "of the aggregator's endorsement")
+        certificates.check_signed_by(cert, "of the aggregator's endorsement", ca_cert, ca)
     except TeeflError as exc:
         raise AttestationError(f"endorsement refused: {exc}") from None
-    if pki.is_ca(cert) or "serverAuth" not in pki.ekus(cert):
+    if certificates.is_ca(cert) or "serverAuth" not in certificates.ekus(cert):
         raise AttestationError(
             "endorsement refused: the certificate is not a server certificate "
             "(needs EKU serverAuth and CA:false)"
         )
-    if not pki.covers_host(cert, host):
+    if not certificates.covers_host(cert, host):
         raise AttestationError(
             f"endorsement refused: the aggregator certificate does not cover host {host!r} "
-            f"(SANs: {', '.join(pki.sans(cert)) or 'none'})"
+            f"(SANs: {', '.join(certificates.sans(cert)) or 'none'})"
         )
     if cert.serial_number in revoked:
         raise AttestationError(
@@ -424,9 +424,9 @@ def fetch_server_certificate(address: str, timeout: float = 10.0) -> bytes:
 
 def first_san(cert_pem: bytes) -> str:
     """A host name the certificate covers (for gRPC's target-name check on a pinned channel)."""
-    from teefl.security import pki
+    from teefl.security import certificates
 
     cert = x509.load_pem_x509_certificate(cert_pem)
-    for entry in pki.sans(cert):
+    for entry in certificates.sans(cert):
         return entry.split(":", 1)[1]
-    return pki.common_name(cert) or ""
+    return certificates.common_name(cert) or ""

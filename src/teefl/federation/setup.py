@@ -17,7 +17,7 @@ from teefl.plan import Plan
 def issue_throwaway_pki(plan: Plan, run_dir: Path, console: Console) -> None:
     """Issue a fresh CA and certificates into ``run_dir/pki`` and point the plan at them."""
     from teefl.rundir import RunDir
-    from teefl.security.pki import issue_for_plan
+    from teefl.security.plan_pki import issue_for_plan
 
     pki = issue_for_plan(plan, RunDir(run_dir).pki_dir)
     tls = plan.security.tls

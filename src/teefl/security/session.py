@@ -92,11 +92,11 @@ def self_signed_server(key: ec.EllipticCurvePrivateKey, hosts: list[str]) -> byt
     Nobody trusts it for its signature: a collaborator pins exactly this certificate once the
     aggregator's evidence (bound to its key) and endorsement have been verified.
     """
-    from teefl.security.pki import _san_entry
+    from teefl.security.pki import san_entry
 
     sans: list[x509.GeneralName] = []
     for h in hosts:
-        entry = _san_entry(h)
+        entry = san_entry(h)
         if entry not in sans:
             sans.append(entry)
     now = _now()

@@ -5,7 +5,7 @@ Three things gRPC does not do for us, and why they matter here:
 1. **Check our own certificates before use.** gRPC reports an expired certificate, a key that
    belongs to another certificate or a certificate of another CA only as a failed handshake -- and
    usually on the *other* machine. `server_credentials` / `channel_credentials` run the checks a
-   peer would run (`teefl.security.pki.check_certificate`) and name the file that is wrong.
+   peer would run (`teefl.security.certificates.check_certificate`) and name the file that is wrong.
 2. **Map a verified certificate to a collaborator.** In mtls mode gRPC verifies the client's
    chain; `authorize` then binds the certificate's CN to the collaborator name the client claims
    in its requests, so col1 cannot upload as col2 and a certificate from another plan is refused.
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from teefl.errors import TeeflError
-from teefl.security import pki
+from teefl.security import certificates
 
 if TYPE_CHECKING:
     from teefl.plan import SecuritySpec
@@ -92,7 +92,9 @@ def server_credentials(
     In tls mode the CA is not given to gRPC at all, so no client certificate is even requested --
     identity then rests on the claimed name only (see `authorize`).
     """
-    pki.check_certificate(Path(cert), ca_path=Path(ca), key_path=Path(key), purpose="server")
+    certificates.check_certificate(
+        Path(cert), ca_path=Path(ca), key_path=Path(key), purpose="server"
+    )
     ca_pem = Path(ca).read_bytes()
     if extra_roots:
         ca_pem = ca_pem.rstrip(b"\n") + b"\n" + extra_roots
@@ -113,13 +115,13 @@ def channel_credentials(
     if (cert is None) != (key is None):
         missing = "key" if key is None else "certificate"
         raise TeeflError(f"client {missing} missing: mtls needs both a certificate and its key")
-    ca_cert = pki.load_certificate(ca)
-    if not pki.is_ca(ca_cert):
+    ca_cert = certificates.load_certificate(ca)
+    if not certificates.is_ca(ca_cert):
         raise TeeflError(f"{ca} is not a CA certificate (basicConstraints CA is not true)")
-    pki.check_validity(ca_cert, ca)
+    certificates.check_validity(ca_cert, ca)
     if cert is None or key is None:
         return grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
-    pki.check_certificate(Path(cert), ca_path=ca, key_path=Path(key), purpose="client")
+    certificates.check_certificate(Path(cert), ca_path=ca, key_path=Path(key), purpose="client")
     return grpc.ssl_channel_credentials(
         root_certificates=ca.read_bytes(),
         private_key=Path(key).read_bytes(),
@@ -293,11 +295,11 @@ def client_cert(encoded: str | bytes) -> ClientCert:
         cert = x509.load_der_x509_certificate(data)
     der = cert.public_bytes(serialization.Encoding.DER)
     return ClientCert(
-        cn=pki.common_name(cert),
+        cn=certificates.common_name(cert),
         issuer_der=cert.issuer.public_bytes(),
         serial=cert.serial_number,
-        is_ca=pki.is_ca(cert),
-        ekus=tuple(pki.ekus(cert)),
+        is_ca=certificates.is_ca(cert),
+        ekus=tuple(certificates.ekus(cert)),
         der_sha256=hashlib.sha256(der).digest(),
     )
 
@@ -447,7 +449,7 @@ def _server_cert_problem(der: bytes, host: str, ca: Path | None, target: str) ->
     cert = x509.load_der_x509_certificate(der)
     if ca is not None:
         try:
-            ca_cert = pki.load_certificate(ca)
+            ca_cert = certificates.load_certificate(ca)
         except TeeflError as exc:
             return str(exc)
         try:
@@ -462,21 +464,21 @@ def _server_cert_problem(der: bytes, host: str, ca: Path | None, target: str) ->
     if now > cert.not_valid_after_utc:
         return (
             f"the aggregator's certificate at {target} expired on "
-            f"{pki.format_time(cert.not_valid_after_utc)}; re-issue it with: "
+            f"{certificates.format_time(cert.not_valid_after_utc)}; re-issue it with: "
             "teefl pki issue DIR --aggregator HOST --force"
         )
     if now < cert.not_valid_before_utc:
         return (
             f"the aggregator's certificate at {target} is not valid before "
-            f"{pki.format_time(cert.not_valid_before_utc)} (is a clock wrong?)"
+            f"{certificates.format_time(cert.not_valid_before_utc)} (is a clock wrong?)"
         )
-    if not pki.covers_host(cert, host):
-        names = ", ".join(pki.sans(cert)) or f"none; CN {pki.common_name(cert)!r}"
+    if not certificates.covers_host(cert, host):
+        names = ", ".join(certificates.sans(cert)) or f"none; CN {certificates.common_name(cert)!r}"
         return (
             f"aggregator certificate does not cover host '{host}' (SANs: {names}); connect by "
             f"one of those names or re-issue it with: teefl pki issue DIR --aggregator {host}"
         )
-    usages = pki.ekus(cert)
+    usages = certificates.ekus(cert)
     if usages and "serverAuth" not in usages:
         return (
             f"the certificate at {target} is not a server certificate (extended key usage: "
@@ -502,7 +504,7 @@ def _client_cert_problem(
 
     why = "it is not issued by a CA the aggregator trusts (unknown CA), or it is not valid"
     with contextlib.suppress(Exception):
-        mine = pki.load_certificate(cert)
+        mine = certificates.load_certificate(cert)
         if server_der is not None:
             theirs = x509.load_der_x509_certificate(server_der)
             if mine.issuer != theirs.issuer:

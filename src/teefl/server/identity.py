@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from teefl.errors import TeeflError
 from teefl.federation import attest
 from teefl.plan import Plan, plan_digest
-from teefl.security import pki
+from teefl.security import certificates, crl, plan_pki
 from teefl.security import session as session_keys
 from teefl.security.session import SessionCA
 from teefl.security.tls import REQUIRED_TLS_VERSION, IdentityError, check_client_certificate
@@ -82,7 +82,7 @@ class Identity:
         self.revoked: frozenset[int] = frozenset()
         if transport != "none" and tls.crl is not None:
             assert tls.ca is not None  # require_transport
-            self.revoked = pki.load_crl(tls.crl, tls.ca)
+            self.revoked = crl.load_crl(tls.crl, tls.ca)
         self.quotes = attest.RateLimiter()
         self.provider: Any = None
         #: the TLS certificate and key this aggregator serves with: PEM bytes made in memory
@@ -93,14 +93,14 @@ class Identity:
         if att.aggregator == "required":
             assert tls.ca is not None and tls.server_cert is not None and tls.server_key is not None
             # the provisioned identity: checked now, used only to endorse the in-memory key
-            pki.check_certificate(
+            certificates.check_certificate(
                 tls.server_cert, ca_path=tls.ca, key_path=tls.server_key, purpose="server"
             )
-            self.endorser = pki.load_private_key(tls.server_key)
+            self.endorser = certificates.load_private_key(tls.server_key)
             self.endorsement_pem = tls.server_cert.read_bytes()
             key = session_keys.new_key()
             self.tls_chain = (
-                session_keys.self_signed_server(key, pki.plan_hosts(plan)),
+                session_keys.self_signed_server(key, plan_pki.plan_hosts(plan)),
                 session_keys.key_pem(key),
             )
             self.own_spki = session_keys.spki_of(key)
@@ -116,7 +116,7 @@ class Identity:
         ca = self.plan.security.tls.ca
         if ca is None:
             raise TeeflError("transport mtls needs security.tls.ca to verify collaborators")
-        roots = pki.load_certificate(ca).public_bytes(Encoding.PEM)
+        roots = certificates.load_certificate(ca).public_bytes(Encoding.PEM)
         if self.session_ca is not None:
             roots += self.session_ca.pem
         return roots

@@ -122,7 +122,7 @@ def check_spec(spec: JobSpec) -> None:
 
 def pinned_node(plan: Plan, spec: JobSpec) -> str | None:
     """The aggregator's node when the command or the plan names one (network.host a node)."""
-    from teefl.security.pki import is_loopback
+    from teefl.security.plan_pki import is_loopback
 
     if spec.aggregator_node:
         if not client.node_exists(spec.aggregator_node):
@@ -138,12 +138,12 @@ def check_certificate(plan: Plan, host: str) -> None:
     """The aggregator's certificate must name the host collaborators dial."""
     if transport_of(plan) == "none" or plan.security.tls.server_cert is None:
         return
-    from teefl.security import pki
+    from teefl.security import certificates
 
     path = plan.security.tls.server_cert
-    cert = pki.load_certificate(path)
-    if not pki.covers_host(cert, host):
-        names = ", ".join(pki.describe_certificate(path)["sans"]) or "none"
+    cert = certificates.load_certificate(path)
+    if not certificates.covers_host(cert, host):
+        names = ", ".join(certificates.describe_certificate(path)["sans"]) or "none"
         raise TeeflError(
             f"the aggregator's certificate {path} does not name {host!r}, the host collaborators "
             f"will dial (its names: {names}); set network.host: {host} and run `teefl pki plan "

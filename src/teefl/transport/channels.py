@@ -149,9 +149,9 @@ def open_channel(
             elif certs.cert is not None and certs.key is not None:
                 chain, key = certs.cert.read_bytes(), certs.key.read_bytes()
                 # the same local checks as `channel_credentials` (readable errors)
-                from teefl.security import pki
+                from teefl.security import certificates
 
-                pki.check_certificate(
+                certificates.check_certificate(
                     certs.cert, ca_path=certs.ca, key_path=certs.key, purpose="client"
                 )
             else:
