@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from teefl.errors import TeeflError
-from teefl.security import certificates, pki, plan_pki, tls
+from teefl.security import certificates, peer_identity, pki, plan_pki, tls, tls_diagnosis
 
 NOW = dt.datetime.now(dt.UTC)
 ALLOWED = ["col1", "col2"]
@@ -76,11 +76,11 @@ def serve(creds: grpc.ServerCredentials | None, transport: str) -> Iterator[tupl
     seen: dict = {}
 
     def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
-        seen["identity"] = tls.peer_identity(context)
-        seen["tls_version"] = tls.tls_version(context)
+        seen["identity"] = peer_identity.peer_identity(context)
+        seen["tls_version"] = peer_identity.tls_version(context)
         try:
-            name = tls.authorize(context, request.decode(), ALLOWED, transport)
-        except tls.IdentityError as err:
+            name = peer_identity.authorize(context, request.decode(), ALLOWED, transport)
+        except peer_identity.IdentityError as err:
             seen["error"] = err
             err.abort(context)
         return name.encode()
@@ -116,9 +116,9 @@ def _connect_error(
     ca: Path | None,
     cert: Path | None = None,
     key: Path | None = None,
-) -> tls.ConnectError:
-    with _channel(target, creds) as ch, pytest.raises(tls.ConnectError) as err:
-        tls.wait_for_channel(
+) -> tls_diagnosis.ConnectError:
+    with _channel(target, creds) as ch, pytest.raises(tls_diagnosis.ConnectError) as err:
+        tls_diagnosis.wait_for_channel(
             ch, target=target, transport=transport, ca=ca, cert=cert, key=key, timeout=5
         )
     assert err.value.retryable is False
@@ -132,7 +132,7 @@ def test_tls_call_succeeds_over_tls13_without_identity(certs: Pki) -> None:
         serve(tls.server_credentials(certs.ca, cert, key, False), "tls") as (target, seen),
         _channel(target, tls.channel_credentials(certs.ca)) as ch,
     ):
-        tls.wait_for_channel(ch, target=target, transport="tls", ca=certs.ca, timeout=3)
+        tls_diagnosis.wait_for_channel(ch, target=target, transport="tls", ca=certs.ca, timeout=3)
         assert _call(ch, "col2") == b"col2"
     assert seen["identity"] is None
     assert seen["tls_version"] == "TLSv1.3"
@@ -155,12 +155,14 @@ def test_localhost_is_covered_too(certs: Pki) -> None:
     with serve(tls.server_credentials(certs.ca, cert, key, False), "tls") as (target, _):
         target = target.replace("127.0.0.1", "localhost")
         with _channel(target, tls.channel_credentials(certs.ca)) as ch:
-            tls.wait_for_channel(ch, target=target, transport="tls", ca=certs.ca, timeout=3)
+            tls_diagnosis.wait_for_channel(
+                ch, target=target, transport="tls", ca=certs.ca, timeout=3
+            )
 
 
 def test_plaintext_call_takes_the_claimed_name(certs: Pki) -> None:
     with serve(None, "none") as (target, seen), _channel(target, None) as ch:
-        tls.wait_for_channel(ch, target=target, transport="none", timeout=3)
+        tls_diagnosis.wait_for_channel(ch, target=target, transport="none", timeout=3)
         assert _call(ch, "col1") == b"col1"
     assert seen["identity"] is None and seen["tls_version"] is None
 
@@ -214,22 +216,22 @@ class FakeContext:
 def test_authorize_rules_without_a_server() -> None:
     tls13 = {"transport_security_type": "ssl", "ssl_tls_version": "TLSv1.3"}
     ctx = FakeContext(**tls13, x509_common_name="col1")
-    assert tls.authorize(ctx, "col1", ALLOWED, "mtls") == "col1"
-    with pytest.raises(tls.IdentityError) as err:
-        tls.authorize(FakeContext(**tls13), "col1", ALLOWED, "mtls")
+    assert peer_identity.authorize(ctx, "col1", ALLOWED, "mtls") == "col1"
+    with pytest.raises(peer_identity.IdentityError) as err:
+        peer_identity.authorize(FakeContext(**tls13), "col1", ALLOWED, "mtls")
     assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
     assert "transport mtls requires one" in str(err.value)
     assert isinstance(err.value, TeeflError)
     # TLS 1.2 is refused per call (gRPC's server would complete a 1.2 handshake)
     old = FakeContext(transport_security_type="ssl", ssl_tls_version="TLSv1.2")
-    with pytest.raises(tls.IdentityError) as err:
-        tls.authorize(old, "col1", ALLOWED, "tls")
+    with pytest.raises(peer_identity.IdentityError) as err:
+        peer_identity.authorize(old, "col1", ALLOWED, "tls")
     assert str(err.value) == "connection uses TLSv1.2; teefl requires TLSv1.3"
     assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
-    assert tls.authorize(old, "col1", ALLOWED, "tls", require_tls13=False) == "col1"
-    assert tls.authorize(FakeContext(), "col2", ALLOWED, "none") == "col2"
+    assert peer_identity.authorize(old, "col1", ALLOWED, "tls", require_tls13=False) == "col1"
+    assert peer_identity.authorize(FakeContext(), "col2", ALLOWED, "none") == "col2"
     with pytest.raises(ValueError, match="unknown transport"):
-        tls.authorize(FakeContext(), "col1", ALLOWED, "ssl")
+        peer_identity.authorize(FakeContext(), "col1", ALLOWED, "ssl")
 
 
 # -- our own certificates checked before use ---------------------------------------------------
@@ -385,7 +387,7 @@ def test_classify_connect_error_from_a_failed_rpc(certs: Pki) -> None:
     ):
         with pytest.raises(grpc.RpcError) as err:
             ch.unary_unary("/t.T/Echo")(b"col1", timeout=3, wait_for_ready=False)
-        msg = tls.classify_connect_error(err.value, "tls", target, certs.ca)
+        msg = tls_diagnosis.classify_connect_error(err.value, "tls", target, certs.ca)
     assert "expired on" in msg
 
 
@@ -394,23 +396,23 @@ def test_nothing_listening_is_retryable() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     target = f"127.0.0.1:{port}"
-    d = tls.diagnose_connection(target, "tls", None, timeout=1)
+    d = tls_diagnosis.diagnose_connection(target, "tls", None, timeout=1)
     assert d.retryable
     assert (
         d.message
         == f"nothing is listening at {target} (connection refused); is the aggregator running?"
     )
-    with _channel(target, None) as ch, pytest.raises(tls.ConnectError) as err:
-        tls.wait_for_channel(ch, target=target, transport="none", timeout=0.5)
+    with _channel(target, None) as ch, pytest.raises(tls_diagnosis.ConnectError) as err:
+        tls_diagnosis.wait_for_channel(ch, target=target, transport="none", timeout=0.5)
     assert err.value.retryable and "gave up after 0.5 s" in str(err.value)
 
 
 def test_split_target() -> None:
-    assert tls.split_target("agg.example:50051") == ("agg.example", 50051)
-    assert tls.split_target("[::1]:9") == ("::1", 9)
-    assert tls.split_target("dns:///h:1") == ("h", 1)
+    assert tls_diagnosis.split_target("agg.example:50051") == ("agg.example", 50051)
+    assert tls_diagnosis.split_target("[::1]:9") == ("::1", 9)
+    assert tls_diagnosis.split_target("dns:///h:1") == ("h", 1)
     with pytest.raises(TeeflError, match="expected HOST:PORT"):
-        tls.split_target("nohost")
+        tls_diagnosis.split_target("nohost")
 
 
 # -- TLS 1.3 -----------------------------------------------------------------------------------
@@ -421,7 +423,7 @@ def test_tls_versions_offered_by_a_grpc_server(certs: Pki) -> None:
     is why `authorize` refuses calls whose connection is not TLS 1.3."""
     cert, key = certs.agg()
     with serve(tls.server_credentials(certs.ca, cert, key, False), "tls") as (target, _):
-        host, port = tls.split_target(target)
+        host, port = tls_diagnosis.split_target(target)
         versions = {}
         for cap in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
             ctx = ssl.create_default_context(cafile=str(certs.ca))
@@ -447,10 +449,10 @@ def test_details_fallback_translates_grpc_text() -> None:
         "handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:"
         "OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate"
     )
-    assert tls._from_details(text) == (
+    assert tls_diagnosis._from_details(text) == (
         "its certificate is not signed by the configured CA (unknown CA)"
     )
-    assert tls._from_details("Socket closed") is None
+    assert tls_diagnosis._from_details("Socket closed") is None
 
 
 # -- from a plan's security section ------------------------------------------------------------

@@ -399,7 +399,7 @@ def fetch_server_certificate(address: str, timeout: float = 10.0) -> bytes:
     nothing: the caller pins exactly this certificate on its channels, and trusts it only once
     the aggregator's evidence and endorsement, both bound to its key, have been verified over
     a channel pinned to it."""
-    from teefl.security.tls import split_target
+    from teefl.security.tls_diagnosis import split_target
 
     host, port = split_target(address)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

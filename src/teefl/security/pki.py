@@ -269,8 +269,8 @@ def issue_collaborator(
 ) -> Path:
     """Client certificate ``dir/collaborators/<name>.crt|.key`` with CN = ``name``.
 
-    The CN *is* the identity in mtls mode (`teefl.security.tls.authorize`), so the name is checked
-    with the plan's rule for collaborator names -- also keeping it safe as a file name.
+    The CN *is* the identity in mtls mode (`teefl.security.peer_identity.authorize`), so the name
+    is checked with the plan's rule for collaborator names -- also keeping it safe as a file name.
     """
     from teefl.plan import NAME_RE
 

@@ -27,8 +27,12 @@ from teefl.federation import attest
 from teefl.plan import Plan, plan_digest
 from teefl.security import certificates, crl, plan_pki
 from teefl.security import session as session_keys
+from teefl.security.peer_identity import (
+    REQUIRED_TLS_VERSION,
+    IdentityError,
+    check_client_certificate,
+)
 from teefl.security.session import SessionCA
-from teefl.security.tls import REQUIRED_TLS_VERSION, IdentityError, check_client_certificate
 from teefl.transport.base import Peer, Refused
 from teefl.wire import peerinput
 
@@ -165,7 +169,8 @@ class Identity:
 
     # -- the peer check ------------------------------------------------------------------------
     def _transport_identity(self, peer: Peer) -> str:
-        """The name the transport lets this peer act as (`tls.authorize`, transport-neutral)."""
+        """The name the transport lets this peer act as (`peer_identity.authorize`,
+        transport-neutral)."""
         name = peer.name
         if self.transport in ("tls", "mtls") and peer.tls_version != REQUIRED_TLS_VERSION:
             raise Refused(

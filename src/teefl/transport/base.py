@@ -63,10 +63,10 @@ class Peer:
 
     ``name``: the claimed collaborator name; ``address``: for logs (``ipv4:1.2.3.4:5``);
     ``tls_version``: the negotiated protocol or None (plaintext); ``cn``/``cert``: the verified
-    client certificate's CN and its parsed `tls.ClientCert` (mtls), else None; ``token``: the
-    session token presented; ``handle``: what a newer Join cancels (an RPC context or a data
-    connection), with ``on_end(fn)`` to run ``fn`` when the call ends (False: already ended);
-    ``kind``: how refusals are logged ("call" or "data connection").
+    client certificate's CN and its parsed `peer_identity.ClientCert` (mtls), else None;
+    ``token``: the session token presented; ``handle``: what a newer Join cancels (an RPC context
+    or a data connection), with ``on_end(fn)`` to run ``fn`` when the call ends (False: already
+    ended); ``kind``: how refusals are logged ("call" or "data connection").
     """
 
     name: str

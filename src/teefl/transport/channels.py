@@ -160,7 +160,7 @@ def open_channel(
                 root_certificates=root, private_key=key, certificate_chain=chain
             )
         channel = grpc.secure_channel(address, creds, options=options)
-    from teefl.security.tls import wait_for_channel
+    from teefl.security.tls_diagnosis import wait_for_channel
 
     try:
         wait_for_channel(

@@ -17,7 +17,12 @@ from typing import Any
 import grpc
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from teefl.security.tls import client_cert, peer_certificate_pem, peer_identity, tls_version
+from teefl.security.peer_identity import (
+    client_cert,
+    peer_certificate_pem,
+    peer_identity,
+    tls_version,
+)
 from teefl.server.intake import StaleUpdate
 from teefl.server.service import Service
 from teefl.server.upload import Upload

@@ -15,7 +15,7 @@ from typing import Any
 
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from teefl.security.tls import client_cert
+from teefl.security.peer_identity import client_cert
 from teefl.server.intake import StaleUpdate
 from teefl.server.service import Service
 from teefl.server.transfers import idle_cut
