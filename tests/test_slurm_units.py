@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from teefl.bench.matrix import expand
-from teefl.bench.slurm import resources_for, sbatch_options, write_script
+from teefl.bench.slurm_script import resources_for, sbatch_options, write_script
 from teefl.bench.study import study_from_dict
 from teefl.errors import TeeflError
 from teefl.slurm.client import tasks_per_node
@@ -181,7 +181,7 @@ def test_federation_job_options_are_checked() -> None:
 def test_a_cell_held_by_another_job_is_not_run_twice(tmp_path: Path) -> None:
     import sys
 
-    from teefl.bench.slurm import _cell_lock
+    from teefl.bench.slurm_job import _cell_lock
 
     path = tmp_path / "slurm" / "locks" / "c1.lock"
     path.parent.mkdir(parents=True)

@@ -20,38 +20,35 @@ Why the driver can be killed: the jobs are the work and keep running. A rerun of
 finds, through jobs.json and squeue, the cells still queued or running and follows them instead of
 submitting them again; finished cells are kept as on this host. Why OUT must be on a filesystem
 the nodes share (home, project or scratch): the cells write their run directories there.
+
+What is submitted (resources, the batch script) is `teefl.bench.slurm_script`'s; what runs inside
+a job (``teefl bench-cell``) is `teefl.bench.slurm_job`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
-import shlex
-import socket
-import sys
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 
 from teefl.bench.cell import (
     CellOutcome,
     _outcome_from,
-    _signals_as_interrupt,
     _summary,
     cell_finished,
     read_cell_record,
-    run_cell,
 )
 from teefl.bench.executor import Executor, RunContext
-from teefl.bench.matrix import Cell, plan_cells
-from teefl.bench.study import CellResources, SlurmResources, SlurmSpec, Study, study_from_dict
+from teefl.bench.matrix import Cell
+from teefl.bench.slurm_script import job_name, resources_for, sbatch_options, write_script
+from teefl.bench.study import SlurmSpec, Study
 from teefl.errors import TeeflError
 from teefl.slurm import client
 
@@ -61,138 +58,6 @@ BOOK_SCHEMA = "teefl.bench-slurm/1"
 EXIT_FILE_GRACE_S = 60.0
 #: how long the controller may stay silent before the driver gives up following
 UNREACHABLE_LIMIT_S = 600.0
-
-
-# -- resources ----------------------------------------------------------------------------------
-
-
-def _matches(rule: CellResources, cell: Cell) -> bool:
-    m = rule.match
-    values: dict[str, Any] = {
-        "models": cell.model,
-        "datasets": cell.dataset,
-        "transport": cell.config.transport,
-        "launcher": cell.config.launcher,
-        "at_rest": cell.config.at_rest,
-        "attestation": cell.config.attestation,
-        "config": cell.config.name,
-        "rounds": cell.rounds,
-    }
-    return all(getattr(m, key) is None or value in getattr(m, key) for key, value in values.items())
-
-
-def resources_for(spec: SlurmSpec, cell: Cell) -> SlurmResources:
-    """The study's resources with every matching ``cells`` entry applied over them, in order."""
-    merged = SlurmResources.model_validate(
-        spec.model_dump(include=set(SlurmResources.model_fields))
-    )
-    for rule in spec.cells:
-        if _matches(rule, cell):
-            for key in rule.model_fields_set - {"match"}:
-                value = getattr(rule, key)
-                if key == "options":
-                    value = merged.options + value
-                setattr(merged, key, value)
-    return merged
-
-
-def sbatch_options(res: SlurmResources) -> list[str]:
-    """The ``#SBATCH`` options of a cell's job (beside those teefl sets itself)."""
-    opts = ["--nodes=1", "--ntasks=1"]
-    for key, flag in (
-        ("partition", "--partition"),
-        ("account", "--account"),
-        ("qos", "--qos"),
-        ("time", "--time"),
-        ("gres", "--gres"),
-        ("constraint", "--constraint"),
-        ("cpus_per_task", "--cpus-per-task"),
-        ("mem", "--mem"),
-    ):
-        value = getattr(res, key)
-        if value is not None:
-            opts.append(f"{flag}={value}")
-    if res.exclusive:
-        opts.append("--exclusive")
-    return opts + list(res.options)
-
-
-# -- batch scripts ------------------------------------------------------------------------------
-
-
-def job_name(study: Study) -> str:
-    return f"teefl-{study.name}"
-
-
-def write_script(
-    path: Path,
-    *,
-    study: Study,
-    out: Path,
-    cells: list[Cell],
-    options: list[str],
-    parallel: int | None,
-    data_dir: Path | None,
-) -> Path:
-    """A batch script for ``cells``: a job array when ``parallel`` is given, else one job."""
-    q = shlex.quote
-    array = parallel is not None
-    logs = out / "slurm" / "logs"
-    for where in (out, Path.cwd()):
-        if any(c.isspace() for c in str(where)):
-            raise TeeflError(
-                f"{where}: a path with spaces cannot be put in #SBATCH lines; use another --out "
-                "or working directory"
-            )
-    head = [
-        "#!/bin/bash",
-        f"# teefl bench, study {study.name}: {len(cells)} cell(s) as "
-        + ("one Slurm job array." if array else "one Slurm job."),
-        "# Written, submitted and followed by `teefl bench --executor slurm`. To run it again by",
-        f"# hand: sbatch {path}",
-        "# (a cell already finished in the study folder is left as it is).",
-        "# Each cell is a whole federation (1 aggregator + N collaborator processes) on one node.",
-    ]
-    if array:
-        head.append(
-            f"# %{parallel}: at most {parallel} cell(s) at a time; one at a time keeps each cell's "
-            "timings free of another cell's load."
-        )
-    sb = [
-        f"--job-name={job_name(study)}",
-        *([f"--array=0-{len(cells) - 1}%{parallel}"] if array else []),
-        *options,
-        f"--output={logs}/%x-" + ("%A_%a.out" if array else "%j.out"),
-        f"--chdir={Path.cwd()}",
-    ]
-    lines = head + [f"#SBATCH {o}" for o in sb] + ["", "export PYTHONUNBUFFERED=1"]
-    if os.environ.get("PYTHONPATH"):
-        lines.append(f"export PYTHONPATH={q(os.environ['PYTHONPATH'])}  # as the submitter had it")
-    if array:
-        lines += ["CELLS=(", *[f"  {q(c.name)}" for c in cells], ")"]
-        lines += [
-            'CELL="${CELLS[$SLURM_ARRAY_TASK_ID]}"',
-            'KEY="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
-        ]
-    else:
-        lines += [f"CELL={q(cells[0].name)}", 'KEY="$SLURM_JOB_ID"']
-    status = out / "slurm" / "exit"
-    cmd = [q(sys.executable), "-m", "teefl", "bench-cell", q(str(out)), '"$CELL"']
-    cmd += ["--status-file", f'{q(str(status))}/"$KEY".json']
-    if data_dir is not None:
-        cmd += ["--data-dir", q(str(data_dir.resolve()))]
-    lines += [
-        "",
-        " ".join(cmd),
-        "code=$?",
-        "# the cell writes its status itself; this line is for a cell that could not even start",
-        f'[ -e {q(str(status))}/"$KEY".json ] || printf \'{{"cell": "%s", "code": %d}}\\n\' '
-        f'"$CELL" "$code" > {q(str(status))}/"$KEY".json',
-        'exit "$code"',
-        "",
-    ]
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
 
 
 # -- the record of submissions ------------------------------------------------------------------
@@ -532,131 +397,3 @@ def _status_text(jobs: Any) -> str:
         reasons = sorted({j.last.reason for j in queued if j.last is not None} - {"None"})
         text = "waiting for Slurm" + (f" ({', '.join(reasons)})" if reasons else "")
     return text + (f", {len(queued)} queued" if running and queued else "")
-
-
-# -- inside the job: one cell -------------------------------------------------------------------
-
-
-def _job_key() -> str | None:
-    env = os.environ
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID")
-
-
-@contextlib.contextmanager
-def _cell_lock(out: Path, name: str) -> Iterator[None]:
-    """One job per cell: a second one (a hand-resubmitted script) stops instead of colliding.
-
-    POSIX record locks (lockf), which network filesystems pass between nodes, unlike flock.
-    """
-    import fcntl
-
-    path = out / "slurm" / "locks" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held while the cell runs
-    try:
-        locked = True
-        try:
-            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EAGAIN):
-                fh.seek(0)
-                holder = fh.read().strip() or "?"
-                raise TeeflError(f"cell {name} is being run by another job ({holder})") from None
-            # a filesystem without POSIX locks: the driver's own jobs never overlap anyway
-            print(f"warning: no lock on {path} ({exc.strerror}); running the cell without one")
-            locked = False
-        if locked:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"job {_job_key()} on {socket.gethostname()}, pid {os.getpid()}")
-            fh.flush()
-        yield
-    finally:
-        fh.close()
-
-
-def _write_status(path: Path | None, status: dict[str, Any]) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(status) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def run_cell_job(
-    out: Path,
-    name: str,
-    *,
-    data_dir: Path | None = None,
-    status_file: Path | None = None,
-    console: Console | None = None,
-) -> int:
-    """``teefl bench-cell``: run one cell of the study stored in OUT, as the driver would here.
-
-    Writes ``status_file`` (exit code, error, job, node) at the end -- also when the job is
-    cancelled (SIGTERM) -- and returns the exit code: 0 finished, 1 failed, 130 interrupted.
-    """
-    console = console or Console(highlight=False)
-    out = out.resolve()
-    status: dict[str, Any] = {"cell": name, "job": _job_key(), "node": socket.gethostname()}
-    code, error = 1, None
-    try:
-        with _signals_as_interrupt():
-            code, error = _run_one(out, name, data_dir, console)
-    except KeyboardInterrupt:
-        code, error = 130, "interrupted (the job was cancelled or reached its time limit)"
-    except TeeflError as exc:
-        code, error = 1, str(exc)
-    finally:
-        status.update(code=code, error=error, finished_wall=time.time())
-        _write_status(status_file, status)
-    if error:
-        console.print(f"error: {error}", markup=False)
-    return code
-
-
-def _run_one(
-    out: Path, name: str, data_dir: Path | None, console: Console
-) -> tuple[int, str | None]:
-    from teefl.plan import read_yaml
-
-    path = out / "study.yaml"
-    if not path.is_file():
-        raise TeeflError(
-            f"{path} not found on {socket.gethostname()}: put the study folder on a filesystem "
-            "the nodes share with the login node"
-        )
-    study = study_from_dict(read_yaml(path, "study"), source=str(path))
-    cells, _invalid = plan_cells(study, data_dir)
-    cell = next((c for c in cells if c.name == name), None)
-    if cell is None:
-        raise TeeflError(
-            f"{name} is not a cell of the study in {out} as {socket.gethostname()} sees it (a "
-            "dataset missing on this node changes the cell names: put the datasets where every "
-            "node reads them, or pass --data-dir)"
-        )
-    if cell.skip:
-        raise TeeflError(f"{socket.gethostname()} cannot run cell {name}: {cell.skip}")
-    with _cell_lock(out, name):
-        if cell_finished(out / name):
-            console.print(f"cell {name} is already finished in {out}: left as it is")
-            return 0, None
-        key_file = out / "keys" / "at-rest.key" if cell.config.at_rest == "sealed" else None
-        o = run_cell(
-            study,
-            cell,
-            out,
-            data_dir=data_dir,
-            console=console,
-            key_file=key_file,
-            executor={"kind": "slurm", "job": _job_key(), "node": socket.gethostname()},
-        )
-    if o.status != "completed":
-        return 1, o.error
-    acc = f"{100 * o.accuracy:.2f} %" if o.accuracy is not None else "-"
-    t = f"{o.t_s:.1f} s" if o.t_s is not None else "-"
-    console.print(f"cell {name} finished on {socket.gethostname()}: T {t}, accuracy {acc}")
-    return 0, None

@@ -270,7 +270,7 @@ def bench_cell(
     ] = None,
 ) -> None:
     """Run one cell of a study folder (what each Slurm job of ``teefl bench`` runs)."""
-    from teefl.bench.slurm import run_cell_job
+    from teefl.bench.slurm_job import run_cell_job
 
     sys.exit(run_cell_job(out, cell, data_dir=data_dir, status_file=status_file))
 
