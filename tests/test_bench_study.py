@@ -12,7 +12,8 @@ import yaml
 from fedutil import SYNTHETIC, teefl
 from teefl.bench import matrix
 from teefl.bench.matrix import expand, plan_cells
-from teefl.bench.runner import check_study_copy, run_study
+from teefl.bench.outdir import check_study_copy
+from teefl.bench.runner import run_study
 from teefl.bench.study import (
     default_study,
     load_study,

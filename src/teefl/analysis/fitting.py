@@ -1,7 +1,7 @@
 """`teefl fit` without the printing: observations from CSV files and run directories, the fit,
 its JSON file and its figures.
 
-Why here and not in the command: the bench (`teefl.bench.runner.finish_study`) fits a study's
+Why here and not in the command: the bench (`teefl.bench.finish.finish_study`) fits a study's
 results too, and the bench may not import the CLI layer (tests/test_import_rules.py).
 """
 

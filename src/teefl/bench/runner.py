@@ -17,21 +17,20 @@ without changing what is measured.
 
 Why the cell directory name is deterministic but the run id is not: the name is how a rerun finds
 the cell; the run id (time + random) is how `teefl report A/ B/` tells runs of two hosts apart.
+
+One study per OUT and one runner at a time: `teefl.bench.outdir`; the report, the fit and the
+tables at the end: `teefl.bench.finish`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -46,10 +45,11 @@ from teefl.bench.cell import (
     read_cell_record,
 )
 from teefl.bench.executor import Executor, NetnsExecutor, RunContext
+from teefl.bench.finish import finish_study
 from teefl.bench.matrix import Cell, Config, plan_cells
-from teefl.bench.study import Study, differing_keys
+from teefl.bench.outdir import check_study_copy, lock
+from teefl.bench.study import Study
 from teefl.errors import TeeflError
-from teefl.writable import writable_dir
 
 
 @dataclass
@@ -64,71 +64,6 @@ class StudyResult:
 
     def count(self, status: str) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
-
-
-# -- the output directory -----------------------------------------------------------------------
-
-
-def check_study_copy(study: Study, out: Path, *, force: bool) -> list[str]:
-    """Refuse to mix two different studies in one OUT (unless ``force``), then store the study.
-
-    Why refuse: the cells already there were run with the old settings; silently adding cells of
-    a different base plan would put both into one table. ``--force`` is for deliberate changes
-    (adding a dataset to the axes); the report still splits runs whose plans differ. Returns
-    the keys that changed (empty for the same study or a new OUT).
-    """
-    path = out / "study.yaml"
-    new = study.normalized()
-    keys: list[str] = []
-    if path.is_file():
-        try:
-            old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise TeeflError(f"cannot read {path}: {exc}") from None
-        keys = differing_keys(old, new)
-        if keys and not force:
-            shown = ", ".join(keys[:12]) + (f" (+{len(keys) - 12} more)" if len(keys) > 12 else "")
-            raise TeeflError(
-                f"{out} holds results of a different study (differs in: {shown}); use another "
-                "--out, or --force to continue it with the new study (finished cells with the "
-                "same name are kept)"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".study.yaml.tmp")
-    tmp.write_text(
-        "# written by teefl bench: the study these results belong to\n"
-        + yaml.safe_dump(new, sort_keys=False),
-        encoding="utf-8",
-    )
-    os.replace(tmp, path)
-    return keys
-
-
-@contextlib.contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    """One runner per OUT: two would run the same cells into the same directories."""
-    import fcntl
-
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ".bench.lock"
-    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole study
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            raise TeeflError(
-                f"another teefl bench (pid {holder}) is running on {out}; wait for it or use "
-                "another --out"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        yield
-    finally:
-        fh.close()
 
 
 # -- one cell -----------------------------------------------------------------------------------
@@ -304,7 +239,7 @@ def run_study(
         return result
     if not runnable:
         raise TeeflError("no cell of the study can run on this host (see the reasons above)")
-    with _lock(out):
+    with lock(out):
         changed = check_study_copy(study, out, force=force)
         if changed:
             console.print(
@@ -424,86 +359,4 @@ def _print_order(console: Console, cells: list[Cell], out: Path) -> None:
     for i, c in enumerate(cells, start=1):
         state = "finished" if cell_finished(out / c.name) else "to run"
         t.add_row(str(i), c.name, state)
-    console.print(t)
-
-
-# -- the end: report and fit --------------------------------------------------------------------
-
-
-def finish_study(
-    study: Study, out: Path, console: Console, result: StudyResult | None = None
-) -> None:
-    """What `teefl report` and `teefl fit` do, on everything in OUT, and Tables II/III."""
-    from teefl.analysis.console import print_fit, print_report, print_warnings
-    from teefl.analysis.fitting import fit_inputs, write_fit
-    from teefl.analysis.report import make_report
-
-    if not any(cell_finished(d) for d in out.iterdir() if d.is_dir()):
-        console.print("[yellow]no finished cell yet: nothing to report[/yellow]")
-        return
-    resamples = study.report.resamples
-    try:
-        writable_dir(out / "report", "report directory")
-        report = make_report([out], out / "report", resamples=resamples, seed=0)
-    except TeeflError as exc:
-        console.print(f"[yellow]report not written: {escape(str(exc))}[/yellow]")
-        return
-    print_report(console, report, out / "report")
-    print_tables(out, console)
-    console.print("\n[bold]Overhead model[/bold] (teefl fit): T = T_base · (1 + Σ C_k · x_k)")
-    try:
-        fit, notes = fit_inputs([out], resamples=resamples, seed=0, level=0.95)
-        print_fit(console, fit, 0.95)
-        print_warnings(console, notes + fit["warnings"])
-        write_fit(fit, out / "fit.json")
-        console.print(f"wrote {out / 'fit.json'}", highlight=False)
-    except TeeflError as exc:
-        console.print(f"[yellow]not fitted: {escape(str(exc))}[/yellow]")
-    if result is not None:
-        result.report = out / "report" / "report.md"
-        result.fit = out / "fit.json"
-
-
-def print_tables(out: Path, console: Console) -> None:
-    """Tables II and III (paper layout: configurations x model/dataset) for each report group."""
-    from teefl.analysis import tables
-    from teefl.analysis.report import collect, form_groups
-    from teefl.analysis.timefmt import format_both
-
-    entries, _excluded = collect([out])
-    groups = form_groups(entries)
-    for g in groups:
-        head = f" (group {g.gid})" if len(groups) > 1 else ""
-        ss = g.summaries
-        _pivot(
-            console,
-            tables.table2_wallclock(ss),
-            lambda r: f"{format_both(r['mean_s'])}, n={r['n']}",
-            f"Table II — wall-clock time T{head}",
-        )
-        _pivot(
-            console,
-            tables.table3_communication(ss),
-            lambda r: f"{r['mean_s']:.3f} ± {r['std_s']:.3f}",
-            f"Table III — communication s per collaborator per round{head}",
-        )
-
-
-def _pivot(console: Console, df: Any, fmt: Any, title: str) -> None:
-    from teefl.analysis.tables import config_sort_key
-
-    if df.empty:
-        return
-    columns = sorted({(r.model, r.dataset) for r in df.itertuples()})
-    lookup = {(r["model"], r["dataset"], r["config"]): r for r in df.to_dict("records")}
-    t = Table(title=title, header_style="bold", title_justify="left")
-    t.add_column("configuration")
-    for m, d in columns:
-        t.add_column(f"{m}\n{d}", justify="right")
-    for cfg in sorted(set(df["config"]), key=config_sort_key):
-        row = [escape(cfg)]
-        for m, d in columns:
-            r = lookup.get((m, d, cfg))
-            row.append(escape(fmt(r)) if r else "-")
-        t.add_row(*row)
     console.print(t)
