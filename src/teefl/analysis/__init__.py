@@ -5,6 +5,7 @@ torch or grpc): a report must be producible on a laptop from run directories cop
 SGX host. Its only input is the run-directory contract of docs/architecture.md.
 
 Modules: ``loader`` (read run directories), ``summary`` (summary.json), ``timefmt`` (HH:MM[:SS]),
-``mechanisms`` (security configuration -> x_k), ``tables`` (Tables I-III, phases), ``perfmodel``
-(NNLS overhead model, bootstrap, prediction), ``plots`` (matplotlib, Agg), ``report`` (report.md).
+``mechanisms`` (security configuration -> x_k), ``tables`` (Tables I-III, phases),
+``observations`` (the model's input runs), ``perfmodel`` (NNLS overhead model, bootstrap),
+``prediction`` (what a fit predicts), ``plots`` (matplotlib, Agg), ``report`` (report.md).
 """

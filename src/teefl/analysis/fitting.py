@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from teefl.analysis import perfmodel
+from teefl.analysis import observations, perfmodel
 from teefl.analysis.report import collect, form_groups
 from teefl.errors import TeeflError
 
@@ -24,11 +24,11 @@ def fit_inputs(
 
     Returns the fit (`perfmodel.fit`) and notes for the reader (runs excluded, plans mixed).
     """
-    obs: list[perfmodel.Observation] = []
+    obs: list[observations.Observation] = []
     run_paths: list[Path] = []
     for p in inputs:
         if p.is_file():
-            obs += perfmodel.read_times_csv(p)
+            obs += observations.read_times_csv(p)
         elif p.is_dir():
             run_paths.append(p)
         else:
@@ -44,7 +44,7 @@ def fit_inputs(
                 f"the runs come from {len(groups)} plans that differ in {', '.join(keys)}; they "
                 "are fitted together here (teefl report keeps them apart)"
             )
-        obs += perfmodel.observations_from_summaries(e.summary for e in entries)
+        obs += observations.observations_from_summaries(e.summary for e in entries)
     result = perfmodel.fit(
         obs, resamples=resamples, seed=seed, level=level, sources=[str(p) for p in inputs]
     )

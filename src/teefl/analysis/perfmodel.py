@@ -20,108 +20,27 @@ term whose column is a combination of other columns is reported as not identifia
 A column that is "all ones" over the non-baseline rows is *not* a problem here: the model has no
 intercept (T_base is measured, not fitted), so e.g. ``gramine`` in the paper's SGX table is
 identified by the gramine-only runs even though every protected run uses gramine.
+
+The runs come in as `teefl.analysis.observations`; what a fit predicts is
+`teefl.analysis.prediction`.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from teefl.analysis import mechanisms as mech
-from teefl.analysis.timefmt import format_hms, parse_duration
+from teefl.analysis.observations import Observation
 from teefl.errors import TeeflError
 
 FIT_SCHEMA = "teefl.fit/1"
 JOINT = "&"
-
-
-@dataclass(frozen=True)
-class Observation:
-    """One run: which model on which dataset under which mechanisms took how long (seconds)."""
-
-    model: str
-    dataset: str
-    config: tuple[str, ...]
-    time: float
-    run: str | None = None
-
-    @property
-    def label(self) -> str:
-        return mech.config_label(self.config)
-
-
-# -- input --------------------------------------------------------------------------------------
-
-
-def read_times_csv(path: Path | str) -> list[Observation]:
-    """Read ``model,dataset,config,time`` rows (time: seconds, HH:MM or HH:MM:SS).
-
-    Why strict: a wrong row in a transcription of a published table would silently bend every
-    coefficient, so any bad cell stops with the file, the line and what was wrong.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise TeeflError(f"no such file: {path}") from None
-    except OSError as exc:
-        raise TeeflError(f"cannot read {path}: {exc.strerror}") from None
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not lines:
-        raise TeeflError(f"{path} is empty: expected a header model,dataset,config,time")
-    reader = csv.reader(lines)
-    header = [h.strip().lower() for h in next(reader)]
-    need = ("model", "dataset", "config", "time")
-    missing = [c for c in need if c not in header]
-    if missing:
-        raise TeeflError(
-            f"{path}: header must name columns model,dataset,config,time (missing: "
-            f"{', '.join(missing)})"
-        )
-    idx = {c: header.index(c) for c in need}
-    run_col = header.index("run") if "run" in header else None
-    out: list[Observation] = []
-    for lineno, row in enumerate(reader, start=2):
-        if len(row) < len(header):
-            raise TeeflError(f"{path}:{lineno}: expected {len(header)} fields, got {len(row)}")
-        where = f" ({path}:{lineno})"
-        model, dataset = row[idx["model"]].strip(), row[idx["dataset"]].strip()
-        if not model or not dataset:
-            raise TeeflError(f"{path}:{lineno}: model and dataset must not be empty")
-        config = mech.parse_config(row[idx["config"]], where=where)
-        t = parse_duration(row[idx["time"]], what=f"time{where}")
-        run = row[run_col].strip() if run_col is not None else f"{path.name}:{lineno}"
-        out.append(Observation(model, dataset, config, t, run))
-    if not out:
-        raise TeeflError(f"{path} has a header but no rows")
-    return out
-
-
-def observations_from_summaries(summaries: Iterable[Mapping[str, Any]]) -> list[Observation]:
-    """Completed runs with a known wall-clock time, model and dataset become observations."""
-    out = []
-    for s in summaries:
-        t = (s.get("wall_clock") or {}).get("seconds")
-        if s.get("status") != "completed" or t is None or not s.get("model"):
-            continue
-        out.append(
-            Observation(
-                model=str(s["model"]),
-                dataset=str(s.get("dataset") or "?"),
-                config=tuple(s.get("mechanisms") or ()),
-                time=float(t),
-                run=str(s.get("run_id")),
-            )
-        )
-    return out
 
 
 # -- fitting ------------------------------------------------------------------------------------
@@ -455,105 +374,8 @@ def fit(
     }
 
 
-# -- prediction ---------------------------------------------------------------------------------
-
-
-def predict(
-    fit_result: Mapping[str, Any], baseline: float, model: str | None = None
-) -> list[dict[str, Any]]:
-    """Predicted wall-clock under each configuration of the fit and each single mechanism.
-
-    Why both: the seen configurations are what was measured (their factor is identified even when
-    single coefficients are not); single mechanisms let a user budget a deployment that adds one
-    protection to a plain run. Intervals come from the bootstrap.
-    """
-    if fit_result.get("schema") != FIT_SCHEMA or "models" not in fit_result:
-        raise TeeflError("not a teefl fit file (expected the JSON written by 'teefl fit --out')")
-    models = fit_result["models"]
-    if model is not None:
-        if model not in models:
-            raise TeeflError(
-                f"model {model!r} is not in the fit; it has: {', '.join(sorted(models))}"
-            )
-        names = [model]
-    else:
-        names = sorted(models)
-    rows: list[dict[str, Any]] = []
-    for name in names:
-        mf = models[name]
-        seen: set[str] = set()
-        for c in mf.get("configs", []):
-            seen.add(c["config"])
-            rows.append(
-                _prediction(
-                    name,
-                    c["config"],
-                    baseline,
-                    c["factor"],
-                    c.get("factor_low"),
-                    c.get("factor_high"),
-                    "measured",
-                )
-            )
-        for term, co in mf.get("coefficients", {}).items():
-            label = mech.config_label(co.get("members") or term.split(JOINT))
-            if label in seen:
-                continue
-            seen.add(label)
-            if co.get("value") is None:
-                rows.append(
-                    _prediction(
-                        name,
-                        label,
-                        baseline,
-                        None,
-                        None,
-                        None,
-                        "single",
-                        "not identifiable from these runs",
-                    )
-                )
-                continue
-            low = 1.0 + co["low"] if co.get("low") is not None else None
-            high = 1.0 + co["high"] if co.get("high") is not None else None
-            note = "joint: always on together in the fit" if len(co.get("members", [])) > 1 else ""
-            rows.append(
-                _prediction(name, label, baseline, 1.0 + co["value"], low, high, "single", note)
-            )
-    return rows
-
-
-def _prediction(
-    model: str,
-    label: str,
-    baseline: float,
-    factor: float | None,
-    low: float | None,
-    high: float | None,
-    kind: str,
-    note: str = "",
-) -> dict[str, Any]:
-    return {
-        "model": model,
-        "config": label,
-        "kind": kind,
-        "factor": factor,
-        "seconds": baseline * factor if factor is not None else None,
-        "low": baseline * low if low is not None else None,
-        "high": baseline * high if high is not None else None,
-        "note": note,
-    }
-
-
 def format_interval(low: float | None, high: float | None, fmt: str = "{:.3f}") -> str:
     """``[low, high]`` or ``-`` when the bootstrap could not produce one."""
     if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
         return "-"
     return f"[{fmt.format(low)}, {fmt.format(high)}]"
-
-
-def format_time_interval(low: float | None, high: float | None) -> str:
-    """``[HH:MM:SS, HH:MM:SS]`` for predicted wall-clock intervals."""
-    if low is None or high is None:
-        return "-"
-    return f"[{format_hms(low)}, {format_hms(high)}]"

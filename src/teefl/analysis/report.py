@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from teefl.analysis import perfmodel, plots, tables
+from teefl.analysis import observations, perfmodel, plots, tables
 from teefl.analysis.loader import find_run_dirs
 from teefl.analysis.summary import load_summary
 from teefl.analysis.timefmt import format_both
@@ -348,7 +348,7 @@ def make_report(
             md += [f"![phases of {model}]({png.name})", ""]
 
         md += [f"## Overhead model{head}", ""]
-        obs = perfmodel.observations_from_summaries(ss)
+        obs = observations.observations_from_summaries(ss)
         try:
             fit = perfmodel.fit(
                 obs, resamples=resamples, seed=seed, level=level, sources=[str(p) for p in paths]

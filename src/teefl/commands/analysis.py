@@ -164,7 +164,7 @@ def predict(
     """Predict wall-clock under each fitted configuration and each single mechanism."""
     from rich.table import Table
 
-    from teefl.analysis import perfmodel
+    from teefl.analysis import prediction
     from teefl.analysis.timefmt import format_hms, parse_duration
 
     seconds = parse_duration(baseline, what="--baseline")
@@ -176,7 +176,7 @@ def predict(
         raise TeeflError(f"cannot read fit file {fit_file}: {exc}") from None
     if not isinstance(data, dict):
         raise TeeflError(f"{fit_file} is not a teefl fit file")
-    rows = perfmodel.predict(data, seconds, model=model)
+    rows = prediction.predict(data, seconds, model=model)
     level = round(100 * float((data.get("bootstrap") or {}).get("level", 0.95)))
     console = _console()
     console.print(f"baseline {format_hms(seconds)} ({seconds:.0f} s)", highlight=False)
@@ -191,7 +191,7 @@ def predict(
             f"x{r['factor']:.3f}" if r["factor"] is not None else "-",
             format_hms(r["seconds"]),
             f"{r['seconds']:.0f}" if r["seconds"] is not None else "-",
-            _esc(perfmodel.format_time_interval(r["low"], r["high"])),
+            _esc(prediction.format_time_interval(r["low"], r["high"])),
             _esc(r["note"]),
         )
     console.print(t)
