@@ -17,7 +17,8 @@ from rich.console import Console
 
 import teefl
 from teefl.errors import TeeflError
-from teefl.security.tee.gramine import render_manifest, sign_manifest, wrap_command
+from teefl.security.tee.gramine import sign_manifest, wrap_command
+from teefl.security.tee.gramine_manifest import render_manifest
 
 PY = Path(sys.executable)
 

@@ -377,7 +377,7 @@ def gramine_manifest(
     ),
 ) -> None:
     """Render a Gramine manifest template; a command after `--` becomes loader.argv."""
-    from teefl.security.tee.gramine import render_manifest
+    from teefl.security.tee.gramine_manifest import render_manifest
 
     command = [str(a) for a in ctx.args]
     if command and command[0] == "--":
