@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedutil import SYNTHETIC, free_port, write_plan
 from teefl.security import certificates, plan_pki
-from teefl.security.tee.evidence import (
+from teefl.security.tee.simulated import (
     default_simulated_measurements,
     load_or_create_simulated_key,
     simulated_key_fingerprint,

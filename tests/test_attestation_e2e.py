@@ -29,7 +29,7 @@ from identutil import attested_plan_data, channel, model_bytes, secure_plan, sim
 from teefl.federation import attest
 from teefl.plan import load_plan
 from teefl.security import certificates, session
-from teefl.security.tee.evidence import SimulatedProvider
+from teefl.security.tee.simulated import SimulatedProvider
 from teefl.wire import teefl_pb2, teefl_pb2_grpc
 
 

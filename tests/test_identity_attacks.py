@@ -47,7 +47,7 @@ from teefl.federation import attest
 from teefl.measure.events import EventRecorder
 from teefl.plan import load_plan, plan_from_dict
 from teefl.security import certificates, crl, pki
-from teefl.security.tee.evidence import SimulatedProvider
+from teefl.security.tee.simulated import SimulatedProvider
 from teefl.server.aggregator import Aggregator, final_state
 from teefl.transport import framing, socket_client
 from teefl.wire import codec, teefl_pb2, teefl_pb2_grpc

@@ -10,17 +10,16 @@ from pathlib import Path
 import pytest
 
 from teefl.errors import TeeflError
+from teefl.security.tee.detect import default_provider
 from teefl.security.tee.evidence import (
     ConfigfsTsmProvider,
     Evidence,
     EvidenceError,
     EvidenceProvider,
     GramineProvider,
-    SimulatedProvider,
     TsmFs,
-    default_provider,
-    simulated_key_fingerprint,
 )
+from teefl.security.tee.simulated import SimulatedProvider, simulated_key_fingerprint
 from teefl.security.tee.verify import (
     AttestationError,
     Policy,

@@ -19,13 +19,13 @@ import pytest
 from fedutil import SYNTHETIC, teefl, write_plan
 from teefl.federation import attest
 from teefl.plan import plan_from_dict
-from teefl.security.tee.evidence import (
+from teefl.security.tee.policy import Policy, check_policy, require_pinned
+from teefl.security.tee.simulated import (
     SimulatedProvider,
     default_simulated_measurements,
     load_or_create_simulated_key,
     simulated_key_fingerprint,
 )
-from teefl.security.tee.policy import Policy, check_policy, require_pinned
 from teefl.security.tee.verify import (
     AttestationError,
     QuoteVerdict,

@@ -307,7 +307,7 @@ def policy(
         raise TeeflError("give a QUOTE_OR_REPORT file or --simulated-key FILE (one of them)")
     note: str
     if simulated_key is not None:
-        from teefl.security.tee.evidence import SimulatedProvider
+        from teefl.security.tee.simulated import SimulatedProvider
         from teefl.security.tee.verify import SimulatedVerifier
 
         provider = SimulatedProvider(allow_simulated=True, key_file=simulated_key)

@@ -37,15 +37,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from teefl.errors import TeeflError
 from teefl.plan import AttestationSpec, Plan, plan_digest, plan_sections
+from teefl.security.tee.detect import default_provider
 from teefl.security.tee.evidence import (
     ConfigfsTsmProvider,
     Evidence,
     EvidenceProvider,
     GramineProvider,
-    SimulatedProvider,
-    default_provider,
 )
 from teefl.security.tee.policy import ROLE_KEYS, ROLES, require_pinned
+from teefl.security.tee.simulated import SimulatedProvider
 from teefl.security.tee.verify import (
     AttestationError,
     QuoteVerdict,

@@ -3,7 +3,8 @@
 The pieces are independent so the federation can use them one at a time:
 
 - ``detect.detect_tee`` -> ``TeeInfo`` (what this process runs in, with evidence),
-- ``evidence`` providers turn 64 bytes of report data into a quote,
+- ``evidence`` providers turn 64 bytes of report data into a quote (``simulated``: the software
+  stand-in for tests; ``detect.default_provider``: the one this machine supports),
 - ``verify`` checks a quote (DCAP) or an SEV-SNP report (``snp``), parses its identity,
 - ``policy`` says what a verifier accepts per role, including the binding of the evidence to the
   TLS key, and refuses a ``required`` policy that pins no identity,
@@ -27,8 +28,8 @@ _EXPORTS = {
     "EvidenceError": "evidence",
     "EvidenceProvider": "evidence",
     "GramineProvider": "evidence",
-    "SimulatedProvider": "evidence",
-    "default_provider": "evidence",
+    "SimulatedProvider": "simulated",
+    "default_provider": "detect",
     "AttestationError": "errors",
     "AttestationPolicies": "policy",
     "Policy": "policy",

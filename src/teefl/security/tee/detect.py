@@ -25,6 +25,8 @@ Label precedence, strongest first (documented in ``LABEL_PRECEDENCE``): ``gramin
 protection that actually covers *this process's memory*: gramine-direct gives no confidentiality,
 so gramine-direct inside a TDX VM is labelled ``tdx`` (with ``isolation: gramine-direct`` kept in
 the record); an SGX-capable host only *could* run an enclave, so it ranks just above ``none``.
+
+`default_provider` picks, by the same markers, the evidence provider this machine supports.
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from teefl.errors import TeeflError
+
+if TYPE_CHECKING:
+    from teefl.security.tee.evidence import EvidenceProvider
 
 log = logging.getLogger("teefl.tee")
 
@@ -342,12 +347,38 @@ def detect_tee(
     )
 
 
+def default_provider(
+    root: Path = Path("/"), *, allow_simulated: bool = False, simulated_key: Path | None = None
+) -> EvidenceProvider:
+    """The provider this machine supports: Gramine-SGX, then configfs-tsm, then (if allowed)
+    simulated, signing with ``simulated_key``. Raises EvidenceError naming what is missing when
+    nothing fits."""
+    # here, not at the top: detection needs no cryptography, only choosing a provider does
+    from teefl.security.tee.evidence import ConfigfsTsmProvider, EvidenceError, GramineProvider
+    from teefl.security.tee.simulated import SimulatedProvider
+
+    gramine = GramineProvider(root)
+    if gramine.dir.is_dir() and gramine.attestation_type() not in (None, "", "none"):
+        return gramine
+    tsm = ConfigfsTsmProvider(root)
+    if tsm.available():
+        return tsm
+    if allow_simulated:
+        return SimulatedProvider(allow_simulated=True, key_file=simulated_key)
+    raise EvidenceError(
+        "no attestation source: not inside gramine-sgx and no configfs-tsm "
+        "(/sys/kernel/config/tsm/report); run in a TDX/SEV-SNP guest or under gramine-sgx, or "
+        "set allow_simulated: true for tests"
+    )
+
+
 __all__ = [
     "KNOWN_LABELS",
     "LABEL_PRECEDENCE",
     "Finding",
     "TeeInfo",
     "cpu_flags",
+    "default_provider",
     "detect_tee",
     "normalise_label",
     "tsm_providers",

@@ -39,12 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from teefl.errors import TeeflError
 from teefl.security.tee.errors import AttestationError
-from teefl.security.tee.evidence import (
-    Evidence,
-    parse_simulated_quote,
-    verify_simulated_signature,
-    warn_simulated,
-)
+from teefl.security.tee.evidence import Evidence
 from teefl.security.tee.policy import (
     AttestationPolicies,
     Policy,
@@ -52,6 +47,11 @@ from teefl.security.tee.policy import (
     enforce_policy,
     policy_block,
     require_pinned,
+)
+from teefl.security.tee.simulated import (
+    parse_simulated_quote,
+    verify_simulated_signature,
+    warn_simulated,
 )
 from teefl.security.tee.verdict import QuoteVerdict
 
@@ -456,7 +456,7 @@ def verify_any(
 ) -> QuoteVerdict:
     """Verify a quote or report file whose format is detected: SEV-SNP report (1184 bytes,
     version 2-5), simulated quote (magic), else an Intel DCAP quote (`teefl tee verify`)."""
-    from teefl.security.tee.evidence import SIMULATED_MAGIC
+    from teefl.security.tee.simulated import SIMULATED_MAGIC
     from teefl.security.tee.snp import looks_like_snp_report
 
     if looks_like_snp_report(data):
