@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from teefl.security.tee.quote import parse_quote_fields
 from teefl.security.tee.verify import (
     AttestationError,
     Policy,
     QuoteVerdict,
     check_policy,
     enforce_policy,
-    parse_quote_fields,
     report_data_for,
     spki_der_of,
     verify_quote,

@@ -247,9 +247,9 @@ def _print_verdict(verdict) -> None:
 
 def _unverified(data: bytes):
     """A verdict from parsing alone (no signature checked), for printing pins."""
+    from teefl.security.tee.quote import parse_quote_fields
     from teefl.security.tee.snp import looks_like_snp_report, parse_report
     from teefl.security.tee.verdict import QuoteVerdict
-    from teefl.security.tee.verify import parse_quote_fields
 
     if looks_like_snp_report(data):
         report = parse_report(data)

@@ -6,9 +6,9 @@ Why three layers:
 1. ``verify_quote`` answers "is this a genuine quote from an Intel platform, and what is that
    platform's TCB status at time ``now``?" -- signatures, certificate chain to Intel's root, CRLs
    and TCB info, all done by ``dcap_qvl`` against collateral from a file or a PCCS.
-2. ``parse_quote_fields`` reads the measured identity (MRTD/RTMRs or MRENCLAVE/MRSIGNER) and the
-   64-byte REPORTDATA from the quote body ourselves, with offsets from Intel's quote format
-   specification, so the policy never depends on a library's JSON shape.
+2. ``quote.parse_quote_fields`` reads the measured identity (MRTD/RTMRs or MRENCLAVE/MRSIGNER)
+   and the 64-byte REPORTDATA from the quote body ourselves, with offsets from Intel's quote
+   format specification, so the policy never depends on a library's JSON shape.
 3. ``check_policy`` (``policy.py``) answers "do *we* accept it?": TCB status, measurements, debug
    attributes, and the binding of REPORTDATA to the TLS key of this very connection. Without the
    binding a genuine quote could be replayed by any machine-in-the-middle; with it, the quote
@@ -27,9 +27,7 @@ import hashlib
 import json
 import logging
 import re
-import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +46,7 @@ from teefl.security.tee.policy import (
     policy_block,
     require_pinned,
 )
+from teefl.security.tee.quote import parse_quote_fields
 from teefl.security.tee.simulated import (
     parse_simulated_quote,
     verify_simulated_signature,
@@ -61,44 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("teefl.tee")
 
 NONCE_SIZE = 32
-
-# Quote layout (Intel SGX/TDX DCAP Quote Library, "Quote Format"): a 48-byte header, then the
-# report body. v3 = SGX (384-byte enclave report), v4 = SGX or TDX (tee_type 0x81, 584-byte TD
-# report 1.0), v5 = a 2-byte body type and 4-byte body size before the body.
-HEADER_SIZE = 48
-TEE_TYPE_SGX = 0x00000000
-TEE_TYPE_TDX = 0x00000081
-
-# Offsets inside an SGX enclave report body (add the body start).
-_SGX_FIELDS = {
-    "cpu_svn": (0, 16),
-    "attributes": (48, 16),
-    "mrenclave": (64, 32),
-    "mrsigner": (128, 32),
-    "isv_prod_id": (256, 2),
-    "isv_svn": (258, 2),
-    "report_data": (320, 64),
-}
-_SGX_BODY_SIZE = 384
-
-# Offsets inside a TDX TD report 1.0 body; 1.5 appends tee_tcb_svn2 (16) and mrservicetd (48).
-_TDX_FIELDS = {
-    "tee_tcb_svn": (0, 16),
-    "mr_seam": (16, 48),
-    "td_attributes": (120, 8),
-    "xfam": (128, 8),
-    "mrtd": (136, 48),
-    "mr_config_id": (184, 48),
-    "mr_owner": (232, 48),
-    "mr_owner_config": (280, 48),
-    "rtmr0": (328, 48),
-    "rtmr1": (376, 48),
-    "rtmr2": (424, 48),
-    "rtmr3": (472, 48),
-    "report_data": (520, 64),
-}
-_TDX10_BODY_SIZE = 584
-_TDX15_BODY_SIZE = 648
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,80 +110,6 @@ def spki_der_of(cert_or_key: x509.Certificate | bytes | Any) -> bytes:
         raise TypeError(f"cannot take a public key from {type(cert_or_key).__name__}")
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Parsing
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QuoteFields:
-    """Identity fields read from a quote body (hex strings for byte fields)."""
-
-    version: int
-    tee_type: str  # "tdx" | "sgx"
-    attestation_key_type: int
-    report_data: bytes
-    measurements: dict[str, str]
-    isv_prod_id: int | None = None
-    isv_svn: int | None = None
-
-
-def parse_quote_fields(quote: bytes) -> QuoteFields:
-    """Parse header and report body of an SGX (v3/v4) or TDX (v4/v5) DCAP quote.
-
-    This does not check any signature: use it only on a quote that ``verify_quote`` accepted, or
-    to display what a quote *claims*.
-    """
-    if len(quote) < HEADER_SIZE:
-        raise AttestationError(f"quote truncated: {len(quote)} bytes, header needs {HEADER_SIZE}")
-    version, key_type, tee_type = struct.unpack_from("<HHI", quote, 0)
-    if version in (3, 4):
-        body_start = HEADER_SIZE
-        if tee_type == TEE_TYPE_SGX:
-            kind, body_size = "sgx", _SGX_BODY_SIZE
-        elif tee_type == TEE_TYPE_TDX and version == 4:
-            kind, body_size = "tdx", _TDX10_BODY_SIZE
-        else:
-            raise AttestationError(f"unsupported quote: version {version}, tee_type {tee_type:#x}")
-    elif version == 5:
-        if len(quote) < HEADER_SIZE + 6:
-            raise AttestationError("quote truncated: v5 body descriptor missing")
-        body_type, body_size = struct.unpack_from("<HI", quote, HEADER_SIZE)
-        body_start = HEADER_SIZE + 6
-        kinds = {1: "sgx", 2: "tdx", 3: "tdx"}
-        if body_type not in kinds:
-            raise AttestationError(f"unsupported v5 quote body type {body_type}")
-        kind = kinds[body_type]
-    else:
-        raise AttestationError(f"unsupported quote version {version}")
-    if len(quote) < body_start + body_size:
-        raise AttestationError(
-            f"quote truncated: {len(quote)} bytes, report body ends at {body_start + body_size}"
-        )
-    table = _SGX_FIELDS if kind == "sgx" else _TDX_FIELDS
-
-    def take(name: str) -> bytes:
-        off, size = table[name]
-        return quote[body_start + off : body_start + off + size]
-
-    measurements = {name: take(name).hex() for name in table if name != "report_data"}
-    isv_prod_id = isv_svn = None
-    if kind == "sgx":
-        isv_prod_id = int.from_bytes(take("isv_prod_id"), "little")
-        isv_svn = int.from_bytes(take("isv_svn"), "little")
-        measurements.pop("isv_prod_id")
-        measurements.pop("isv_svn")
-    return QuoteFields(
-        version=version,
-        tee_type=kind,
-        attestation_key_type=key_type,
-        report_data=take("report_data"),
-        measurements=measurements,
-        isv_prod_id=isv_prod_id,
-        isv_svn=isv_svn,
     )
 
 
@@ -474,12 +361,10 @@ __all__ = [
     "AttestationError",
     "AttestationPolicies",
     "Policy",
-    "QuoteFields",
     "QuoteVerdict",
     "SimulatedVerifier",
     "check_policy",
     "enforce_policy",
-    "parse_quote_fields",
     "policy_block",
     "report_data_for",
     "require_pinned",
