@@ -9,6 +9,7 @@ Exact definitions (docs/architecture.md, brief):
 - wall-clock T = duration of the aggregator's ``run`` span; without one, the aggregator's first
   anchor to its last event; without events, run.json ``finished_wall - started_wall``.
 - communication time of a collaborator in a round = its ``download`` + ``upload`` spans.
+- accuracy and loss: `teefl.analysis.run_metrics.final_metrics`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from teefl.analysis import mechanisms
 from teefl.analysis.loader import ProcessLog, RunDir, load_run_dir, model_info_from_safetensors
+from teefl.analysis.run_metrics import final_metrics, round_of
 from teefl.analysis.timefmt import format_hms
 from teefl.errors import TeeflError
 from teefl.rundir import RunDir as Layout
@@ -96,101 +98,6 @@ def _wall_clock(run: RunDir, warnings: list[str]) -> dict[str, Any]:
         return {"seconds": t, "hms": format_hms(t), "source": "run.json wall times"}
     warnings.append("wall-clock time unknown: no aggregator events and no run.json wall times")
     return {"seconds": None, "hms": "-", "source": None}
-
-
-def _round_of(span: dict[str, Any]) -> int | None:
-    r = span.get("round")
-    if isinstance(r, bool):
-        return None
-    if isinstance(r, int):
-        return r
-    if isinstance(r, float) and r.is_integer():
-        return int(r)
-    return None
-
-
-def _weighted_metrics(spans: list[dict[str, Any]]) -> dict[str, float] | None:
-    """Sample-weighted mean of accuracy/loss over collaborators (unweighted without samples)."""
-    sums: dict[str, float] = defaultdict(float)
-    weights: dict[str, float] = defaultdict(float)
-    for s in spans:
-        m = s.get("metrics")
-        if not isinstance(m, dict):
-            continue
-        w = s.get("samples")
-        w = float(w) if isinstance(w, int | float) and w > 0 else 1.0
-        for key in ("accuracy", "loss"):
-            v = m.get(key)
-            if isinstance(v, int | float):
-                sums[key] += w * float(v)
-                weights[key] += w
-    if not weights:
-        return None
-    return {k: sums[k] / weights[k] for k in sums}
-
-
-def _metrics_from_record(rec: dict[str, Any]) -> dict[str, float] | None:
-    """Accuracy/loss from a metrics.jsonl line, whose exact shape older runs may vary."""
-
-    def pick(d: Any) -> dict[str, float] | None:
-        if isinstance(d, dict) and any(isinstance(d.get(k), int | float) for k in ("accuracy",)):
-            return {
-                k: float(d[k]) for k in ("accuracy", "loss") if isinstance(d.get(k), int | float)
-            }
-        return None
-
-    found = pick(rec)
-    if found:
-        return found
-    for key, val in rec.items():
-        if isinstance(val, dict) and ("weighted" in key or "mean" in key):
-            found = pick(val) or pick(val.get("validate_local")) or pick(val.get("validate_global"))
-            if found:
-                return found
-    return None
-
-
-def _final_metrics(
-    run: RunDir, collabs: list[ProcessLog], warnings: list[str]
-) -> dict[str, Any] | None:
-    # the evaluation pass after the last round validates the model the run actually produced
-    final_spans = [s for log in collabs for s in log.spans if s.get("phase") == "final_validate"]
-    final = _weighted_metrics(final_spans)
-    if final:
-        return {
-            "round": "final",
-            "accuracy": final.get("accuracy"),
-            "loss": final.get("loss"),
-            "source": "events: final_validate of the final model, sample-weighted",
-        }
-    by_round: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for log in collabs:
-        for s in log.spans:
-            r = _round_of(s)
-            if r is not None and s.get("phase") in ("validate_global", "validate_local"):
-                by_round[r][s["phase"]].append(s)
-    if by_round:
-        last = max(by_round)
-        out: dict[str, Any] = {"round": last}
-        for phase in ("validate_global", "validate_local"):
-            out[phase] = _weighted_metrics(by_round[last].get(phase, []))
-        best = out["validate_local"] or out["validate_global"]
-        if best:
-            out.update({"accuracy": best.get("accuracy"), "loss": best.get("loss")})
-            which = "validate_local" if out["validate_local"] else "validate_global"
-            out["source"] = f"events: {which} of round {last}, sample-weighted over collaborators"
-            return out
-    if run.metrics:
-        found = _metrics_from_record(run.metrics[-1])
-        if found:
-            return {
-                "round": run.metrics[-1].get("round"),
-                "accuracy": found.get("accuracy"),
-                "loss": found.get("loss"),
-                "source": "metrics.jsonl (last line)",
-            }
-    warnings.append("no accuracy/loss recorded (no validation spans with metrics)")
-    return None
 
 
 def _find_key(d: Any, names: tuple[str, ...], depth: int = 2) -> Any:
@@ -284,7 +191,7 @@ def summarize_run(run: RunDir) -> dict[str, Any]:
             totals[phase] += s["duration"]
             if phase in moved and isinstance(s.get("bytes"), int | float):
                 moved[phase] += int(s["bytes"])
-            rnd = _round_of(s)
+            rnd = round_of(s)
             if rnd is None:
                 continue
             cell = per_round[rnd]["collaborators"].setdefault(
@@ -304,7 +211,7 @@ def summarize_run(run: RunDir) -> dict[str, Any]:
         for s in agg.spans:
             phase = str(s.get("phase"))
             agg_totals[phase] += s["duration"]
-            rnd = _round_of(s)
+            rnd = round_of(s)
             if rnd is not None:
                 per_round[rnd]["aggregator"][phase] += s["duration"]
                 _extend(per_round[rnd]["extent"], s)
@@ -385,7 +292,7 @@ def summarize_run(run: RunDir) -> dict[str, Any]:
             "total": down + up,
             "per_collaborator": bytes_total,
         },
-        "final": _final_metrics(run, collabs, warnings),
+        "final": final_metrics(run, collabs, warnings),
         "model_info": model_info,
         "model_info_source": model_info_source,
         "dataset_info": r.get("dataset_info") if isinstance(r.get("dataset_info"), dict) else None,
