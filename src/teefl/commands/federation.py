@@ -93,7 +93,7 @@ def run(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Run a whole federation on this host: 1 aggregator + N collaborator processes."""
-    from teefl.federation.launcher import install_stop_handlers
+    from teefl.federation.stopsignals import install_stop_handlers
 
     install_stop_handlers()  # first: a SIGTERM from here on stops every process we start
     from rich.console import Console

@@ -3,6 +3,7 @@
 Why real processes (not threads): each party must own its interpreter, memory and torch threads as
 it would on its own host (or inside its own enclave), so the timings mean what they say. The
 launcher reads the aggregator's event file to drive progress bars; it never talks gRPC itself.
+How a signal stops it: `teefl.federation.stopsignals`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from teefl.errors import TeeflError
+from teefl.federation.stopsignals import stop
 from teefl.plan import Plan
 from teefl.rundir import AGGREGATOR, RUN_LOCK, RunDir, collaborator_process
 from teefl.writable import writable_dir
@@ -80,61 +82,6 @@ class _EventTail:
         return out
 
 
-class _StopSignals:
-    """SIGINT, SIGTERM and SIGHUP end ``teefl run`` the way Ctrl-C does: as a KeyboardInterrupt,
-    after which the launcher stops every child (TERM, then KILL after a bound) and records the run
-    as interrupted.
-
-    Why a handler of our own: the children run in their own sessions (a Ctrl-C in the terminal
-    must reach only the launcher, which stops them in order), so nothing but the launcher can
-    stop them -- and SIGTERM's and SIGHUP's default action killed the launcher on the spot,
-    leaving every child running and run.json saying "running". The first signal interrupts;
-    later ones are ignored, so they cannot cut the clean-up short. Inside `deferred` (a child
-    being started and recorded) a signal only takes effect at the end of the block, so no child
-    escapes the list the clean-up walks.
-    """
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.pending: int | None = None
-        self.fired = False
-
-    def __call__(self, signum: int, frame: object) -> None:
-        if self.fired:
-            return
-        if self.depth:
-            self.pending = signum
-            return
-        self.fired = True
-        raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-            if self.depth == 0 and self.pending is not None and not self.fired:
-                self.fired = True
-                raise KeyboardInterrupt
-
-
-_stop = _StopSignals()
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def install_stop_handlers() -> None:
-    """Route SIGINT, SIGTERM and SIGHUP through `_StopSignals` (main thread only).
-
-    A signal the process was started with ignored (``nohup``, a background job's SIGINT) stays
-    ignored: whoever started it asked for that.
-    """
-    for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, _stop)
-
-
 def _spawn(
     name: str,
     argv: list[str],
@@ -151,7 +98,7 @@ def _spawn(
     private_dir(log.parent)
     fh = open(append_private(log), "ab")  # noqa: SIM115 - owned by the child for its lifetime
     try:
-        with _stop.deferred():
+        with stop.deferred():
             popen = subprocess.Popen(
                 argv,
                 stdout=fh,
@@ -346,7 +293,7 @@ def _launch(
         console.print("[yellow]interrupted: stopping all processes[/yellow]")
         raise
     finally:
-        with _stop.deferred():
+        with stop.deferred():
             _stop_all(procs)
             if result.status != "completed":
                 _record_end(plan, run_dir, result.status, error)
