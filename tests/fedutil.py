@@ -203,8 +203,8 @@ def replay_matches_checkpoints(run_dir: Path, rounds: int) -> None:
     """Every round's checkpoint equals the FedAvg of that round's accepted updates alone."""
     import torch
 
-    from teefl.federation.fedavg import RunningFedAvg
     from teefl.store.rounds import RoundStore
+    from teefl.strategy.running import RunningFedAvg
     from teefl.wire import codec
 
     store = RoundStore(run_dir, keep=True)
@@ -222,7 +222,7 @@ def replay_matches_checkpoints(run_dir: Path, rounds: int) -> None:
 
 def join_request(plan, name: str):
     """A JoinRequest as a collaborator with ``plan`` sends it (its plan fingerprint included)."""
-    from teefl.federation import attest
+    from teefl.security import attest
     from teefl.wire import teefl_pb2
 
     return teefl_pb2.JoinRequest(collaborator=name, plan_sections=attest.config_sections(plan))

@@ -115,8 +115,8 @@ def live_aggregator(plan_path: Path, run_dir: Path) -> Iterator[tuple[Any, int]]
     from teefl.measure.events import EventRecorder
     from teefl.plan import load_plan, require_transport
     from teefl.server.aggregator import Aggregator
+    from teefl.server.grpc_adapter import add_to_server, server_credentials
     from teefl.transport.channels import bind, server_options
-    from teefl.transport.grpc_server import add_to_server, server_credentials
 
     plan = load_plan(plan_path)
     require_transport(plan)

@@ -26,9 +26,8 @@ import pytest
 
 from fedutil import Parties, final_accuracy, phases, read_jsonl, run_dir_of, teefl, write_plan
 from identutil import attested_plan_data, channel, model_bytes, secure_plan, sim_key
-from teefl.federation import attest
 from teefl.plan import load_plan
-from teefl.security import certificates, session
+from teefl.security import attest, certificates, session
 from teefl.security.tee.simulated import SimulatedProvider
 from teefl.wire import teefl_pb2, teefl_pb2_grpc
 

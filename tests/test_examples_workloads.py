@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from teefl.federation.fedavg import RunningFedAvg
 from teefl.plan import plan_from_dict
+from teefl.strategy.running import RunningFedAvg
 from teefl.workload.api import Party, RoundInfo, round_seed
 from teefl.workload.digest import workload_digest
 from teefl.workload.resolve import LoadedWorkload, resolve_workload

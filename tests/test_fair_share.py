@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from rawpeer import Aggregator, update_header
-from teefl.federation.fairshare import FairShare, Superseded
+from teefl.server.fairshare import FairShare, Superseded
 from teefl.transport import framing
 from teefl.wire import teefl_pb2
 

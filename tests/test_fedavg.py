@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from teefl.federation.fedavg import RunningFedAvg
+from teefl.strategy.running import RunningFedAvg
 from teefl.wire.checks import UpdateRejected, check_update
 
 
@@ -122,7 +122,7 @@ def test_bad_updates_leave_the_sum_untouched(update, samples, message) -> None:
 
 
 def test_median_and_trimmed_mean_resist_an_outlier() -> None:
-    from teefl.federation.fedavg import make_aggregator
+    from teefl.strategy.running import make_aggregator
 
     ref = {"w": torch.zeros(3)}
     values = [1.0, 2.0, 3.0, 4.0, 1000.0]

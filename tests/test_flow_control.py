@@ -13,7 +13,7 @@ from teefl.federation.collaborator import Collaborator
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
 from teefl.server.aggregator import Aggregator
-from teefl.transport.grpc_server import UPLOAD_GO, _chunk_to_wire
+from teefl.server.grpc_adapter import UPLOAD_GO, _chunk_to_wire
 from teefl.wire import codec, teefl_pb2
 
 

@@ -43,10 +43,9 @@ from identutil import (
     token_metadata,
 )
 from teefl.errors import TeeflError
-from teefl.federation import attest
 from teefl.measure.events import EventRecorder
 from teefl.plan import load_plan, plan_from_dict
-from teefl.security import certificates, crl, pki
+from teefl.security import attest, certificates, crl, pki
 from teefl.security.tee.simulated import SimulatedProvider
 from teefl.server.aggregator import Aggregator, final_state
 from teefl.transport import framing, socket_client

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from teefl.federation.collaborator import Collaborator
-from teefl.federation.fedavg import RunningFedAvg
 from teefl.federation.resident import ResidentModel
+from teefl.strategy.running import RunningFedAvg
 from teefl.transport import framing
 from teefl.wire import codec, teefl_pb2
 from teefl.wire.checks import FlatUpdate, UpdateRejected

@@ -3,7 +3,7 @@ bit-identical to the same run without the kills (issue 15's acceptance), because
 optimiser's state (m, v, t) is saved with each round's checkpoint and restored from the one a
 restart resumes from.
 
-The kills, at fault points (`teefl.federation.faults`): right after round 1's checkpoint and
+The kills, at fault points (`teefl.faults`): right after round 1's checkpoint and
 strategy state are durable; at round 2's first acknowledgement (resumed from round 1's state,
 the acknowledged update replayed); during round 2's checkpoint write, after the close has already
 stepped the optimiser in memory (the restart must take round 1's state again, not a newer one).

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from teefl.errors import TeeflError
-from teefl.federation.fedavg import CoordinateRobust, RunningFedAvg
 from teefl.strategy import (
     FedAdagrad,
     FedAdam,
@@ -23,6 +22,7 @@ from teefl.strategy import (
     encode_state,
 )
 from teefl.strategy import pieces as pieces_mod
+from teefl.strategy.running import CoordinateRobust, RunningFedAvg
 from teefl.strategy.state import StrategyState
 from teefl.wire import codec
 from teefl.wire.checks import FlatUpdate, UpdateRejected

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from fedutil import SYNTHETIC, teefl, write_plan
-from teefl.federation import attest
 from teefl.plan import plan_from_dict
+from teefl.security import attest
 from teefl.security.tee.policy import Policy, check_policy, require_pinned
 from teefl.security.tee.simulated import (
     SimulatedProvider,

@@ -190,7 +190,7 @@ def _resolve_paths(plan: Plan, base: Path) -> None:
 HOST_LOCAL: dict[str, tuple[str, ...]] = {
     "dataset": ("root",),
     "network": ("listen",),
-    # file locations; the CA certificate's *content* is bound separately (teefl.federation.attest)
+    # file locations; the CA certificate's *content* is bound separately (teefl.security.attest)
     "security.tls": ("ca", "server_cert", "server_key", "client_dir", "crl"),
     # where verification collateral comes from (each verifier judges evidence itself), and
     # the simulated provider's key file (the policies pin its fingerprint, which is compared)

@@ -29,7 +29,7 @@ def _agg(tmp_path, **fed) -> Aggregator:
 
 
 def _join(agg: Aggregator, name: str) -> Peer:
-    from teefl.federation import attest
+    from teefl.security import attest
 
     req = teefl_pb2.JoinRequest(collaborator=name, plan_sections=attest.config_sections(agg.plan))
     reply = agg.service.join(Peer(name), req)

@@ -137,7 +137,7 @@ def run(
         issue_throwaway_pki(plan, run_dir, console)
     require_transport(plan)
     if plan.security.attestation.enabled:  # an unpinned policy: one line now, not at each party
-        from teefl.federation.attest import check_policies
+        from teefl.security.attest import check_policies
 
         check_policies(plan.security.attestation)
     plan = _announce_dataset(plan, data_dir, console)

@@ -28,11 +28,11 @@ import grpc
 import torch
 
 from teefl.errors import TeeflError
-from teefl.federation import attest
-from teefl.federation.faults import fault
+from teefl.faults import fault
 from teefl.federation.resident import ResidentModel
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
+from teefl.security import attest
 from teefl.security import session as session_keys
 from teefl.security.tls import ConnectError, split_target
 from teefl.transport import framing, socket_client
@@ -69,7 +69,7 @@ def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
 
 def _aggregator_verifier(plan: Plan) -> Any:
     """The check of the aggregator's evidence (``attest.Verifier`` for role "aggregator")."""
-    from teefl.federation import attest
+    from teefl.security import attest
 
     att = plan.security.attestation
     return attest.Verifier(att, "aggregator") if att.aggregator == "required" else None

@@ -4,7 +4,7 @@ Parts (one job each): `identity.Identity` (who may act as whom), `rounds.Rounds`
 state and its lock), `model.GlobalModel` (the global model and the strategy's accumulator),
 `publish.Publisher` (the round's payload), `intake.Intake` (one update), `replay.Replay` (stored
 updates after a restart), `checkpointer.Checkpointer` (background writes), `service.Service` (the
-transport-neutral handlers); `transport.grpc_server` and `transport.socket_handlers` carry them.
+transport-neutral handlers); `grpc_adapter` and `socket_adapter` carry them over `teefl.transport`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import grpc
 import torch
 
 from teefl.errors import TeeflError
-from teefl.federation.faults import fault
+from teefl.faults import fault
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
 from teefl.rundir import RunDir
 from teefl.security import session as session_keys
 from teefl.server.checkpointer import Checkpointer
+from teefl.server.grpc_adapter import GrpcServicer, add_to_server, server_credentials
 from teefl.server.identity import Identity
 from teefl.server.intake import Intake
 from teefl.server.model import GlobalModel, resumed_state
@@ -33,6 +34,7 @@ from teefl.server.publish import Publisher
 from teefl.server.replay import Replay
 from teefl.server.rounds import Rounds
 from teefl.server.service import Service
+from teefl.server.socket_adapter import DataHandlers
 from teefl.store.atomic import write_atomic
 from teefl.store.rounds import RoundStore
 from teefl.store.staging import StagingArea
@@ -40,8 +42,6 @@ from teefl.strategy import Strategy, StrategyState, decode_state
 from teefl.strategy.registry import plan_strategy
 from teefl.transport import admission, socket_server
 from teefl.transport.channels import bind, payload_check, server_options
-from teefl.transport.grpc_server import GrpcServicer, add_to_server, server_credentials
-from teefl.transport.socket_handlers import DataHandlers
 from teefl.wire import codec
 from teefl.workload.datasets import dataset_shape
 from teefl.workload.models import build_model

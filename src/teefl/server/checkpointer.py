@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from teefl.federation.faults import fault
+from teefl.faults import fault
 from teefl.rundir import RunDir
 from teefl.store.rounds import RoundStore
 from teefl.strategy import StrategyState, encode_state

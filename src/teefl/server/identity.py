@@ -23,9 +23,8 @@ from typing import Any
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from teefl.errors import TeeflError
-from teefl.federation import attest
 from teefl.plan import Plan, plan_digest
-from teefl.security import certificates, crl, plan_pki
+from teefl.security import attest, certificates, crl, plan_pki
 from teefl.security import session as session_keys
 from teefl.security.peer_identity import (
     REQUIRED_TLS_VERSION,

@@ -11,9 +11,9 @@ import logging
 import time
 from typing import Any
 
-from teefl.federation.fairshare import FairShare
-from teefl.federation.faults import fault
+from teefl.faults import fault
 from teefl.server import receivers
+from teefl.server.fairshare import FairShare
 from teefl.server.rounds import Rounds
 from teefl.server.transfers import Transfer
 from teefl.store.files import BufferPool

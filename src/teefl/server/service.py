@@ -2,7 +2,7 @@
 
 Each takes a `transport.base.Peer` and the request message, and answers the reply message or
 raises a `transport.base.Refused` (a status name and a reason); the transports
-(`transport.grpc_server`, `transport.socket_handlers`) only move bytes and map the errors.
+(`server.grpc_adapter`, `server.socket_adapter`) only move bytes and map the errors.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import os
 import time
 from typing import Any
 
-from teefl.federation import attest
-from teefl.federation.fairshare import FairShare, Superseded
+from teefl.security import attest
 from teefl.server.checkpointer import Checkpointer
+from teefl.server.fairshare import FairShare, Superseded
 from teefl.server.identity import Identity
 from teefl.server.intake import Intake
 from teefl.server.publish import Publisher

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from teefl.federation.fairshare import Superseded
 from teefl.server import receivers
+from teefl.server.fairshare import Superseded
 from teefl.server.intake import Intake
 from teefl.server.transfers import Transfer
 from teefl.transport.base import Cancelled

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from teefl.errors import TeeflError
 from teefl.strategy.state import StrategyState
-from teefl.wire import codec
+from teefl.wire import codec, roundconfig
 from teefl.wire.checks import FlatUpdate
 
 #: one value of a round's configuration: what a protobuf map of scalars can carry
@@ -41,17 +41,15 @@ ConfigValue = float | int | str | bool
 #: the per-round configuration a strategy sends to collaborators with the round
 RoundConfig = dict[str, ConfigValue]
 
-#: well-known `RoundConfig` keys that teefl's training loop is to understand: the client's
-#: learning rate for the round, and FedProx's proximal weight mu (see fedprox.ProximalTerm)
-LR = "lr"
-PROXIMAL_MU = "proximal_mu"
+#: well-known `RoundConfig` keys (defined with the round config's wire form)
+LR, PROXIMAL_MU = roundconfig.LR, roundconfig.PROXIMAL_MU
 
 #: an update as the server hands it over: a state dict, or the payload seen as flat runs
 Update = Mapping[str, torch.Tensor] | FlatUpdate
 
 
 class Accumulator(Protocol):
-    """One round's aggregation; `teefl.federation.fedavg.RunningFedAvg` is one."""
+    """One round's aggregation; `teefl.strategy.running.RunningFedAvg` is one."""
 
     #: not None: `add` also takes a `FlatUpdate` of this layout, and `result_into` also
     #: writes into ``layout.run_views(payload)``

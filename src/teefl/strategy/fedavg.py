@@ -2,7 +2,7 @@
 
 Memory: one float64 sum of the model (integer counters keep their dtype), whatever the number
 of collaborators; each update is added the moment it is accepted. The accumulator is
-`teefl.federation.fedavg.RunningFedAvg` itself -- the aggregator's zero-copy path (flat updates
+`teefl.strategy.running.RunningFedAvg` itself -- the aggregator's zero-copy path (flat updates
 summed run by run, the mean written run by run into the next payload) -- so results are
 bit-identical to teefl's FedAvg before strategies were objects.
 """
@@ -13,9 +13,9 @@ from collections.abc import Mapping
 
 import torch
 
-from teefl.federation.fedavg import RunningFedAvg
 from teefl.strategy.base import Strategy
 from teefl.strategy.registry import register_strategy
+from teefl.strategy.running import RunningFedAvg
 from teefl.wire import codec
 
 

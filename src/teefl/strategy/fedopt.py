@@ -29,9 +29,9 @@ import torch
 from pydantic import Field
 
 from teefl.errors import TeeflError
-from teefl.federation.fedavg import RunningFedAvg
 from teefl.strategy.base import LR, RoundConfig, Strategy, StrategyOptions, Update
 from teefl.strategy.pieces import Pieces, chunks
+from teefl.strategy.running import RunningFedAvg
 from teefl.strategy.state import StrategyState
 from teefl.wire import codec
 

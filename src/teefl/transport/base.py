@@ -1,5 +1,5 @@
 """Transport-neutral types between the server's handlers (`teefl.server.service`) and the
-transports that carry them (gRPC: `grpc_server`, the socket data plane: `socket_handlers`).
+adapters that carry them (gRPC: `server.grpc_adapter`, the data plane: `server.socket_adapter`).
 
 Why: the handlers decide (who may call, which round is open, what an update must satisfy); a
 transport only moves bytes and maps these errors to its own status codes.

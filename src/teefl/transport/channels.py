@@ -141,7 +141,7 @@ def open_channel(
         else:
             root = pin if pin is not None else Path(certs.ca).read_bytes()
             if pin is not None:
-                from teefl.federation.attest import first_san
+                from teefl.security.attest import first_san
 
                 options = [*options, ("grpc.ssl_target_name_override", first_san(pin))]
             if client is not None:

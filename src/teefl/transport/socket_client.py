@@ -50,7 +50,7 @@ def connect(
             if expected_spki is not None:
                 from cryptography import x509
 
-                from teefl.federation.attest import spki_der_of
+                from teefl.security.attest import spki_der_of
 
                 der = sock.getpeercert(binary_form=True)
                 if spki_der_of(x509.load_der_x509_certificate(der)) != expected_spki:

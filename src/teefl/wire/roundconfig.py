@@ -13,8 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from teefl.errors import TeeflError
-from teefl.strategy.base import LR, PROXIMAL_MU
 from teefl.wire import teefl_pb2
+
+#: well-known round-config keys that teefl's training loop understands: the client's learning
+#: rate for the round, and FedProx's proximal weight mu (`teefl.workload.proximal`)
+LR = "lr"
+PROXIMAL_MU = "proximal_mu"
 
 
 def to_proto(config: Mapping[str, Any]) -> dict[str, teefl_pb2.ConfigValue]:

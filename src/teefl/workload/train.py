@@ -97,7 +97,7 @@ def train_local(
     loss_fn = nn.CrossEntropyLoss()
     prox = None
     if proximal_mu:
-        from teefl.strategy.fedprox import ProximalTerm
+        from teefl.workload.proximal import ProximalTerm
 
         prox = ProximalTerm(model, proximal_mu)  # before the first step: the global model
     gen = torch.Generator().manual_seed(seed)

@@ -67,7 +67,7 @@ NONCE_SIZE = 32
 # --------------------------------------------------------------------------------------------
 
 
-#: bytes of the configuration binding (a SHA-256, see `teefl.federation.attest.config_binding`)
+#: bytes of the configuration binding (a SHA-256, see `teefl.security.attest.config_binding`)
 BINDING_SIZE = 32
 
 
