@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from teefl.errors import TeeflError
-from teefl.store import atomic, rounds
+from teefl.store import atomic
 from teefl.store.atomic import DIRECT_ALIGN, write_atomic
 from teefl.store.rounds import RoundStore
 from teefl.wire import codec
@@ -94,7 +94,7 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path, mon
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(fd, data, offset)
 
-    monkeypatch.setattr(rounds.os, "pwrite", pwrite)
+    monkeypatch.setattr(atomic.os, "pwrite", pwrite)
     data = _filled(6 * 4096 + 9)
     write_atomic(tmp_path / "ckpt", data)
     assert (tmp_path / "ckpt").read_bytes() == bytes(data)
@@ -106,7 +106,7 @@ def test_other_write_errors_are_not_swallowed(tmp_path: Path, monkeypatch) -> No
     def pwrite(fd: int, data, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(rounds.os, "pwrite", pwrite)
+    monkeypatch.setattr(atomic.os, "pwrite", pwrite)
     with pytest.raises(OSError, match="No space"):
         write_atomic(tmp_path / "ckpt", _filled(3 * 4096))
     assert not (tmp_path / "ckpt").exists() and not list(tmp_path.iterdir())

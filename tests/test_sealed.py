@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from teefl.commands import tee as tee_commands
+from teefl.commands import model as model_commands
 from teefl.errors import TeeflError
 from teefl.security.sealed import (
     HEADER_SIZE,
@@ -170,7 +170,7 @@ def test_key_file_mode_and_no_overwrite(tmp_path: Path) -> None:
 @pytest.fixture()
 def app() -> typer.Typer:
     app = typer.Typer()
-    tee_commands.register(app)
+    model_commands.register(app)
     return app
 
 

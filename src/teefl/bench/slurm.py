@@ -48,7 +48,8 @@ from teefl.bench.cell import (
 from teefl.bench.executor import Executor, RunContext
 from teefl.bench.matrix import Cell
 from teefl.bench.slurm_script import job_name, resources_for, sbatch_options, write_script
-from teefl.bench.study import SlurmSpec, Study
+from teefl.bench.study import Study
+from teefl.bench.study_slurm import SlurmSpec
 from teefl.errors import TeeflError
 from teefl.slurm import client
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from teefl.bench.matrix import Cell
-from teefl.bench.study import CellResources, SlurmResources, SlurmSpec, Study
+from teefl.bench.study import Study
+from teefl.bench.study_slurm import CellResources, SlurmResources, SlurmSpec
 from teefl.errors import TeeflError
 
 # -- resources ----------------------------------------------------------------------------------

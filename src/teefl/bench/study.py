@@ -56,8 +56,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -65,6 +63,8 @@ from pydantic import (
 )
 
 from teefl.bench.mapping import deep_merge
+from teefl.bench.study_fields import Strict, as_list, attestation_values, unique
+from teefl.bench.study_slurm import SlurmSpec
 from teefl.catalog import DATASET_NAMES, MODEL_NAMES
 from teefl.errors import TeeflError
 from teefl.plan import NAME_RE, Plan, plan_from_dict
@@ -78,34 +78,7 @@ _RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)$")
 _RATE_FACTOR = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def _unique(values: list[Any], what: str) -> list[Any]:
-    if not values:
-        raise ValueError(f"{what} must list at least one value")
-    dupes = sorted({str(v) for v in values if values.count(v) > 1})
-    if dupes:
-        raise ValueError(f"{what} lists {', '.join(dupes)} more than once")
-    return values
-
-
-def _as_list(v: Any) -> Any:
-    return [v] if isinstance(v, str | int) and not isinstance(v, bool) else v
-
-
-def _attestation_values(v: Any) -> Any:
-    # YAML 1.1 reads a bare ``off`` as False (and ``on``/``yes`` as True)
-    v = _as_list(v)
-    if isinstance(v, bool):
-        v = [v]
-    if isinstance(v, list):
-        return [("required" if x else "off") if isinstance(x, bool) else x for x in v]
-    return v
-
-
-class Axes(_Strict):
+class Axes(Strict):
     """The matrix; an axis left out takes the base plan's single value."""
 
     models: list[str] | None = None
@@ -124,12 +97,12 @@ class Axes(_Strict):
     )
     @classmethod
     def _listify(cls, v: Any) -> Any:
-        return _as_list(v)
+        return as_list(v)
 
     @field_validator("attestation", mode="before")
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
-        return _attestation_values(v)
+        return attestation_values(v)
 
     @field_validator("models")
     @classmethod
@@ -139,7 +112,7 @@ class Axes(_Strict):
         for m in v:
             if m not in MODEL_NAMES:
                 raise ValueError(f"unknown model {m!r}; choose from: {', '.join(MODEL_NAMES)}")
-        return _unique(v, "models")
+        return unique(v, "models")
 
     @field_validator("datasets")
     @classmethod
@@ -149,12 +122,12 @@ class Axes(_Strict):
         for d in v:
             if d not in DATASET_NAMES:
                 raise ValueError(f"unknown dataset {d!r}; choose from: {', '.join(DATASET_NAMES)}")
-        return _unique(v, "datasets")
+        return unique(v, "datasets")
 
     @field_validator("transport", "launcher", "at_rest", "attestation")
     @classmethod
     def _nonempty(cls, v: list[str]) -> list[str]:
-        return _unique(v, "the axis")
+        return unique(v, "the axis")
 
     @field_validator("rounds")
     @classmethod
@@ -163,10 +136,10 @@ class Axes(_Strict):
             return v
         if any(r < 1 for r in v):
             raise ValueError("rounds must be >= 1")
-        return _unique(v, "rounds")
+        return unique(v, "rounds")
 
 
-class StudyNetwork(_Strict):
+class StudyNetwork(Strict):
     """How the parties are connected: loopback (one host) or one network namespace each."""
 
     mode: Literal["loopback", "netns"] = "loopback"
@@ -204,114 +177,19 @@ class StudyNetwork(_Strict):
         return v
 
 
-#: options teefl sets itself in the batch scripts it writes
-_OWN_SBATCH = ("--array", "--output", "--error", "--chdir", "--dependency", "--parsable", "--wrap")
-_SLURM_TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
-
-
-class SlurmResources(_Strict):
-    """sbatch options of a cell's job; None leaves the cluster's default."""
-
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    #: wall-time limit of one cell: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS
-    time: str | None = None
-    gres: str | None = None
-    constraint: str | None = None
-    cpus_per_task: int | None = Field(None, ge=1)
-    mem: str | None = None
-    #: the node to this cell alone (no other job's load in its timings)
-    exclusive: bool | None = None
-    #: further sbatch options, passed as they are (``--qos=short``, ``--reservation=r``)
-    options: list[str] = Field(default_factory=list)
-
-    @field_validator("partition", "account", "qos", "gres", "constraint", "mem")
-    @classmethod
-    def _word(cls, v: str | None) -> str | None:
-        if v is not None and (not v.strip() or any(c.isspace() for c in v)):
-            raise ValueError(f"{v!r} must be one word without spaces")
-        return v
-
-    @field_validator("time", mode="before")
-    @classmethod
-    def _time(cls, v: Any) -> Any:
-        if isinstance(v, int) and not isinstance(v, bool):
-            v = str(v)  # YAML: time: 30 (minutes)
-        if isinstance(v, str) and not _SLURM_TIME_RE.match(v.strip()):
-            raise ValueError(
-                f"time {v!r} is not a Slurm time limit (minutes, HH:MM:SS or D-HH:MM:SS)"
-            )
-        return v.strip() if isinstance(v, str) else v
-
-    @field_validator("options")
-    @classmethod
-    def _options(cls, v: list[str]) -> list[str]:
-        for opt in v:
-            if not opt.startswith("-") or "\n" in opt:
-                raise ValueError(f"{opt!r} is not an sbatch option (e.g. --qos=short)")
-            if opt.split("=", 1)[0] in _OWN_SBATCH:
-                raise ValueError(f"{opt.split('=', 1)[0]} is set by teefl in the batch scripts")
-        return v
-
-
-class CellMatch(_Strict):
-    """Which cells a `CellResources` entry applies to; each key given must match."""
-
-    models: list[str] | None = None
-    datasets: list[str] | None = None
-    transport: list[str] | None = None
-    launcher: list[str] | None = None
-    at_rest: list[str] | None = None
-    attestation: list[str] | None = None
-    #: configuration names as in the cell names (baseline, tls, gramine-sgx+mtls ...)
-    config: list[str] | None = None
-    rounds: list[int] | None = None
-
-    @field_validator(
-        "models", "datasets", "transport", "launcher", "at_rest", "config", "rounds", mode="before"
-    )
-    @classmethod
-    def _listify(cls, v: Any) -> Any:
-        return _as_list(v)
-
-    @field_validator("attestation", mode="before")
-    @classmethod
-    def _yaml_off(cls, v: Any) -> Any:
-        return _attestation_values(v)
-
-
-class CellResources(SlurmResources):
-    """Resources for the cells that ``match`` (merged over the study's own)."""
-
-    match: CellMatch
-
-
-class SlurmSpec(SlurmResources):
-    """How ``executor: {kind: slurm}`` submits and follows the cells."""
-
-    exclusive: bool | None = True
-    #: cells that may run at the same time (the array throttle ``%N``); 1 keeps every cell's
-    #: timings free of another cell's load, also on a node shared by two cells
-    parallel: int = Field(1, ge=1, le=10000)
-    #: seconds between two looks at the queue (squeue)
-    poll: float = Field(5.0, ge=0.1, le=600)
-    cells: list[CellResources] = Field(default_factory=list)
-
-
-class ExecutorSpec(_Strict):
+class ExecutorSpec(Strict):
     """Where the cells run: here one after another (local), or as Slurm jobs."""
 
     kind: Literal["local", "slurm"] = "local"
     slurm: SlurmSpec = SlurmSpec()
 
 
-class ReportSpec(_Strict):
+class ReportSpec(Strict):
     #: bootstrap resamples of the overhead fit at the end of the study
     resamples: int = Field(2000, ge=0)
 
 
-class Study(_Strict):
+class Study(Strict):
     name: str = "study"
     description: str | None = None
     host_label: str | None = None

@@ -19,8 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 from teefl.store.files import BufferPool
-from teefl.store.rounds import RoundStore, StagedUpdate
+from teefl.store.rounds import RoundStore
 from teefl.store.staging import StagingArea
+from teefl.store.updates import StagedUpdate
 
 
 class MemoryReceiver:

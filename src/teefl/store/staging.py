@@ -13,7 +13,7 @@ both are done.
 A slot's file is named ``<pid>-<tag>-slot-<k>`` while it is free, and renamed (`Slot.link`)
 to a name for its update while it holds an acknowledged update that is not yet in the run
 directory; that name -- recorded in the update's metadata -- is what a restarted aggregator
-reads (`rounds.RoundStore.load_updates`). Free slots of a process that died are removed by the
+reads (`updates.UpdateStore.load_updates`). Free slots of a process that died are removed by the
 next aggregator that opens the same directory; a staged update stays until a restart on its
 run directory reads it. (An unnamed ``O_TMPFILE`` per slot would vanish with the process by
 itself, but Linux lets such a file be given a name only once, and a slot is reused every
