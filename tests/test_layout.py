@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
+from teefl.client.resident import ResidentModel
 from teefl.federation.collaborator import Collaborator
 from teefl.federation.fedavg import RunningFedAvg
-from teefl.federation.resident import ResidentModel
 from teefl.transport import framing
 from teefl.wire import codec, teefl_pb2
 from teefl.wire.checks import FlatUpdate, UpdateRejected

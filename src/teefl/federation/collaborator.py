@@ -27,10 +27,11 @@ from typing import Any
 import grpc
 import torch
 
+from teefl.client.keeper import Keeper
+from teefl.client.resident import ResidentModel
 from teefl.errors import TeeflError
 from teefl.federation import attest
 from teefl.federation.faults import fault
-from teefl.federation.resident import ResidentModel
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
 from teefl.security import session as session_keys
@@ -165,12 +166,8 @@ class Collaborator:
         self._connect(timeout=60.0)
         t_conn = time.monotonic()
         self.last = 0  # the last round this collaborator completed
-        #: updates sent and acknowledged, kept until their round's checkpoint is durable: after
-        #: an aggregator restart that lost one (a host restart empties its staging), Join says
-        #: so and the copy is sent again (docs/reliability.md, "End-to-end durability")
-        self.kept: dict[int, tuple[teefl_pb2.Header, Any]] = {}
-        #: the update being sent (round, header, payload): sent again after a loss mid-upload
-        self.pending: tuple[int, teefl_pb2.Header, Any] | None = None
+        #: updates sent and acknowledged, kept until their round's checkpoint is durable
+        self.keeper = Keeper(self.resident.payload if self.resident is not None else None)
         lost_since: float | None = None
         backoff = 0.5
         try:
@@ -378,34 +375,16 @@ class Collaborator:
         )
         return reply.run_id, reply.rounds, reply
 
-    def _forget(self, durable_round: int) -> None:
-        """Drop the kept copies of rounds whose checkpoint is durable: no restart needs them."""
-        for r in [r for r in self.kept if r <= durable_round]:
-            del self.kept[r]
-
     def _resync(self, stub, reply: teefl_pb2.JoinReply) -> None:
-        """After a Join: line up with the round the aggregator has open.
-
-        A restarted aggregator may be back at a round this collaborator already contributed to
-        (its acknowledged update lost with the host's staging, or the round's close not
-        durable). If it does not hold our update for that round, the kept copy -- or the one
-        whose upload broke off -- is sent again, bit for bit; without a copy the round is done
-        again (training is seeded by round, so it gives the same update)."""
-        self._forget(reply.durable_round)
-        r, rounds = reply.current_round, reply.rounds
-        if reply.holds_update:
-            self.last, self.pending = r, None
-            return
-        if self.pending is not None and self.pending[0] == r and r not in self.kept:
-            self.kept[r] = self.pending[1:]  # its upload broke off: the same bytes again
-        if 0 < r <= rounds and self._resend(stub, r):
-            return
-        # nothing to send for the open round: take part in it (again, if we had)
-        self.last = min(self.last, r - 1)
+        """After a Join: line up with the round the aggregator has open (see `Keeper`)."""
+        plan = self.keeper.after_join(reply, self.last)
+        self.last = plan.last
+        if plan.resend is not None:
+            self._resend(stub, plan.resend)
 
     def _resend(self, stub, r: int) -> bool:
         """Send the kept update of round ``r`` again, if there is one (see `_resync`)."""
-        copy = self.kept.get(r)
+        copy = self.keeper.copy(r)
         if copy is None:
             return False
         header, payload = copy
@@ -417,19 +396,9 @@ class Collaborator:
                 s["bytes"] = len(payload)
         except _Stale as exc:
             log.warning("%s: round %d closed meanwhile (%s)", self.name, r, exc)
-        self._kept(r, header, payload)
+        self.keeper.acked(r, header, payload)
         self.last = r
         return True
-
-    def _kept(self, r: int, header: teefl_pb2.Header, payload: Any) -> None:
-        """Keep the acknowledged update of round ``r`` (see ``self.kept``). The model's own
-        memory is copied -- the next download overwrites it; other payloads are fresh buffers
-        of their own and kept as they are."""
-        resident = self.resident.payload if self.resident is not None else None
-        if resident is not None and payload is resident:
-            payload = bytes(payload)
-        self.kept[r] = (header, payload)
-        self.pending = None
 
     def _attest(self, stub, request: teefl_pb2.JoinRequest) -> None:
         """Challenge: check the aggregator's evidence and endorsement (if required), bind ours
@@ -583,7 +552,7 @@ class Collaborator:
                 w = self._call(
                     stub.WaitRound, teefl_pb2.WaitRequest(collaborator=self.name, after_round=last)
                 )
-                self._forget(w.durable_round)
+                self.keeper.forget(w.durable_round)
                 if w.done or w.round:
                     break
             # a wait belongs to the training round it opened; waits for the evaluation pass or
@@ -661,13 +630,13 @@ class Collaborator:
                 encoding=encoding,
                 raw_size=raw_size,
             )
-            self.pending = (r, header, payload)
+            self.keeper.sending(r, header, payload)
             try:
                 with rec.span("upload", round=r) as s:
                     ack = self._upload(stub, header, payload, r)
                     s["bytes"] = len(payload)
             except _Stale as exc:
-                self.pending = None
+                self.keeper.refused()
                 log.warning(
                     "%s: update for round %d refused as stale (%s); joining the next round",
                     self.name,
@@ -678,7 +647,7 @@ class Collaborator:
                 self.last = r
                 continue
             log.info("%s: round %d/%d uploaded (%s)", self.name, r, rounds, ack.message)
-            self._kept(r, header, payload)  # after the ACK: off the transfer path
+            self.keeper.acked(r, header, payload)  # after the ACK: off the transfer path
             self.last = r
 
     def _round(self, r: int, config: dict[str, Any] | None = None) -> dict[str, float]:
