@@ -8,19 +8,38 @@ from pathlib import Path
 import pytest
 
 from teefl.client.keeper import Keeper
-from teefl.federation.collaborator import _LOSS_ERRORS, Collaborator, _Lost
+from teefl.client.session import LOSS_ERRORS as _LOSS_ERRORS
+from teefl.client.session import Session
 from teefl.measure.events import EventRecorder
+from teefl.transport.client import Lost as _Lost
+from teefl.transport.client import PutUpdate
+from teefl.transport.mock import MockTransport
 from teefl.wire import teefl_pb2
 
 
+class _Col:
+    """A collaborator's session, keeper and last round: what a Join reply acts on."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.last, self.keeper, self.sent = 0, Keeper(), []
+        self.rec = EventRecorder(tmp_path, "run", "col1", "collaborator")
+
+        def aggregator(request):
+            assert isinstance(request, PutUpdate)
+            self.sent.append((request.round, request.header, bytes(request.payload)))
+            return teefl_pb2.UpdateAck(accepted=True)
+
+        self.session = Session.__new__(Session)  # only what `resync` uses: no plan, no channel
+        self.session.name, self.session.keeper = "col1", self.keeper
+        self.session.transport = MockTransport(aggregator)
+
+    def _resync(self, _stub, reply: teefl_pb2.JoinReply) -> None:
+        self.last = self.session.resync(reply, self.last, self.rec)
+
+
 @pytest.fixture
-def col(tmp_path: Path) -> Collaborator:
-    c = Collaborator.__new__(Collaborator)  # only what `_resync` uses: no plan, no data
-    c.name, c.last, c.keeper = "col1", 0, Keeper()
-    c.rec = EventRecorder(tmp_path, "run", "col1", "collaborator")
-    c.sent = []
-    c._upload = lambda stub, header, payload, r: c.sent.append((r, header, bytes(payload)))
-    return c
+def col(tmp_path: Path) -> _Col:
+    return _Col(tmp_path)
 
 
 def _reply(r: int, holds: bool = False, durable: int = 0) -> teefl_pb2.JoinReply:
