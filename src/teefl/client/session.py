@@ -61,7 +61,8 @@ class Backoff:
     def next(self, what: str) -> float:
         """The wait before the next try; raises once the loss lasts longer than ``limit``."""
         now = self.clock()
-        self.since = self.since or now
+        if self.since is None:
+            self.since = now
         if now - self.since > self.limit:
             raise TeeflError(f"lost the aggregator at {what} for more than {self.limit:g} s")
         delay = self.delay
