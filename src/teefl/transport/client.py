@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from teefl.client.resident import ResidentModel
+    from teefl.plan import Plan
     from teefl.wire import teefl_pb2
 
 
@@ -192,7 +193,9 @@ class ClientTransport(Protocol):
         ...
 
 
-def client_transport(plan: Any, name: str, address: str, session_key: Any = None) -> Any:
+def client_transport(
+    plan: Plan, name: str, address: str, session_key: Any = None
+) -> ClientTransport:
     """The transport the plan names: the gRPC control plane, with the model data over gRPC or
     the socket data plane (``network.data_plane``)."""
     from teefl.transport.grpc_client import GrpcClient
