@@ -32,8 +32,8 @@ from teefl.transport.client import (
     Report,
     Stale,
     WaitRound,
-    client_transport,
 )
+from teefl.transport.grpc_client import GrpcClient
 from teefl.wire import codec, compression, roundconfig, teefl_pb2
 
 log = logging.getLogger("teefl.collaborator")
@@ -43,7 +43,8 @@ class Collaborator:
     """One party holding a private shard of the data.
 
     ``trainer``: the local training (default: the plan's workload, `LocalTrainer`);
-    ``transport``: how it reaches the aggregator (default: the plan's, `client_transport`).
+    ``transport``: how it reaches the aggregator (default: `GrpcClient`, the gRPC control plane
+    with the data plane the plan names).
     """
 
     def __init__(
@@ -74,7 +75,7 @@ class Collaborator:
         att = plan.security.attestation
         key = session_keys.new_key() if att.collaborators == "required" else None
         if transport is None:
-            transport = client_transport(plan, name, address, key)
+            transport = GrpcClient(plan, name, address, key)  # the data plane the plan names
         self.transport = transport
         self.keeper = Keeper()
         self.session = Session(plan, name, address, self.run_dir, transport, self.keeper, key)

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     import torch
 
     from teefl.client.resident import ResidentModel
-    from teefl.plan import Plan
     from teefl.wire import teefl_pb2
 
 
@@ -191,13 +190,3 @@ class ClientTransport(Protocol):
     def close(self) -> None:
         """Close every connection (the end of the run)."""
         ...
-
-
-def client_transport(
-    plan: Plan, name: str, address: str, session_key: Any = None
-) -> ClientTransport:
-    """The transport the plan names: the gRPC control plane, with the model data over gRPC or
-    the socket data plane (``network.data_plane``)."""
-    from teefl.transport.grpc_client import GrpcClient
-
-    return GrpcClient(plan, name, address, session_key)
