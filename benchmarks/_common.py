@@ -9,9 +9,10 @@ What is here, and why it is measured this way:
 - ``fed_transfer``: teefl's real transfer path. An aggregator process runs the real
   `teefl.server.aggregator.Aggregator` (its gRPC server, round state machine, streaming FedAvg
   and checkpoints) and a collaborator process runs the real
-  `teefl.federation.collaborator.Collaborator` loop with training replaced by "return the received
-  model unchanged". The figure is read from the collaborator's own ``download`` and ``upload``
-  spans in its events file -- the communication time a real run reports. Round 1 is a warm-up.
+  `teefl.client.collaborator.Collaborator` loop with a trainer (`NoTrainer`) that returns the
+  received model unchanged. The figure is read from the collaborator's own ``download`` and
+  ``upload`` spans in its events file -- the communication time a real run reports. Round 1 is a
+  warm-up.
 
 Run as a script, this module is the child process of those measurements
 (``raw-server``, ``agg``, ``col``).
@@ -563,38 +564,40 @@ def _rss() -> int:
 
 
 # -- child: collaborator -----------------------------------------------------------------------
-def _col_main(args: argparse.Namespace) -> None:
-    import torch
+class NoTrainer:
+    """The collaborator's trainer for transfer measurements: the model is ``spec``'s, training
+    leaves it unchanged and records nothing, and the final evaluation pass is not measured."""
 
-    from teefl.federation import collaborator as col_mod
+    samples = 16  # the update's weight: any fixed number
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+
+    def setup(self) -> Any:
+        import torch
+
+        torch.set_num_threads(1)
+        return build_module(self.spec)
+
+    def train_round(self, model: Any, r: int, config: Any, span: Any) -> dict[str, float]:
+        return {}
+
+    def evaluate(self, model: Any) -> dict[str, Any]:
+        return {"accuracy": 0.0, "loss": 0.0, "samples": 1}
+
+    def describe(self) -> None:
+        return None  # no environment record: nothing of it is measured
+
+
+def _col_main(args: argparse.Namespace) -> None:
+    from teefl.client.collaborator import Collaborator
     from teefl.plan import load_plan, require_transport
 
     _apply_patches(args.patch)
     plan = load_plan(args.plan)
     require_transport(plan)
-    spec = args.spec
-
-    class NoTrainCollaborator(col_mod.Collaborator):
-        """The real collaborator loop; training returns the received model unchanged."""
-
-        def _prepare(self) -> None:
-            torch.set_num_threads(1)
-            self.threads, self.device = 1, torch.device("cpu")
-            self.model = build_module(spec)
-            self.y_train = torch.zeros(16, dtype=torch.long)
-            self.x_test, self.y_test = None, None
-
-        def _write_env(self, run_id: str) -> None:
-            pass
-
-        def _round(self, r: int) -> dict[str, float]:
-            return {}
-
-    def no_eval(*a: Any, **k: Any) -> dict[str, float]:
-        return {"accuracy": 0.0, "loss": 0.0, "samples": 1}
-
-    col_mod.evaluate = no_eval  # the final evaluation pass is not measured
-    NoTrainCollaborator(plan, args.name, args.address, Path(args.run_dir)).run()
+    trainer = NoTrainer(args.spec)
+    Collaborator(plan, args.name, args.address, Path(args.run_dir), trainer=trainer).run()
 
 
 def main(argv: list[str] | None = None) -> None:

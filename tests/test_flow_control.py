@@ -9,11 +9,11 @@ import pytest
 
 from fedutil import SYNTHETIC, join_request, session_metadata
 from fedutil import FakeContext as _Ctx
-from teefl.federation.collaborator import Collaborator
 from teefl.measure.events import EventRecorder
 from teefl.plan import plan_from_dict
 from teefl.server.aggregator import Aggregator
 from teefl.server.grpc_adapter import UPLOAD_GO, _chunk_to_wire
+from teefl.transport.grpc_client import GrpcClient
 from teefl.wire import codec, teefl_pb2
 
 
@@ -141,9 +141,10 @@ class _FakeCall:
         return self.active
 
 
-def _collaborator(tmp_path) -> Collaborator:
+def _collaborator(tmp_path) -> GrpcClient:
+    """A collaborator's gRPC transport (the upload stream is its part)."""
     plan = plan_from_dict({**SYNTHETIC, "network": {"chunk_size": 1024}})
-    return Collaborator(plan, plan.collaborators[0], "127.0.0.1:1", tmp_path)
+    return GrpcClient(plan, plan.collaborators[0], "127.0.0.1:1")
 
 
 def test_upload_sends_only_its_header_until_it_holds_a_slot(tmp_path) -> None:

@@ -439,7 +439,7 @@ def test_binding_covers_the_ca(tmp_path: Path) -> None:
 def test_collaborator_refuses_an_aggregator_that_claims_another_plan(tmp_path: Path) -> None:
     """Without attestation the aggregator's fingerprint is only a claim, but a claim of another
     plan (here one with keep_updates) is refused by the collaborator."""
-    from teefl.federation.collaborator import Collaborator
+    from teefl.client.collaborator import Collaborator
 
     plan = plan_from_dict({**SYNTHETIC, "network": {"data_plane": "grpc"}})
     edited = plan_from_dict(
@@ -485,7 +485,7 @@ class _NoDataPlane(teefl_pb2_grpc.FederationServicer):
 def test_join_reply_without_data_port_is_refused_when_the_plan_says_socket(
     tmp_path: Path, data_plane: str
 ) -> None:
-    from teefl.federation.collaborator import Collaborator
+    from teefl.client.collaborator import Collaborator
 
     plan = plan_from_dict({**SYNTHETIC, "network": {"data_plane": data_plane}})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))

@@ -9,10 +9,10 @@ import threading
 import pytest
 import torch
 
-from teefl.federation.collaborator import Collaborator
-from teefl.federation.resident import ResidentModel
+from teefl.client.resident import ResidentModel
 from teefl.strategy.running import RunningFedAvg
 from teefl.transport import framing
+from teefl.transport.socket_client import SocketData
 from teefl.wire import codec, teefl_pb2
 from teefl.wire.checks import FlatUpdate, UpdateRejected
 from teefl.workload.models import build_model
@@ -165,12 +165,19 @@ def test_resident_model_notices_a_replaced_tensor_and_refuses_tied_weights() -> 
     assert ResidentModel.bind(tied) is None
 
 
-def _collaborator(model: torch.nn.Module, sock) -> Collaborator:
-    """A collaborator with only what `_download_data` needs (its data socket and model)."""
-    col = Collaborator.__new__(Collaborator)
-    col.name, col.check, col.data, col._rx, col.model = "col1", "crc32c", sock, None, model
-    col.resident = ResidentModel.bind(model)
-    return col
+class _Collaborator:
+    """A collaborator's data plane and resident model: what a download over it needs."""
+
+    def __init__(self, model: torch.nn.Module, sock) -> None:
+        self.data = SocketData(sock, "col1", "crc32c", "none")
+        self.resident = ResidentModel.bind(model)
+
+    def _download_data(self, r: int):
+        return self.data.get_model(r, self.resident)
+
+
+def _collaborator(model: torch.nn.Module, sock) -> _Collaborator:
+    return _Collaborator(model, sock)
 
 
 def _serve_model(sock, payload) -> threading.Thread:

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fedutil import SYNTHETIC, FakeContext, join_request, session_metadata
 from teefl.errors import TeeflError
-from teefl.federation.collaborator import Collaborator
 from teefl.measure.events import EventRecorder
 from teefl.plan import TrainingSpec, plan_from_dict
 from teefl.server.aggregator import Aggregator
@@ -136,7 +134,7 @@ def test_round_config_values_keep_their_type() -> None:
 
 
 def test_the_config_reaches_the_training_call(monkeypatch, tmp_path: Path) -> None:
-    from teefl.federation import collaborator as mod
+    from teefl.client import trainer as mod
 
     calls: list[dict] = []
 
@@ -146,21 +144,12 @@ def test_the_config_reaches_the_training_call(monkeypatch, tmp_path: Path) -> No
 
     monkeypatch.setattr(mod, "train_local", fake_train)
     monkeypatch.setattr(mod, "evaluate", lambda *a: {"accuracy": 0.5, "loss": 1.0, "samples": 4})
-    plan = _plan()
-    me = SimpleNamespace(
-        rec=EventRecorder(tmp_path, "rid", "collaborator-col1", "collaborator"),
-        plan=plan,
-        model=None,
-        x_train=None,
-        y_train=None,
-        x_test=None,
-        y_test=None,
-        device=torch.device("cpu"),
-        index=0,
-        name="col1",
-    )
-    Collaborator._round(me, 1, {"lr": 0.5, "proximal_mu": 0.1})
-    Collaborator._round(me, 2, {})  # an old aggregator: nothing sent
+    me = mod.LocalTrainer(_plan(), 0)
+    me.x_train = me.y_train = me.x_test = me.y_test = None
+    me.device = torch.device("cpu")
+    rec = EventRecorder(tmp_path, "rid", "collaborator-col1", "collaborator")
+    me.train_round(None, 1, {"lr": 0.5, "proximal_mu": 0.1}, rec.span)
+    me.train_round(None, 2, {}, rec.span)  # an old aggregator: nothing sent
     assert calls == [{"lr": 0.5, "proximal_mu": 0.1}, {"lr": None, "proximal_mu": 0.0}]
 
 

@@ -317,7 +317,7 @@ def collaborator(
     rdir = writable_dir(
         (run_dir or Path("runs") / f"{plan.name}-{name}").resolve(), "run directory", "--run-dir"
     )
-    from teefl.federation.collaborator import Collaborator  # torch: after the quick checks
+    from teefl.client.collaborator import Collaborator  # torch: after the quick checks
 
     Collaborator(plan, name, addr, rdir, data_dir).run()
 

@@ -49,11 +49,6 @@ from teefl.security.certificates import (
     write_key,
 )
 
-# federation/collaborator.py (being moved to client/ on another branch) still calls these as
-# pki.common_name and pki.load_crl; drop them once it uses certs / crl directly
-from teefl.security.certificates import common_name as common_name
-from teefl.security.crl import load_crl as load_crl
-
 KeyType = Literal["ec", "rsa"]
 
 

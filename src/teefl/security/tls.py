@@ -19,11 +19,6 @@ import grpc
 from teefl.errors import TeeflError
 from teefl.security import certificates
 
-# federation/collaborator.py (being moved to client/ on another branch) still imports these from
-# here; drop them once it imports them from tls_diagnosis
-from teefl.security.tls_diagnosis import ConnectError as ConnectError
-from teefl.security.tls_diagnosis import split_target as split_target
-
 if TYPE_CHECKING:
     from teefl.plan import SecuritySpec
 

@@ -1,0 +1,302 @@
+"""The collaborator's loop and session on `MockTransport`: no sockets, no processes, a tiny model.
+
+The fake aggregator below answers the transport requests the way the real one does for a run of
+``ROUNDS`` rounds and an evaluation pass; each test bends one answer (a loss, a stale round, a
+refusal) and checks what the collaborator does about it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from teefl.client.collaborator import Collaborator
+from teefl.client.session import Backoff
+from teefl.errors import TeeflError
+from teefl.plan import plan_from_dict
+from teefl.security import attest
+from teefl.transport.client import (
+    Connect,
+    Disconnect,
+    GetModel,
+    Join,
+    Lost,
+    Model,
+    Open,
+    PutUpdate,
+    Refused,
+    Report,
+    Stale,
+    WaitRound,
+    status_error,
+)
+from teefl.transport.mock import MockTransport
+from teefl.wire import codec, roundconfig, teefl_pb2
+
+ROUNDS = 3
+PLAN = plan_from_dict(
+    {
+        "dataset": {"name": "synthetic"},
+        "model": {"name": "small_cnn"},
+        "federation": {"rounds": ROUNDS, "reconnect_timeout": 30},
+        "collaborators": 2,
+        "security": {"transport": "none"},
+        "network": {"data_plane": "grpc"},
+    }
+)
+
+
+class CountingTrainer:
+    """A `Trainer` whose round adds the round number to every weight (in place), so each
+    round's update is known exactly."""
+
+    samples = 7
+
+    def __init__(self) -> None:
+        self.trained: list[int] = []
+        self.configs: list[dict[str, Any]] = []
+
+    def setup(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Linear(3, 2)
+
+    def train_round(
+        self, model: torch.nn.Module, r: int, config: Any, span: Any
+    ) -> dict[str, float]:
+        self.configs.append(dict(config))
+        with span("train", round=r), torch.no_grad():
+            for p in model.parameters():
+                p.add_(float(r))
+        self.trained.append(r)
+        return {"train.loss": 1.0 / r}
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
+        return {"accuracy": 0.5, "samples": 3}
+
+    def describe(self) -> None:
+        return None
+
+
+class FakeAggregator:
+    """Answers like an aggregator with ``ROUNDS`` rounds; ``fail`` maps (request type, round)
+    to the exception the next such request gets, once."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.round = 1  # the open round
+        self.done: set[int] = set()  # rounds whose update it holds
+        self.uploads: list[tuple[int, teefl_pb2.Header, bytes]] = []
+        self.payloads: list[Any] = []  # the objects uploads were sent from
+        self.reports: list[teefl_pb2.Header] = []
+        self.fail: dict[tuple[type, int], Exception] = {}
+        self.joins = 0
+        self.round_config: dict[str, float] = {}  # sent with every training round
+
+    def __call__(self, request: Any) -> Any:
+        key = (type(request), getattr(request, "round", getattr(request, "after_round", 0)))
+        if key in self.fail:
+            raise self.fail.pop(key)
+        match request:
+            case Connect() | Open() | Disconnect():
+                return None
+            case Join():
+                self.joins += 1
+                return teefl_pb2.JoinReply(
+                    run_id="mock",
+                    rounds=ROUNDS,
+                    current_round=self.round,
+                    holds_update=self.round in self.done,
+                    plan_sections=attest.config_sections(PLAN),
+                )
+            case WaitRound(after_round=after):
+                if after >= ROUNDS + 1:
+                    return teefl_pb2.WaitReply(done=True)
+                self.round = max(self.round, after + 1)
+                return teefl_pb2.WaitReply(
+                    round=self.round,
+                    evaluate_only=self.round > ROUNDS,
+                    durable_round=after,
+                    round_config=roundconfig.to_proto(self.round_config),
+                )
+            case GetModel():
+                return Model({k: v.clone() for k, v in self.state.items()}, 100)
+            case PutUpdate(round=r, header=h, payload=p):
+                self.payloads.append(p)
+                self.uploads.append((r, h, bytes(p)))
+                self.done.add(r)
+                self.round = r + 1
+                return teefl_pb2.UpdateAck(accepted=True, message="ok")
+            case Report(header=h):
+                self.reports.append(h)
+                return None
+        raise AssertionError(f"unexpected request {request!r}")
+
+
+def _collaborator(tmp_path: Path) -> tuple[Collaborator, FakeAggregator, CountingTrainer]:
+    trainer = CountingTrainer()
+    agg = FakeAggregator(trainer.setup())
+    col = Collaborator(
+        PLAN, "col1", "mock:1", tmp_path, trainer=trainer, transport=MockTransport(agg)
+    )
+    col.session.sleep = lambda s: None  # the backoff's waits, not its bounds, are skipped
+    return col, agg, trainer
+
+
+def _expected(agg: FakeAggregator, r: int) -> bytes:
+    """The update of round ``r``: the global model plus ``r`` on every weight."""
+    return bytes(codec.encode_state({k: v + r for k, v in agg.state.items()}))
+
+
+def test_each_round_is_trained_and_its_update_sent_from_the_model_itself(tmp_path) -> None:
+    col, agg, trainer = _collaborator(tmp_path)
+    assert col.run() == "mock"
+    assert trainer.trained == [1, 2, 3] and trainer.configs == [{}] * ROUNDS
+    assert [(r, h.round, h.num_samples) for r, h, _ in agg.uploads] == [
+        (r, r, 7) for r in (1, 2, 3)
+    ]
+    for r, h, data in agg.uploads:
+        assert data == _expected(agg, r) and h.crc32c == codec.crc32c(data)
+        assert dict(h.metrics) == pytest.approx({"train.loss": 1.0 / r})
+    # no copy on the way out: every upload was the resident model's own memory
+    assert col.resident is not None
+    assert all(p is col.resident.payload for p in agg.payloads)
+    assert [h.round for h in agg.reports] == [ROUNDS + 1]
+    assert agg.reports[0].evaluate_only and agg.reports[0].num_samples == 3
+    assert col.transport.closed  # type: ignore[attr-defined]
+
+
+def test_the_round_config_reaches_the_trainer(tmp_path) -> None:
+    col, agg, trainer = _collaborator(tmp_path)
+    agg.round_config = {"proximal_mu": 0.25}
+    assert col.run() == "mock"
+    assert trainer.configs == [{"proximal_mu": 0.25}] * ROUNDS
+
+
+def test_an_update_lost_mid_upload_is_kept_and_sent_again_after_the_rejoin(tmp_path) -> None:
+    col, agg, trainer = _collaborator(tmp_path)
+    agg.fail[(PutUpdate, 2)] = Lost("the aggregator restarted")
+    assert col.run() == "mock"
+    assert trainer.trained == [1, 2, 3]  # round 2 trained once
+    assert agg.joins == 2
+    assert [r for r, _, _ in agg.uploads] == [1, 2, 3]
+    requests = col.transport.requests  # type: ignore[attr-defined]
+    lost_at = next(i for i, q in enumerate(requests) if isinstance(q, Disconnect))
+    resent = [q for q in requests[lost_at:] if isinstance(q, PutUpdate) and q.round == 2]
+    assert len(resent) == 1  # sent again right after the rejoin, before any new WaitRound
+    rejoin = [type(q) for q in requests[lost_at : lost_at + 5]]
+    assert rejoin == [Disconnect, Connect, Join, Open, PutUpdate]
+    assert agg.uploads[1][2] == _expected(agg, 2)
+
+
+def test_a_kept_update_is_sent_again_when_a_restarted_aggregator_lost_it(tmp_path) -> None:
+    col, agg, trainer = _collaborator(tmp_path)
+    original = agg.__call__
+
+    def restart_after_round_2(request: Any) -> Any:
+        if isinstance(request, WaitRound) and request.after_round == 2 and agg.joins == 1:
+            agg.done.discard(2)  # its staging went with the host: round 2 open again
+            agg.round = 2
+            raise Lost("the aggregator restarted")
+        return original(request)
+
+    col.transport = col.session.transport = MockTransport(restart_after_round_2)
+    assert col.run() == "mock"
+    assert trainer.trained == [1, 2, 3]  # not trained again: the kept copy went
+    assert [r for r, _, _ in agg.uploads] == [1, 2, 2, 3]
+    assert agg.uploads[1][1] == agg.uploads[2][1] and agg.uploads[1][2] == agg.uploads[2][2]
+
+
+def test_a_stale_round_is_skipped(tmp_path) -> None:
+    col, agg, trainer = _collaborator(tmp_path)
+    original = agg.__call__
+
+    def quorum_closed_round_2(request: Any) -> Any:
+        if isinstance(request, GetModel) and request.round == 2:
+            agg.round = 3  # round 2 closed (quorum) before this collaborator asked for it
+            raise Stale("round 2 is not open")
+        return original(request)
+
+    col.transport = col.session.transport = MockTransport(quorum_closed_round_2)
+    assert col.run() == "mock"
+    assert trainer.trained == [1, 3]
+    assert [r for r, _, _ in agg.uploads] == [1, 3]
+
+
+def test_an_update_refused_as_stale_is_not_kept(tmp_path) -> None:
+    col, agg, trainer = _collaborator(tmp_path)
+    agg.fail[(PutUpdate, 2)] = Stale("stale round")
+    assert col.run() == "mock"
+    assert trainer.trained == [1, 2, 3]
+    assert [r for r, _, _ in agg.uploads] == [1, 3]
+    assert 2 not in col.keeper.kept and col.keeper.pending is None
+
+
+def test_refused_ends_the_run_with_one_clear_line(tmp_path) -> None:
+    col, agg, _ = _collaborator(tmp_path)
+    agg.fail[(Join, 0)] = status_error("PERMISSION_DENIED", "col1 is not in this run", "col1")
+    with pytest.raises(TeeflError) as err:
+        col.run()
+    assert isinstance(err.value, Refused)
+    assert str(err.value) == "aggregator refused col1: col1 is not in this run"
+    assert "\n" not in str(err.value)
+    assert agg.joins == 0 and not any(
+        isinstance(q, Disconnect)
+        for q in col.transport.requests  # type: ignore[attr-defined]
+    )
+
+
+def test_an_aggregator_lost_for_good_ends_after_the_reconnect_timeout(tmp_path) -> None:
+    col, _, _ = _collaborator(tmp_path)
+    now = [100.0]
+    waits: list[float] = []
+    col.session.backoff.clock = lambda: now[0]
+
+    def sleep(s: float) -> None:
+        waits.append(s)
+        now[0] += s
+
+    col.session.sleep = sleep
+
+    def gone(request: Any) -> Any:
+        if isinstance(request, Join):
+            raise Lost("UNAVAILABLE: connection refused")
+        return None
+
+    col.transport = col.session.transport = MockTransport(gone)
+    with pytest.raises(TeeflError, match=r"lost the aggregator at mock:1 for more than 30 s"):
+        col.run()
+    assert waits[:6] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0] and max(waits) == 10.0
+    assert 30 <= sum(waits) <= 40  # gave up once the loss outlasted the limit, not later
+
+
+def test_backoff_doubles_to_its_cap_and_starts_over_after_contact() -> None:
+    now = [0.0]
+    b = Backoff(5.0, clock=lambda: now[0])
+    assert [b.next("x") for _ in range(3)] == [0.5, 1.0, 2.0]
+    now[0] = 5.5
+    with pytest.raises(TeeflError, match="for more than 5 s"):
+        b.next("x")
+    b.reset()
+    assert b.next("x") == 0.5
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "kind"),
+    [
+        ("UNAVAILABLE", "connection refused", Lost),
+        ("CANCELLED", "", Lost),
+        ("NO_SUCH_CODE", "", Lost),  # an unknown code: as UNKNOWN
+        ("PERMISSION_DENIED", "col1 has not passed attestation", Lost),
+        ("UNAUTHENTICATED", "Join first", Lost),
+        ("RESOURCE_EXHAUSTED", "rate limit", Lost),
+        ("FAILED_PRECONDITION", "round 3 is not open", Stale),
+        ("FAILED_PRECONDITION", "stale session", Stale),
+        ("PERMISSION_DENIED", "not a member", Refused),
+        ("INVALID_ARGUMENT", "bad header", Refused),
+    ],
+)
+def test_status_codes_map_to_neutral_errors(code: str, details: str, kind: type) -> None:
+    assert type(status_error(code, details, "col1")) is kind
