@@ -1,6 +1,6 @@
 """teefl: confidential federated learning, with the cost of every protection measured.
 
-What users may import from ``teefl`` is exactly `__all__` (``tests/test_public_api.py`` guards
+What users may import from ``teefl`` is exactly `__all__` (``tests/unit/core/test_public_api.py`` guards
 it); everything else is internal and may move between releases. ``import teefl`` stays cheap:
 it imports neither torch nor grpc, and each name below is loaded on first use (PEP 562), so a
 plan can be checked or a run directory read on a machine without the training stack.

@@ -2,7 +2,7 @@
 its JSON file and its figures.
 
 Why here and not in the command: the bench (`teefl.bench.finish.finish_study`) fits a study's
-results too, and the bench may not import the CLI layer (tests/test_import_rules.py).
+results too, and the bench may not import the CLI layer (tests/unit/core/test_import_rules.py).
 """
 
 from __future__ import annotations

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from paths import REPO
 
 from teefl.errors import TeeflError
 from teefl.workload.api import Party, RoundInfo
 from teefl.workload.resolve import resolve_workload
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "image-folder"
+EXAMPLE = REPO / "examples" / "image-folder"
 _spec = importlib.util.spec_from_file_location(
     "examples_image_folder_generate", EXAMPLE / "generate.py"
 )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -16,6 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+from paths import REPO
 
 from teefl.security.tee.quote import parse_quote_fields
 from teefl.security.tee.verify import (
@@ -29,7 +29,7 @@ from teefl.security.tee.verify import (
     verify_quote,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 DATA = ROOT.parent / "shared" / "testdata" / "attestation"
 IN_WINDOW = datetime(2025, 7, 1, tzinfo=UTC)
 

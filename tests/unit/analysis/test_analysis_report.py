@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import REPO
 from typer.testing import CliRunner
 
 from teefl.analysis.report import form_groups, make_report, plan_signature
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = REPO / "examples"
 CONFIGS = {  # name -> (fabricate_run kwargs, slow-down used to fabricate the timeline)
     "baseline": ({}, 1.0),
     "tls": ({"transport": "tls"}, 1.05),
@@ -25,7 +26,7 @@ CONFIGS = {  # name -> (fabricate_run kwargs, slow-down used to fabricate the ti
 
 def _fab():
     spec = importlib.util.spec_from_file_location(
-        "teefl_test_fabricate", Path(__file__).with_name("test_analysis_fabricate.py")
+        "teefl_test_fabricate", REPO / "tests/unit/analysis/test_analysis_fabricate.py"
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

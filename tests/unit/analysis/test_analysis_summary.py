@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from paths import REPO
 from typer.testing import CliRunner
 
 from teefl.analysis.loader import find_run_dirs, model_info_from_safetensors
@@ -18,7 +19,7 @@ from teefl.errors import TeeflError
 
 def _fab():
     spec = importlib.util.spec_from_file_location(
-        "teefl_test_fabricate", Path(__file__).with_name("test_analysis_fabricate.py")
+        "teefl_test_fabricate", REPO / "tests/unit/analysis/test_analysis_fabricate.py"
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

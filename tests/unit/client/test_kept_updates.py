@@ -1,5 +1,5 @@
 """The collaborator's kept copies (docs/reliability.md 1a), decided without processes: what a
-Join reply makes it send again, keep or drop. `tests/test_chaos.py` runs them for real."""
+Join reply makes it send again, keep or drop. `tests/e2e/test_chaos.py` runs them for real."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from paths import REPO
 
 from teefl.plan import plan_from_dict
 from teefl.strategy.running import RunningFedAvg
@@ -19,7 +20,7 @@ from teefl.workload.api import Party, RoundInfo, round_seed
 from teefl.workload.digest import workload_digest
 from teefl.workload.resolve import LoadedWorkload, resolve_workload
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = REPO / "examples"
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
 from fedutil import SYNTHETIC, teefl, write_plan
 from teefl.plan import plan_from_dict
@@ -33,7 +34,7 @@ from teefl.security.tee.verify import (
     verify_quote,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "attestation"
+DATA = REPO.parent / "shared" / "testdata" / "attestation"
 IN_WINDOW = datetime(2025, 7, 1, tzinfo=UTC)
 H48 = "ab" * 48
 

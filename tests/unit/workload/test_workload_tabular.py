@@ -4,19 +4,19 @@ scaling fitted on the party's own training rows only."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from paths import REPO
 
 from teefl.errors import TeeflError
 from teefl.workload import tabular as tab
 from teefl.workload.api import Party, RoundInfo
 from teefl.workload.resolve import resolve_workload
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tabular"
+EXAMPLE = REPO / "examples" / "tabular"
 _spec = importlib.util.spec_from_file_location("examples_tabular_generate", EXAMPLE / "generate.py")
 assert _spec is not None and _spec.loader is not None
 _gen = importlib.util.module_from_spec(_spec)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from gramine_standin import install_stand_ins
+from paths import REPO
 
 from fedutil import SYNTHETIC, read_jsonl, teefl, write_plan
 
@@ -259,7 +260,7 @@ def test_read_only_runs_directory(tmp_path: Path, ro: Path) -> None:
 
 
 def test_read_only_fit_and_report_outputs(tmp_path: Path, ro: Path) -> None:
-    csv = Path(__file__).resolve().parents[1] / "examples" / "paper_table2_tdx.csv"
+    csv = REPO / "examples" / "paper_table2_tdx.csv"
     res = _cli(["fit", str(csv), "--resamples", "20", "--out", str(ro / "fit.json")], tmp_path)
     _one_line(res, "directory of --out", ro, "--out")
     res = _cli(["fit", str(csv), "--resamples", "20", "--plot-dir", str(ro / "p")], tmp_path)
@@ -267,7 +268,7 @@ def test_read_only_fit_and_report_outputs(tmp_path: Path, ro: Path) -> None:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "teefl_test_fabricate", Path(__file__).with_name("test_analysis_fabricate.py")
+        "teefl_test_fabricate", REPO / "tests/unit/analysis/test_analysis_fabricate.py"
     )
     assert spec is not None and spec.loader is not None
     fab = importlib.util.module_from_spec(spec)

@@ -25,8 +25,9 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = REPO / "src"
 ROOT = "teefl"
 
 
@@ -179,6 +180,68 @@ def test_import_rule(name: str) -> None:
     assert not new, f"{name}: forbidden imports (module: imported from) {new}"
     gone = sorted(set(rule.known) - set(reached))
     assert not gone, f"{name}: no longer imported, remove from `known`: {gone}"
+
+
+#: the layers of docs/architecture.md, lowest first: a module imports (at module level or
+#: lazily) only modules of its own layer or of a lower one. The package ``teefl`` itself (the
+#: lazy public API) is no node.
+LAYERS: list[tuple[str, ...]] = [
+    (  # the foundation: data and contracts, no torch, no grpc
+        "teefl.errors",
+        "teefl.runfiles",
+        "teefl.writable",
+        "teefl.catalog",
+        "teefl.policyspec",
+        "teefl.plan_specs",
+        "teefl.plan",
+        "teefl.registry",
+        "teefl.rundir",
+        "teefl.resolved",
+        "teefl.faults",
+    ),
+    ("teefl.wire",),
+    ("teefl.security", "teefl.measure"),
+    ("teefl.workload", "teefl.analysis"),
+    ("teefl.strategy", "teefl.store"),
+    ("teefl.transport",),
+    ("teefl.server", "teefl.client"),
+    ("teefl.federation",),
+    ("teefl.slurm", "teefl.bench"),
+    ("teefl.commands", "teefl.cli", "teefl.__main__"),
+]
+
+
+def layer_of(module: str) -> int:
+    for i, members in enumerate(LAYERS):
+        if _under(module, members):
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS (docs/architecture.md)")
+
+
+def test_dependencies_point_down_the_layers() -> None:
+    mods = graph()
+    up = []
+    for name, m in mods.items():
+        if name == ROOT:
+            continue
+        mine = layer_of(name)
+        for dep in sorted((m.eager | m.lazy) & set(mods)):
+            if dep != ROOT and layer_of(dep) > mine:
+                up.append(f"{name} -> {dep}")
+    assert not up, f"imports that point up a layer (docs/architecture.md): {up}"
+
+
+def test_server_and_client_do_not_import_each_other() -> None:
+    mods = graph()
+    for a, b in (("teefl.server", "teefl.client"), ("teefl.client", "teefl.server")):
+        bad = [
+            f"{n} -> {d}"
+            for n, m in mods.items()
+            if _under(n, (a,))
+            for d in m.eager | m.lazy
+            if _under(d, (b,))
+        ]
+        assert not bad, bad
 
 
 #: lazy-import cycles left today, each with why; the list may only shrink (it is empty: the

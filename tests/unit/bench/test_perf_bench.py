@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import _common as C
 

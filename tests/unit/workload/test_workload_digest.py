@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
 from teefl.errors import TeeflError
 from teefl.workload.digest import (
@@ -44,7 +45,7 @@ TASK = textwrap.dedent(
 
 def env() -> dict[str, str]:
     e = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(REPO / "src")
     e["PYTHONPATH"] = src + os.pathsep + e.get("PYTHONPATH", "")
     e["PYTHONHASHSEED"] = "random"
     return e

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import typer
 import yaml
+from paths import REPO
 from typer.testing import CliRunner
 
 from teefl.commands import tee as tee_commands
 from teefl.errors import TeeflError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "attestation"
+DATA = REPO.parent / "shared" / "testdata" / "attestation"
 
 
 @pytest.fixture()

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from paths import REPO
 
 from teefl.workload.api import Party, RoundInfo
 from teefl.workload.resolve import resolve_workload
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 def test_returns_the_model_unchanged_and_reports_samples_only():

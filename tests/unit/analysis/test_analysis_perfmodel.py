@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from paths import REPO
 
 from teefl.analysis import observations, prediction
 from teefl.analysis import perfmodel as pm
 from teefl.analysis.mechanisms import config_label, from_run_config, parse_config
 from teefl.errors import TeeflError
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = REPO / "examples"
 TBASE = {"mnist": 3600.0, "cifar10": 4200.0, "cifar100": 3900.0}
 
 
