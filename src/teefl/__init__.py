@@ -1,9 +1,10 @@
 """teefl: confidential federated learning, with the cost of every protection measured.
 
-What users may import from ``teefl`` is exactly `__all__` (``tests/unit/core/test_public_api.py`` guards
-it); everything else is internal and may move between releases. ``import teefl`` stays cheap:
-it imports neither torch nor grpc, and each name below is loaded on first use (PEP 562), so a
-plan can be checked or a run directory read on a machine without the training stack.
+What users may import from ``teefl`` is exactly `__all__` (guarded by
+``tests/unit/core/test_public_api.py``); everything else is internal and may move between
+releases. ``import teefl`` stays cheap: it imports neither torch nor grpc, and each name below
+is loaded on first use (PEP 562), so a plan can be checked or a run directory read on a machine
+without the training stack.
 """
 
 from __future__ import annotations

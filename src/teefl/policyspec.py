@@ -2,9 +2,10 @@
 crypto-free.
 
 Why apart from the verifiers (`teefl.security.tee.policy`, which import this): loading a plan
-validates its policies, and the plan must not import the security package to do so (the import
-rules in tests/unit/core/test_import_rules.py). This module is the data and what follows from the data
-alone (which pins a policy has, which it lacks); judging evidence against it stays in security.
+validates its policies, and the plan must not import the security package to do so (the
+import rules in tests/unit/core/test_import_rules.py). This module is the data and what follows
+from the data alone (which pins a policy has, which it lacks); judging evidence against it stays
+in security.
 What each pin is for, and why pinning is enforced: `teefl.security.tee.policy`.
 """
 

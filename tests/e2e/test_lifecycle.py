@@ -180,10 +180,10 @@ def test_a_second_run_or_aggregator_on_the_same_run_directory_is_refused(tmp_pat
     finally:
         _kill_leftovers(p, run_dir)
     # the locks went with their holders: the run directory can be taken again
-    from teefl.federation import runlock
+    from teefl import rundir
 
-    for name in (runlock.RUN_LOCK, runlock.AGGREGATOR_LOCK):
-        runlock.release(runlock.acquire(run_dir, name, "test"))
+    for name in (rundir.RUN_LOCK, rundir.AGGREGATOR_LOCK):
+        rundir.release(rundir.acquire(run_dir, name, "test"))
 
 
 def test_a_missing_dataset_root_is_one_line_before_anything_starts(tmp_path: Path) -> None:

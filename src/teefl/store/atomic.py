@@ -15,7 +15,7 @@ from typing import Any
 from teefl.rundir import METRICS, STATE  # noqa: F401 - the run directory's names, re-exported
 from teefl.runfiles import FILE_MODE
 
-#: temporary files of this module's writers (`write_atomic`, `UpdateFile`, runinfo's):
+#: temporary files of this module's writers (`write_atomic`, `UpdateFile`, RunDir's):
 #: ``.<name>.tmp-<pid>`` or ``.<name>.tmp-<pid>-<thread>``
 TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)(?:-\d+)?$")
 

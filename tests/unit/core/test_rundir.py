@@ -112,17 +112,3 @@ def test_lock_is_reentrant_and_refuses_another_process(tmp_path: Path) -> None:
         [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True
     )
     assert res.stdout == "" and res.returncode == 0, res.stdout + res.stderr
-
-
-def test_old_runlock_path_shares_the_registry(tmp_path: Path) -> None:
-    """The old import path (`teefl.federation.runlock`) shares the one registry."""
-    from teefl.federation import runlock
-
-    p = runlock.acquire(tmp_path, AGGREGATOR_LOCK, "a")
-    assert RunDir(tmp_path).acquire(AGGREGATOR_LOCK, "b") == p  # same process: re-entrant
-    runlock.release(p)
-    from teefl import rundir
-
-    assert p in rundir._held  # one hold left: still locked
-    runlock.release(p)
-    assert p not in rundir._held

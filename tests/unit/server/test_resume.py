@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from fedutil import SYNTHETIC, read_jsonl
-from teefl.federation.runinfo import count_start, read_run_json, update_run_json
 from teefl.measure.events import EventRecorder, read_events
 from teefl.plan import plan_from_dict
+from teefl.rundir import RunDir
 from teefl.server.aggregator import Aggregator
 from teefl.wire import codec
 
@@ -144,7 +144,7 @@ def test_a_round_closed_before_its_checkpoint_is_closed_again_once(tmp_path: Pat
     assert [m["round"] for m in lines] == [1]
     assert [e["round"] for e in _events(tmp_path, "round_closed")] == [1]
     assert json.loads((tmp_path / "run/state.json").read_text())["completed_round"] == 1
-    assert read_run_json(tmp_path / "run")["rounds_completed"] == 1
+    assert RunDir(tmp_path / "run").read()["rounds_completed"] == 1
     assert not (tmp_path / "run/updates/round-0001").exists()
 
 
@@ -183,13 +183,13 @@ def test_a_resumed_checkpoint_must_fit_the_plans_model(tmp_path: Path) -> None:
 # -- run.json and the events --------------------------------------------------------------------
 def test_every_start_is_counted_durably_before_anything_else(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    assert [count_start(run) for _ in range(3)] == [0, 1, 2]
-    assert read_run_json(run)["restarts"] == 2
+    assert [RunDir(run).count_start() for _ in range(3)] == [0, 1, 2]
+    assert RunDir(run).read()["restarts"] == 2
     assert (run.stat().st_mode & 0o777) == 0o700
     assert (run / "run.json").stat().st_mode & 0o777 == 0o600
-    update_run_json(run, status="completed")
-    assert count_start(run) == 2  # refused by the caller: a completed run is not restarted
-    assert read_run_json(run)["restarts"] == 2
+    RunDir(run).update(status="completed")
+    assert RunDir(run).count_start() == 2  # refused by the caller: a completed run is not restarted
+    assert RunDir(run).read()["restarts"] == 2
 
 
 def test_a_torn_events_line_does_not_swallow_the_next_process_anchor(tmp_path: Path) -> None:
