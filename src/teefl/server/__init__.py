@@ -1,6 +1,6 @@
-"""The aggregator as composed parts: identity, rounds, intake, upload, publish, checkpointer,
-service.
+"""The aggregator as composed parts: identity, rounds, model (the strategy seam), intake, upload,
+receivers, publish, replay, checkpointer and the transport-neutral service.
 
-`teefl.server.aggregator.Aggregator` wires them; the transports (`teefl.transport`) call the
-transport-neutral `service.Service`.
+`teefl.server.aggregator.Aggregator` wires them; `grpc_adapter` and `socket_adapter` carry the
+`service.Service` over `teefl.transport`.
 """
