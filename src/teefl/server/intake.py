@@ -28,6 +28,8 @@ log = logging.getLogger("teefl.aggregator")
 class StaleUpdate(UpdateRejected):
     """An update for a round that is closed (or not open yet): refused, never counted."""
 
+    stale = True
+
 
 class SessionEnded(StaleUpdate):
     """An update whose session a newer Join of its collaborator ended: never counted."""

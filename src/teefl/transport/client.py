@@ -4,8 +4,9 @@ Why a seam: the collaborator's loop and session say *what* they need from the ag
 challenge, a join, the round's model, an update sent) with the small requests below, never
 *how* it moves; the gRPC control plane with either data plane (`grpc_client.GrpcClient`) is one
 implementation, `mock.MockTransport` (a function from request to response, as httpx's) another,
-for unit tests without sockets. Failures come back as three neutral errors -- `Lost`, `Stale`,
-`Refused` -- whatever the transport's own codes are.
+for unit tests without sockets, and `memory.MemoryTransport` (a server `Service` in the same
+process) a third, for whole federations in one process. Failures come back as three neutral
+errors -- `Lost`, `Stale`, `Refused` -- whatever the transport's own codes are.
 
 Responses are the proto's reply messages (`teefl.wire.teefl_pb2`), the vocabulary both sides
 already share, except `Model` (where the downloaded model went) and ``None`` for requests that

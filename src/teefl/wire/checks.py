@@ -20,6 +20,10 @@ from teefl.wire import codec
 class UpdateRejected(TeeflError):
     """An update that does not fit the global model; it never touches the running sum."""
 
+    #: refused for its timing (a closed round), not its content: transports answer
+    #: FAILED_PRECONDITION ("stale") instead of INVALID_ARGUMENT (`server.intake.StaleUpdate`)
+    stale = False
+
 
 def check_update(reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> None:
     """Names, shapes and dtypes must match the global model exactly; values must be finite."""
