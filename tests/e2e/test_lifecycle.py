@@ -71,9 +71,17 @@ def _start_run(
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
+        # the run as a terminal would start it: a test runner started under nohup passes SIGHUP
+        # on ignored, and `teefl run` rightly keeps a signal it was started with ignored
+        preexec_fn=_default_stop_signals,
     )
     log.close()
     return p, (tmp_path / "runs" / "life").resolve()
+
+
+def _default_stop_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _wait_rounds(p: subprocess.Popen, run_dir: Path, log: Path, parties: int) -> dict[int, int]:
