@@ -23,6 +23,7 @@ from teefl.workload.datasets import load_dataset
 from teefl.workload.models import build_model
 from teefl.workload.partition import collaborator_data
 from teefl.workload.train import configure_threads, evaluate, resolve_device, train_local
+from teefl.workload.vision import dataset_record
 
 log = logging.getLogger("teefl.collaborator")
 
@@ -132,15 +133,5 @@ class LocalTrainer:
         return {
             "device": str(self.device),
             "threads": self.threads,
-            "dataset": {
-                "name": d.name,
-                "source": d.source,
-                "train_samples": len(d.y_train),
-                "test_samples": len(d.y_test),
-                "shape": list(d.x_train.shape[1:]),
-                "classes": d.classes,
-                "size_bytes": int(d.x_train.numel() + d.x_test.numel()),
-                "shard_train": len(self.y_train),
-                "shard_test": len(self.y_test),
-            },
+            "dataset": dataset_record(d, len(self.y_train), len(self.y_test)),
         }

@@ -107,15 +107,19 @@ class Vision:
 
     def describe(self, data: VisionData) -> dict[str, Any]:
         """The ``dataset`` record of the collaborator's env file, as it writes it today."""
-        d = data.dataset
-        return {
-            "name": d.name,
-            "source": d.source,
-            "train_samples": len(d.y_train),
-            "test_samples": len(d.y_test),
-            "shape": list(d.x_train.shape[1:]),
-            "classes": d.classes,
-            "size_bytes": int(d.x_train.numel() + d.x_test.numel()),
-            "shard_train": len(data.y_train),
-            "shard_test": len(data.y_test),
-        }
+        return dataset_record(data.dataset, len(data.y_train), len(data.y_test))
+
+
+def dataset_record(d: Any, shard_train: int, shard_test: int) -> dict[str, Any]:
+    """The ``dataset`` record of a collaborator's env file: the dataset and this party's shard."""
+    return {
+        "name": d.name,
+        "source": d.source,
+        "train_samples": len(d.y_train),
+        "test_samples": len(d.y_test),
+        "shape": list(d.x_train.shape[1:]),
+        "classes": d.classes,
+        "size_bytes": int(d.x_train.numel() + d.x_test.numel()),
+        "shard_train": shard_train,
+        "shard_test": shard_test,
+    }
