@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from teefl.errors import TeeflError
 from teefl.plan_specs import (
     NAME_RE,
+    VISION_SECTIONS,
     AtRestSpec,
     AttestationSpec,
     DatasetSpec,
@@ -36,7 +37,17 @@ from teefl.plan_specs import (
     SyntheticSpec,
     TlsSpec,
     TrainingSpec,
+    WorkloadSpec,
 )
+
+
+def _default(spec: type[Strict], value: Any) -> bool:
+    """Whether ``value`` validates to ``spec``'s defaults (an invalid one is reported by the
+    plan's own validation, not here)."""
+    try:
+        return spec.model_validate(value) == spec()
+    except ValidationError:
+        return False
 
 
 class Plan(Strict):
@@ -51,6 +62,46 @@ class Plan(Strict):
     network: NetworkSpec = NetworkSpec()
     security: SecuritySpec = SecuritySpec()
     runtime: RuntimeSpec = RuntimeSpec()
+    #: what is trained (default: ``vision`` with the model/dataset/partition/training sections)
+    workload: WorkloadSpec = WorkloadSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vision_options(cls, data: Any) -> Any:
+        """One place for the vision workload's settings: ``workload: {name: vision, options:
+        {model: ...}}`` moves its options to the top-level sections (where every part reads
+        them, and where plans written before workloads existed have them); giving both is
+        refused. A non-vision workload takes no model/dataset/partition sections."""
+        if not isinstance(data, dict) or not isinstance(data.get("workload"), dict):
+            return data
+        wl = data["workload"]
+        name = str(wl.get("name", "vision")).strip()
+        options = wl.get("options") or {}
+        if name != "vision":
+            specs = {"model": ModelSpec, "dataset": DatasetSpec, "partition": PartitionSpec}
+            # a section at its defaults is no setting (a plan written by to_yaml has them all)
+            given = [k for k, spec in specs.items() if k in data and not _default(spec, data[k])]
+            if given:
+                raise ValueError(
+                    f"the {', '.join(given)} section(s) belong to the vision workload; workload "
+                    f"{name} takes its settings under workload.options (move them there)"
+                )
+            return data
+        if not isinstance(options, dict):
+            return data  # the spec's own validation says what is wrong
+        unknown = [k for k in options if k not in VISION_SECTIONS]
+        if unknown:
+            raise ValueError(
+                f"workload.options.{unknown[0]}: unknown key for the vision workload "
+                f"(known: {', '.join(VISION_SECTIONS)})"
+            )
+        both = [k for k in options if k in data]
+        if both:
+            raise ValueError(
+                f"{both[0]} is given both at the top level and under workload.options; keep one"
+            )
+        data = {**data, **options, "workload": {**wl, "options": {}}}
+        return data
 
     @field_validator("collaborators", mode="before")
     @classmethod
@@ -174,6 +225,8 @@ def _resolve_paths(plan: Plan, base: Path) -> None:
     att.snp.kds_cache = fix(att.snp.kds_cache)
     plan.security.at_rest.key_file = fix(plan.security.at_rest.key_file)
     plan.runtime.sign_key = fix(plan.runtime.sign_key)
+    plan.workload.data_root = fix(plan.workload.data_root)
+    plan.workload.base = fix(plan.workload.base) if plan.workload.base is not None else base
     tls = plan.security.tls
     tls.ca, tls.server_cert, tls.server_key, tls.client_dir, tls.crl = (
         fix(tls.ca),
@@ -201,6 +254,8 @@ HOST_LOCAL: dict[str, tuple[str, ...]] = {
     "federation": ("staging_dir",),
     # a label stated on one host and a signing key file
     "runtime": ("tee_label", "sign_key"),
+    # where the code and each party's data are; WHICH code is compared by its digest at Join
+    "workload": ("base", "data_root"),
 }
 
 

@@ -325,3 +325,58 @@ class FederationSpec(Strict):
         options = {"trim_ratio": ratio} if name == "trimmed_mean" and ratio is not None else {}
         data["strategy"] = {"name": name, "options": options}
         return data
+
+
+#: a workload reference's form (checked here, torch-free; resolved and imported later, by
+#: `teefl.workload.resolve.plan_workload`, before any process starts): a registered name, a
+#: ``module:attr``, or a ``./file.py:attr`` / ``/abs/file.py:attr``
+WORKLOAD_REF_RE = re.compile(
+    r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*"  # a registered name (vision, image-folder, an entry point)
+    r"|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*"  # module:attr
+    r"|(?:\.{1,2}/|/|~/)[^:]+\.py:[A-Za-z_][A-Za-z0-9_]*)$"  # ./file.py:attr
+)
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+#: the sections of a plan that belong to the ``vision`` workload (its options)
+VISION_SECTIONS: tuple[str, ...] = ("model", "dataset", "partition", "training")
+
+
+class WorkloadSpec(Strict):
+    """What is trained: ``name`` (a reference, see `WORKLOAD_REF_RE`), its ``options`` (validated
+    against the workload's ``Options`` when it is resolved), the other parties' workload
+    digests this federation accepts besides the aggregator's own, and where each collaborator's
+    own data is (``data_root``: ``<data_root>/<collaborator name>``, a collaborator's
+    ``--data-dir`` wins). ``base``: what ``./file.py`` references are relative to (set to the
+    plan file's directory on loading; host-local)."""
+
+    name: str = "vision"
+    options: dict[str, Any] = Field(default_factory=dict)
+    allowed_digests: list[str] = Field(default_factory=list)
+    data_root: Path | None = None
+    base: Path | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        v = v.strip()
+        if not WORKLOAD_REF_RE.match(v):
+            raise ValueError(
+                f"{v!r} is not a workload reference: write a registered name (vision, tabular, "
+                "image-folder, noop), 'module:Class' or './file.py:Class'"
+            )
+        return v
+
+    @field_validator("allowed_digests")
+    @classmethod
+    def _digests(cls, v: list[str]) -> list[str]:
+        out = [d.strip().lower() for d in v]
+        bad = [d for d in out if not DIGEST_RE.match(d)]
+        if bad:
+            raise ValueError(
+                f"{bad[0]!r} is not a workload digest (64 hex digits, as `teefl workload "
+                "digest REF` prints)"
+            )
+        return out
+
+    @property
+    def is_vision(self) -> bool:
+        return self.name == "vision"

@@ -3,7 +3,7 @@
 The parts: the `Session` (attest, join, rejoin with backoff, resync after an aggregator restart),
 the `Keeper` (updates kept until their round is durable), the `ResidentModel` (the model inside
 its wire payload: downloads land in it, uploads send it), a `Trainer` (local training; default
-`LocalTrainer`) and a transport (`teefl.transport.client`; default the plan's). This module is
+`WorkloadTrainer`) and a transport (`teefl.transport.client`; default the plan's). This module is
 only the loop that strings them together.
 """
 
@@ -19,7 +19,7 @@ import torch
 from teefl.client.keeper import Keeper
 from teefl.client.resident import ResidentModel
 from teefl.client.session import LOSS_ERRORS, Session
-from teefl.client.trainer import LocalTrainer, Trainer, flat
+from teefl.client.trainer import Trainer, WorkloadTrainer, flat
 from teefl.errors import TeeflError
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
@@ -42,7 +42,8 @@ log = logging.getLogger("teefl.collaborator")
 class Collaborator:
     """One party holding a private shard of the data.
 
-    ``trainer``: the local training (default: the plan's workload, `LocalTrainer`);
+    ``trainer``: the local training (default: the plan's workload, `WorkloadTrainer`; its
+    ``data_dir``/``data_mode`` as `teefl.workload.api.Party` says);
     ``transport``: how it reaches the aggregator (default: `GrpcClient`, the gRPC control plane
     with the data plane the plan names).
     """
@@ -55,6 +56,7 @@ class Collaborator:
         run_dir: Path,
         data_dir: Path | None = None,
         *,
+        data_mode: str = "auto",
         trainer: Trainer | None = None,
         transport: ClientTransport | None = None,
     ) -> None:
@@ -67,7 +69,11 @@ class Collaborator:
         self.run_dir = Path(run_dir)
         self.index = plan.collaborators.index(name)
         self.process = f"collaborator-{name}"
-        self.trainer = trainer if trainer is not None else LocalTrainer(plan, self.index, data_dir)
+        if trainer is None:
+            from teefl.workload.resolve import plan_workload
+
+            trainer = WorkloadTrainer(plan, self.index, plan_workload(plan), data_dir, data_mode)
+        self.trainer = trainer
         self.rec: EventRecorder | None = None
         self.check = payload_check(plan)  # the SHA-256 of uploads only where it is checked
         #: the TLS key of this collaborator's model traffic when it must attest: made here, in

@@ -16,14 +16,11 @@ from typing import Any, Protocol
 
 import torch
 
+from teefl.errors import TeeflError
 from teefl.faults import fault
 from teefl.plan import Plan
 from teefl.wire import roundconfig
-from teefl.workload.datasets import load_dataset
-from teefl.workload.models import build_model
-from teefl.workload.partition import collaborator_data
-from teefl.workload.train import configure_threads, evaluate, resolve_device, train_local
-from teefl.workload.vision import dataset_record
+from teefl.workload.train import configure_threads, resolve_device
 
 log = logging.getLogger("teefl.collaborator")
 
@@ -68,70 +65,117 @@ class Trainer(Protocol):
         ...
 
 
-class LocalTrainer:
-    """The built-in workload: the plan's dataset and model, this party's shard of the data,
-    `teefl.workload.train`'s loops, validated before and after training (the OpenFL order)."""
+class WorkloadTrainer:
+    """Any `teefl.workload.api.Workload` behind the Trainer seam (issue 16).
 
-    def __init__(self, plan: Plan, index: int, data_dir: Path | None = None) -> None:
-        self.plan, self.index, self.data_dir = plan, index, data_dir
+    The loop is LocalTrainer's -- validate the global model, train, validate the local one,
+    each a span of the run's events -- with the workload's ``load``, ``train`` and ``evaluate``
+    in place of the built-in loops. ``train`` gets a `RoundInfo`: the round, the party's round
+    seed (`round_seed`, the formula LocalTrainer used), the strategy's round config as
+    received (checked first: the aggregator is a remote party), and the global state before
+    training when the config carries a proximal weight (a copy costs the model's size).
+
+    ``data_dir``/``data_mode``: see `teefl.workload.api.Party` (``teefl collaborator
+    --data-dir`` is the party's own data; ``teefl run`` passes a shared dataset's folder with
+    data_mode "shard"). An exception in the workload's code is a `WorkloadFailure` (its
+    traceback for this party's log); the collaborator reports the failed round.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        index: int,
+        workload: Any,
+        data_dir: Path | None = None,
+        data_mode: str = "auto",
+    ) -> None:
+        self.plan, self.index, self.workload = plan, index, workload
+        self.name = plan.collaborators[index]
+        if data_dir is None and plan.workload.data_root is not None and data_mode != "shard":
+            data_dir, data_mode = plan.workload.data_root / self.name, "local"
+        self.data_dir, self.data_mode = data_dir, data_mode
         self.samples = 0
 
     def setup(self) -> torch.nn.Module:
+        from teefl.workload.api import Party
+
         plan = self.plan
         self.threads = configure_threads(plan.training.threads)
         self.device = resolve_device(plan.training.device)
-        data = load_dataset(plan.dataset, self.data_dir, seed=plan.seed)
-        self.dataset = data
-        self.x_train, self.y_train, self.x_test, self.y_test = collaborator_data(
-            data, self.index, len(plan.collaborators), plan.partition, plan.dataset, plan.seed
+        party = Party(
+            self.name,
+            self.index,
+            len(plan.collaborators),
+            plan.seed,
+            self.data_dir,
+            str(self.device),
+            self.data_mode,  # type: ignore[arg-type]
         )
-        self.samples = len(self.y_train)
-        return build_model(plan.model.name, data.channels, data.classes).to(self.device)
+        self.data = self.workload.load(party)
+        self.described = self.workload.describe(self.data)
+        self.samples = int(self.described.get("shard_train", self.described.get("samples", 0)))
+        model = self.workload.build_model(plan.seed)
+        travelling = self.workload.travelling(model)
+        if len(travelling) != len(model.state_dict()):
+            raise TeeflError(
+                f"workload {self.workload.ref}: trainable_state chooses {len(travelling)} of "
+                f"{len(model.state_dict())} tensors; this teefl version sends the whole state "
+                "dict (remove trainable_state)"
+            )
+        return model.to(self.device)
 
     def train_round(
         self, model: torch.nn.Module, r: int, config: Mapping[str, Any], span: Span
     ) -> dict[str, float]:
-        """Validate the global model, train (with the round config's learning rate and FedProx
-        mu, checked: the aggregator is a remote party), validate the local model."""
+        from teefl.workload.api import RoundInfo, round_seed
+
         plan = self.plan
-        lr, mu = roundconfig.training_overrides(config)
+        _lr, mu = roundconfig.training_overrides(config)  # refused here if out of range
         with span("validate_global", round=r) as s:
-            vg = self.evaluate(model)
+            vg = self.workload.evaluate(model, self.data, self.name, r)
             s["metrics"], s["samples"] = vg, vg["samples"]
         fault("train", r)
+        global_state = None
+        if mu:
+            global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        info = RoundInfo(r, round_seed(plan.seed, self.index, r), dict(config), global_state)
         with span("train", round=r) as s:
-            seed = plan.seed * 1_000_003 + self.index * 1009 + r
-            tr = train_local(
-                model,
-                self.x_train,
-                self.y_train,
-                plan.training,
-                self.device,
-                seed,
-                lr=lr,
-                proximal_mu=mu,
-            )
+            tr = self.workload.train(model, self.data, info, self.name)
             s["metrics"], s["samples"] = tr, tr["samples"]
+        self.samples = int(tr["samples"])
         with span("validate_local", round=r) as s:
-            vl = self.evaluate(model)
+            vl = self.workload.evaluate(model, self.data, self.name, r)
             s["metrics"], s["samples"] = vl, vl["samples"]
-        log.info(
-            "%s: round %d global acc %.4f -> local acc %.4f",
-            plan.collaborators[self.index],
-            r,
-            vg["accuracy"],
-            vl["accuracy"],
-        )
+        if "accuracy" in vg and "accuracy" in vl:
+            log.info(
+                "%s: round %d global acc %.4f -> local acc %.4f",
+                self.name,
+                r,
+                vg["accuracy"],
+                vl["accuracy"],
+            )
         return {**flat("validate_global", vg), **flat("train", tr), **flat("validate_local", vl)}
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
-        bs = self.plan.training.batch_size
-        return evaluate(model, self.x_test, self.y_test, bs, self.device)
+        return self.workload.evaluate(model, self.data, self.name)
 
     def describe(self) -> dict[str, Any]:
-        d = self.dataset
         return {
             "device": str(self.device),
             "threads": self.threads,
-            "dataset": dataset_record(d, len(self.y_train), len(self.y_test)),
+            "workload": {"name": self.workload.ref, "digest": self.workload.digest},
+            "dataset": self.described,
         }
+
+
+class LocalTrainer(WorkloadTrainer):
+    """The plan's ``vision`` workload (its model, dataset, partition and training sections) on
+    this party's shard of the shared dataset: the collaborator's training before workloads
+    existed, kept as a name for callers that hold a plan and an index."""
+
+    def __init__(self, plan: Plan, index: int, data_dir: Path | None = None) -> None:
+        from teefl.workload.resolve import plan_workload
+
+        if not plan.workload.is_vision:
+            raise TeeflError(f"LocalTrainer trains the vision workload, not {plan.workload.name}")
+        super().__init__(plan, index, plan_workload(plan), data_dir, "shard")

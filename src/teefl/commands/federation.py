@@ -141,10 +141,11 @@ def run(
 
         check_policies(plan.security.attestation)
     plan = _announce_dataset(plan, data_dir, console)
+    _check_workload(plan)  # a bad reference or options: one line before any process starts
     resolved = resolve(plan, "launcher", run_dir)
     console.print(
         f"teefl run [bold]{rid}[/bold]: {len(plan.collaborators)} collaborators, "
-        f"{plan.federation.rounds} rounds, {plan.model.name} on {plan.dataset.name}, "
+        f"{plan.federation.rounds} rounds, {_what(plan)}, "
         f"transport {resolved.transport}\n  run directory: {run_dir}"
     )
     att = plan.security.attestation
@@ -166,10 +167,25 @@ def run(
     print_summary(summary, console, result.run_dir)
 
 
+def _what(plan) -> str:
+    """What is trained, in a few words."""
+    if plan.workload.is_vision:
+        return f"{plan.model.name} on {plan.dataset.name}"
+    return f"workload {plan.workload.name}"
+
+
+def _check_workload(plan) -> None:
+    """Resolve the plan's workload once here -- import it, validate its options, build its
+    model -- so a mistake is one line from this command, not a traceback from every process."""
+    from teefl.workload.resolve import plan_workload
+
+    plan_workload(plan, check_build=True)
+
+
 def _announce_dataset(plan, data_dir: Path | None, console):
     """The plan to run: the default plan falls back to synthetic data -- loudly -- when its
     dataset is missing."""
-    if plan.dataset.name == "synthetic":
+    if plan.dataset.name == "synthetic" or not plan.workload.is_vision:
         return plan
     from teefl.workload.datasets import check_root, load_dataset
 
@@ -299,7 +315,21 @@ def collaborator(
     run_dir: Annotated[
         Path | None, typer.Option(help="Where this party writes its events.")
     ] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Where datasets are read from.")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="This party's own data, loaded whole by the workload (default: the plan's "
+            "workload.data_root/NAME, else the workload's shared dataset)."
+        ),
+    ] = None,
+    data_mode: Annotated[
+        str,
+        typer.Option(
+            help="local: --data-dir is this party's own data; shard: it holds a shared "
+            "dataset this party takes its shard of (teefl run's simulation); auto: local "
+            "when --data-dir is given.",
+        ),
+    ] = "auto",
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
 ) -> None:
     """Run one collaborator: join the aggregator and take part in every round."""
@@ -307,6 +337,12 @@ def collaborator(
     _sigterm_as_interrupt()
     from teefl.plan import require_transport
 
+    if data_mode not in ("auto", "local", "shard"):
+        raise TeeflError(f"--data-mode must be auto, local or shard (got {data_mode!r})")
+    if data_mode == "local" and data_dir is None:
+        raise TeeflError("--data-mode local needs --data-dir (this party's own data)")
+    if data_dir is not None and not data_dir.is_dir():
+        raise TeeflError(f"--data-dir {data_dir}: no such directory")
     plan = _load(plan_path)
     require_transport(plan)
     addr = address or plan.address()
@@ -319,7 +355,7 @@ def collaborator(
     )
     from teefl.client.collaborator import Collaborator  # torch: after the quick checks
 
-    Collaborator(plan, name, addr, rdir, data_dir).run()
+    Collaborator(plan, name, addr, rdir, data_dir, data_mode=data_mode).run()
 
 
 def register(app: typer.Typer) -> None:

@@ -260,7 +260,11 @@ def _launch(
         )
         port = _await_port(procs[0], port_file, startup_timeout)
         address = f"{plan.network.host}:{port}"
-        extra = ["--data-dir", str(data_dir)] if data_dir else []
+        # a shared dataset each collaborator takes its shard of (simulation); with the plan's
+        # workload.data_root each reads <data_root>/<name> itself, its own data
+        extra = []
+        if data_dir and plan.workload.data_root is None:
+            extra = ["--data-dir", str(data_dir), "--data-mode", "shard"]
         for name in plan.collaborators:
             _spawn(
                 collaborator_process(name),

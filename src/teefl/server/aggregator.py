@@ -43,8 +43,7 @@ from teefl.strategy.registry import plan_strategy
 from teefl.transport import admission, socket_server
 from teefl.transport.channels import bind, payload_check, server_options
 from teefl.wire import codec
-from teefl.workload.datasets import dataset_shape
-from teefl.workload.models import build_model
+from teefl.workload.resolve import plan_workload
 
 log = logging.getLogger("teefl.aggregator")
 
@@ -112,8 +111,10 @@ class Aggregator:
         self.plan, self.run_dir, self.run_id, self.rec = plan, Path(run_dir), run_id, recorder
         fed = plan.federation
         self.names = list(plan.collaborators)
-        channels, _, _, classes = dataset_shape(plan.dataset)
-        net = build_model(plan.model.name, channels, classes, seed=plan.seed)
+        #: the plan's workload, resolved: the initial model is its build_model(seed) (the
+        #: aggregator has no data); its digest is what joining collaborators are compared to
+        self.workload = plan_workload(plan)
+        net = self.workload.build_model(plan.seed)
         state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         self.identity = Identity(plan, self.run_dir, recorder, ended=lambda: self.rounds.wake())
         at_rest = plan.security.at_rest

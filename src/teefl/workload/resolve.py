@@ -196,3 +196,32 @@ def resolve_workload(
     if check_build:
         loaded.travelling(loaded.build_model(seed))
     return loaded
+
+
+def plan_workload(
+    plan: Any, *, check_build: bool = False, source: str = "(plan)"
+) -> LoadedWorkload:
+    """The workload ``plan`` names, resolved (see `resolve_workload`).
+
+    ``vision`` takes its options from the plan's model/dataset/partition/training sections
+    (where a plan keeps them, `teefl.plan.Plan`); every other workload from
+    ``workload.options``. ``./file.py`` references are relative to ``workload.base`` (the plan
+    file's directory). Called by the commands before any process starts, so a bad reference or
+    bad options stop ``teefl run`` with one line instead of three collaborator tracebacks.
+    """
+    spec = plan.workload
+    if spec.is_vision:
+        from teefl.workload.vision import Vision
+
+        options: Mapping[str, Any] = Vision.options_from_plan(plan)
+    else:
+        options = spec.options
+    return resolve_workload(
+        spec.name,
+        options,
+        spec.base,
+        source=source,
+        where="workload.name",
+        check_build=check_build,
+        seed=plan.seed,
+    )

@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from teefl.plan import DatasetSpec, ModelSpec, PartitionSpec, TrainingSpec
+from teefl.wire import roundconfig
 from teefl.workload.api import Party, RoundInfo
 from teefl.workload.datasets import Dataset, dataset_shape, load_dataset
 from teefl.workload.models import build_model
@@ -97,8 +98,11 @@ class Vision:
         return VisionData(data, x_train, y_train, x_test, y_test, device)
 
     def train(self, model: torch.nn.Module, data: VisionData, info: RoundInfo) -> dict:
+        """`train_local` with the strategy's round learning rate and FedProx weight."""
+        lr, mu = roundconfig.training_overrides(info.config)
+        o = self.options.training
         return train_local(
-            model, data.x_train, data.y_train, self.options.training, data.device, info.seed
+            model, data.x_train, data.y_train, o, data.device, info.seed, lr=lr, proximal_mu=mu
         )
 
     def evaluate(self, model: torch.nn.Module, data: VisionData) -> dict:

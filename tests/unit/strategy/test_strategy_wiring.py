@@ -135,6 +135,7 @@ def test_round_config_values_keep_their_type() -> None:
 
 def test_the_config_reaches_the_training_call(monkeypatch, tmp_path: Path) -> None:
     from teefl.client import trainer as mod
+    from teefl.workload import vision
 
     calls: list[dict] = []
 
@@ -142,14 +143,14 @@ def test_the_config_reaches_the_training_call(monkeypatch, tmp_path: Path) -> No
         calls.append(kw)
         return {"loss": 1.0, "samples": 4}
 
-    monkeypatch.setattr(mod, "train_local", fake_train)
-    monkeypatch.setattr(mod, "evaluate", lambda *a: {"accuracy": 0.5, "loss": 1.0, "samples": 4})
+    monkeypatch.setattr(vision, "train_local", fake_train)
+    monkeypatch.setattr(vision, "evaluate", lambda *a: {"accuracy": 0.5, "samples": 4})
     me = mod.LocalTrainer(_plan(), 0)
-    me.x_train = me.y_train = me.x_test = me.y_test = None
-    me.device = torch.device("cpu")
+    me.data = vision.VisionData(None, None, None, None, None, torch.device("cpu"))
     rec = EventRecorder(tmp_path, "rid", "collaborator-col1", "collaborator")
-    me.train_round(None, 1, {"lr": 0.5, "proximal_mu": 0.1}, rec.span)
-    me.train_round(None, 2, {}, rec.span)  # an old aggregator: nothing sent
+    model = torch.nn.Linear(1, 1)
+    me.train_round(model, 1, {"lr": 0.5, "proximal_mu": 0.1}, rec.span)
+    me.train_round(model, 2, {}, rec.span)  # an old aggregator: nothing sent
     assert calls == [{"lr": 0.5, "proximal_mu": 0.1}, {"lr": None, "proximal_mu": 0.0}]
 
 
