@@ -99,6 +99,8 @@ class Collaborator:
         """
         t0 = time.monotonic()
         self.model = self.trainer.setup()
+        workload = getattr(self.trainer, "workload", None)
+        self.session.workload_digest = getattr(workload, "digest", "") or ""
         self.resident = ResidentModel.bind(self.model)
         self.keeper.resident_payload = self.resident.payload if self.resident else None
         t_data = time.monotonic()

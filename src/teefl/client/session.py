@@ -100,6 +100,9 @@ class Session:
         self.pin: bytes | None = None  # the aggregator's certificate, when it must attest
         self.aggregator_key: bytes | None = None  # its attested TLS key, once checked
         self._verdict: dict[str, Any] | None = None
+        #: this party's workload digest, sent at Join (set by the collaborator once its
+        #: trainer has resolved the workload; "" for a trainer without one)
+        self.workload_digest = ""
 
     def connect(self, patience: float = 60.0) -> None:
         """The first contact: waits up to ``patience`` seconds for the aggregator."""
@@ -111,7 +114,9 @@ class Session:
         evidence: dict[str, Any] = {}
         if self.plan.security.attestation.enabled:
             evidence = self._attest()
-        reply = self.transport.handle(Join(self.sections, **evidence))
+        reply = self.transport.handle(
+            Join(self.sections, workload_digest=self.workload_digest, **evidence)
+        )
         differ = attest.differing_sections(self.sections, dict(reply.plan_sections))
         if differ:
             raise TeeflError(

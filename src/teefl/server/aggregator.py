@@ -116,7 +116,13 @@ class Aggregator:
         self.workload = plan_workload(plan)
         net = self.workload.build_model(plan.seed)
         state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        self.identity = Identity(plan, self.run_dir, recorder, ended=lambda: self.rounds.wake())
+        self.identity = Identity(
+            plan,
+            self.run_dir,
+            recorder,
+            ended=lambda: self.rounds.wake(),
+            workload_digest=self.workload.digest,
+        )
         at_rest = plan.security.at_rest
         self.seal_key: bytes | None = None
         if at_rest.mode == "sealed":

@@ -60,8 +60,19 @@ class Identity:
     of certificates that may carry a collaborator's model traffic.
     """
 
-    def __init__(self, plan: Plan, run_dir: Path, recorder: Any, ended: Callable[[], None]):
+    def __init__(
+        self,
+        plan: Plan,
+        run_dir: Path,
+        recorder: Any,
+        ended: Callable[[], None],
+        workload_digest: str = "",
+    ):
         self.plan, self.run_dir, self.rec, self._ended = plan, run_dir, recorder, ended
+        #: the aggregator's own workload digest; a collaborator must send it, or one of the
+        #: plan's workload.allowed_digests
+        self.workload_digest = workload_digest
+        self.allowed_digests = frozenset(plan.workload.allowed_digests)
         self.names = list(plan.collaborators)
         att, tls = plan.security.attestation, plan.security.tls
         self.transport = transport = plan.security.transport or "none"
@@ -265,6 +276,22 @@ class Identity:
                 "(every party must use the same plan file and CA certificate)",
                 "FAILED_PRECONDITION",
             )
+
+    def same_workload(self, peer: Peer, name: str, theirs: str) -> None:
+        """Refuse a collaborator whose workload code differs from ours (its digest neither ours
+        nor in the plan's workload.allowed_digests), naming both digests."""
+        if not self.workload_digest or theirs == self.workload_digest:
+            return
+        if theirs and theirs in self.allowed_digests:
+            return
+        raise self.refuse(
+            peer,
+            f"the workload code of {name} differs from the aggregator's: {name} runs digest "
+            f"{theirs or '(none sent)'}, the aggregator {self.workload_digest} (the same "
+            "workload files and teefl version on every party, or list the digest in the "
+            "plan's workload.allowed_digests)",
+            "FAILED_PRECONDITION",
+        )
 
     def verify_join(self, peer: Peer, name: str, request: Any) -> tuple[bytes, bytes]:
         """Check a collaborator's evidence, bound to the key it made in memory (its TEE) and to

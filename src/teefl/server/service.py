@@ -188,6 +188,7 @@ class Service:
         # Join must not leave an earlier attestation, token or connection in place
         ident.revoke(name, "a new Join")
         ident.same_plan(peer, name, dict(request.plan_sections))
+        ident.same_workload(peer, name, request.workload_digest)
         cert_pem, cert_sha256 = b"", None
         if ident.verifier is not None:
             cert_pem, cert_sha256 = ident.verify_join(peer, name, request)

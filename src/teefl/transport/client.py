@@ -118,6 +118,8 @@ class Join:
     evidence: Any = None  # teefl_pb2.Evidence
     nonce: bytes = b""
     session_key: bytes = b""
+    #: the digest of this party's workload code (`teefl.workload.digest`)
+    workload_digest: str = ""
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,11 @@ class GrpcClient:
 
     def _join(self, request: Join) -> teefl_pb2.JoinReply:
         self._md = ()
-        msg = teefl_pb2.JoinRequest(collaborator=self.name, plan_sections=request.plan_sections)
+        msg = teefl_pb2.JoinRequest(
+            collaborator=self.name,
+            plan_sections=request.plan_sections,
+            workload_digest=request.workload_digest,
+        )
         if request.evidence is not None:
             msg.evidence.CopyFrom(request.evidence)
             msg.nonce = request.nonce

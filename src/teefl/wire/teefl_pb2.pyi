@@ -1,14 +1,13 @@
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Evidence(_message.Message):
-    __slots__ = ("extra_json", "kind", "provider", "quote")
+    __slots__ = ("kind", "provider", "quote", "extra_json")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     QUOTE_FIELD_NUMBER: _ClassVar[int]
@@ -17,7 +16,7 @@ class Evidence(_message.Message):
     provider: str
     quote: bytes
     extra_json: str
-    def __init__(self, kind: str | None = ..., provider: str | None = ..., quote: bytes | None = ..., extra_json: str | None = ...) -> None: ...
+    def __init__(self, kind: _Optional[str] = ..., provider: _Optional[str] = ..., quote: _Optional[bytes] = ..., extra_json: _Optional[str] = ...) -> None: ...
 
 class ChallengeRequest(_message.Message):
     __slots__ = ("collaborator", "nonce", "want_evidence")
@@ -27,7 +26,7 @@ class ChallengeRequest(_message.Message):
     collaborator: str
     nonce: bytes
     want_evidence: bool
-    def __init__(self, collaborator: str | None = ..., nonce: bytes | None = ..., want_evidence: bool | None = ...) -> None: ...
+    def __init__(self, collaborator: _Optional[str] = ..., nonce: _Optional[bytes] = ..., want_evidence: _Optional[bool] = ...) -> None: ...
 
 class Endorsement(_message.Message):
     __slots__ = ("certificate", "signature")
@@ -35,17 +34,17 @@ class Endorsement(_message.Message):
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     certificate: bytes
     signature: bytes
-    def __init__(self, certificate: bytes | None = ..., signature: bytes | None = ...) -> None: ...
+    def __init__(self, certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ChallengeReply(_message.Message):
-    __slots__ = ("aggregator_evidence", "endorsement", "evidence_required", "nonce", "plan_sections")
+    __slots__ = ("nonce", "evidence_required", "aggregator_evidence", "endorsement", "plan_sections")
     class PlanSectionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: bytes
-        def __init__(self, key: str | None = ..., value: bytes | None = ...) -> None: ...
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     NONCE_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     AGGREGATOR_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
@@ -56,38 +55,40 @@ class ChallengeReply(_message.Message):
     aggregator_evidence: Evidence
     endorsement: Endorsement
     plan_sections: _containers.ScalarMap[str, bytes]
-    def __init__(self, nonce: bytes | None = ..., evidence_required: bool | None = ..., aggregator_evidence: Evidence | _Mapping | None = ..., endorsement: Endorsement | _Mapping | None = ..., plan_sections: _Mapping[str, bytes] | None = ...) -> None: ...
+    def __init__(self, nonce: _Optional[bytes] = ..., evidence_required: _Optional[bool] = ..., aggregator_evidence: _Optional[_Union[Evidence, _Mapping]] = ..., endorsement: _Optional[_Union[Endorsement, _Mapping]] = ..., plan_sections: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("collaborator", "evidence", "nonce", "plan_sections", "session_key")
+    __slots__ = ("collaborator", "evidence", "nonce", "session_key", "plan_sections", "workload_digest")
     class PlanSectionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: bytes
-        def __init__(self, key: str | None = ..., value: bytes | None = ...) -> None: ...
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     COLLABORATOR_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     PLAN_SECTIONS_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_DIGEST_FIELD_NUMBER: _ClassVar[int]
     collaborator: str
     evidence: Evidence
     nonce: bytes
     session_key: bytes
     plan_sections: _containers.ScalarMap[str, bytes]
-    def __init__(self, collaborator: str | None = ..., evidence: Evidence | _Mapping | None = ..., nonce: bytes | None = ..., session_key: bytes | None = ..., plan_sections: _Mapping[str, bytes] | None = ...) -> None: ...
+    workload_digest: str
+    def __init__(self, collaborator: _Optional[str] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., nonce: _Optional[bytes] = ..., session_key: _Optional[bytes] = ..., plan_sections: _Optional[_Mapping[str, bytes]] = ..., workload_digest: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("current_round", "data_port", "durable_round", "holds_update", "nonce", "plan_sections", "rounds", "run_id", "session_cert", "session_token")
+    __slots__ = ("run_id", "rounds", "current_round", "nonce", "data_port", "session_token", "session_cert", "plan_sections", "holds_update", "durable_round")
     class PlanSectionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: bytes
-        def __init__(self, key: str | None = ..., value: bytes | None = ...) -> None: ...
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -108,25 +109,25 @@ class JoinReply(_message.Message):
     plan_sections: _containers.ScalarMap[str, bytes]
     holds_update: bool
     durable_round: int
-    def __init__(self, run_id: str | None = ..., rounds: int | None = ..., current_round: int | None = ..., nonce: bytes | None = ..., data_port: int | None = ..., session_token: bytes | None = ..., session_cert: bytes | None = ..., plan_sections: _Mapping[str, bytes] | None = ..., holds_update: bool | None = ..., durable_round: int | None = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., data_port: _Optional[int] = ..., session_token: _Optional[bytes] = ..., session_cert: _Optional[bytes] = ..., plan_sections: _Optional[_Mapping[str, bytes]] = ..., holds_update: _Optional[bool] = ..., durable_round: _Optional[int] = ...) -> None: ...
 
 class WaitRequest(_message.Message):
-    __slots__ = ("after_round", "collaborator")
+    __slots__ = ("collaborator", "after_round")
     COLLABORATOR_FIELD_NUMBER: _ClassVar[int]
     AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
     collaborator: str
     after_round: int
-    def __init__(self, collaborator: str | None = ..., after_round: int | None = ...) -> None: ...
+    def __init__(self, collaborator: _Optional[str] = ..., after_round: _Optional[int] = ...) -> None: ...
 
 class WaitReply(_message.Message):
-    __slots__ = ("done", "durable_round", "evaluate_only", "round", "round_config")
+    __slots__ = ("round", "done", "evaluate_only", "durable_round", "round_config")
     class RoundConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: ConfigValue
-        def __init__(self, key: str | None = ..., value: ConfigValue | _Mapping | None = ...) -> None: ...
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ConfigValue, _Mapping]] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_ONLY_FIELD_NUMBER: _ClassVar[int]
@@ -137,10 +138,10 @@ class WaitReply(_message.Message):
     evaluate_only: bool
     durable_round: int
     round_config: _containers.MessageMap[str, ConfigValue]
-    def __init__(self, round: int | None = ..., done: bool | None = ..., evaluate_only: bool | None = ..., durable_round: int | None = ..., round_config: _Mapping[str, ConfigValue] | None = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., done: _Optional[bool] = ..., evaluate_only: _Optional[bool] = ..., durable_round: _Optional[int] = ..., round_config: _Optional[_Mapping[str, ConfigValue]] = ...) -> None: ...
 
 class ConfigValue(_message.Message):
-    __slots__ = ("flag", "integer", "number", "text")
+    __slots__ = ("number", "integer", "text", "flag")
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     INTEGER_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -149,7 +150,7 @@ class ConfigValue(_message.Message):
     integer: int
     text: str
     flag: bool
-    def __init__(self, number: float | None = ..., integer: int | None = ..., text: str | None = ..., flag: bool | None = ...) -> None: ...
+    def __init__(self, number: _Optional[float] = ..., integer: _Optional[int] = ..., text: _Optional[str] = ..., flag: _Optional[bool] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ("collaborator", "round")
@@ -157,17 +158,17 @@ class ModelRequest(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     collaborator: str
     round: int
-    def __init__(self, collaborator: str | None = ..., round: int | None = ...) -> None: ...
+    def __init__(self, collaborator: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class Header(_message.Message):
-    __slots__ = ("collaborator", "crc32c", "encoding", "evaluate_only", "format", "metrics", "num_samples", "raw_size", "round", "sha256", "total_size")
+    __slots__ = ("collaborator", "round", "total_size", "sha256", "num_samples", "metrics", "evaluate_only", "format", "crc32c", "encoding", "raw_size")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: float
-        def __init__(self, key: str | None = ..., value: float | None = ...) -> None: ...
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     COLLABORATOR_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -190,17 +191,17 @@ class Header(_message.Message):
     crc32c: int
     encoding: str
     raw_size: int
-    def __init__(self, collaborator: str | None = ..., round: int | None = ..., total_size: int | None = ..., sha256: bytes | None = ..., num_samples: int | None = ..., metrics: _Mapping[str, float] | None = ..., evaluate_only: bool | None = ..., format: str | None = ..., crc32c: int | None = ..., encoding: str | None = ..., raw_size: int | None = ...) -> None: ...
+    def __init__(self, collaborator: _Optional[str] = ..., round: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., evaluate_only: _Optional[bool] = ..., format: _Optional[str] = ..., crc32c: _Optional[int] = ..., encoding: _Optional[str] = ..., raw_size: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("data", "header", "offset")
+    __slots__ = ("header", "data", "offset")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     header: Header
     data: bytes
     offset: int
-    def __init__(self, header: Header | _Mapping | None = ..., data: bytes | None = ..., offset: int | None = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class UpdateAck(_message.Message):
     __slots__ = ("accepted", "message", "round")
@@ -210,4 +211,4 @@ class UpdateAck(_message.Message):
     accepted: bool
     message: str
     round: int
-    def __init__(self, accepted: bool | None = ..., message: str | None = ..., round: int | None = ...) -> None: ...
+    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...

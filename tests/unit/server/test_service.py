@@ -28,10 +28,14 @@ def _agg(tmp_path, **fed) -> Aggregator:
     return Aggregator(plan, tmp_path, "t", EventRecorder(tmp_path, "t", "aggregator", "agg"))
 
 
-def _join(agg: Aggregator, name: str) -> Peer:
+def _join(agg: Aggregator, name: str, digest: str | None = None) -> Peer:
     from teefl.security import attest
 
-    req = teefl_pb2.JoinRequest(collaborator=name, plan_sections=attest.config_sections(agg.plan))
+    req = teefl_pb2.JoinRequest(
+        collaborator=name,
+        plan_sections=attest.config_sections(agg.plan),
+        workload_digest=agg.workload.digest if digest is None else digest,
+    )
     reply = agg.service.join(Peer(name), req)
     return Peer(name, token=reply.session_token, handle=Handle(), on_end=lambda fn: True)
 
@@ -226,3 +230,25 @@ def test_each_data_plane_receiver_stores_before_the_ack_and_settles(tmp_path, st
     else:
         assert kind is receivers.FileReceiver
     assert (tmp_path / "updates" / "round-0001" / "col1.safetensors").exists()
+
+
+def test_a_collaborator_with_other_workload_code_is_refused_naming_both_digests(tmp_path) -> None:
+    agg = _agg(tmp_path)
+    other = "ab" * 32
+    with pytest.raises(Refused) as err:
+        _join(agg, "col1", other)
+    assert other in str(err.value) and agg.workload.digest in str(err.value)
+    with pytest.raises(Refused, match=r"\(none sent\)"):
+        _join(agg, "col2", "")
+    _join(agg, "col3")  # its own digest: admitted
+
+
+def test_allowed_digests_admit_another_workload_code(tmp_path) -> None:
+    other = "cd" * 32
+    plan = plan_from_dict(
+        {**SYNTHETIC, "federation": {"rounds": 2}, "workload": {"allowed_digests": [other]}}
+    )
+    agg = Aggregator(plan, tmp_path, "t", EventRecorder(tmp_path, "t", "aggregator", "agg"))
+    _join(agg, "col1", other)
+    with pytest.raises(Refused):
+        _join(agg, "col2", "ef" * 32)
