@@ -181,7 +181,11 @@ class MemoryTransport:
 
     def _join(self, svc: Service, request: Join, call: _Call) -> teefl_pb2.JoinReply:
         self.token = None
-        msg = teefl_pb2.JoinRequest(collaborator=self.name, plan_sections=request.plan_sections)
+        msg = teefl_pb2.JoinRequest(
+            collaborator=self.name,
+            plan_sections=request.plan_sections,
+            workload_digest=request.workload_digest,
+        )
         if request.evidence is not None:
             msg.evidence.CopyFrom(request.evidence)
             msg.nonce = request.nonce

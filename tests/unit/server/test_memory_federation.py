@@ -180,7 +180,7 @@ def test_a_late_update_is_stale_and_a_stranger_is_refused(tmp_path: Path):
             stranger.handle(Join(sections))
         me = MemoryTransport(agg.service, "col1")
         assert me.handle(Connect(1.0)) is None
-        reply = me.handle(Join(sections))
+        reply = me.handle(Join(sections, workload_digest=agg.workload.digest))
         assert reply.current_round == 1
         payload = agg.payload
         header = teefl_pb2.Header(
