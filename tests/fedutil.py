@@ -220,12 +220,24 @@ def replay_matches_checkpoints(run_dir: Path, rounds: int) -> None:
             assert torch.equal(replay[k], t), f"round {r}: {k} differs from the replay"
 
 
+def workload_digest_of(plan) -> str:
+    """The digest of ``plan``'s workload code, as a collaborator running it sends at Join."""
+    from teefl.workload.digest import workload_digest
+
+    return workload_digest(plan.workload.name, plan.workload.base)
+
+
 def join_request(plan, name: str):
-    """A JoinRequest as a collaborator with ``plan`` sends it (its plan fingerprint included)."""
+    """A JoinRequest as a collaborator with ``plan`` sends it (its plan fingerprint and its
+    workload digest included)."""
     from teefl.security import attest
     from teefl.wire import teefl_pb2
 
-    return teefl_pb2.JoinRequest(collaborator=name, plan_sections=attest.config_sections(plan))
+    return teefl_pb2.JoinRequest(
+        collaborator=name,
+        plan_sections=attest.config_sections(plan),
+        workload_digest=workload_digest_of(plan),
+    )
 
 
 def session_metadata(reply) -> tuple[tuple[str, str], ...]:

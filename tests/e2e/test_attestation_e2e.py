@@ -24,7 +24,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedutil import Parties, final_accuracy, phases, read_jsonl, run_dir_of, teefl, write_plan
+from fedutil import (
+    Parties,
+    final_accuracy,
+    phases,
+    read_jsonl,
+    run_dir_of,
+    teefl,
+    workload_digest_of,
+    write_plan,
+)
 from identutil import attested_plan_data, channel, model_bytes, secure_plan, sim_key
 from teefl.plan import load_plan
 from teefl.security import attest, certificates, session
@@ -62,7 +71,7 @@ def _hostile(port: int, issued, plan, mode: str, key_file: Path) -> tuple[str, i
     cdir = issued.client_dir
     key = session.new_key()
     spki = session.spki_of(key)
-    binding = attest.config_binding(plan)
+    binding = attest.party_binding(plan, workload_digest_of(plan))
     measurements = None
     if mode == "measurement":
         measurements = {"mrtd": b"\x66" * 48}
@@ -88,6 +97,7 @@ def _hostile(port: int, issued, plan, mode: str, key_file: Path) -> tuple[str, i
                     nonce=nonce,
                     session_key=spki,
                     plan_sections=attest.config_sections(plan),
+                    workload_digest=workload_digest_of(plan),
                 ),
                 timeout=10,
             )

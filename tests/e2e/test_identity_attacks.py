@@ -29,6 +29,7 @@ from fedutil import (
     read_jsonl,
     run_plan,
     session_metadata,
+    workload_digest_of,
     write_plan,
 )
 from identutil import (
@@ -137,7 +138,7 @@ def _refused_join(stub, plan, name: str) -> str:
         measurements={"mrtd": b"\x66" * 48},
         key_file=getattr(plan.security.attestation, "simulated_key", None),
     )
-    binding = attest.config_binding(plan) if hasattr(attest, "config_binding") else b""
+    binding = attest.party_binding(plan, workload_digest_of(plan))
     ev = wrong_image.get_evidence(_report_data(spki, nonce, binding))
     request = msg(
         teefl_pb2.JoinRequest,
@@ -145,7 +146,8 @@ def _refused_join(stub, plan, name: str) -> str:
         evidence=attest.to_proto(ev),
         nonce=nonce,
         session_key=spki,
-        plan_sections=attest.config_sections(plan) if hasattr(attest, "config_sections") else {},
+        plan_sections=attest.config_sections(plan),
+        workload_digest=workload_digest_of(plan),
     )
     with pytest.raises(grpc.RpcError) as refused:
         stub.Join(request, timeout=10)
@@ -214,6 +216,12 @@ class _Tee:
         self.key = session.new_key()
         self.key_pem = session.key_pem(self.key)
         self.spki = session.spki_of(self.key)
+        #: the workload code it runs (what it claims at Join and its evidence binds)
+        self.digest = workload_digest_of(plan)
+
+    @property
+    def binding(self) -> bytes:
+        return attest.party_binding(self.plan, self.digest)
 
     def join(self, enrol_stub, measurements=None) -> teefl_pb2.JoinReply:
         nonce = enrol_stub.Challenge(
@@ -224,9 +232,7 @@ class _Tee:
             measurements=measurements,
             key_file=self.plan.security.attestation.simulated_key,
         )
-        ev = provider.get_evidence(
-            attest.report_data_for(self.spki, nonce, attest.config_binding(self.plan))
-        )
+        ev = provider.get_evidence(attest.report_data_for(self.spki, nonce, self.binding))
         return enrol_stub.Join(
             teefl_pb2.JoinRequest(
                 collaborator=self.name,
@@ -234,6 +240,7 @@ class _Tee:
                 nonce=nonce,
                 session_key=self.spki,
                 plan_sections=attest.config_sections(self.plan),
+                workload_digest=self.digest,
             ),
             timeout=10,
         )
@@ -387,13 +394,14 @@ def test_attested_binding_refuses_a_host_that_lies_about_its_plan(tmp_path: Path
         nonce = stub.Challenge(teefl_pb2.ChallengeRequest(collaborator="col1"), timeout=10).nonce
         ev = SimulatedProvider(
             allow_simulated=True, key_file=plan.security.attestation.simulated_key
-        ).get_evidence(attest.report_data_for(tee.spki, nonce, attest.config_binding(edited)))
+        ).get_evidence(attest.report_data_for(tee.spki, nonce, tee.binding))
         request = teefl_pb2.JoinRequest(
             collaborator="col1",
             evidence=attest.to_proto(ev),
             nonce=nonce,
             session_key=tee.spki,
             plan_sections=attest.config_sections(plan),  # the lie
+            workload_digest=tee.digest,
         )
         with pytest.raises(grpc.RpcError, match="report data does not bind"):
             stub.Join(request, timeout=10)

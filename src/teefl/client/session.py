@@ -96,13 +96,17 @@ class Session:
         #: what this collaborator runs with: compared with the aggregator's at every Join and,
         #: with attestation, bound into the evidence of both
         self.sections = attest.config_sections(plan)
-        self.binding = attest.config_binding(plan)
         self.pin: bytes | None = None  # the aggregator's certificate, when it must attest
         self.aggregator_key: bytes | None = None  # its attested TLS key, once checked
         self._verdict: dict[str, Any] | None = None
         #: this party's workload digest, sent at Join (set by the collaborator once its
         #: trainer has resolved the workload; "" for a trainer without one)
         self.workload_digest = ""
+
+    @property
+    def binding(self) -> bytes:
+        """What our evidence binds: plan, CA, our workload digest (`attest.party_binding`)."""
+        return attest.party_binding(self.plan, self.workload_digest)
 
     def connect(self, patience: float = 60.0) -> None:
         """The first contact: waits up to ``patience`` seconds for the aggregator."""
@@ -210,17 +214,21 @@ class Session:
             if not reply.HasField("aggregator_evidence"):
                 raise attest.AttestationError("the aggregator sent no evidence")
             spki = attest.spki_of_pem(self.pin)
-            # the binding is ours: an aggregator running with another plan or CA fails here
+            code = self._aggregator_code(reply)
+            record.update(code)
+            # our plan and CA, its claimed code digests: an aggregator running with another
+            # plan or CA, or with other code than it claims, fails here
+            binding = attest.party_binding(self.plan, reply.workload_digest, reply.strategy_digest)
             assert self.verifier is not None
             verdict = self.verifier.verify(
-                attest.from_proto(reply.aggregator_evidence), spki, my_nonce, self.binding
+                attest.from_proto(reply.aggregator_evidence), spki, my_nonce, binding
             )
             endorsed = attest.verify_endorsement(
                 reply.endorsement.certificate,
                 reply.endorsement.signature,
                 spki,
                 my_nonce,
-                self.binding,
+                binding,
                 ca=tls.ca,
                 host=split_target(self.address)[0],
                 revoked=self._revoked(),
@@ -237,6 +245,36 @@ class Session:
         )
         self._verdict = record
         self.aggregator_key = spki
+
+    def _aggregator_code(self, reply: teefl_pb2.ChallengeReply) -> dict[str, Any]:
+        """Refuse an aggregator whose workload digest is neither ours nor in the plan's
+        workload.allowed_digests, or whose strategy code differs from the plan's strategy as
+        found here; returns what was checked, for the verdict file. (Its evidence, verified
+        next, proves that it runs the code it claims.)"""
+        theirs = reply.workload_digest
+        allowed = sorted({self.workload_digest, *self.plan.workload.allowed_digests} - {""})
+        if allowed and theirs not in allowed:
+            raise attest.AttestationError(
+                f"the aggregator runs workload digest {theirs or '(none sent)'}, which this "
+                f"collaborator's policy does not allow (its own {self.workload_digest or '-'}; "
+                "workload.allowed_digests lists the others)"
+            )
+        checked = {"workload_digest": theirs, "strategy_digest": reply.strategy_digest}
+        from teefl.strategy.registry import strategy_digest
+
+        try:
+            ours = strategy_digest(self.plan.federation.strategy.name)
+        except TeeflError as exc:  # the strategy's code is not installed here: not compared
+            checked["strategy_checked"] = f"no: {exc}"
+            return checked
+        if reply.strategy_digest != ours:
+            raise attest.AttestationError(
+                f"the aggregator runs strategy {self.plan.federation.strategy.name!r} with "
+                f"code digest {reply.strategy_digest or '(teefl built-in)'}, this collaborator "
+                f"has {ours or '(teefl built-in)'}"
+            )
+        checked["strategy_checked"] = "yes"
+        return checked
 
     def _revoked(self) -> frozenset[int]:
         """The CA's revocation list, when the plan names one (checked against the endorsement)."""

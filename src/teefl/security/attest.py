@@ -3,7 +3,8 @@
 Report data of every quote = SHA-512(DER SubjectPublicKeyInfo of the sender's in-memory TLS key
 || a 32-byte nonce chosen by the verifier || `config_binding`). A verified quote therefore proves
 that the private key of the TLS connections that carry model traffic lives in a TEE running the
-measured code, with *this* plan and CA (the binding), now (the nonce).
+measured code, with *this* plan and CA and *this* workload (and, for the aggregator, strategy)
+code digest (the binding, `party_binding`), now (the nonce).
 
 Where each key is born (see `teefl.security.session`): with attestation required for a role,
 that role's TLS key is made in memory at start-up and never written anywhere. The provisioned
@@ -145,8 +146,7 @@ def differing_sections(mine: dict[str, bytes], theirs: dict[str, bytes]) -> list
 
 def binding_document(plan: Plan, extra: dict[str, str] | None = None) -> dict[str, Any]:
     """What a party binds into its evidence, as a small document hashed canonically: the plan
-    fingerprint and the CA. ``extra`` leaves room for more (e.g. a workload digest) without
-    changing how the binding is made."""
+    fingerprint and the CA, plus ``extra`` (the code digests of `party_binding`)."""
     ca = ca_digest(plan)
     doc: dict[str, Any] = {
         "version": BINDING_VERSION,
@@ -166,6 +166,25 @@ def config_binding(plan: Plan, extra: dict[str, str] | None = None) -> bytes:
     return hashlib.sha256(
         json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     ).digest()
+
+
+def party_binding(plan: Plan, workload: str = "", strategy: str | None = None) -> bytes:
+    """The `config_binding` of a party that runs workload code of digest ``workload``
+    (`teefl.workload.digest`) and, for the aggregator, strategy code of digest ``strategy``
+    ("" for a strategy built into teefl).
+
+    Why the code goes into the binding: the plan says WHICH workload and strategy to run, but
+    two parties with the same plan can still load different files. Bound into report data, the
+    digest is something the TEE vouches for -- a host cannot claim one digest at Join while its
+    enclave or CVM loaded other code. A collaborator binds ``workload`` only; the aggregator
+    binds both (the key ``strategy`` present, even empty, keeps the two roles' documents apart).
+    """
+    extra: dict[str, str] = {}
+    if workload:
+        extra["workload"] = workload
+    if strategy is not None:
+        extra["strategy"] = strategy
+    return config_binding(plan, extra)
 
 
 # -- the aggregator's endorsement of its in-memory key -------------------------------------------

@@ -39,7 +39,7 @@ from teefl.store.atomic import write_atomic
 from teefl.store.rounds import RoundStore
 from teefl.store.staging import StagingArea
 from teefl.strategy import Strategy, StrategyState, decode_state
-from teefl.strategy.registry import plan_strategy
+from teefl.strategy.registry import plan_strategy, strategy_digest
 from teefl.transport import admission, socket_server
 from teefl.transport.channels import bind, payload_check, server_options
 from teefl.wire import codec
@@ -122,6 +122,7 @@ class Aggregator:
             recorder,
             ended=lambda: self.rounds.wake(),
             workload_digest=self.workload.digest,
+            strategy_digest=strategy_digest(fed.strategy.name),
         )
         at_rest = plan.security.at_rest
         self.seal_key: bytes | None = None
@@ -275,7 +276,13 @@ class Aggregator:
         )
         if port_file is not None:
             write_atomic(port_file, str(bound).encode())
-        RunDir(self.run_dir).update(status="running", port=bound)
+        ident = self.identity
+        RunDir(self.run_dir).update(
+            status="running",
+            port=bound,
+            workload={"name": self.workload.ref, "digest": ident.workload_digest},
+            strategy_digest=ident.strategy_digest,
+        )
         try:
             r.supervise()
             # every collaborator heard of the end: a restart would have nothing to resume, so

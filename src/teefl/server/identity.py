@@ -67,11 +67,14 @@ class Identity:
         recorder: Any,
         ended: Callable[[], None],
         workload_digest: str = "",
+        strategy_digest: str = "",
     ):
         self.plan, self.run_dir, self.rec, self._ended = plan, run_dir, recorder, ended
         #: the aggregator's own workload digest; a collaborator must send it, or one of the
         #: plan's workload.allowed_digests
         self.workload_digest = workload_digest
+        #: the code digest of the plan's strategy ("" for one built into teefl)
+        self.strategy_digest = strategy_digest
         self.allowed_digests = frozenset(plan.workload.allowed_digests)
         self.names = list(plan.collaborators)
         att, tls = plan.security.attestation, plan.security.tls
@@ -81,7 +84,8 @@ class Identity:
         self.conn_tokens: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.nonces = attest.NonceBook()
         self.sections = attest.config_sections(plan)
-        self.binding = attest.config_binding(plan)
+        #: what our own evidence and endorsement bind: the plan, CA and our code digests
+        self.binding = attest.party_binding(plan, workload_digest, strategy_digest)
         #: refusals of peers, logged and recorded at a bounded rate (peerinput.py)
         self.refusals = peerinput.RefusalLog(log, recorder)
         log.info(
@@ -312,7 +316,11 @@ class Identity:
                 )
             evidence = attest.from_proto(request.evidence)
             record.update(kind=evidence.kind, provider=evidence.provider)
-            verdict = self.verifier.verify(evidence, spki, nonce, self.binding)
+            # bound to the digest it claimed at Join (already ours or allowed): a host that
+            # claims our digest while its TEE loaded other code fails here
+            binding = attest.party_binding(self.plan, request.workload_digest)
+            record["workload_digest"] = request.workload_digest
+            verdict = self.verifier.verify(evidence, spki, nonce, binding)
             issued = self.session_ca.issue(name, spki)
         except TeeflError as exc:
             record.update(accepted=False, reason=str(exc))

@@ -177,6 +177,8 @@ class Service:
                     ident.endorser, ident.own_spki, request.nonce, ident.binding
                 )
             reply.aggregator_evidence.CopyFrom(attest.to_proto(ev))
+            reply.workload_digest = ident.workload_digest
+            reply.strategy_digest = ident.strategy_digest
             reply.endorsement.certificate = ident.endorsement_pem
             reply.endorsement.signature = signature
         return reply

@@ -84,6 +84,19 @@ def plan_strategy(spec: Any) -> Strategy:
     return build_strategy(spec.name, spec.options, where=PLAN_KEY)
 
 
+def strategy_digest(ref: str) -> str:
+    """SHA-256 (hex) of the code of strategy ``ref``, computed like a workload digest
+    (`teefl.workload.digest`): "" for a strategy in teefl itself, which teefl's version (inside
+    every workload digest) already names. The aggregator binds it into its evidence so that a
+    collaborator can tell which aggregation code it would send its update to."""
+    from teefl.workload.digest import digest_target
+
+    target = STRATEGIES.target(ref, where=PLAN_KEY)
+    if target.module == "teefl" or target.module.startswith("teefl."):
+        return ""
+    return digest_target(target)
+
+
 def check_plan_strategy(spec: Any) -> None:
     """Resolve and build the plan's strategy once, before any party starts, so that an unknown
     name or a bad option stops the run with one line instead of in the aggregator's log.

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bteefl.proto\x12\x08teefl.v1\"M\n\x08\x45vidence\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05quote\x18\x03 \x01(\x0c\x12\x12\n\nextra_json\x18\x04 \x01(\t\"N\n\x10\x43hallengeRequest\x12\x14\n\x0c\x63ollaborator\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x15\n\rwant_evidence\x18\x03 \x01(\x08\"5\n\x0b\x45ndorsement\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x8f\x02\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x19\n\x11\x65vidence_required\x18\x02 \x01(\x08\x12/\n\x13\x61ggregator_evidence\x18\x03 \x01(\x0b\x32\x12.teefl.v1.Evidence\x12*\n\x0b\x65ndorsement\x18\x04 \x01(\x0b\x32\x15.teefl.v1.Endorsement\x12\x41\n\rplan_sections\x18\x05 \x03(\x0b\x32*.teefl.v1.ChallengeReply.PlanSectionsEntry\x1a\x33\n\x11PlanSectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xfb\x01\n\x0bJoinRequest\x12\x14\n\x0c\x63ollaborator\x18\x01 \x01(\t\x12$\n\x08\x65vidence\x18\x02 \x01(\x0b\x32\x12.teefl.v1.Evidence\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x13\n\x0bsession_key\x18\x05 \x01(\x0c\x12>\n\rplan_sections\x18\x06 \x03(\x0b\x32\'.teefl.v1.JoinRequest.PlanSectionsEntry\x12\x17\n\x0fworkload_digest\x18\x07 \x01(\t\x1a\x33\n\x11PlanSectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xb1\x02\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x15\n\rcurrent_round\x18\x03 \x01(\r\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x11\n\tdata_port\x18\x05 \x01(\r\x12\x15\n\rsession_token\x18\x06 \x01(\x0c\x12\x14\n\x0csession_cert\x18\x07 \x01(\x0c\x12<\n\rplan_sections\x18\x08 \x03(\x0b\x32%.teefl.v1.JoinReply.PlanSectionsEntry\x12\x14\n\x0cholds_update\x18\t \x01(\x08\x12\x15\n\rdurable_round\x18\n \x01(\r\x1a\x33\n\x11PlanSectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"8\n\x0bWaitRequest\x12\x14\n\x0c\x63ollaborator\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x66ter_round\x18\x02 \x01(\r\"\xdd\x01\n\tWaitReply\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x15\n\revaluate_only\x18\x03 \x01(\x08\x12\x15\n\rdurable_round\x18\x04 \x01(\r\x12:\n\x0cround_config\x18\x05 \x03(\x0b\x32$.teefl.v1.WaitReply.RoundConfigEntry\x1aI\n\x10RoundConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.teefl.v1.ConfigValue:\x02\x38\x01\"[\n\x0b\x43onfigValue\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x11\n\x07integer\x18\x02 \x01(\x12H\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x0e\n\x04\x66lag\x18\x04 \x01(\x08H\x00\x42\x07\n\x05value\"3\n\x0cModelRequest\x12\x14\n\x0c\x63ollaborator\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\xb1\x02\n\x06Header\x12\x14\n\x0c\x63ollaborator\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x04\x12.\n\x07metrics\x18\x06 \x03(\x0b\x32\x1d.teefl.v1.Header.MetricsEntry\x12\x15\n\revaluate_only\x18\x07 \x01(\x08\x12\x0e\n\x06\x66ormat\x18\x08 \x01(\t\x12\x13\n\x06\x63rc32c\x18\t \x01(\x07H\x00\x88\x01\x01\x12\x10\n\x08\x65ncoding\x18\n \x01(\t\x12\x10\n\x08raw_size\x18\x0b \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\t\n\x07_crc32c\"G\n\x05\x43hunk\x12 \n\x06header\x18\x01 \x01(\x0b\x32\x10.teefl.v1.Header\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"=\n\tUpdateAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r2\xa8\x02\n\nFederation\x12\x41\n\tChallenge\x12\x1a.teefl.v1.ChallengeRequest\x1a\x18.teefl.v1.ChallengeReply\x12\x32\n\x04Join\x12\x15.teefl.v1.JoinRequest\x1a\x13.teefl.v1.JoinReply\x12\x37\n\tWaitRound\x12\x15.teefl.v1.WaitRequest\x1a\x13.teefl.v1.WaitReply\x12\x35\n\x08GetModel\x12\x16.teefl.v1.ModelRequest\x1a\x0f.teefl.v1.Chunk0\x01\x12\x33\n\tPutUpdate\x12\x0f.teefl.v1.Chunk\x1a\x13.teefl.v1.UpdateAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bteefl.proto\x12\x08teefl.v1\"M\n\x08\x45vidence\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05quote\x18\x03 \x01(\x0c\x12\x12\n\nextra_json\x18\x04 \x01(\t\"N\n\x10\x43hallengeRequest\x12\x14\n\x0c\x63ollaborator\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x15\n\rwant_evidence\x18\x03 \x01(\x08\"5\n\x0b\x45ndorsement\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xc1\x02\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x19\n\x11\x65vidence_required\x18\x02 \x01(\x08\x12/\n\x13\x61ggregator_evidence\x18\x03 \x01(\x0b\x32\x12.teefl.v1.Evidence\x12*\n\x0b\x65ndorsement\x18\x04 \x01(\x0b\x32\x15.teefl.v1.Endorsement\x12\x41\n\rplan_sections\x18\x05 \x03(\x0b\x32*.teefl.v1.ChallengeReply.PlanSectionsEntry\x12\x17\n\x0fworkload_digest\x18\x06 \x01(\t\x12\x17\n\x0fstrategy_digest\x18\x07 \x01(\t\x1a\x33\n\x11PlanSectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xfb\x01\n\x0bJoinRequest\x12\x14\n\x0c\x63ollaborator\x18\x01 \x01(\t\x12$\n\x08\x65vidence\x18\x02 \x01(\x0b\x32\x12.teefl.v1.Evidence\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x13\n\x0bsession_key\x18\x05 \x01(\x0c\x12>\n\rplan_sections\x18\x06 \x03(\x0b\x32\'.teefl.v1.JoinRequest.PlanSectionsEntry\x12\x17\n\x0fworkload_digest\x18\x07 \x01(\t\x1a\x33\n\x11PlanSectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xb1\x02\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x15\n\rcurrent_round\x18\x03 \x01(\r\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x11\n\tdata_port\x18\x05 \x01(\r\x12\x15\n\rsession_token\x18\x06 \x01(\x0c\x12\x14\n\x0csession_cert\x18\x07 \x01(\x0c\x12<\n\rplan_sections\x18\x08 \x03(\x0b\x32%.teefl.v1.JoinReply.PlanSectionsEntry\x12\x14\n\x0cholds_update\x18\t \x01(\x08\x12\x15\n\rdurable_round\x18\n \x01(\r\x1a\x33\n\x11PlanSectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"8\n\x0bWaitRequest\x12\x14\n\x0c\x63ollaborator\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x66ter_round\x18\x02 \x01(\r\"\xdd\x01\n\tWaitReply\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x15\n\revaluate_only\x18\x03 \x01(\x08\x12\x15\n\rdurable_round\x18\x04 \x01(\r\x12:\n\x0cround_config\x18\x05 \x03(\x0b\x32$.teefl.v1.WaitReply.RoundConfigEntry\x1aI\n\x10RoundConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.teefl.v1.ConfigValue:\x02\x38\x01\"[\n\x0b\x43onfigValue\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x11\n\x07integer\x18\x02 \x01(\x12H\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x0e\n\x04\x66lag\x18\x04 \x01(\x08H\x00\x42\x07\n\x05value\"3\n\x0cModelRequest\x12\x14\n\x0c\x63ollaborator\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\xb1\x02\n\x06Header\x12\x14\n\x0c\x63ollaborator\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x04\x12.\n\x07metrics\x18\x06 \x03(\x0b\x32\x1d.teefl.v1.Header.MetricsEntry\x12\x15\n\revaluate_only\x18\x07 \x01(\x08\x12\x0e\n\x06\x66ormat\x18\x08 \x01(\t\x12\x13\n\x06\x63rc32c\x18\t \x01(\x07H\x00\x88\x01\x01\x12\x10\n\x08\x65ncoding\x18\n \x01(\t\x12\x10\n\x08raw_size\x18\x0b \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\t\n\x07_crc32c\"G\n\x05\x43hunk\x12 \n\x06header\x18\x01 \x01(\x0b\x32\x10.teefl.v1.Header\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"=\n\tUpdateAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r2\xa8\x02\n\nFederation\x12\x41\n\tChallenge\x12\x1a.teefl.v1.ChallengeRequest\x1a\x18.teefl.v1.ChallengeReply\x12\x32\n\x04Join\x12\x15.teefl.v1.JoinRequest\x1a\x13.teefl.v1.JoinReply\x12\x37\n\tWaitRound\x12\x15.teefl.v1.WaitRequest\x1a\x13.teefl.v1.WaitReply\x12\x35\n\x08GetModel\x12\x16.teefl.v1.ModelRequest\x1a\x0f.teefl.v1.Chunk0\x01\x12\x33\n\tPutUpdate\x12\x0f.teefl.v1.Chunk\x1a\x13.teefl.v1.UpdateAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,35 +48,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENDORSEMENT']._serialized_start=184
   _globals['_ENDORSEMENT']._serialized_end=237
   _globals['_CHALLENGEREPLY']._serialized_start=240
-  _globals['_CHALLENGEREPLY']._serialized_end=511
-  _globals['_CHALLENGEREPLY_PLANSECTIONSENTRY']._serialized_start=460
-  _globals['_CHALLENGEREPLY_PLANSECTIONSENTRY']._serialized_end=511
-  _globals['_JOINREQUEST']._serialized_start=514
-  _globals['_JOINREQUEST']._serialized_end=765
-  _globals['_JOINREQUEST_PLANSECTIONSENTRY']._serialized_start=460
-  _globals['_JOINREQUEST_PLANSECTIONSENTRY']._serialized_end=511
-  _globals['_JOINREPLY']._serialized_start=768
-  _globals['_JOINREPLY']._serialized_end=1073
-  _globals['_JOINREPLY_PLANSECTIONSENTRY']._serialized_start=460
-  _globals['_JOINREPLY_PLANSECTIONSENTRY']._serialized_end=511
-  _globals['_WAITREQUEST']._serialized_start=1075
-  _globals['_WAITREQUEST']._serialized_end=1131
-  _globals['_WAITREPLY']._serialized_start=1134
-  _globals['_WAITREPLY']._serialized_end=1355
-  _globals['_WAITREPLY_ROUNDCONFIGENTRY']._serialized_start=1282
-  _globals['_WAITREPLY_ROUNDCONFIGENTRY']._serialized_end=1355
-  _globals['_CONFIGVALUE']._serialized_start=1357
-  _globals['_CONFIGVALUE']._serialized_end=1448
-  _globals['_MODELREQUEST']._serialized_start=1450
-  _globals['_MODELREQUEST']._serialized_end=1501
-  _globals['_HEADER']._serialized_start=1504
-  _globals['_HEADER']._serialized_end=1809
-  _globals['_HEADER_METRICSENTRY']._serialized_start=1752
-  _globals['_HEADER_METRICSENTRY']._serialized_end=1798
-  _globals['_CHUNK']._serialized_start=1811
-  _globals['_CHUNK']._serialized_end=1882
-  _globals['_UPDATEACK']._serialized_start=1884
-  _globals['_UPDATEACK']._serialized_end=1945
-  _globals['_FEDERATION']._serialized_start=1948
-  _globals['_FEDERATION']._serialized_end=2244
+  _globals['_CHALLENGEREPLY']._serialized_end=561
+  _globals['_CHALLENGEREPLY_PLANSECTIONSENTRY']._serialized_start=510
+  _globals['_CHALLENGEREPLY_PLANSECTIONSENTRY']._serialized_end=561
+  _globals['_JOINREQUEST']._serialized_start=564
+  _globals['_JOINREQUEST']._serialized_end=815
+  _globals['_JOINREQUEST_PLANSECTIONSENTRY']._serialized_start=510
+  _globals['_JOINREQUEST_PLANSECTIONSENTRY']._serialized_end=561
+  _globals['_JOINREPLY']._serialized_start=818
+  _globals['_JOINREPLY']._serialized_end=1123
+  _globals['_JOINREPLY_PLANSECTIONSENTRY']._serialized_start=510
+  _globals['_JOINREPLY_PLANSECTIONSENTRY']._serialized_end=561
+  _globals['_WAITREQUEST']._serialized_start=1125
+  _globals['_WAITREQUEST']._serialized_end=1181
+  _globals['_WAITREPLY']._serialized_start=1184
+  _globals['_WAITREPLY']._serialized_end=1405
+  _globals['_WAITREPLY_ROUNDCONFIGENTRY']._serialized_start=1332
+  _globals['_WAITREPLY_ROUNDCONFIGENTRY']._serialized_end=1405
+  _globals['_CONFIGVALUE']._serialized_start=1407
+  _globals['_CONFIGVALUE']._serialized_end=1498
+  _globals['_MODELREQUEST']._serialized_start=1500
+  _globals['_MODELREQUEST']._serialized_end=1551
+  _globals['_HEADER']._serialized_start=1554
+  _globals['_HEADER']._serialized_end=1859
+  _globals['_HEADER_METRICSENTRY']._serialized_start=1802
+  _globals['_HEADER_METRICSENTRY']._serialized_end=1848
+  _globals['_CHUNK']._serialized_start=1861
+  _globals['_CHUNK']._serialized_end=1932
+  _globals['_UPDATEACK']._serialized_start=1934
+  _globals['_UPDATEACK']._serialized_end=1995
+  _globals['_FEDERATION']._serialized_start=1998
+  _globals['_FEDERATION']._serialized_end=2294
 # @@protoc_insertion_point(module_scope)

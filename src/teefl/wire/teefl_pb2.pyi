@@ -37,7 +37,7 @@ class Endorsement(_message.Message):
     def __init__(self, certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ChallengeReply(_message.Message):
-    __slots__ = ("nonce", "evidence_required", "aggregator_evidence", "endorsement", "plan_sections")
+    __slots__ = ("nonce", "evidence_required", "aggregator_evidence", "endorsement", "plan_sections", "workload_digest", "strategy_digest")
     class PlanSectionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -50,12 +50,16 @@ class ChallengeReply(_message.Message):
     AGGREGATOR_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     ENDORSEMENT_FIELD_NUMBER: _ClassVar[int]
     PLAN_SECTIONS_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_DIGEST_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
     evidence_required: bool
     aggregator_evidence: Evidence
     endorsement: Endorsement
     plan_sections: _containers.ScalarMap[str, bytes]
-    def __init__(self, nonce: _Optional[bytes] = ..., evidence_required: _Optional[bool] = ..., aggregator_evidence: _Optional[_Union[Evidence, _Mapping]] = ..., endorsement: _Optional[_Union[Endorsement, _Mapping]] = ..., plan_sections: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    workload_digest: str
+    strategy_digest: str
+    def __init__(self, nonce: _Optional[bytes] = ..., evidence_required: _Optional[bool] = ..., aggregator_evidence: _Optional[_Union[Evidence, _Mapping]] = ..., endorsement: _Optional[_Union[Endorsement, _Mapping]] = ..., plan_sections: _Optional[_Mapping[str, bytes]] = ..., workload_digest: _Optional[str] = ..., strategy_digest: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("collaborator", "evidence", "nonce", "session_key", "plan_sections", "workload_digest")
