@@ -13,9 +13,11 @@ shared machine was reserved for the lead's timings): run them before relying on 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,8 +57,16 @@ def test_a_user_tabular_workload_with_local_data_converges(tmp_path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     run = run_dir_of(work / "runs")
     assert final_accuracy(run) >= 0.85  # examples/tabular/README.md states the figure
-    env = [yaml.safe_load(p.read_text()) for p in run.glob("env-collaborator-*.json")]
+    # the code identity, the same everywhere it is recorded
+    digest = teefl("workload", "digest", "./task.py:Task", cwd=work).stdout.split()[-1]
+    env = [json.loads(p.read_text()) for p in (run / "env").glob("collaborator-*.json")]
     assert len(env) == 3
+    assert {e["workload"]["digest"] for e in env} == {digest}
+    dirs = {e["data"]["dir"] for e in env}  # each party its own data
+    assert dirs == {str(work / "data" / n) for n in ("col1", "col2", "col3")}
+    info = json.loads((run / "run.json").read_text())
+    assert info["workload"] == {"name": "./task.py:Task", "digest": digest}
+    assert json.loads((run / "summary.json").read_text())["workload"]["digest"] == digest
 
 
 def test_the_image_folder_workload_with_local_data_converges(tmp_path) -> None:
@@ -87,8 +97,6 @@ def test_a_collaborator_with_changed_code_is_refused_naming_both_digests(tmp_pat
         cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        import time
-
         deadline = time.monotonic() + 120
         while not port_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -104,7 +112,39 @@ def test_a_collaborator_with_changed_code_is_refused_naming_both_digests(tmp_pat
         agg.wait(timeout=30)
     # allowed_digests admits it: a whole run where col3 uses the other code
     data["workload"]["allowed_digests"] = [theirs]
-    write_plan(other / "run.yaml", data)
+    for where in (work, other):
+        write_plan(where / "run.yaml", data)
+    port_file.unlink()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "teefl", "aggregator", "--plan", str(plan),
+             "--run-dir", str(work / "agg2"), "--port-file", str(port_file)],
+            cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        port = port_file.read_text().strip()
+        for name, where in (("col1", work), ("col2", work), ("col3", other)):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "teefl", "collaborator", "--plan",
+                     str(where / "run.yaml"), "--name", name, "--address", f"127.0.0.1:{port}",
+                     "--data-dir", str(where / "data" / name), "--run-dir", str(where / name)],
+                    cwd=where, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                )
+            )  # fmt: skip
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n".join(o[-2000:] for o in outs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+    env = json.loads((other / "col3" / "env" / "collaborator-col3.json").read_text())
+    assert env["workload"]["digest"] == theirs
 
 
 FAILING = """

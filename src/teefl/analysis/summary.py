@@ -273,6 +273,8 @@ def summarize_run(run: RunDir) -> dict[str, Any]:
         "status": status,
         "model": r.get("model"),
         "dataset": r.get("dataset"),
+        "workload": r.get("workload"),
+        "strategy_digest": r.get("strategy_digest"),
         "rounds": r.get("rounds"),
         "rounds_completed": r.get("rounds_completed", len(rounds_out) or None),
         "collaborators": r.get("collaborators") or [log.name for log in collabs],

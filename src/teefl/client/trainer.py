@@ -164,6 +164,12 @@ class WorkloadTrainer:
             "device": str(self.device),
             "threads": self.threads,
             "workload": {"name": self.workload.ref, "digest": self.workload.digest},
+            # where this party's data came from (a host-local path; "shard": a shared
+            # dataset's share, "local": the party's own, "auto": the workload's default)
+            "data": {
+                "dir": str(self.data_dir) if self.data_dir is not None else None,
+                "mode": self.data_mode,
+            },
             "dataset": self.described,
         }
 

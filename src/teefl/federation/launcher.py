@@ -119,7 +119,8 @@ def _gramine(
     """Start the process natively or under Gramine, as the plan's runtime.launcher says.
 
     Under Gramine every party gets its own manifest (its arguments are measured into it, and the
-    plan, CA, certificates and collateral as trusted files with their hashes); a missing Gramine
+    plan, CA, certificates, collateral and the workload's code files as trusted files with their
+    hashes); a missing Gramine
     installation fails here, before the process starts, naming the binary.
     """
     launcher = plan.runtime.launcher
@@ -127,6 +128,7 @@ def _gramine(
         return argv
     from teefl.security.tee.gramine import wrap_command
     from teefl.workload.datasets import resolve_root
+    from teefl.workload.digest import code_paths
 
     role = "aggregator" if process == "aggregator" else "collaborator"
     sec = plan.security
@@ -145,7 +147,17 @@ def _gramine(
         certs.append(tls.client_dir / f"{name}.crt")
         keys.append(tls.client_dir / f"{name}.key")
     collateral = sec.attestation.collateral
-    data = [d for d in resolve_root(plan.dataset.name, plan.dataset.root, data_dir) if d.is_dir()]
+    if plan.workload.is_vision:
+        roots = resolve_root(plan.dataset.name, plan.dataset.root, data_dir)
+    else:  # this party's own data (--data-dir, else workload.data_root/NAME)
+        root = plan.workload.data_root
+        own = root / process.removeprefix("collaborator-") if root is not None else None
+        roots = [p for p in (data_dir or own,) if p is not None]
+    data = [d for d in roots if d.is_dir()]
+    # the workload's code (the files its digest covers) is trusted: hashed into the manifest,
+    # so the enclave's measurement vouches for the code the workload digest names
+    code = code_paths(plan.workload.name, plan.workload.base)
+    trusted = [*([collateral] if collateral is not None else []), *code]
     return wrap_command(
         launcher,
         argv,
@@ -155,7 +167,7 @@ def _gramine(
         plan_path=RunDir(run_dir).plan,
         cert_paths=certs,
         key_paths=keys,
-        trusted_paths=[collateral] if collateral is not None else [],
+        trusted_paths=trusted,
         data_dirs=data if role == "collaborator" else [],
         run_dir=run_dir,
         threads=plan.training.threads or 1,

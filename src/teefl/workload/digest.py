@@ -151,6 +151,14 @@ def digest_of_files(files: list[tuple[str, bytes]], version: str | None = None) 
     return h.hexdigest()
 
 
+def code_paths(ref: str, base_dir: Path | None = None) -> list[Path]:
+    """The absolute paths of the files the digest of ``ref`` covers, sorted: what a Gramine
+    manifest lists as trusted files, so that the enclave can load no other bytes of them."""
+    from teefl.workload.registry import WORKLOADS
+
+    return [path for _, path in sorted(_walk(code_root(WORKLOADS.target(ref, base_dir))))]
+
+
 def digest_target(target: Target) -> str:
     return digest_of_files(code_files(target))
 

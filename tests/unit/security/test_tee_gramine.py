@@ -329,3 +329,31 @@ def test_each_party_gets_only_its_own_key_material(tmp_path: Path, fake_gramine:
         for f in (run_dir / "plan.yaml", tls.ca, collateral):
             assert pinned[str(f)] == _sha256(f), (process, f)
         assert not set(pinned) & _allowed(m)
+
+
+def test_a_user_workload_is_trusted_code_and_its_data_allowed(
+    tmp_path: Path, fake_gramine: Path
+) -> None:
+    """Under Gramine the files the workload digest covers are trusted files (their hashes in
+    the manifest, so the enclave measurement vouches for them) and the party's own data
+    directory is readable."""
+    from teefl.federation.launcher import _gramine
+    from teefl.plan import plan_from_dict
+
+    (tmp_path / "task.py").write_text("class Task: ...\n")
+    (tmp_path / "data" / "col1").mkdir(parents=True)
+    plan = plan_from_dict(
+        {
+            "collaborators": 1,
+            "workload": {"name": "./task.py:Task", "data_root": str(tmp_path / "data")},
+            "runtime": {"launcher": "gramine-direct"},
+        },
+        base=tmp_path,
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "plan.yaml").write_text(plan.to_yaml())
+    _gramine(plan, "collaborator-col1", [sys.executable, "-m", "teefl", "x"], run_dir, None)
+    m = tomllib.loads((run_dir / "gramine" / "collaborator-col1.manifest.template").read_text())
+    assert _pinned(m)[str(tmp_path / "task.py")] == _sha256(tmp_path / "task.py")
+    assert any(str(tmp_path / "data" / "col1") in a for a in _allowed(m))
