@@ -9,8 +9,9 @@ What is here, and why it is measured this way:
 - ``fed_transfer``: teefl's real transfer path. An aggregator process runs the real
   `teefl.server.aggregator.Aggregator` (its gRPC server, round state machine, streaming FedAvg
   and checkpoints) and a collaborator process runs the real
-  `teefl.client.collaborator.Collaborator` loop with a trainer (`NoTrainer`) that returns the
-  received model unchanged. The figure is read from the collaborator's own ``download`` and
+  `teefl.client.collaborator.Collaborator` loop with the registered ``noop`` workload
+  (`teefl.workload.noop`, chosen in the plan by `bench_plan`), which returns the received model
+  unchanged. The figure is read from the collaborator's own ``download`` and
   ``upload`` spans in its events file -- the communication time a real run reports. Round 1 is a
   warm-up.
 
@@ -117,6 +118,20 @@ def build_module(spec: str):
     from teefl.workload.models import build_model
 
     return build_model(spec, 3, 10, seed=0)
+
+
+def noop_workload(spec: str) -> dict[str, Any]:
+    """The plan's ``workload`` section whose model is `build_module` (spec)'s: the ``noop``
+    workload, which trains nothing, so a round is the transfer alone."""
+    if spec == "synthetic200":
+        options: dict[str, Any] = {"model": "linear_stack", "layers": 12, "width": 2048}
+    elif spec == "synthetic6":
+        options = {"model": "linear_stack", "layers": 1, "width": 1240}
+    elif spec.startswith("linear"):
+        options = {"model": "mlp", "inputs": 3 * 32 * 32, "hidden": int(spec[6:] or 16)}
+    else:
+        options = {"model": spec, "channels": 3, "classes": 10}
+    return {"name": "noop", "options": options}
 
 
 def payload_of(spec: str) -> bytes:
@@ -247,19 +262,14 @@ def bench_plan(
     chunk_size: int | None = None,
     compression: str = "none",
 ) -> dict[str, Any]:
-    model = spec if spec in ("resnet18", "mobilenet_v3_small") else "small_cnn"
     plan: dict[str, Any] = {
         "name": "bench",
         "collaborators": names,
         "federation": {"rounds": rounds, "round_timeout": 600},
-        "model": {"name": model},
-        "dataset": {
-            "name": "synthetic",
-            "synthetic": {"shape": [3, 32, 32], "classes": 10, "train_size": 64, "test_size": 16},
-        },
         "training": {"threads": 1, "device": "cpu"},
         "network": {"host": "127.0.0.1", "port": 0},
         "security": {"transport": transport},
+        "workload": noop_workload(spec),
     }
     if chunk_size:
         plan["network"]["chunk_size"] = chunk_size
@@ -490,11 +500,7 @@ def _agg_main(args: argparse.Namespace) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     rec = EventRecorder(run_dir, "bench", "aggregator", "aggregator")
     t_start = time.monotonic()
-    agg = Aggregator(plan, run_dir, "bench", rec)
-    if args.spec not in ("resnet18", "mobilenet_v3_small"):
-        module = build_module(args.spec)
-        agg.reset_model({k: v.detach().clone() for k, v in module.state_dict().items()})
-        del module
+    agg = Aggregator(plan, run_dir, "bench", rec)  # the noop workload builds the spec's model
     import gc
 
     gc.collect()
@@ -564,31 +570,6 @@ def _rss() -> int:
 
 
 # -- child: collaborator -----------------------------------------------------------------------
-class NoTrainer:
-    """The collaborator's trainer for transfer measurements: the model is ``spec``'s, training
-    leaves it unchanged and records nothing, and the final evaluation pass is not measured."""
-
-    samples = 16  # the update's weight: any fixed number
-
-    def __init__(self, spec: str) -> None:
-        self.spec = spec
-
-    def setup(self) -> Any:
-        import torch
-
-        torch.set_num_threads(1)
-        return build_module(self.spec)
-
-    def train_round(self, model: Any, r: int, config: Any, span: Any) -> dict[str, float]:
-        return {}
-
-    def evaluate(self, model: Any) -> dict[str, Any]:
-        return {"accuracy": 0.0, "loss": 0.0, "samples": 1}
-
-    def describe(self) -> None:
-        return None  # no environment record: nothing of it is measured
-
-
 def _col_main(args: argparse.Namespace) -> None:
     from teefl.client.collaborator import Collaborator
     from teefl.plan import load_plan, require_transport
@@ -596,8 +577,7 @@ def _col_main(args: argparse.Namespace) -> None:
     _apply_patches(args.patch)
     plan = load_plan(args.plan)
     require_transport(plan)
-    trainer = NoTrainer(args.spec)
-    Collaborator(plan, args.name, args.address, Path(args.run_dir), trainer=trainer).run()
+    Collaborator(plan, args.name, args.address, Path(args.run_dir)).run()  # the noop workload
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -201,7 +201,8 @@ class Collaborator:
         with self.rec.span("final_validate") as s:
             m = self.trainer.evaluate(self.model)
             s["metrics"] = m
-        log.info("%s: final model accuracy %.4f", self.name, m["accuracy"])
+        if "accuracy" in m:  # a workload's metrics need only "samples"
+            log.info("%s: final model accuracy %.4f", self.name, m["accuracy"])
         header = teefl_pb2.Header(
             collaborator=self.name,
             round=r,

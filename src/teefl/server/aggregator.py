@@ -234,12 +234,6 @@ class Aggregator:
     def data_port(self) -> int:
         return self.service.data_port
 
-    def reset_model(self, state: dict[str, torch.Tensor]) -> None:
-        """Start from ``state`` instead of the plan's model (benchmarks of other shapes)."""
-        with self.rounds.cond:
-            self.model.reset(state, self.rounds.round, self.rounds.evaluating)
-            self.publisher.retire(self.publisher.publish(state))
-
     # -- serving -------------------------------------------------------------------------------
     def serve(
         self, listen: str, port: int, port_file: Path | None = None, t_start: float | None = None

@@ -46,12 +46,6 @@ class GlobalModel:
             self.round_config = check_round_config(config, self.strategy.name)
         self.fedavg = self.strategy.begin(rnd, self.global_state, self.model_layout())
 
-    def reset(self, state: dict[str, torch.Tensor], rnd: int, evaluating: bool) -> None:
-        """Replace the global state (a benchmark's own model)."""
-        self.global_state = state
-        self.fedavg = None
-        self.new_round(rnd, evaluating)
-
     def model_layout(self) -> codec.Layout | None:
         """The global model's payload layout, computed again only when the global state was
         replaced by something other than a payload of that layout."""
