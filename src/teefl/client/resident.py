@@ -37,10 +37,13 @@ class ResidentModel:
         self._bindings = bindings
 
     @classmethod
-    def bind(cls, module: torch.nn.Module) -> ResidentModel | None:
+    def bind(cls, module: torch.nn.Module, names: list[str] | None = None) -> ResidentModel | None:
         """Move ``module``'s parameters and buffers into a payload buffer (values kept), or
-        None where that cannot be done safely (see the module docstring)."""
+        None where that cannot be done safely (see the module docstring). ``names``: only
+        those state-dict entries travel (a workload's trainable subset); the rest stay put."""
         state = module.state_dict()
+        if names is not None:
+            state = {n: state[n] for n in names}
         if any(t.device.type != "cpu" for t in state.values()):
             return None
         storages = [t.untyped_storage().data_ptr() for t in state.values() if t.numel()]

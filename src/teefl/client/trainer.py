@@ -55,8 +55,8 @@ class Trainer(Protocol):
         ...
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
-        """Score the final model on the party's held-out data: ``accuracy`` and ``samples``
-        (an int) at least."""
+        """Score the final model on the party's held-out data: ``samples`` (an int) at least,
+        ``accuracy`` where it has one."""
         ...
 
     def describe(self) -> dict[str, Any] | None:
@@ -95,6 +95,7 @@ class WorkloadTrainer:
             data_dir, data_mode = plan.workload.data_root / self.name, "local"
         self.data_dir, self.data_mode = data_dir, data_mode
         self.samples = 0
+        self.travelling: list[str] | None = None
 
     def setup(self) -> torch.nn.Module:
         from teefl.workload.api import Party
@@ -115,13 +116,11 @@ class WorkloadTrainer:
         self.described = self.workload.describe(self.data)
         self.samples = int(self.described.get("shard_train", self.described.get("samples", 0)))
         model = self.workload.build_model(plan.seed)
-        travelling = self.workload.travelling(model)
-        if len(travelling) != len(model.state_dict()):
-            raise TeeflError(
-                f"workload {self.workload.ref}: trainable_state chooses {len(travelling)} of "
-                f"{len(model.state_dict())} tensors; this teefl version sends the whole state "
-                "dict (remove trainable_state)"
-            )
+        names = self.workload.travelling(model)
+        #: the state-dict names that travel when the workload chose a subset (its
+        #: trainable_state, e.g. LoRA adapters); None: the whole state dict. The rest (a frozen
+        #: base) is the same on every party -- build_model(seed) -- and never leaves it.
+        self.travelling = names if len(names) != len(model.state_dict()) else None
         return model.to(self.device)
 
     def train_round(
@@ -137,7 +136,9 @@ class WorkloadTrainer:
         fault("train", r)
         global_state = None
         if mu:
-            global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            state = model.state_dict()
+            names = self.travelling or list(state)
+            global_state = {k: state[k].detach().clone() for k in names}
         info = RoundInfo(r, round_seed(plan.seed, self.index, r), dict(config), global_state)
         with span("train", round=r) as s:
             tr = self.workload.train(model, self.data, info, self.name)

@@ -115,7 +115,11 @@ class Aggregator:
         #: aggregator has no data); its digest is what joining collaborators are compared to
         self.workload = plan_workload(plan)
         net = self.workload.build_model(plan.seed)
-        state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        # the global model is what travels: the whole state dict, or the workload's subset
+        # (LoRA adapters) -- every party builds the same frozen rest from the seed
+        full = net.state_dict()
+        state = {k: full[k].detach().clone() for k in self.workload.travelling(net)}
+        del full
         self.identity = Identity(
             plan,
             self.run_dir,

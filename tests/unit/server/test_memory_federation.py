@@ -53,16 +53,21 @@ def _threads():
     torch.set_num_threads(n)
 
 
-def _federation(tmp_path: Path, **fed: Any) -> tuple[Aggregator, dict[str, Capturing], dict]:
-    """Run the whole federation; returns the aggregator, the transports and the global model
-    it started from."""
-    plan = plan_from_dict(
-        {
-            **SYNTHETIC,
-            "collaborators": NAMES,
-            "federation": {"rounds": ROUNDS, "update_staging": "disk", **fed},
-        }
-    )
+def _federation(
+    tmp_path: Path, sections: dict[str, Any] | None = None, **fed: Any
+) -> tuple[Aggregator, dict[str, Capturing], dict]:
+    """Run the whole federation (``sections``: more plan sections); returns the aggregator,
+    the transports and the global model it started from."""
+    data = {
+        **SYNTHETIC,
+        "collaborators": NAMES,
+        "federation": {"rounds": ROUNDS, "update_staging": "disk", **fed},
+        **(sections or {}),
+    }
+    if "workload" in data:  # the vision workload's own sections go
+        for key in ("model", "dataset", "partition"):
+            data.pop(key, None)
+    plan = plan_from_dict(data, base=tmp_path)
     run = tmp_path / "run"
     rec = EventRecorder(run, "rid", "aggregator", "aggregator")
     agg = Aggregator(plan, run, "rid", rec)
@@ -201,3 +206,57 @@ def test_a_late_update_is_stale_and_a_stranger_is_refused(tmp_path: Path):
     finally:
         agg.checkpointer.join()
         agg.rec.close()
+
+
+HEAD_ONLY = '''
+import torch
+from torch import nn
+
+
+class HeadOnly:
+    """An MLP whose body is frozen: only the head's two tensors travel (trainable_state)."""
+
+    def build_model(self, seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        for p in model[0].parameters():
+            p.requires_grad_(False)
+        return model
+
+    def trainable_state(self, model):
+        return ["2.weight", "2.bias"]
+
+    def load(self, party):
+        g = torch.Generator().manual_seed(party.index)
+        x = torch.randn(64, 8, generator=g)
+        return x, (x[:, 0] > 0).long()
+
+    def train(self, model, data, info):
+        x, y = data
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        return {"samples": len(y)}
+
+    def evaluate(self, model, data):
+        return {"samples": len(data[1])}
+'''
+
+
+def test_only_the_workloads_travelling_tensors_move_and_are_averaged(tmp_path: Path):
+    """A workload that sends a subset (as LoRA adapters do): the updates, the global model and
+    its checkpoints hold exactly that subset; the mean is the hand-computed one; the frozen
+    body never leaves a collaborator."""
+    (tmp_path / "head.py").write_text(HEAD_ONLY)
+    agg, transports, start = _federation(tmp_path, {"workload": {"name": "./head.py:HeadOnly"}})
+    assert sorted(start) == ["2.bias", "2.weight"]
+    sent = _decoded(transports, 1)
+    for state, samples in sent:
+        assert sorted(state) == ["2.bias", "2.weight"] and samples == 64
+    assert not _equal(_fedavg(sent), start)
+    assert _equal(_checkpoint(agg, 1), _fedavg(sent))
+    assert _equal(final_state(agg.run_dir), _fedavg(_decoded(transports, 2)))
+    head_bytes = sum(t.numel() * t.element_size() for t in start.values())
+    for t in transports.values():
+        assert all(len(payload) < head_bytes + 4096 for _, payload in t.sent.values())
