@@ -260,3 +260,52 @@ def test_only_the_workloads_travelling_tensors_move_and_are_averaged(tmp_path: P
     head_bytes = sum(t.numel() * t.element_size() for t in start.values())
     for t in transports.values():
         assert all(len(payload) < head_bytes + 4096 for _, payload in t.sent.values())
+
+
+HALF = '''
+import torch
+from torch import nn
+
+
+class Half:
+    """A small MLP in half precision (DTYPE); "training" adds party- and round-specific
+    noise, so every update differs and the mean is easy to compute by hand."""
+
+    dtype = torch.DTYPE
+
+    def build_model(self, seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(self.dtype)
+
+    def load(self, party):
+        return party.index
+
+    def train(self, model, index, info):
+        g = torch.Generator().manual_seed(1000 * index + info.round)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+        return {"samples": 10 + 7 * index}
+
+    def evaluate(self, model, index):
+        return {"samples": 1}
+'''
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_travels_in_its_own_dtype_and_averages_exactly(tmp_path: Path, dtype):
+    """bf16/fp16 models travel in their dtype (half the bytes of fp32); FedAvg sums in float64
+    and rounds the mean once into the model's dtype: equal to the hand-computed mean."""
+    (tmp_path / "half.py").write_text(HALF.replace("DTYPE", dtype))
+    agg, transports, start = _federation(tmp_path, {"workload": {"name": "./half.py:Half"}})
+    want = getattr(torch, dtype)
+    assert {t.dtype for t in start.values()} == {want}
+    n_params = sum(t.numel() for t in start.values())
+    for rnd in (1, 2):
+        sent = _decoded(transports, rnd)
+        assert all(t.dtype == want for state, _ in sent for t in state.values())
+        assert [n for _, n in sent] == [10, 17]
+        for t in transports.values():
+            assert len(t.sent[rnd][1]) < 2 * n_params + 4096  # 2 bytes per number
+        assert _equal(_checkpoint(agg, rnd), _fedavg(sent))
+    assert not _equal(_checkpoint(agg, 1), start)
