@@ -1,5 +1,5 @@
-"""examples/tabular and examples/image-folder, as far as they run without a federation: the
-plan's workload resolves from the plan's directory, the rest of the plan validates, and the
+"""examples/tabular and examples/image-folder without a federation (tests/e2e/test_workload_e2e.py
+runs them with `teefl run`): the plan validates, its workload resolves from its directory, and the
 workload learns the generated data in rounds of FedAvg computed in this process (teefl's own
 `RunningFedAvg`, no aggregator or collaborator processes) to the accuracy the READMEs state."""
 
@@ -34,8 +34,7 @@ def _one_thread():
 def load_example(name: str) -> tuple[dict, LoadedWorkload]:
     path = EXAMPLES / name / "plan.yaml"
     data = yaml.safe_load(path.read_text())
-    rest = {k: v for k, v in data.items() if k != "workload"}
-    plan_from_dict(rest, str(path))  # everything but the (not yet wired) workload section
+    plan_from_dict(data, str(path), base=path.parent)  # the whole plan validates
     wl = data["workload"]
     return data, resolve_workload(wl["name"], wl.get("options"), path.parent, source=str(path))
 
