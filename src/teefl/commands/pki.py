@@ -76,17 +76,38 @@ def issue(
             help="Issue a client certificate with CN=NAME (DIR/collaborators/NAME.crt).",
         ),
     ] = None,
+    key_service: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--key-service",
+            metavar="HOST[,HOST...]",
+            help="Issue the key service's server certificate (DIR/key-service.crt) for these "
+            "hosts (teefl keys serve).",
+        ),
+    ] = None,
+    key_client: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--key-client",
+            metavar="NAME[,NAME...]",
+            help="Issue a client certificate for the key service with CN=NAME "
+            "(DIR/key-clients/NAME.crt; the aggregator's is 'aggregator').",
+        ),
+    ] = None,
     days: DaysOpt = 365,
     force: ForceOpt = False,
 ) -> None:
-    """Issue the aggregator's server certificate and/or collaborators' client certificates."""
+    """Issue the aggregator's server certificate and/or collaborators' client certificates (and
+    those of the owner's key service and its clients)."""
     from teefl.errors import TeeflError
     from teefl.security import certificates, pki
 
     hosts, names = _split(aggregator), _split(collaborator)
-    if not hosts and not names:
+    service_hosts, key_clients = _split(key_service), _split(key_client)
+    if not (hosts or names or service_hosts or key_clients):
         raise TeeflError(
-            "nothing to issue: give --aggregator HOST[,HOST...] or --collaborator NAME"
+            "nothing to issue: give --aggregator HOST[,HOST...], --collaborator NAME, "
+            "--key-service HOST or --key-client NAME"
         )
     out = _console()
     if hosts:
@@ -95,6 +116,15 @@ def issue(
         out.print(f"issued {cert} for {sans}", markup=False, soft_wrap=True)
     for name in names:
         cert = pki.issue_collaborator(directory, name, days=days, force=force)
+        out.print(f"issued {cert} (CN={name})", markup=False, soft_wrap=True)
+    if service_hosts:
+        cert = pki.issue_aggregator(
+            directory, service_hosts, days=days, force=force, name=certificates.KEY_SERVICE
+        )
+        sans = ", ".join(certificates.describe_certificate(cert)["sans"])
+        out.print(f"issued {cert} for {sans}", markup=False, soft_wrap=True)
+    for name in key_clients:
+        cert = pki.issue_key_client(directory, name, days=days, force=force)
         out.print(f"issued {cert} (CN={name})", markup=False, soft_wrap=True)
 
 

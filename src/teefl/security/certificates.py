@@ -33,6 +33,10 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 AGGREGATOR = "aggregator"
 COLLABORATOR_DIR = "collaborators"
+#: the owner's key service (`teefl keys serve`): its server certificate, and the directory of
+#: the client certificates parties present to it (the aggregator's: ``key-clients/aggregator``)
+KEY_SERVICE = "key-service"
+KEY_CLIENT_DIR = "key-clients"
 
 #: certificates (and CRLs) start this far in the past so a peer whose clock is a little behind
 #: accepts them
@@ -69,6 +73,15 @@ def collaborator_paths(directory: Path, name: str) -> tuple[Path, Path]:
     ``<dir>/collaborators`` directly.
     """
     client_dir = Path(directory) / COLLABORATOR_DIR
+    return client_dir / f"{name}.crt", client_dir / f"{name}.key"
+
+
+def key_client_paths(directory: Path, name: str) -> tuple[Path, Path]:
+    """(certificate, key) a party presents to the key service: ``<dir>/key-clients/<name>.crt``.
+
+    Apart from ``collaborators/`` so a certificate made for the key service (the aggregator's,
+    say) is never mistaken for a federation member's."""
+    client_dir = Path(directory) / KEY_CLIENT_DIR
     return client_dir / f"{name}.crt", client_dir / f"{name}.key"
 
 

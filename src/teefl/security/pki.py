@@ -43,6 +43,7 @@ from teefl.security.certificates import (
     aggregator_paths,
     ca_paths,
     collaborator_paths,
+    key_client_paths,
     load_ca,
     now_utc,
     write_cert,
@@ -274,6 +275,40 @@ def issue_collaborator(
             f"collaborator name {name!r} must be 1-63 letters, digits, '.', '_' or '-'"
         )
     cert_path, key_path = collaborator_paths(directory, name)
+    return _issue_leaf(
+        Path(directory),
+        cert_path,
+        key_path,
+        cn=name,
+        san=[],
+        eku=ExtendedKeyUsageOID.CLIENT_AUTH,
+        days=days,
+        force=force,
+        not_before=not_before,
+        key_type=key_type,
+    )
+
+
+def issue_key_client(
+    directory: Path,
+    name: str,
+    *,
+    days: int = 365,
+    force: bool = False,
+    not_before: dt.datetime | None = None,
+    key_type: KeyType | None = None,
+) -> Path:
+    """Client certificate ``dir/key-clients/<name>.crt|.key`` (CN = ``name``, clientAuth): what
+    a party presents to the owner's key service (`teefl keys serve`), whose configuration names
+    the party by this CN. The aggregator's is ``aggregator`` by convention.
+
+    Why a directory of its own: the aggregator has only a server certificate, and a client
+    certificate for it under ``collaborators/`` would read as a federation member's."""
+    from teefl.plan import NAME_RE
+
+    if not NAME_RE.match(name):
+        raise TeeflError(f"key client name {name!r} must be 1-63 letters, digits, '.', '_' or '-'")
+    cert_path, key_path = key_client_paths(directory, name)
     return _issue_leaf(
         Path(directory),
         cert_path,

@@ -431,3 +431,25 @@ def test_cli_plan_prints_security_block(cli, tmp_path: Path) -> None:
     r = cli("pki", "plan", str(plan_path), "--dir", str(tmp_path / "other"))
     assert r.exit_code == 0, r.output
     assert "ca: other/ca.crt" in r.output
+
+
+def test_cli_issues_the_key_service_and_its_clients(cli, tmp_path: Path) -> None:
+    """`teefl keys serve` needs a server certificate, and the aggregator (which has only a
+    server certificate) a client certificate: both from the federation's CA, the client one
+    apart from the collaborators'."""
+    assert cli("pki", "init", str(tmp_path)).exit_code == 0
+    r = cli(
+        "pki", "issue", str(tmp_path), "--key-service", "keys.example", "--key-client", "aggregator"
+    )
+    assert r.exit_code == 0, r.output
+    ca = tmp_path / "ca.crt"
+    cert, key = certificates.aggregator_paths(tmp_path, certificates.KEY_SERVICE)
+    server = certificates.check_certificate(cert, ca_path=ca, key_path=key, purpose="server")
+    assert certificates.covers_host(server, "keys.example")
+    cert, key = certificates.key_client_paths(tmp_path, "aggregator")
+    assert cert.parent.name == "key-clients"
+    client = certificates.check_certificate(cert, ca_path=ca, key_path=key, purpose="client")
+    assert certificates.common_name(client) == "aggregator"
+    assert certificates.ekus(client) == ["clientAuth"]
+    assert not certificates.collaborator_paths(tmp_path, "aggregator")[0].exists()
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
