@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from teefl.commands import analysis, bench, federation, model, pki, slurm, tee, workload
+from teefl.commands import analysis, bench, federation, keys, model, pki, slurm, tee, workload
 from teefl.errors import TeeflError
 
 app = typer.Typer(
@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (federation, pki, tee, model, analysis, bench, workload, slurm):
+for module in (federation, pki, tee, model, keys, analysis, bench, workload, slurm):
     module.register(app)
 
 

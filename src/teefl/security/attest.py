@@ -342,14 +342,19 @@ class _Pending:
 
 
 class NonceBook:
-    """Single-use nonces per collaborator: a quote bound to an old nonce is a replay."""
+    """Single-use nonces per collaborator: a quote bound to an old nonce is a replay.
 
-    def __init__(self) -> None:
+    ``ttl``: seconds a nonce stays valid (default `NONCE_TTL_S`; the key service's is the
+    owner's ``nonce_ttl``)."""
+
+    def __init__(self, ttl: float | None = None) -> None:
         self._pending: dict[str, _Pending] = {}
+        self.ttl = ttl
 
     def issue(self, name: str) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
-        self._pending[name] = _Pending(nonce, time.monotonic() + NONCE_TTL_S)
+        ttl = NONCE_TTL_S if self.ttl is None else self.ttl
+        self._pending[name] = _Pending(nonce, time.monotonic() + ttl)
         return nonce
 
     def take(self, name: str, nonce: bytes) -> bytes:
