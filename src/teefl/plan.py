@@ -139,8 +139,14 @@ class Plan(Strict):
             raise ValueError(
                 "security.attestation binds evidence to the TLS key: it needs transport tls or mtls"
             )
-        if sec.at_rest.mode == "sealed" and not (sec.at_rest.key_file or sec.at_rest.key_env):
-            raise ValueError("security.at_rest.mode sealed needs key_file or key_env")
+        rest = sec.at_rest
+        if rest.mode == "sealed" and not (rest.key_file or rest.key_env or rest.key_from):
+            raise ValueError("security.at_rest.mode sealed needs key_file, key_env or key_from")
+        if rest.key_from and sec.transport == "none":
+            raise ValueError(
+                "security.at_rest.key_from: the key service is reached over mTLS with the plan's "
+                "CA; transport none has none"
+            )
         return self
 
     # -- helpers -----------------------------------------------------------------------------
@@ -223,7 +229,12 @@ def _resolve_paths(plan: Plan, base: Path) -> None:
     att.snp.certs = [p for p in map(fix, att.snp.certs) if p is not None]
     att.snp.crls = [p for p in map(fix, att.snp.crls) if p is not None]
     att.snp.kds_cache = fix(att.snp.kds_cache)
-    plan.security.at_rest.key_file = fix(plan.security.at_rest.key_file)
+    rest = plan.security.at_rest
+    rest.key_file, rest.client_cert, rest.client_key = (
+        fix(rest.key_file),
+        fix(rest.client_cert),
+        fix(rest.client_key),
+    )
     plan.runtime.sign_key = fix(plan.runtime.sign_key)
     plan.workload.data_root = fix(plan.workload.data_root)
     plan.workload.base = fix(plan.workload.base) if plan.workload.base is not None else base
@@ -249,8 +260,16 @@ HOST_LOCAL: dict[str, tuple[str, ...]] = {
     # the simulated provider's key file (the policies pin its fingerprint, which is compared)
     "security.attestation": ("collateral", "pccs_url", "simulated_key"),
     "security.attestation.snp": ("certs", "crls", "kds", "kds_cache"),
-    # the owner's key: where it is (the mode, sealed or plain, is compared)
-    "security.at_rest": ("key_file", "key_env"),
+    # the owner's key: where it is, or which key service releases it and with which client
+    # certificate (the mode, sealed or plain, is compared)
+    "security.at_rest": (
+        "key_file",
+        "key_env",
+        "key_from",
+        "client_cert",
+        "client_key",
+        "key_timeout",
+    ),
     "federation": ("staging_dir",),
     # a label stated on one host and a signing key file
     "runtime": ("tee_label", "sign_key"),

@@ -212,12 +212,39 @@ class AttestationSpec(Strict):
 
 
 class AtRestSpec(Strict):
-    """Checkpoints and the final model: plain safetensors, or sealed with AES-256-GCM."""
+    """Checkpoints and the final model: plain safetensors, or sealed with AES-256-GCM.
+
+    The sealing key comes from exactly one of a file, an environment variable, or the owner's
+    key service (``key_from``: `teefl keys serve`, which releases it only to an aggregator whose
+    TEE evidence verifies under the owner's policy; the aggregator then never reads a key file).
+    """
 
     mode: Literal["plain", "sealed"] = "plain"
     #: the owner's key: a file (32 raw bytes or 64 hex) or an environment variable (hex)
     key_file: Path | None = None
     key_env: str | None = None
+    #: or HOST:PORT of the owner's key service (mTLS with security.tls.ca)
+    key_from: str | None = None
+    #: the aggregator's client certificate and key for the key service (issued by the plan's
+    #: CA: ``teefl pki issue DIR --key-client aggregator``)
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    #: seconds to reach the key service and get the key before the aggregator gives up
+    key_timeout: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AtRestSpec:
+        given = [k for k in ("key_file", "key_env", "key_from") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one source of the sealing key, not {' and '.join(given)}")
+        if self.key_from and not (self.client_cert and self.client_key):
+            raise ValueError(
+                "key_from needs client_cert and client_key (the aggregator's certificate for "
+                "the key service: teefl pki issue DIR --key-client aggregator)"
+            )
+        if (self.client_cert or self.client_key) and not self.key_from:
+            raise ValueError("client_cert and client_key are for key_from; set key_from too")
+        return self
 
 
 class SecuritySpec(Strict):

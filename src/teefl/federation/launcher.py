@@ -142,6 +142,10 @@ def _gramine(
         keys += [p for p in (tls.server_key,) if p is not None]
         if sec.at_rest.mode == "sealed" and sec.at_rest.key_file is not None:
             keys.append(sec.at_rest.key_file)
+        # the client certificate for the owner's key service (the sealing key itself is
+        # released into the enclave's memory, never a file)
+        certs += [p for p in (sec.at_rest.client_cert,) if p is not None]
+        keys += [p for p in (sec.at_rest.client_key,) if p is not None]
     elif tls.client_dir is not None:
         name = process.removeprefix("collaborator-")
         certs.append(tls.client_dir / f"{name}.crt")

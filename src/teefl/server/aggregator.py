@@ -130,7 +130,24 @@ class Aggregator:
         )
         at_rest = plan.security.at_rest
         self.seal_key: bytes | None = None
-        if at_rest.mode == "sealed":
+        if at_rest.mode == "sealed" and at_rest.key_from is not None:
+            # released by the owner's key service to this process after its evidence verified:
+            # no file on this host holds it
+            from teefl.security.keys.client import fetch_sealing_key
+            from teefl.security.sealed import key_id
+
+            self.seal_key = fetch_sealing_key(plan, self.identity.binding, self.identity.provider)
+            log.info(
+                "sealing key released by the key service at %s (key id %s)",
+                at_rest.key_from,
+                key_id(self.seal_key).hex(),
+            )
+            recorder.info(
+                "sealing_key_released",
+                key_service=at_rest.key_from,
+                key_id=key_id(self.seal_key).hex(),
+            )
+        elif at_rest.mode == "sealed":
             from teefl.security.sealed import load_key
 
             self.seal_key = load_key(at_rest.key_file, at_rest.key_env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from teefl.errors import TeeflError
 from teefl.plan import default_plan, load_plan, plan_from_dict
@@ -33,7 +34,33 @@ def test_collaborator_count_expands_to_names() -> None:
             {"security": {"transport": "none", "attestation": {"collaborators": "required"}}},
             "needs transport tls or mtls",
         ),
-        ({"security": {"at_rest": {"mode": "sealed"}}}, "key_file or key_env"),
+        ({"security": {"at_rest": {"mode": "sealed"}}}, "key_file, key_env or key_from"),
+        (
+            {"security": {"at_rest": {"mode": "sealed", "key_from": "h:1"}}},
+            "key_from needs client_cert and client_key",
+        ),
+        (
+            {"security": {"at_rest": {"mode": "sealed", "key_env": "K", "key_from": "h:1"}}},
+            "one source of the sealing key, not key_env and key_from",
+        ),
+        (
+            {"security": {"at_rest": {"client_cert": "a.crt", "client_key": "a.key"}}},
+            "client_cert and client_key are for key_from",
+        ),
+        (
+            {
+                "security": {
+                    "transport": "none",
+                    "at_rest": {
+                        "mode": "sealed",
+                        "key_from": "h:1",
+                        "client_cert": "a.crt",
+                        "client_key": "a.key",
+                    },
+                }
+            },
+            "the key service is reached over mTLS",
+        ),
         (
             {"security": {"attestation": {"policies": {"collaborators": {"mrtd": ["zz"]}}}}},
             "security.attestation.policies.collaborators.mrtd",
@@ -102,3 +129,18 @@ def test_transport_must_be_chosen() -> None:
     plan = plan_from_dict({"security": {"tls": {"ca": "/x/ca.crt"}}})
     assert require_transport(plan) == "mtls"
     assert require_transport(plan_from_dict({"security": {"transport": "none"}})) == "none"
+
+
+def test_where_the_sealing_key_comes_from_is_host_local(tmp_path: Path) -> None:
+    """A key file on one host, the key service on another: the same plan fingerprint (the mode
+    is compared); the key service's client certificate resolves against the plan."""
+    from teefl.plan import plan_digest
+
+    by_file = {"security": {"at_rest": {"mode": "sealed", "key_file": "owner.key"}}}
+    rest = {"mode": "sealed", "key_from": "k:1", "client_cert": "c.crt", "client_key": "c.key"}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"security": {"at_rest": rest}}))
+    by_service = load_plan(tmp_path / "p.yaml")
+    assert by_service.security.at_rest.client_cert == (tmp_path / "c.crt").resolve()
+    assert plan_digest(plan_from_dict(by_file)) == plan_digest(by_service)
+    plain = plan_from_dict({"security": {"at_rest": {"mode": "plain"}}})
+    assert plan_digest(plain) != plan_digest(by_service)

@@ -202,9 +202,10 @@ def fetch(
     return {i: got[i] for i in items}
 
 
-def fetch_sealing_key(plan: Plan, party_binding: bytes) -> bytes:
+def fetch_sealing_key(plan: Plan, party_binding: bytes, provider: Any = None) -> bytes:
     """The sealing key of ``plan``'s ``security.at_rest.key_from``, released to this process
-    after its evidence (the plan's attestation provider) verified under the owner's policy."""
+    after its evidence (``provider``, default: the plan's attestation provider) verified under
+    the owner's policy."""
     from teefl.security.sealed import KEY_SIZE
 
     rest, sec = plan.security.at_rest, plan.security
@@ -215,7 +216,8 @@ def fetch_sealing_key(plan: Plan, party_binding: bytes) -> bytes:
             "security.at_rest.key_from needs security.tls.ca: the key service is reached over "
             "mTLS with the plan's CA"
         )
-    provider = attest.make_provider(sec.attestation)
+    if provider is None:
+        provider = attest.make_provider(sec.attestation)
     got = fetch(
         rest.key_from,
         ca=sec.tls.ca,
