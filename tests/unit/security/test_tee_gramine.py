@@ -331,6 +331,41 @@ def test_each_party_gets_only_its_own_key_material(tmp_path: Path, fake_gramine:
         assert not set(pinned) & _allowed(m)
 
 
+def test_the_key_service_client_certificate_is_the_aggregators_alone(
+    tmp_path: Path, fake_gramine: Path
+) -> None:
+    """With at_rest.key_from the aggregator's enclave reads its key-client certificate and key
+    (the sealing key arrives in memory); no collaborator's enclave can read them."""
+    from teefl.federation.launcher import _gramine
+    from teefl.federation.setup import issue_throwaway_pki
+    from teefl.plan import AtRestSpec, plan_from_dict
+    from teefl.security import certificates, pki
+
+    plan = plan_from_dict(
+        {
+            "collaborators": 1,
+            "dataset": {"name": "synthetic"},
+            "security": {"transport": "mtls"},
+            "runtime": {"launcher": "gramine-direct"},
+        }
+    )
+    run_dir = tmp_path / "run"
+    issue_throwaway_pki(plan, run_dir, Console(file=io.StringIO()))
+    assert plan.security.tls.ca is not None
+    pki_dir = plan.security.tls.ca.parent
+    pki.issue_key_client(pki_dir, "aggregator")
+    cert, key = certificates.key_client_paths(pki_dir, "aggregator")
+    plan.security.at_rest = AtRestSpec(
+        mode="sealed", key_from="k:1", client_cert=cert, client_key=key
+    )
+    (run_dir / "plan.yaml").write_text(plan.to_yaml())
+    for process, own in (("aggregator", True), ("collaborator-col1", False)):
+        _gramine(plan, process, [sys.executable, "-m", "teefl", "x"], run_dir, None)
+        m = tomllib.loads((run_dir / "gramine" / f"{process}.manifest.template").read_text())
+        assert (str(key) in _allowed(m)) == own, process
+        assert (str(cert) in _pinned(m)) == own, process
+
+
 def test_a_user_workload_is_trusted_code_and_its_data_allowed(
     tmp_path: Path, fake_gramine: Path
 ) -> None:
