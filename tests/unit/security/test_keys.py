@@ -344,3 +344,23 @@ def test_an_internal_error_releases_nothing_and_is_audited(
         fetch_as(owner, server.address)
     assert "INTERNAL: internal error of the key service (RuntimeError" in str(exc.value)
     assert audit_of(owner)[-1]["event"] == "refusal"
+
+
+def test_a_host_that_cannot_attest_is_one_line(owner: dict[str, Any]) -> None:
+    from teefl.plan import load_plan
+    from teefl.security.keys.client import fetch_sealing_key
+
+    cert, key = key_client(owner["pki"])
+    data = yaml.safe_load(owner["plan"].read_text())
+    data["security"]["attestation"] = {"provider": "simulated"}  # without allow_simulated
+    data["security"]["at_rest"] = {
+        "mode": "sealed",
+        "key_from": "127.0.0.1:1",
+        "client_cert": str(cert),
+        "client_key": str(key),
+    }
+    owner["plan"].write_text(yaml.safe_dump(data))
+    with pytest.raises(KeyServiceError) as exc:
+        fetch_sealing_key(load_plan(owner["plan"]), BINDING)
+    assert "this host cannot attest to the key service" in str(exc.value)
+    assert "simulated attestation is disabled" in str(exc.value) and "\n" not in str(exc.value)

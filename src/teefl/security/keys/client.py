@@ -217,7 +217,13 @@ def fetch_sealing_key(plan: Plan, party_binding: bytes, provider: Any = None) ->
             "mTLS with the plan's CA"
         )
     if provider is None:
-        provider = attest.make_provider(sec.attestation)
+        try:
+            provider = attest.make_provider(sec.attestation)
+        except TeeflError as exc:
+            raise KeyServiceError(
+                f"security.at_rest.key_from: this host cannot attest to the key service "
+                f"(security.attestation.provider {sec.attestation.provider}): {exc}"
+            ) from None
     got = fetch(
         rest.key_from,
         ca=sec.tls.ca,
