@@ -7,8 +7,8 @@ shared machine was reserved for the lead's timings): run them before relying on 
 - the same with the built-in image-folder workload on generated PNG folders;
 - a collaborator whose workload code differs by one byte is refused with both digests named,
   and admitted once its digest is in workload.allowed_digests;
-- a workload raising in train on one collaborator: with a quorum the run completes without it,
-  without one it stops with one line; no process is left.
+- a workload raising in train on one collaborator: with a quorum the run completes without it
+  and summary.json names the failure, without one it stops with one line; no process is left.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 import yaml
 from paths import REPO
 
-from fedutil import final_accuracy, run_dir_of, teefl, write_plan
+from fedutil import final_accuracy, read_jsonl, run_dir_of, teefl, write_plan
 
 pytestmark = pytest.mark.slow
 EXAMPLES = REPO / "examples"
@@ -147,42 +147,83 @@ def test_a_collaborator_with_changed_code_is_refused_naming_both_digests(tmp_pat
     assert env["workload"]["digest"] == theirs
 
 
+#: appended to a copy of the example's task.py: a lone workload file imports no sibling (its
+#: digest covers only its own bytes), so the failing task is the example's code plus this
 FAILING = """
-from task import *  # noqa: F403  (the example's Task)
-import os
-from task import Task as _Base
+
+
+_Base = Task
 
 
 class Task(_Base):
-    def train(self, model, data, info):
-        if info.round == 2 and os.environ.get("TEEFL_TEST_FAIL_PARTY") == "1":
+    \"\"\"The example's task; its train raises in round 2 on a party whose data holds FAIL.\"\"\"
+
+    def load(self, party):
+        data = super().load(party)
+        data["fail"] = (Path(party.data_dir) / "FAIL").exists()
+        return data
+
+    def train(self, model, data, round_info):
+        if round_info.round == 2 and data["fail"]:
             raise RuntimeError("user code failed on purpose")
-        return super().train(model, data, info)
+        return super().train(model, data, round_info)
 """
+
+
+def _left_running(under: Path) -> list[str]:
+    """Command lines of processes still running with ``under`` in their arguments."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(under) in cmd and int(pid) != os.getpid():
+            found.append(cmd)
+    return found
 
 
 @pytest.mark.parametrize("quorum", [2, None])
 def test_a_workload_raising_in_train(tmp_path, quorum) -> None:
-    """col3's train raises in round 2 (its data dir holds a marker the task reads)."""
+    """col3's train raises in round 2 (its data dir holds a marker the task reads): it
+    reports the failed round and stops; with a quorum of 2 the others finish the run, which
+    names the failure; without one the run stops at once with the line. No process is left,
+    and col3's log holds the traceback."""
     work, data = _example("tabular", tmp_path)
-    (work / "failing.py").write_text(
-        FAILING.replace('os.environ.get("TEEFL_TEST_FAIL_PARTY") == "1"',
-                        'os.path.exists(os.path.join(str(data.get("dir", "")), "FAIL"))')
-    )  # fmt: skip
+    (work / "failing.py").write_text((work / "task.py").read_text() + FAILING)
     data["workload"]["name"] = "./failing.py:Task"
     data["federation"]["rounds"] = 3
     if quorum:
         data["federation"]["min_collaborators"] = quorum
     (work / "data" / "col3" / "FAIL").write_text("")
-    res = _run(work, data, timeout=600)
+    res = _run(work, data, "--no-progress", timeout=600)
     out = res.stdout + res.stderr
-    assert "col3: workload ./failing.py:Task failed in train (round 2)" in out
+    line = (
+        "col3: workload ./failing.py:Task failed in train (round 2): RuntimeError: user code "
+        "failed on purpose"
+    )
+    assert line in out, out
+    run = run_dir_of(work / "runs")
+    info = json.loads((run / "run.json").read_text())
     if quorum:
         assert res.returncode == 0, out
-        summary = (run_dir_of(work / "runs") / "summary.json").read_text()
-        assert "col3" in summary and "failed in train" in summary
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["failures"] == [
+            {"collaborator": "col3", "round": 2, "phase": "train", "summary": line}
+        ]
+        assert info["status"] == "completed" and summary["rounds_completed"] == 3
+        metrics = {m["round"]: m for m in read_jsonl(run / "metrics.jsonl")}
+        assert sorted(metrics[2]["collaborators"]) == ["col1", "col2"]
+        assert list(metrics[2]["failed"]) == ["col3"]
+        assert sorted(metrics[3]["collaborators"]) == ["col1", "col2"]
     else:
         assert res.returncode != 0
-        assert "Traceback" not in res.stderr.splitlines()[-1]
-    log = next((run_dir_of(work / "runs")).glob("*col3*.log")).read_text()
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: " + line) and "Traceback" not in res.stderr, res.stderr
+        assert "cannot reach its quorum" in last
+        assert info["status"] == "failed" and line in info["error"]
+    assert _left_running(work) == []
+    log = (run / "logs" / "collaborator-col3.log").read_text()
     assert "Traceback" in log and "user code failed on purpose" in log

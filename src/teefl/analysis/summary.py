@@ -299,8 +299,30 @@ def summarize_run(run: RunDir) -> dict[str, Any]:
         "model_info_source": model_info_source,
         "dataset_info": r.get("dataset_info") if isinstance(r.get("dataset_info"), dict) else None,
         "environment": _environment(run),
+        "failures": _failures(agg, r.get("rounds")),
         "warnings": warnings,
     }
+
+
+def _failures(agg: ProcessLog | None, rounds: Any) -> list[dict[str, Any]]:
+    """The failed rounds the aggregator recorded (``round_failed``: a party's own code raised
+    and it reported so), in order: party, round ("final" for the evaluation pass), phase and
+    the one-line summary as the aggregator shows it (the party's name first)."""
+    out: list[dict[str, Any]] = []
+    for info in agg.infos if agg is not None else []:
+        if info.get("what") != "round_failed":
+            continue
+        name, rnd = info.get("collaborator"), info.get("round")
+        final = isinstance(rnd, int) and isinstance(rounds, int) and rnd > rounds
+        out.append(
+            {
+                "collaborator": name,
+                "round": "final" if final else rnd,
+                "phase": info.get("phase"),
+                "summary": f"{name}: {info.get('summary')}",
+            }
+        )
+    return out
 
 
 def _extend(extent: list[float | None], span: dict[str, Any]) -> None:

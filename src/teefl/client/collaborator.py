@@ -35,7 +35,9 @@ from teefl.transport.client import (
 )
 from teefl.transport.grpc_client import GrpcClient
 from teefl.wire import codec, compression, roundconfig, teefl_pb2
+from teefl.wire.failure import failure_header
 from teefl.workload.api import check_layout
+from teefl.workload.failure import WorkloadFailure
 
 log = logging.getLogger("teefl.collaborator")
 
@@ -96,10 +98,14 @@ class Collaborator:
 
         A lost aggregator (restart, network drop) is not fatal: the collaborator rejoins with
         backoff for up to ``federation.reconnect_timeout`` seconds and carries on from the last
-        round it completed.
+        round it completed. The workload's own code raising is: see `_report_failure`.
         """
         t0 = time.monotonic()
-        self.model = self.trainer.setup()
+        try:
+            self.model = self.trainer.setup()
+        except WorkloadFailure as exc:  # before joining: nothing to report to, only the log
+            _log_failure(exc)
+            raise
         workload = getattr(self.trainer, "workload", None)
         self.session.workload_digest = getattr(workload, "digest", "") or ""
         #: the names that travel, where the workload sends a subset (LoRA adapters); else None
@@ -192,11 +198,50 @@ class Collaborator:
             except Stale as exc:  # the round closed (quorum) before we asked: wait for the next
                 log.warning("%s: %s; waiting for the next round", self.name, exc)
                 continue
-            if w.evaluate_only:
-                self._final(r)
-            else:
-                self._train_and_upload(r, rounds, roundconfig.from_proto(w.round_config))
+            try:
+                if w.evaluate_only:
+                    self._final(r)
+                else:
+                    self._train_and_upload(r, rounds, roundconfig.from_proto(w.round_config))
+            except WorkloadFailure as exc:
+                self._report_failure(r, w.evaluate_only, exc)
+                raise
             self.last = r
+
+    def _report_failure(self, r: int, evaluate_only: bool, exc: WorkloadFailure) -> None:
+        """The workload's code raised in round ``r``: its traceback goes to this party's log,
+        a failure report (`teefl.wire.failure`) to the aggregator, and the caller re-raises,
+        so the collaborator stops with the one line (exit code 2).
+
+        Why stop rather than carry on with the next round: code that raised once has left
+        this party's state unknown -- a half-trained model, a half-read file, a CUDA context
+        after an out-of-memory -- and a bug in it (a shape, a missing column) raises again
+        in every round, each a report that says nothing new. Its operator has to read the
+        traceback; the federation does not need it meanwhile: the aggregator counts this party
+        out of the round at once and out of the rest of the run until it joins again (a
+        restarted collaborator does), so the others go on under the quorum rules or the run
+        stops with this line -- without waiting for the round's timeout.
+
+        A report that cannot be delivered (the aggregator lost, the round already closed) is
+        logged; the collaborator stops all the same and the aggregator falls back on the
+        round's timeout."""
+        _log_failure(exc)
+        prefix = f"{exc.party or self.name}: "
+        summary = exc.summary.removeprefix(prefix)
+        if self.rec is not None:
+            self.rec.info("round_failed", round=r, phase=exc.phase, summary=summary)
+        header = failure_header(self.name, r, exc.phase, summary, evaluate_only)
+        try:
+            self.transport.handle(Report(header))
+        except (Stale, TeeflError, *LOSS_ERRORS) as err:
+            log.warning(
+                "%s: the failed round %d could not be reported to the aggregator: %s",
+                self.name,
+                r,
+                err,
+            )
+            return
+        log.info("%s: reported the failed round %d to the aggregator", self.name, r)
 
     def _final(self, r: int) -> None:
         """The evaluation pass: score the final model, report it (no update)."""
@@ -302,3 +347,12 @@ class Collaborator:
         with torch.no_grad():
             for k, v in state.items():
                 own[k].copy_(v)
+
+
+def _log_failure(exc: WorkloadFailure) -> None:
+    """The whole failure into this party's log: the one line, then the user code's traceback
+    (the aggregator and `teefl run` only ever see the line)."""
+    if exc.traceback:
+        log.error("%s\n%s", exc.summary, exc.traceback.rstrip())
+    else:
+        log.error("%s", exc.summary)

@@ -372,7 +372,16 @@ def _failure(p: Proc) -> str:
 
 
 def _watch(plan: Plan, run_dir: Path, procs: list[Proc], console: Console, show: bool) -> None:
-    """Drive progress bars from the aggregator's events until every process has exited."""
+    """Drive progress bars from the aggregator's events until every process has exited.
+
+    A collaborator whose own workload code raised reports the failed round and stops (exit
+    code 2). Once the aggregator has recorded that report (``round_failed``) its exit is the
+    run going on without it under the quorum rules: one line here, and the run ends when the
+    others do. Any other non-zero exit ends the run with one line: the aggregator's reason
+    (``run_failed``) where it gave one -- e.g. a failure that leaves no quorum -- else that
+    process's own error line."""
+    from rich.markup import escape
+
     rounds, n = plan.federation.rounds, len(plan.collaborators)
     tail = _EventTail(RunDir(run_dir).events())
     bars = Progress(
@@ -386,6 +395,8 @@ def _watch(plan: Plan, run_dir: Path, procs: list[Proc], console: Console, show:
         transient=False,
     )
     tasks: dict[int, int] = {}
+    counted_out: set[str] = set()  # processes of collaborators the aggregator counted out
+    reason: list[str] = []  # the aggregator's run_failed reason, once it gave one
 
     def task_for(r: int) -> int:
         if r not in tasks:
@@ -393,23 +404,37 @@ def _watch(plan: Plan, run_dir: Path, procs: list[Proc], console: Console, show:
             tasks[r] = bars.add_task(label, total=n, note="updates")
         return tasks[r]
 
+    def read_events() -> None:
+        for ev in tail.read():
+            what, r = ev.get("what"), ev.get("round")
+            if what == "update_accepted" and r:
+                bars.advance(task_for(r))
+            elif what == "round_closed" and r:
+                task_for(r + 1)
+            elif what == "refused":
+                bars.console.print(
+                    f"[red]refused {ev.get('collaborator')}: {ev.get('reason')}[/red]"
+                )
+            elif what == "round_failed":
+                name = str(ev.get("collaborator"))
+                counted_out.add(collaborator_process(name))
+                line = f"{name}: {ev.get('summary')}"  # printable, bounded: checked on arrival
+                bars.console.print(f"[red]{escape(line)}[/red]")
+            elif what == "run_failed" and not reason:
+                reason.append(str(ev.get("reason")))
+
     with bars:
         task_for(1)
         while True:
-            for ev in tail.read():
-                what, r = ev.get("what"), ev.get("round")
-                if what == "update_accepted" and r:
-                    bars.advance(task_for(r))
-                elif what == "round_closed" and r:
-                    task_for(r + 1)
-                elif what == "refused":
-                    bars.console.print(
-                        f"[red]refused {ev.get('collaborator')}: {ev.get('reason')}[/red]"
-                    )
-            codes = [p.popen.poll() for p in procs]
-            for p, code in zip(procs, codes, strict=True):
-                if code not in (None, 0):
-                    raise TeeflError(_failure(p))
-            if all(c == 0 for c in codes):
+            read_events()
+            ended = [(p, p.popen.poll()) for p in procs]
+            if any(c not in (None, 0) and p.name not in counted_out for p, c in ended):
+                # the aggregator records a report before it answers it (and a reason before
+                # it stops): what a process that just exited reported is in its events now
+                read_events()
+            for p, code in ended:
+                if code not in (None, 0) and p.name not in counted_out:
+                    raise TeeflError(reason[0] if reason else _failure(p))
+            if all(c == 0 or (c is not None and p.name in counted_out) for p, c in ended):
                 return
             time.sleep(POLL_S)

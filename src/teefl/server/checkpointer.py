@@ -95,6 +95,14 @@ class Checkpointer:
     def new_round(self) -> None:
         self.served = 0
 
+    def expect_downloads(self, members: int) -> None:
+        """How many downloads of each new model to give way to: fewer while parties are out
+        after a failure report (`Rounds.count_out`) -- they download nothing, and waiting for
+        them would hold every slice of every checkpoint for `give_way`'s 2 s."""
+        with self.quiet:
+            self.members = members
+            self.quiet.notify_all()
+
     def give_way(self) -> None:
         """Between two slices of a background checkpoint: wait while a model or an update is on
         the move (for at most 2 s, so a checkpoint is never starved for good): the writes'
@@ -161,13 +169,21 @@ class Checkpointer:
                 self._written()
 
 
-def write_metrics(run_dir: Path, label: int | str, received: dict[str, dict[str, Any]]) -> None:
-    """Append a round's metrics line: each member's numbers and their sample-weighted mean.
+def write_metrics(
+    run_dir: Path,
+    label: int | str,
+    received: dict[str, dict[str, Any]],
+    failed: dict[str, dict[str, str]] | None = None,
+) -> None:
+    """Append a round's metrics line: each member's numbers and their sample-weighted mean,
+    and (``failed``, when any) the members counted out by a failure report: phase and summary.
     A round closed again after a restart finds its line removed by `RoundStore.clean_up`."""
     total = sum(m["samples"] for m in received.values()) or 1
     keys = sorted({k for m in received.values() for k in m if k != "samples"})
     weighted = {
         k: sum(m.get(k, 0.0) * m["samples"] for m in received.values()) / total for k in keys
     }
-    line = {"round": label, "collaborators": received, "weighted": weighted}
+    line: dict[str, Any] = {"round": label, "collaborators": received, "weighted": weighted}
+    if failed:
+        line["failed"] = failed
     RunDir(run_dir).append_metrics(line)

@@ -186,11 +186,11 @@ class GrpcServicer(teefl_pb2_grpc.FederationServicer):
         try:
             peer = peer_of(context, h.collaborator)
             name = svc.identity.check(peer)
-            if svc.data_plane == "socket" and not h.evaluate_only:
+            if svc.data_plane == "socket" and not (h.evaluate_only or h.HasField("failure")):
                 raise svc.refuse(
                     peer,
                     "updates travel over the data plane (network.data_plane: socket); gRPC "
-                    "PutUpdate carries only the evaluation report",
+                    "PutUpdate carries only the evaluation report and failure reports",
                     "FAILED_PRECONDITION",
                 )
         except Refused as exc:
@@ -235,6 +235,10 @@ class GrpcServicer(teefl_pb2_grpc.FederationServicer):
     @staticmethod
     def _receive_upload(up: Upload, first, chunks) -> teefl_pb2.UpdateAck:
         h = up.h
+        if h.HasField("failure"):
+            if first.data or next(chunks, None) is not None:
+                raise UpdateRejected("a failure report must not carry a payload")
+            return up.failure()
         dup = up.open()
         if dup is not None:
             return dup

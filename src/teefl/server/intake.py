@@ -21,6 +21,7 @@ from teefl.store.rounds import RoundStore
 from teefl.store.staging import StagingArea
 from teefl.wire import codec, compression, teefl_pb2
 from teefl.wire.checks import UpdateRejected
+from teefl.wire.failure import checked_failure
 
 log = logging.getLogger("teefl.aggregator")
 
@@ -135,6 +136,37 @@ class Intake:
             return {"crc32c": crc}, True
         return ({"crc32c": crc} if crc is not None else {"sha256": sha256 or None}), False
 
+    # -- failure reports -----------------------------------------------------------------------
+    def report_failure(self, name: str, h: Any, token: bytes | None) -> teefl_pb2.UpdateAck:
+        """A failure report of ``name`` (already authenticated, as an update's sender is): its
+        form (`checked_failure`: no payload, bounded text), then under the round lock the
+        checks an update passes -- the session still its member's latest, the round open, the
+        evaluation pass as the header says -- and ``name`` is counted out of the round
+        (`Rounds.count_out`). A second report of the same round is a duplicate; a report for a
+        round that already holds the party's update (or is receiving it) is refused."""
+        phase, summary = checked_failure(h)
+        r, rnd = self.rounds, h.round
+        with r.cond:
+            if token is not None and not self.is_current(name, token):
+                raise SessionEnded(f"the session of {name} ended (a newer Join): not counted")
+            if rnd != r.round or r.done:
+                raise StaleUpdate(f"round {rnd} is not open (open round: {r.round})")
+            if h.evaluate_only != r.evaluating:
+                raise UpdateRejected(
+                    "failure report of the evaluation pass outside it, or vice versa"
+                )
+            if name in r.failures:
+                return teefl_pb2.UpdateAck(
+                    accepted=True, round=rnd, message="duplicate: already counted once"
+                )
+            if name in r.received or name in r.persisting or name in r.inflight:
+                raise UpdateRejected(
+                    f"round {rnd} holds (or is receiving) an update of {name}: a failure "
+                    "report cannot replace it"
+                )
+            r.count_out(name, phase, summary)
+        return teefl_pb2.UpdateAck(accepted=True, round=rnd, message="failure recorded")
+
     # -- store, count, add ---------------------------------------------------------------------
     def accept(
         self,
@@ -212,7 +244,7 @@ class Intake:
                 )
                 self.rec.info("update_accepted", collaborator=name, round=rnd)
                 log.info("round %d: update from %s (%d samples)", rnd, name, samples)
-                if len(r.received) == len(r.names):
+                if r.complete():
                     # closed right after this acknowledgement is sent: the update is already
                     # stored, and the uploader's time is not spent on our checkpoint
                     r.close_pending = True

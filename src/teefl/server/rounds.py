@@ -65,6 +65,12 @@ class Rounds:
         self.done = False
         self.failed: str | None = None
         self.received: dict[str, dict[str, Any]] = {}
+        #: parties counted out of the open round by their own failure report (their workload
+        #: code raised): name -> (phase, summary); emptied when the round closes
+        self.failures: dict[str, tuple[str, str]] = {}
+        #: parties that stopped after a failure report: out of every later round too, until
+        #: they join again (a collaborator stops after reporting: `Collaborator._report_failure`)
+        self.left: set[str] = set()
         self.told_done: set[str] = set()
         self.joined: set[str] = set()
         self.persisting: set[str] = set()  # updates being written to disk, not yet counted
@@ -93,6 +99,14 @@ class Rounds:
             self.failed = reason
             self.cond.notify_all()
 
+    def _fail_run(self, reason: str) -> None:
+        """End the run with ``reason`` (lock held): every long poll answers it, `supervise`
+        raises it, and the ``run_failed`` event lets `teefl run` show this line rather than
+        whichever process happened to exit first."""
+        self.failed = reason
+        self.rec.info("run_failed", round=self.round, reason=reason)
+        self.cond.notify_all()
+
     def made_durable(self, rnd: int) -> None:
         with self.cond:
             self.durable_round = max(self.durable_round, rnd)
@@ -107,6 +121,49 @@ class Rounds:
             if not self.joined:  # round 1's clock starts when the federation does
                 self.round_opened = time.monotonic()
             self.joined.add(name)
+            # back after a failure: in the rounds to come (not the one it failed in)
+            if name in self.left:
+                self.left.discard(name)
+                self._expect_downloads()
+
+    # -- who is in the open round --------------------------------------------------------------
+    def out(self) -> set[str]:
+        """The parties the open round does not wait for: they reported a failure in it, or in
+        an earlier round and have not joined since (lock held)."""
+        return set(self.failures) | self.left
+
+    def _expect_downloads(self) -> None:
+        """The checkpointer gives way to the downloads of the parties still in (lock held)."""
+        if self.checkpointer is not None:
+            self.checkpointer.expect_downloads(len(self.names) - len(self.left))
+
+    def complete(self) -> bool:
+        """Whether the open round can close now: every party has reported -- its update (its
+        evaluation report) or its failure -- and the quorum's updates are in (lock held)."""
+        everyone = set(self.names) <= set(self.received) | self.out()
+        return everyone and len(self.received) >= self.quorum
+
+    def count_out(self, name: str, phase: str, summary: str) -> None:
+        """``name`` reported that its own code failed in the open round (checked by
+        `Intake.report_failure`; lock held). It is out of this round and of every later one
+        until it joins again. The round closes at once when everyone else has reported; the
+        run fails now when the parties left cannot make the quorum (``min_collaborators``, or
+        everyone without it) -- waiting for the round's timeout could not change that."""
+        rnd, line = self.round, f"{name}: {summary}"
+        self.failures[name] = (phase, summary)
+        self.left.add(name)
+        self._expect_downloads()
+        log.warning("round %d: %s", rnd, line)
+        self.rec.info("round_failed", collaborator=name, round=rnd, phase=phase, summary=summary)
+        possible = len(self.names) - len(self.out())
+        if possible < self.quorum:
+            self._fail_run(
+                f"{line}; round {rnd} cannot reach its quorum: {possible} of {self.quorum} "
+                "required updates possible"
+            )
+        elif self.complete():
+            self.close_pending = True  # the reporter's answer first, then the close
+        self.cond.notify_all()
 
     def position(self, name: str) -> tuple[int, bool, int]:
         """(open round, whether ``name``'s update is in it, durable round), read together."""
@@ -125,7 +182,11 @@ class Rounds:
             # its upload was acknowledged) waits for the next one: nothing is counted twice
             return (
                 bool(self.done or self.failed)
-                or (self.round > after and name not in self.received)
+                or (
+                    self.round > after
+                    and name not in self.received
+                    and name not in self.failures  # out of this round: it reported a failure
+                )
                 or not current()  # its session ended (a newer Join)
             )
 
@@ -189,7 +250,7 @@ class Rounds:
         by round, as far as the stored updates go."""
         while self._close_open_round():
             self.replay()
-            if len(self.received) < len(self.names):
+            if not self.complete():
                 return
 
     def _close_open_round(self) -> bool:
@@ -235,14 +296,16 @@ class Rounds:
         self.round += 1
         ckpt.new_round()
         self.received = {}
+        self.failures = {}
         self.model.new_round(self.round, self.evaluating)
         self.round_opened = time.monotonic()
         self.cond.notify_all()
         return True
 
     def write_metrics(self, rnd: int) -> None:
-        """The closing round's metrics line (lock held)."""
-        write_metrics(self.run_dir, "final" if self.evaluating else rnd, self.received)
+        """The closing round's metrics line, with the failures reported in it (lock held)."""
+        failed = {n: {"phase": p, "summary": s} for n, (p, s) in sorted(self.failures.items())}
+        write_metrics(self.run_dir, "final" if self.evaluating else rnd, self.received, failed)
 
     # -- supervision ---------------------------------------------------------------------------
     def _cut_idle(self, now: float) -> None:
@@ -276,26 +339,29 @@ class Rounds:
                     continue
                 if self.inflight:  # transfers still moving bytes are not killed by the deadline
                     continue
-                missing = sorted(set(self.names) - set(self.received))
+                out = self.out()
+                missing = sorted(set(self.names) - set(self.received) - out)
                 if len(self.received) >= quorum and (self.received or self.evaluating):
                     log.warning(
-                        "round %d closed on timeout with %d of %d updates; missing: %s",
+                        "round %d closed on timeout with %d of %d updates; missing: %s%s",
                         self.round,
                         len(self.received),
                         len(self.names),
                         ", ".join(missing),
+                        f"; failed: {', '.join(sorted(out))}" if out else "",
                     )
                     self.rec.info("round_quorum", round=self.round, missing=missing)
                     self.close_round()
                     continue
-                self.failed = (
+                failed = f"; failed: {', '.join(sorted(out))}" if out else ""
+                self._fail_run(
                     f"round {self.round} timed out after {timeout:g} s with "
                     f"{len(self.received)} of {quorum} required updates; "
-                    f"missing: {', '.join(missing)}"
+                    f"missing: {', '.join(missing)}{failed}"
                 )
-                self.cond.notify_all()
                 raise TeeflError(self.failed)
-            # let every collaborator hear that the run is over (bounded)
+            # let every collaborator hear that the run is over (bounded); one that stopped
+            # after a failure report will not ask
             deadline = time.monotonic() + 10.0
-            while len(self.told_done) < len(self.names) and time.monotonic() < deadline:
+            while set(self.names) - self.told_done - self.left and time.monotonic() < deadline:
                 self.cond.wait(timeout=0.2)

@@ -112,6 +112,8 @@ class DataHandlers:
                 raise UpdateRejected("message carries unknown fields")
             if h.evaluate_only:
                 raise UpdateRejected("evaluation reports travel over gRPC (PutUpdate)")
+            if h.HasField("failure"):
+                raise UpdateRejected("failure reports travel over gRPC (PutUpdate)")
             try:
                 up.acquire()
             except Refused as exc:

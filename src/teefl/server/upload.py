@@ -140,6 +140,11 @@ class Upload:
             self.name, h.round, None, samples, metrics, None, self.t0, token=self.token
         )[0]
 
+    def failure(self) -> teefl_pb2.UpdateAck:
+        """A failure report (``Header.failure``, no payload): checked and counted out of its
+        round (`Intake.report_failure`). The transport has checked that no data followed."""
+        return self.intake.report_failure(self.name, self.h, self.token)
+
     def reject(self, exc: UpdateRejected) -> None:
         """Refused: nothing of it stays, and the refusal is logged and recorded."""
         if self.receiver is not None:

@@ -222,8 +222,9 @@ class MemoryTransport:
     def _put(
         self, svc: Service, header: teefl_pb2.Header, payload: Any, call: _Call
     ) -> teefl_pb2.UpdateAck:
-        """One update (or, ``payload`` None, the evaluation report), then the round's close
-        once every update is in -- as both adapters answer first and close after."""
+        """One update (or, ``payload`` None, the evaluation report or a failure report), then
+        the round's close once every update is in -- as both adapters answer first and close
+        after."""
         try:
             return self._upload(svc, header, payload, call)
         finally:
@@ -241,6 +242,10 @@ class MemoryTransport:
         moving = contextlib.ExitStack()  # entered once the update's bytes flow
         try:
             up.acquire()
+            if h.HasField("failure"):
+                if payload is not None:
+                    raise UpdateRejected("a failure report must not carry a payload")
+                return up.failure()
             dup = up.open()
             if dup is not None:
                 return dup

@@ -165,7 +165,7 @@ class ModelRequest(_message.Message):
     def __init__(self, collaborator: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class Header(_message.Message):
-    __slots__ = ("collaborator", "round", "total_size", "sha256", "num_samples", "metrics", "evaluate_only", "format", "crc32c", "encoding", "raw_size")
+    __slots__ = ("collaborator", "round", "total_size", "sha256", "num_samples", "metrics", "evaluate_only", "format", "crc32c", "encoding", "raw_size", "failure")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,7 @@ class Header(_message.Message):
     CRC32C_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     collaborator: str
     round: int
     total_size: int
@@ -195,7 +196,16 @@ class Header(_message.Message):
     crc32c: int
     encoding: str
     raw_size: int
-    def __init__(self, collaborator: _Optional[str] = ..., round: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., evaluate_only: _Optional[bool] = ..., format: _Optional[str] = ..., crc32c: _Optional[int] = ..., encoding: _Optional[str] = ..., raw_size: _Optional[int] = ...) -> None: ...
+    failure: RoundFailure
+    def __init__(self, collaborator: _Optional[str] = ..., round: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., evaluate_only: _Optional[bool] = ..., format: _Optional[str] = ..., crc32c: _Optional[int] = ..., encoding: _Optional[str] = ..., raw_size: _Optional[int] = ..., failure: _Optional[_Union[RoundFailure, _Mapping]] = ...) -> None: ...
+
+class RoundFailure(_message.Message):
+    __slots__ = ("phase", "summary")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    summary: str
+    def __init__(self, phase: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("header", "data", "offset")

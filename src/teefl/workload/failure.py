@@ -14,12 +14,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from teefl.errors import TeeflError
+from teefl.wire.failure import SUMMARY_LIMIT  # the longest summary the aggregator accepts
 from teefl.workload.api import check_metrics
 
 R = TypeVar("R")
-
-#: longest summary sent to the aggregator (it travels in a gRPC status or metrics field)
-SUMMARY_LIMIT = 400
 
 
 class WorkloadFailure(TeeflError):

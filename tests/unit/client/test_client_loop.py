@@ -300,3 +300,79 @@ def test_backoff_doubles_to_its_cap_and_starts_over_after_contact() -> None:
 )
 def test_status_codes_map_to_neutral_errors(code: str, details: str, kind: type) -> None:
     assert type(status_error(code, details, "col1")) is kind
+
+
+# -- the workload's own code raising ----------------------------------------------------------
+class RaisingTrainer(CountingTrainer):
+    """Trains like `CountingTrainer`, but the user's code raises in round ``at`` (turned into a
+    `WorkloadFailure` by `run_metrics`, as `LoadedWorkload.train` does)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def train_round(self, model, r, config, span):
+        from teefl.workload.failure import run_metrics
+
+        if r == self.at:
+
+            def train() -> dict:
+                raise RuntimeError("shape\x1b[2J mismatch\nin layer 3")
+
+            run_metrics(train, ref="./task.py:Task", phase="train", party="col1", round=r)
+        return super().train_round(model, r, config, span)
+
+
+def _raising(tmp_path: Path, at: int) -> tuple[Collaborator, FakeAggregator, RaisingTrainer]:
+    trainer = RaisingTrainer(at)
+    agg = FakeAggregator(trainer.setup())
+    col = Collaborator(
+        PLAN, "col1", "mock:1", tmp_path, trainer=trainer, transport=MockTransport(agg)
+    )
+    return col, agg, trainer
+
+
+def test_a_raising_workload_reports_its_failed_round_logs_the_traceback_and_stops(
+    tmp_path, caplog
+) -> None:
+    from teefl.workload.failure import WorkloadFailure
+
+    col, agg, trainer = _raising(tmp_path, at=2)
+    with (
+        caplog.at_level("INFO", logger="teefl.collaborator"),
+        pytest.raises(WorkloadFailure) as err,
+    ):
+        col.run()
+    line = str(err.value)
+    assert line.startswith("col1: workload ./task.py:Task failed in train (round 2): RuntimeError")
+    assert "\n" not in line
+    # the round before was sent; nothing was sent for round 2 but the report, nothing after it
+    assert [r for r, _, _ in agg.uploads] == [1] and trainer.trained == [1]
+    (report,) = agg.reports
+    assert report.round == 2 and report.HasField("failure") and not report.evaluate_only
+    assert report.failure.phase == "train"
+    # without the name (the aggregator puts the authenticated one in front), one printable line
+    assert report.failure.summary == line.removeprefix("col1: ").replace("\x1b", "\\x1b")
+    assert report.failure.summary.isprintable()
+    assert not (report.total_size or report.num_samples or report.metrics or report.sha256)
+    requests = col.transport.requests  # type: ignore[attr-defined]
+    assert isinstance(requests[-1], Report) and col.transport.closed  # type: ignore[attr-defined]
+    # the whole traceback is in this party's log
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Traceback (most recent call last)" in logged and "in layer 3" in logged
+    assert "reported the failed round 2" in logged
+    events = (tmp_path / "events" / "collaborator-col1.jsonl").read_text()
+    assert '"round_failed"' in events
+
+
+def test_a_failure_report_that_cannot_be_delivered_still_stops_with_the_line(
+    tmp_path, caplog
+) -> None:
+    from teefl.workload.failure import WorkloadFailure
+
+    col, agg, _ = _raising(tmp_path, at=1)
+    agg.fail[(Report, 0)] = Lost("UNAVAILABLE: the aggregator is gone")
+    with caplog.at_level("WARNING", logger="teefl.collaborator"), pytest.raises(WorkloadFailure):
+        col.run()
+    assert agg.reports == [] and agg.uploads == []
+    assert "could not be reported to the aggregator" in caplog.text

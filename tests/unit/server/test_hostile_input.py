@@ -510,6 +510,43 @@ def test_an_upload_cut_as_idle_is_answered_and_closed(agg: Aggregator) -> None:
     assert not any(e.get("what") == "update_broken" for e in events)
 
 
+def test_a_failure_report_cannot_forge_a_log_line_nor_carry_data(agg: Aggregator) -> None:
+    """A failure report (``Header.failure``) carries the other party's text: refused unless it
+    is one printable line within the limit, and refused with anything of an update; it travels
+    over gRPC only. None of these counts the party out of its round."""
+    _, token = agg.join("col1")
+    stub, md = agg.stub("col1"), agg.md("col1")
+
+    def report(summary: str, **over) -> teefl_pb2.Header:
+        failure = teefl_pb2.RoundFailure(phase="train", summary=summary)
+        return teefl_pb2.Header(collaborator="col1", round=1, failure=failure, **over)
+
+    def refused(stream: list, fault: str) -> None:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PutUpdate(iter(stream), timeout=30, metadata=md)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert fault in err.value.details() and "\n" not in err.value.details()
+
+    def attack() -> None:
+        refused([teefl_pb2.Chunk(header=report("x\n" + FORGED))], "not one printable line")
+        refused([teefl_pb2.Chunk(header=report("A" * 1_000_000))], "exceeds 400")
+        refused([teefl_pb2.Chunk(header=report("x", num_samples=9))], "carries no payload")
+        stream = [teefl_pb2.Chunk(header=report("x")), teefl_pb2.Chunk(data=b"1234", offset=0)]
+        refused(stream, "must not carry a payload")
+        with agg.connect("col1", token) as s:  # the data plane takes updates only
+            framing.send_frame(s, framing.PUT, report("x").SerializeToString())
+            with pytest.raises(framing.RemoteError) as err:
+                framing.expect(s, framing.GO)
+            assert "failure reports travel over gRPC" in err.value.message
+
+    log, events = _since(agg, attack)
+    _no_traceback(log)
+    assert not any(line.startswith(FORGED[:40]) for line in log.splitlines())
+    assert all(len(line) < 1000 for line in log.splitlines())
+    assert [e.get("what") for e in events] == ["update_rejected"] * 5
+    assert not any(e.get("what") in ("round_failed", "run_failed") for e in agg.events())
+
+
 @pytest.mark.parametrize("method", ["Challenge", "Join", "WaitRound", "GetModel", "PutUpdate"])
 def test_grpc_requests_that_are_not_their_message(agg: Aggregator, method: str) -> None:
     """Bytes that do not parse as the RPC's message: INVALID_ARGUMENT naming it, an event, and
