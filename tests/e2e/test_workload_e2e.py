@@ -214,6 +214,7 @@ def test_a_workload_raising_in_train(tmp_path, quorum) -> None:
             {"collaborator": "col3", "round": 2, "phase": "train", "summary": line}
         ]
         assert info["status"] == "completed" and summary["rounds_completed"] == 3
+        assert f"failed: {line}" in res.stdout  # under the summary table too
         metrics = {m["round"]: m for m in read_jsonl(run / "metrics.jsonl")}
         assert sorted(metrics[2]["collaborators"]) == ["col1", "col2"]
         assert list(metrics[2]["failed"]) == ["col3"]

@@ -98,4 +98,8 @@ def print_summary(summary: dict[str, Any], console: Console, run_dir: Path) -> N
         f"final model accuracy: [bold]{'-' if acc is None else f'{100 * acc:.2f} %'}[/bold]   "
         f"transport: {(summary.get('config') or {}).get('transport', '-')}"
     )
+    from rich.markup import escape
+
+    for failure in summary.get("failures") or []:  # the party's text: no markup of its own
+        console.print(f"[red]failed:[/red] {escape(str(failure.get('summary')))}")
     console.print(f"run directory: {run_dir}")
