@@ -241,10 +241,10 @@ def _bad_streams(good: dict[str, torch.Tensor]) -> dict[str, tuple[list, str]]:
 @pytest.mark.slow
 def test_bad_updates_are_refused_and_others_unaffected(tmp_path: Path) -> None:
     # each round waits round_timeout for col3, which never sends a good update; col1 and col2
-    # (45 s: two collaborators started at once took 20 s to join on this 2-core VM under load)
     # start with the aggregator, so their start-up (~10 s of imports on a slow host) runs while
-    # col3 probes, inside round 1's window; the gRPC streams: only there does a peer shape the
-    # update's messages itself
+    # col3 probes, inside round 1's window (45 s: two collaborators started at once took 20 s to
+    # join on a loaded 2-core VM); the gRPC streams: only there does a peer shape the update's
+    # messages itself
     plan = _plan(tmp_path, {"data_plane": "grpc"}, rounds=1, min_collaborators=2, round_timeout=45)
     parties = Parties(plan, tmp_path / "run", tmp_path / "procs.log")
     port = __import__("yaml").safe_load(plan.read_text())["network"]["port"]
