@@ -401,21 +401,32 @@ class RateLimiter:
 
 
 def write_verdict(run_dir: Path, party: str, record: dict[str, Any]) -> None:
-    """Keep every verdict (accepted or refused) in the run: ``attestation/<party>.json``."""
+    """Keep every verdict (accepted or refused) in the run: ``attestation/<party>.json``.
+
+    Under an exclusive lock of the file: the collaborators of one run directory (``teefl run``)
+    all append to ``aggregator.json``, at the same instant when they re-attest together, and a
+    read that met another writer's truncated file used to start the list over."""
+    import fcntl
+
     from teefl.rundir import RunDir
-    from teefl.runfiles import private_dir, write_private
+    from teefl.runfiles import open_private, private_dir
 
     rd = RunDir(run_dir)
     private_dir(rd.attestation_dir)
-    path = rd.verdicts(party)
-    history = []
-    if path.exists():
+    fd = open_private(rd.verdicts(party), os.O_RDWR | os.O_CREAT)
+    with os.fdopen(fd, "r+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        history = []
         try:
-            history = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            history = json.loads(fh.read().decode("utf-8") or "[]")
+        except (UnicodeDecodeError, json.JSONDecodeError):
             history = []
-    history.append(record)
-    write_private(path, json.dumps(history, indent=2, default=str) + "\n")
+        if not isinstance(history, list):
+            history = []
+        history.append(record)
+        fh.seek(0)
+        fh.truncate()
+        fh.write((json.dumps(history, indent=2, default=str) + "\n").encode("utf-8"))
 
 
 def fetch_server_certificate(address: str, timeout: float = 10.0) -> bytes:
