@@ -156,6 +156,36 @@ class SnpCollateralSpec(Strict):
     require_crl: bool = False
 
 
+class ReattestSpec(Strict):
+    """How long an accepted attestation lasts before the party must attest again, with fresh
+    evidence for a fresh nonce (``security.attestation.reattest_every``): ``rounds: N`` -- an
+    attestation accepted while round r is open covers rounds r .. r+N-1; ``seconds: S`` -- it
+    covers every round handed to the party within S seconds of it. Exactly one of the two.
+
+    Why not a bare number: "2" reads as rounds to one user and as seconds to another, and a
+    wrong guess silently weakens (or floods) the check.
+    """
+
+    rounds: int | None = Field(None, ge=1, strict=True)
+    seconds: float | None = Field(None, gt=0, strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_bare_number(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"write {{rounds: N}} or {{seconds: S}}, not {data!r} (a bare number could mean "
+                "either)"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ReattestSpec:
+        if (self.rounds is None) == (self.seconds is None):
+            raise ValueError("give exactly one of rounds or seconds")
+        return self
+
+
 class AttestationSpec(Strict):
     """Who must prove its TEE, with which evidence, judged by which policy.
 
@@ -182,6 +212,9 @@ class AttestationSpec(Strict):
     snp: SnpCollateralSpec = SnpCollateralSpec()
     #: what each role's evidence must show (see teefl.security.tee.policy.Policy)
     policies: AttestationPolicies = AttestationPolicies()
+    #: attest again during the run: ``{rounds: N}`` or ``{seconds: S}`` (None: at Join only);
+    #: each required role produces fresh evidence for a fresh nonce at that cadence
+    reattest_every: ReattestSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -204,6 +237,10 @@ class AttestationSpec(Strict):
                     f"policies.{key}.allow_simulated needs allow_simulated: true beside it "
                     "(simulated evidence is for tests and demos only)"
                 )
+        if self.reattest_every is not None and not self.enabled:
+            raise ValueError(
+                "reattest_every needs attestation: set collaborators or aggregator to required"
+            )
         return self
 
     @property
