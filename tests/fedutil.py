@@ -146,13 +146,16 @@ class Parties:
             env,
         )
 
-    def collaborator(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def collaborator(
+        self, name: str, env: dict[str, str] | None = None, plan: Path | None = None
+    ) -> subprocess.Popen:
+        """``plan``: this party's own copy of the plan (host-local fields may differ)."""
         return self._start(
             name,
             [
                 "collaborator",
                 "--plan",
-                str(self.plan),
+                str(plan or self.plan),
                 "--name",
                 name,
                 "--run-dir",

@@ -34,7 +34,15 @@ from fedutil import (
     workload_digest_of,
     write_plan,
 )
-from identutil import attested_plan_data, channel, model_bytes, secure_plan, sim_key
+from identutil import (
+    attested_plan_data,
+    channel,
+    live_aggregator,
+    model_bytes,
+    secure_plan,
+    sim_key,
+)
+from teefl.errors import TeeflError
 from teefl.plan import load_plan
 from teefl.security import attest, certificates, session
 from teefl.security.tee.simulated import SimulatedProvider
@@ -209,3 +217,158 @@ def test_restarted_attested_aggregator_is_verified_and_pinned_again(tmp_path: Pa
         joins = json.loads((run / "attestation" / f"collaborator-{name}.json").read_text())
         assert sum(v["accepted"] for v in joins) >= 2
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+# -- re-attestation during a run (security.attestation.reattest_every) --------------------------
+def _verdicts(run: Path, party: str) -> list[dict]:
+    return json.loads((run / "attestation" / f"{party}.json").read_text())
+
+
+@pytest.mark.slow
+def test_reattestation_uses_fresh_nonces_and_drops_a_party_whose_evidence_stops_verifying(
+    tmp_path: Path,
+) -> None:
+    """``reattest_every: {rounds: 2}``, both roles attested, 4 rounds: every party attests at
+    rounds 1, 3 and the evaluation pass (5), each time for a fresh nonce. col3's platform key
+    is gone after its first Join (the test deletes its copy), so its evidence at round 3 is
+    signed by a key the policy does not pin: it is refused, dropped from round 3 (told why,
+    its session ended: no model byte of round 3, no update) and col1 and col2 finish -- round 3
+    closes on their updates, not on round_timeout."""
+    plan_path, data, _ = secure_plan(
+        tmp_path,
+        attested=True,
+        collaborators=3,
+        # round_timeout long: a round closed by the timeout would show as round_quorum
+        federation={"rounds": 4, "min_collaborators": 2, "round_timeout": 300},
+    )
+    data["security"]["attestation"]["reattest_every"] = {"rounds": 2}
+    write_plan(plan_path, data)
+    # col3's own plan copy: the same plan but for the (host-local) simulated key file
+    key3 = tmp_path / "col3-sim.pem"
+    key3.write_bytes(sim_key(tmp_path).read_bytes())
+    key3.chmod(0o600)
+    data3 = json.loads(json.dumps(data))
+    data3["security"]["attestation"]["simulated_key"] = str(key3)
+    plan3 = write_plan(tmp_path / "plan-col3.yaml", data3)
+    run = tmp_path / "run"
+    parties = Parties(plan_path, run, tmp_path / "procs.log")
+    try:
+        parties.aggregator()
+        parties.wait_running()
+        parties.collaborator("col1")
+        parties.collaborator("col2")
+        col3 = parties.collaborator("col3", plan=plan3)
+        parties.wait_event(
+            lambda e: (
+                e.get("phase") == "attest"
+                and e.get("collaborator") == "col3"
+                and e.get("accepted") is True
+            )
+        )
+        key3.unlink()  # col3's next evidence is signed by a fresh key of its provider
+        for who in ("aggregator", "col1", "col2"):
+            rc = parties.procs[who].wait(timeout=300)
+            assert rc == 0, f"{who} exited {rc}:\n" + parties.log.read_text()[-4000:]
+        assert col3.wait(timeout=60) == 2
+    finally:
+        parties.stop()
+    log = parties.log.read_text()
+    assert (
+        "col3 leaves the run: re-attestation before round 3 failed: aggregator refused col3: "
+        in log
+    ), log[-4000:]
+    assert "not in policy simulated_keys" in log
+    # fresh evidence for a fresh nonce every time, in both directions
+    for name in ("col1", "col2"):
+        mine = _verdicts(run, f"collaborator-{name}")
+        assert [(v["accepted"], v["round"], v["reattest"]) for v in mine] == [
+            (True, 1, False),
+            (True, 3, True),
+            (True, 5, True),
+        ], mine
+        assert len({v["nonce"] for v in mine}) == 3
+    refused = _verdicts(run, "collaborator-col3")
+    assert [(v["accepted"], v["round"], v["reattest"]) for v in refused] == [
+        (True, 1, False),
+        (False, 3, True),
+    ]
+    assert "not in policy simulated_keys" in refused[1]["reason"]
+    checks = _verdicts(run, "aggregator")  # each collaborator's checks of the aggregator
+    assert all(c["accepted"] for c in checks)
+    assert sorted(c["collaborator"] for c in checks) == ["col1"] * 3 + ["col2"] * 3 + ["col3"] * 2
+    assert len({c["nonce"] for c in checks}) == len(checks)
+    # col3 in rounds 1 and 2 only; the others finish without waiting for it
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [(m["round"], sorted(m["collaborators"])) for m in metrics] == [
+        (1, ["col1", "col2", "col3"]),
+        (2, ["col1", "col2", "col3"]),
+        (3, ["col1", "col2"]),
+        (4, ["col1", "col2"]),
+        ("final", ["col1", "col2"]),
+    ]
+    events = read_jsonl(run / "events" / "aggregator.jsonl")
+    dropped = [e for e in events if e.get("what") == "dropped"]
+    assert [(e["collaborator"], e["round"]) for e in dropped] == [("col3", 3)]
+    assert not [e for e in events if e.get("what") == "round_quorum"]
+    served = {
+        e["round"]
+        for e in events
+        if e.get("phase") == "serve_download" and e.get("collaborator") == "col3"
+    }
+    assert served == {1, 2}  # no model byte of round 3
+    renewals = [
+        e for e in events if e.get("phase") == "attest" and e.get("reattest") and "round" in e
+    ]
+    assert len(renewals) == 5  # col1, col2 at rounds 3 and 5; col3 at round 3 (refused)
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+class _Flipping:
+    """The aggregator's evidence source: the real (simulated) one at the first Challenge, then
+    one whose measurement the collaborators' policy does not allow."""
+
+    def __init__(self, good, bad) -> None:
+        self.good, self.bad, self.calls = good, bad, 0
+
+    def get_evidence(self, report_data: bytes):
+        self.calls += 1
+        return (self.good if self.calls == 1 else self.bad).get_evidence(report_data)
+
+
+@pytest.mark.slow
+def test_a_collaborator_stops_when_the_aggregators_fresh_evidence_fails(tmp_path: Path) -> None:
+    """``reattest_every: {rounds: 1}`` with the aggregator's attestation: before round 2 the
+    collaborator Challenges again, the aggregator's fresh evidence shows another MRTD, and the
+    collaborator leaves the run saying why -- it asks for no model of round 2."""
+    from teefl.client.collaborator import Collaborator
+
+    plan_path, data, _ = secure_plan(
+        tmp_path, attested="aggregator", collaborators=["col1"], federation={"rounds": 2}
+    )
+    data["security"]["attestation"]["reattest_every"] = {"rounds": 1}
+    data["network"]["data_plane"] = "grpc"
+    write_plan(plan_path, data)
+    plan = load_plan(plan_path)
+    with live_aggregator(plan_path, tmp_path / "run") as (agg, port):
+        bad = SimulatedProvider(
+            allow_simulated=True, key_file=sim_key(tmp_path), measurements={"mrtd": b"\x66" * 48}
+        )
+        agg.identity.provider = _Flipping(agg.identity.provider, bad)
+        col = Collaborator(plan, "col1", f"127.0.0.1:{port}", tmp_path / "run")
+        with pytest.raises(TeeflError) as err:
+            col.run()
+        assert agg.round == 2 and agg.received == {}
+    assert str(err.value).startswith(
+        "col1 leaves the run: re-attestation before round 2 failed: aggregator attestation failed: "
+    )
+    assert "MRTD 666666" in str(err.value)
+    checks = _verdicts(tmp_path / "run", "aggregator")
+    assert [(c["accepted"], c["round"], c["reattest"]) for c in checks] == [
+        (True, 1, False),
+        (False, 2, True),
+    ]
+    assert checks[0]["nonce"] != checks[1]["nonce"]
+    events = read_jsonl(tmp_path / "run" / "events" / "collaborator-col1.jsonl")
+    assert [e["round"] for e in events if e.get("phase") == "download"] == [1]
+    renewals = [e for e in events if e.get("phase") == "attest" and e.get("reattest")]
+    assert [(e["round"], e["accepted"]) for e in renewals] == [(2, False)]

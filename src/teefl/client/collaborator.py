@@ -29,6 +29,7 @@ from teefl.transport.client import (
     ClientTransport,
     GetModel,
     PutUpdate,
+    Reattest,
     Report,
     Stale,
     WaitRound,
@@ -116,15 +117,21 @@ class Collaborator:
         try:
             self.session.connect(60.0)
             t_conn = time.monotonic()
+            renew: Reattest | None = None  # why the next Join renews our attestation
             while True:
                 try:
-                    reply = self.session.join()
-                    self._joined(reply, t0, t_data, t_conn)
+                    reply = self._join(renew, t_conn)
+                    self._joined(reply, t0, t_data, t_conn, renew)
                     assert self.rec is not None
                     self.last = self.session.resync(reply, self.last, self.rec)
                     self._loop(reply.rounds)
                     return reply.run_id
+                except Reattest as exc:  # reattest_every: fresh evidence now, no backoff
+                    log.info("%s: attesting again before round %d: %s", self.name, exc.round, exc)
+                    renew = exc
+                    t_conn = time.monotonic()
                 except LOSS_ERRORS as exc:  # whatever broke the connection: rejoin
+                    renew = None
                     self.session.lost(exc, self.rec)
                     t_conn = time.monotonic()
         finally:
@@ -132,7 +139,43 @@ class Collaborator:
             if self.rec is not None:
                 self.rec.close()
 
-    def _joined(self, reply: teefl_pb2.JoinReply, t0: float, t_data: float, t_conn: float) -> None:
+    def _join(self, renew: Reattest | None, t_conn: float) -> teefl_pb2.JoinReply:
+        """The session's Join. A re-attestation that fails (our evidence refused, or the
+        aggregator's no longer verifying) is recorded as a refused ``attest`` span, and the run
+        ends with one line saying so: the aggregator has ended our session, so no model byte
+        comes to us and no update of ours is taken."""
+        if renew is None:
+            return self.session.join()
+        try:
+            return self.session.join(reattest=renew.round)
+        except TeeflError as exc:
+            if self.rec is not None:
+                self.rec.record(
+                    "attest",
+                    t_conn,
+                    time.monotonic(),
+                    round=self._span_round(renew),
+                    reattest=True,
+                    accepted=False,
+                    reason=str(exc),
+                )
+            raise TeeflError(
+                f"{self.name} leaves the run: re-attestation before round {renew.round} "
+                f"failed: {exc}"
+            ) from None
+
+    def _span_round(self, renew: Reattest) -> int | None:
+        """The training round a re-attestation belongs to (None for the evaluation pass)."""
+        return renew.round if 0 < renew.round <= self.plan.federation.rounds else None
+
+    def _joined(
+        self,
+        reply: teefl_pb2.JoinReply,
+        t0: float,
+        t_data: float,
+        t_conn: float,
+        renew: Reattest | None = None,
+    ) -> None:
         """The Join's events; the first one also opens the event file and writes env."""
         t_join = time.monotonic()
         # with attestation, Join carries the evidence: the whole exchange is `attest`
@@ -143,6 +186,10 @@ class Collaborator:
             self.rec.record("connect", t_data, t_conn)
             self.rec.record(phase, t_conn, t_join)
             self._write_env(reply.run_id)
+        elif renew is not None:  # part of the round it renews the attestation for
+            self.rec.record(
+                phase, t_conn, t_join, round=self._span_round(renew), reattest=True, accepted=True
+            )
         else:
             self.rec.record(phase, t_conn, t_join, rejoin=True)
         self.session.joined()
@@ -183,6 +230,11 @@ class Collaborator:
                 log.info("%s: run complete", self.name)
                 return
             r = w.round
+            # reattest_every: the aggregator's word on our evidence, ours on its evidence
+            if w.reattest:
+                raise Reattest("the aggregator asks for fresh evidence", r)
+            if self.session.recheck_due(r):
+                raise Reattest("the aggregator's evidence is due for a fresh check", r)
             if not w.evaluate_only and self.session.resend(r, rec):
                 self.last = r  # a restarted aggregator reopened a round we had sent
                 continue

@@ -21,6 +21,7 @@ from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
 from teefl.security import attest
 from teefl.security import session as session_keys
+from teefl.security.reattest import Attested, Cadence
 from teefl.security.tls_diagnosis import split_target
 from teefl.transport.client import (
     Challenge,
@@ -88,11 +89,16 @@ class Session:
     ) -> None:
         self.plan, self.name, self.address, self.run_dir = plan, name, address, Path(run_dir)
         self.transport, self.keeper, self.session_key = transport, keeper, session_key
-        self.sleep = sleep
+        self.sleep, self.clock = sleep, clock
         self.backoff = Backoff(plan.federation.reconnect_timeout, clock)
         att = plan.security.attestation
         # an unpinned policy stops us here, at start
         self.verifier = attest.Verifier(att, "aggregator") if att.aggregator == "required" else None
+        #: how long our check of the aggregator's evidence lasts (None: the whole session)
+        self.cadence = Cadence.of(att) if self.verifier is not None else None
+        #: our last accepted check of the aggregator's evidence (its aggregator attestation)
+        self.checked: Attested | None = None
+        self._renewing = 0  # the round the Join under way re-attests for (0: none)
         #: what this collaborator runs with: compared with the aggregator's at every Join and,
         #: with attestation, bound into the evidence of both
         self.sections = attest.config_sections(plan)
@@ -112,15 +118,24 @@ class Session:
         """The first contact: waits up to ``patience`` seconds for the aggregator."""
         self.pin = self.transport.handle(Connect(patience))
 
-    def join(self) -> teefl_pb2.JoinReply:
-        """(Reconnect,) attest and join; opens the session's model traffic."""
+    def join(self, reattest: int = 0) -> teefl_pb2.JoinReply:
+        """(Reconnect,) attest and join; opens the session's model traffic. ``reattest``: the
+        round this Join renews the attestation for (``reattest_every``; 0: a first Join or a
+        rejoin after a loss) -- recorded with the verdict."""
+        self._renewing = reattest
         self.pin = self.transport.handle(Connect())  # nothing to do unless dropped after a loss
         evidence: dict[str, Any] = {}
+        checked_at = None
         if self.plan.security.attestation.enabled:
             evidence = self._attest()
-        reply = self.transport.handle(
-            Join(self.sections, workload_digest=self.workload_digest, **evidence)
-        )
+            checked_at = self.clock()
+        try:
+            reply = self.transport.handle(
+                Join(self.sections, workload_digest=self.workload_digest, **evidence)
+            )
+        except BaseException:
+            self.joined()  # the aggregator's evidence was checked all the same: on record
+            raise
         differ = attest.differing_sections(self.sections, dict(reply.plan_sections))
         if differ:
             raise TeeflError(
@@ -129,7 +144,18 @@ class Session:
             )
         self.transport.handle(Open(reply, self.aggregator_key))
         self.backoff.reset()
+        if self._verdict is not None:  # the aggregator's evidence was checked for this Join
+            self._verdict["round"] = reply.current_round
+            assert checked_at is not None
+            self.checked = Attested(reply.current_round, checked_at)
         return reply
+
+    def recheck_due(self, rnd: int) -> bool:
+        """Must the aggregator's evidence be checked again (Challenge and Join) before this
+        collaborator takes part in round ``rnd``? (``reattest_every``, `reattest.Cadence`.)"""
+        if self.cadence is None or self.checked is None:
+            return False
+        return not self.cadence.admit(self.checked, rnd, self.clock())
 
     def joined(self) -> None:
         """After the Join's events are written: the aggregator's verdict, and a log line."""
@@ -203,7 +229,14 @@ class Session:
     def _check_aggregator(self, reply: teefl_pb2.ChallengeReply, my_nonce: bytes) -> None:
         tls = self.plan.security.tls
         assert tls.ca is not None and self.pin is not None
-        record: dict[str, Any] = {"address": self.address, "t_wall": time.time()}
+        record: dict[str, Any] = {
+            "collaborator": self.name,  # every collaborator of a run writes this file
+            "address": self.address,
+            "t_wall": time.time(),
+            "round": self._renewing or None,  # the Join's open round, once it is known
+            "reattest": bool(self._renewing),
+            "nonce": my_nonce.hex(),
+        }
         try:
             differ = attest.differing_sections(self.sections, dict(reply.plan_sections))
             if differ:

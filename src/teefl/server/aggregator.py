@@ -265,7 +265,7 @@ class Aggregator:
         with r.cond:
             # crashed between the last acknowledgement and the close, or before the checkpoint
             # of a closed round was durable: close again from the stored updates, round by round
-            if len(r.received) == len(r.names):
+            if r.complete():
                 r.close_round()
         # what one collaborator may hold at once: one long poll (a newer one ends the older)
         # and one upload (the evaluation report, and updates over gRPC), plus one download when

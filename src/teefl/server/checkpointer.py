@@ -97,8 +97,9 @@ class Checkpointer:
 
     def expect_downloads(self, members: int) -> None:
         """How many downloads of each new model to give way to: fewer while parties are out
-        after a failure report (`Rounds.count_out`) -- they download nothing, and waiting for
-        them would hold every slice of every checkpoint for `give_way`'s 2 s."""
+        after a failure report (`Rounds.count_out`) or dropped for their evidence
+        (`Rounds.exclude`) -- they download nothing, and waiting for them would hold every
+        slice of every checkpoint for `give_way`'s 2 s."""
         with self.quiet:
             self.members = members
             self.quiet.notify_all()

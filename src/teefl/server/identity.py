@@ -31,8 +31,9 @@ from teefl.security.peer_identity import (
     IdentityError,
     check_client_certificate,
 )
+from teefl.security.reattest import Attested, Cadence
 from teefl.security.session import SessionCA
-from teefl.transport.base import Peer, Refused
+from teefl.transport.base import REATTEST_DUE, Peer, Refused
 from teefl.wire import peerinput
 
 log = logging.getLogger("teefl.aggregator")
@@ -49,6 +50,8 @@ class Session:
     cert_sha256: bytes | None = None
     calls: set[Any] = field(default_factory=set)  # handles of its calls in flight
     conns: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # its data connections
+    #: the attestation accepted at that Join (collaborators' attestation), else None
+    attested: Attested | None = None
 
 
 class Identity:
@@ -97,6 +100,9 @@ class Identity:
             attest.Verifier(att, "collaborator") if att.collaborators == "required" else None
         )
         self.session_ca = SessionCA() if self.verifier is not None else None
+        #: how long a collaborator's accepted attestation lasts (None: the whole session)
+        self.cadence = Cadence.of(att) if self.verifier is not None else None
+        self.clock = time.monotonic  # what attestations are timed by (tests move it)
         self.revoked: frozenset[int] = frozenset()
         if transport != "none" and tls.crl is not None:
             assert tls.ca is not None  # require_transport
@@ -175,11 +181,51 @@ class Identity:
         log.info("session of %s ended: %s", name, why)
         self.rec.info("session_ended", collaborator=name, reason=why)
 
-    def open_session(self, name: str, cert_sha256: bytes | None = None) -> Session:
-        session = Session(name, os.urandom(32), cert_sha256)
+    def open_session(
+        self, name: str, cert_sha256: bytes | None = None, attested: Attested | None = None
+    ) -> Session:
+        session = Session(name, os.urandom(32), cert_sha256, attested=attested)
         with self.lock:
             self.sessions[name] = session
         return session
+
+    def attested_session(self, name: str) -> bool:
+        """Whether ``name`` holds a session whose evidence was accepted (a Join now renews it)."""
+        with self.lock:
+            session = self.sessions.get(name)
+        return session is not None and session.attested is not None
+
+    # -- re-attestation (security.attestation.reattest_every) ----------------------------------
+    def admit(self, name: str, rnd: int) -> bool:
+        """May ``name`` be handed round ``rnd``? False when its attestation does not cover that
+        round: it must Challenge and Join again first. Admitting it counts the round as begun
+        under this attestation (`reattest.Cadence.admit`), so the round's model and update are
+        not refused later however long it trains."""
+        if self.cadence is None:
+            return True
+        with self.lock:
+            session = self.sessions.get(name)
+            if session is None or session.attested is None:
+                return True  # no session: every model call is refused by `check` anyway
+            return self.cadence.admit(session.attested, rnd, self.clock())
+
+    def require_covered(self, name: str, rnd: int) -> None:
+        """Refuse the model or the update of round ``rnd`` to ``name`` when its attestation does
+        not cover that round (a collaborator that ignored WaitRound's ``reattest``)."""
+        if self.cadence is None:
+            return
+        with self.lock:
+            session = self.sessions.get(name)
+            last = session.attested if session is not None else None
+            due = last is not None and self.cadence.due(last, rnd, self.clock())
+        if due:
+            assert last is not None
+            raise Refused(
+                f"{REATTEST_DUE}: the attestation of {name} (accepted in round {last.round}) "
+                f"does not cover round {rnd} (security.attestation.reattest_every: "
+                f"{self.cadence.describe()}); Challenge and Join again with fresh evidence",
+                "FAILED_PRECONDITION",
+            )
 
     # -- the peer check ------------------------------------------------------------------------
     def _transport_identity(self, peer: Peer) -> str:
@@ -297,13 +343,25 @@ class Identity:
             "FAILED_PRECONDITION",
         )
 
-    def verify_join(self, peer: Peer, name: str, request: Any) -> tuple[bytes, bytes]:
+    def verify_join(
+        self, peer: Peer, name: str, request: Any, rnd: int = 0, renewal: bool = False
+    ) -> tuple[bytes, bytes, Attested]:
         """Check a collaborator's evidence, bound to the key it made in memory (its TEE) and to
-        our nonce and configuration; refuse (and record why) if it fails. Returns the session
-        certificate issued for that key: (PEM, SHA-256 of its DER)."""
+        our nonce and configuration; refuse (and record why) if it fails. ``rnd``: the open
+        round; ``renewal``: the Join replaces a session whose evidence was accepted (a
+        re-attestation). Returns the session certificate issued for that key (PEM, SHA-256 of
+        its DER) and the accepted attestation."""
         assert self.verifier is not None and self.session_ca is not None
         t0 = time.monotonic()
-        record: dict[str, Any] = {"collaborator": name, "peer": peer.address, "t_wall": time.time()}
+        record: dict[str, Any] = {
+            "collaborator": name,
+            "peer": peer.address,
+            "t_wall": time.time(),
+            "round": rnd,
+            "reattest": renewal,
+            "nonce": bytes(request.nonce).hex(),
+        }
+        span = {"collaborator": name, **({"round": rnd, "reattest": True} if renewal else {})}
         try:
             if not request.HasField("evidence"):
                 raise attest.AttestationError("attestation required: Join carried no evidence")
@@ -325,12 +383,19 @@ class Identity:
         except TeeflError as exc:
             record.update(accepted=False, reason=str(exc))
             attest.write_verdict(self.run_dir, f"collaborator-{name}", record)
-            self.rec.record("attest", t0, time.monotonic(), collaborator=name, accepted=False)
+            self.rec.record("attest", t0, time.monotonic(), accepted=False, **span)
             raise self.refuse(peer, str(exc), "PERMISSION_DENIED") from None
         record.update(
             accepted=True, verdict=verdict.to_dict(), session_key=attest.fingerprint(spki)
         )
         attest.write_verdict(self.run_dir, f"collaborator-{name}", record)
-        self.rec.record("attest", t0, time.monotonic(), collaborator=name, accepted=True)
-        log.info("%s attested (%s, %s)", name, verdict.tee_type, verdict.status)
-        return issued
+        t1 = time.monotonic()
+        self.rec.record("attest", t0, t1, accepted=True, **span)
+        log.info(
+            "%s %s (%s, %s)",
+            name,
+            f"re-attested in round {rnd}" if renewal else "attested",
+            verdict.tee_type,
+            verdict.status,
+        )
+        return (*issued, Attested(rnd, self.clock()))

@@ -73,6 +73,9 @@ class Rounds:
         self.left: set[str] = set()
         self.told_done: set[str] = set()
         self.joined: set[str] = set()
+        #: members whose evidence was refused (at a Join or a re-attestation), with why: a
+        #: round does not wait for them; an accepted Join brings a member back
+        self.excluded: dict[str, str] = {}
         self.persisting: set[str] = set()  # updates being written to disk, not yet counted
         self.close_pending = False  # every update is in; the round closes after the last ack
         self.inflight: dict[str, Transfer] = {}  # uploads receiving their bytes, by member
@@ -121,25 +124,29 @@ class Rounds:
             if not self.joined:  # round 1's clock starts when the federation does
                 self.round_opened = time.monotonic()
             self.joined.add(name)
-            # back after a failure: in the rounds to come (not the one it failed in)
-            if name in self.left:
+            # back after a failure or a refused attestation: in the rounds to come
+            dropped = self.excluded.pop(name, None) is not None
+            if name in self.left or dropped:
                 self.left.discard(name)
                 self._expect_downloads()
 
     # -- who is in the open round --------------------------------------------------------------
     def out(self) -> set[str]:
         """The parties the open round does not wait for: they reported a failure in it, or in
-        an earlier round and have not joined since (lock held)."""
-        return set(self.failures) | self.left
+        an earlier round and have not joined since, or their evidence was refused (at a Join or
+        a re-attestation) and no Join was accepted since (lock held)."""
+        return set(self.failures) | self.left | set(self.excluded)
 
     def _expect_downloads(self) -> None:
         """The checkpointer gives way to the downloads of the parties still in (lock held)."""
         if self.checkpointer is not None:
-            self.checkpointer.expect_downloads(len(self.names) - len(self.left))
+            gone = self.left | set(self.excluded)
+            self.checkpointer.expect_downloads(len(set(self.names) - gone))
 
     def complete(self) -> bool:
-        """Whether the open round can close now: every party has reported -- its update (its
-        evaluation report) or its failure -- and the quorum's updates are in (lock held)."""
+        """Whether the open round can close now: every party still in has reported -- its
+        update (its evaluation report) or its failure -- and the quorum's updates are in (lock
+        held). An update acknowledged before its sender was dropped stays counted."""
         everyone = set(self.names) <= set(self.received) | self.out()
         return everyone and len(self.received) >= self.quorum
 
@@ -164,6 +171,23 @@ class Rounds:
         elif self.complete():
             self.close_pending = True  # the reporter's answer first, then the close
         self.cond.notify_all()
+
+    def exclude(self, name: str, why: str) -> None:
+        """``name``'s evidence was refused: it is dropped from the open round (and the next
+        ones, until an accepted Join), and the round closes as soon as every other member's
+        update is in and the quorum is met -- not after ``round_timeout``."""
+        with self.cond:
+            if self.done:
+                return
+            self.excluded[name] = why
+            self._expect_downloads()
+            log.warning(
+                "%s is dropped from round %d until it attests again: %s", name, self.round, why
+            )
+            self.rec.info("dropped", collaborator=name, round=self.round, reason=why)
+            if not self.close_pending and not self.failed and self.complete():
+                self.close_pending = True
+        self.close_soon()
 
     def position(self, name: str) -> tuple[int, bool, int]:
         """(open round, whether ``name``'s update is in it, durable round), read together."""
@@ -264,6 +288,16 @@ class Rounds:
         if self.round != rnd or self.done:
             return False
         self.close_pending = False
+        dropped = sorted(set(self.excluded) - set(self.received))
+        if dropped:
+            log.warning(
+                "round %d closes with %d of %d updates; dropped (evidence refused): %s",
+                rnd,
+                len(self.received),
+                len(self.names),
+                ", ".join(dropped),
+            )
+            self.rec.info("round_without_dropped", round=rnd, dropped=dropped)
         self.write_metrics(rnd)
         if self.evaluating:
             # the final model is on disk before anyone hears of the end: its write ran in the
@@ -363,5 +397,9 @@ class Rounds:
             # let every collaborator hear that the run is over (bounded); one that stopped
             # after a failure report will not ask
             deadline = time.monotonic() + 10.0
-            while set(self.names) - self.told_done - self.left and time.monotonic() < deadline:
+            # (nor one dropped for its evidence)
+            while (
+                set(self.names) - self.told_done - self.left - set(self.excluded)
+                and time.monotonic() < deadline
+            ):
                 self.cond.wait(timeout=0.2)

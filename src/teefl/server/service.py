@@ -186,15 +186,26 @@ class Service:
     def join(self, peer: Peer, request: teefl_pb2.JoinRequest) -> teefl_pb2.JoinReply:
         ident = self.identity
         name = ident.check(peer, attested=False)
+        renewal = ident.attested_session(name)  # a re-attestation (or a rejoin) of a member
         # any Join of this name -- whatever its outcome -- ends the earlier session: a refused
         # Join must not leave an earlier attestation, token or connection in place
         ident.revoke(name, "a new Join")
         ident.same_plan(peer, name, dict(request.plan_sections))
         ident.same_workload(peer, name, request.workload_digest)
-        cert_pem, cert_sha256 = b"", None
+        cert_pem, cert_sha256, attested = b"", None, None
         if ident.verifier is not None:
-            cert_pem, cert_sha256 = ident.verify_join(peer, name, request)
-        session = ident.open_session(name, cert_sha256)
+            rnd = self.rounds.position(name)[0]
+            try:
+                cert_pem, cert_sha256, attested = ident.verify_join(
+                    peer, name, request, rnd, renewal
+                )
+            except Refused as exc:
+                # its evidence does not verify (any more): the open round does not wait for
+                # it, the others close it under the quorum rules; a later accepted Join
+                # brings it back
+                self.rounds.exclude(name, exc.reason)
+                raise
+        session = ident.open_session(name, cert_sha256, attested)
         self.rounds.joined_member(name)
         log.info("%s joined from %s", name, peer.address)
         self.rec.info("joined", collaborator=name, peer=peer.address)
@@ -221,6 +232,22 @@ class Service:
         w = self.rounds.wait(name, request.after_round, lambda: ident.current(name, token))
         if w.done:
             return teefl_pb2.WaitReply(round=0, done=True, durable_round=w.durable_round)
+        if w.round and not ident.admit(name, w.round):
+            # its attestation does not cover this round: fresh evidence first (a new Join)
+            assert ident.cadence is not None
+            log.info(
+                "%s: attestation due for round %d (%s): asked to attest again",
+                name,
+                w.round,
+                ident.cadence.describe(),
+            )
+            self.rec.info("reattest_due", collaborator=name, round=w.round)
+            return teefl_pb2.WaitReply(
+                round=w.round,
+                reattest=True,
+                evaluate_only=w.evaluate_only,
+                durable_round=w.durable_round,
+            )
         if w.round:
             return teefl_pb2.WaitReply(
                 round=w.round,
@@ -235,8 +262,10 @@ class Service:
         self, name: str, rnd: int, cancel: Any, probe: Any = None, data_plane: bool = False
     ) -> Download:
         """The open round's model for ``name`` (already checked), or `Precondition` when round
-        ``rnd`` is not open; the caller acquires its slot and sends it."""
+        ``rnd`` is not open or ``name``'s attestation does not cover it (reattest_every); the
+        caller acquires its slot and sends it."""
         r = self.rounds
+        self.identity.require_covered(name, rnd)  # its attestation covers the round
         with r.cond:
             if rnd != r.round or r.done:
                 raise Precondition(f"round {rnd} is not open (open round: {r.round})")
@@ -249,7 +278,10 @@ class Service:
     ) -> Upload:
         """One update of ``name`` (already checked) announced by header ``h``."""
         transfer = Transfer("upload", name, h.round, cancel, probe)
-        return Upload(self.intake, name, h, transfer, token, t0)
+        rnd, ident = h.round, self.identity
+        return Upload(
+            self.intake, name, h, transfer, token, t0, lambda: ident.require_covered(name, rnd)
+        )
 
     def refuse(self, peer: Peer, reason: str, status: str) -> Refused:
         return self.identity.refuse(peer, reason, status)

@@ -9,6 +9,7 @@ What every upload shares (slots, memory, the store) is the `intake.Intake` it is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from teefl.server import receivers
@@ -49,7 +50,14 @@ class Upload:
     """One update in transit, driven by its transport (see the module docstring)."""
 
     def __init__(
-        self, intake: Intake, name: str, h: Any, transfer: Transfer, token: bytes | None, t0: float
+        self,
+        intake: Intake,
+        name: str,
+        h: Any,
+        transfer: Transfer,
+        token: bytes | None,
+        t0: float,
+        gate: Callable[[], None] | None = None,
     ) -> None:
         self.intake, self.name, self.h, self.transfer, self.token, self.t0 = (
             intake,
@@ -59,6 +67,9 @@ class Upload:
             token,
             t0,
         )
+        #: raises `Refused` when this update may not be taken at all (its sender's attestation
+        #: does not cover its round): run first in `acquire`, before a slot is taken
+        self.gate = gate
         self.ticket: Any = None
         self.receiver: receivers.MemoryReceiver | None = None
         self.asm: assembly.Assembler | None = None
@@ -67,6 +78,8 @@ class Upload:
 
     def acquire(self) -> None:
         """A receive slot: a bounded number of updates in memory at once, one per member."""
+        if self.gate is not None:
+            self.gate()
         try:
             self.ticket = self.intake.slots.acquire(self.name, self.transfer.supersede)
         except Superseded as exc:

@@ -13,6 +13,9 @@ from typing import Any
 
 #: status names (gRPC's, which the socket data plane's ERROR frames use too)
 OK = "OK"
+#: how the refusal of a model call whose attestation is due begins (FAILED_PRECONDITION): the
+#: collaborator's transport maps it to `teefl.transport.client.Reattest`
+REATTEST_DUE = "re-attestation due"
 
 
 class Refused(Exception):

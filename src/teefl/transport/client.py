@@ -5,8 +5,8 @@ challenge, a join, the round's model, an update sent) with the small requests be
 *how* it moves; the gRPC control plane with either data plane (`grpc_client.GrpcClient`) is one
 implementation, `mock.MockTransport` (a function from request to response, as httpx's) another,
 for unit tests without sockets, and `memory.MemoryTransport` (a server `Service` in the same
-process) a third, for whole federations in one process. Failures come back as three neutral
-errors -- `Lost`, `Stale`, `Refused` -- whatever the transport's own codes are.
+process) a third, for whole federations in one process. Failures come back as four neutral
+errors -- `Lost`, `Stale`, `Reattest`, `Refused` -- whatever the transport's own codes are.
 
 Responses are the proto's reply messages (`teefl.wire.teefl_pb2`), the vocabulary both sides
 already share, except `Model` (where the downloaded model went) and ``None`` for requests that
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from teefl.errors import TeeflError
+from teefl.transport.base import REATTEST_DUE
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,17 @@ class Lost(Exception):
 
 class Stale(Exception):
     """The round (or the session) moved on before the request arrived: carry on with the next."""
+
+
+class Reattest(Exception):
+    """The collaborator's attestation (or its check of the aggregator's) no longer covers the
+    round it is about to take part in (``security.attestation.reattest_every``): Challenge and
+    Join again now, with fresh evidence for a fresh nonce -- no backoff, nothing was lost.
+    ``round``: the round it re-attests for (0: not known)."""
+
+    def __init__(self, why: str, round: int = 0) -> None:
+        super().__init__(why)
+        self.why, self.round = why, round
 
 
 class Refused(TeeflError):
@@ -71,7 +83,8 @@ _CODES = frozenset(
 
 def status_error(code: str, details: str, who: str) -> Exception:
     """The neutral error for a refusal with status ``code`` (a gRPC status name): lost contact
-    -> rejoin; a closed round -> next round; anything else ends the run (`Refused`)."""
+    -> rejoin; a closed round -> next round; an attestation due -> attest again (`Reattest`);
+    anything else ends the run (`Refused`)."""
     if code not in _CODES:
         code = "UNKNOWN"
     if code in ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "UNKNOWN"):
@@ -82,6 +95,8 @@ def status_error(code: str, details: str, who: str) -> Exception:
         return Lost(f"our session ended ({details})")  # restarted aggregator, or a newer Join
     if code == "RESOURCE_EXHAUSTED" and "rate limit" in details:
         return Lost(details)
+    if code == "FAILED_PRECONDITION" and details.startswith(REATTEST_DUE):
+        return Reattest(details)
     if code == "FAILED_PRECONDITION" and ("not open" in details or "stale" in details):
         return Stale(details)
     return Refused(who, details)

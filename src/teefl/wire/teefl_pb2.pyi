@@ -124,7 +124,7 @@ class WaitRequest(_message.Message):
     def __init__(self, collaborator: _Optional[str] = ..., after_round: _Optional[int] = ...) -> None: ...
 
 class WaitReply(_message.Message):
-    __slots__ = ("round", "done", "evaluate_only", "durable_round", "round_config")
+    __slots__ = ("round", "done", "evaluate_only", "durable_round", "round_config", "reattest")
     class RoundConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -137,12 +137,14 @@ class WaitReply(_message.Message):
     EVALUATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     DURABLE_ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUND_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    REATTEST_FIELD_NUMBER: _ClassVar[int]
     round: int
     done: bool
     evaluate_only: bool
     durable_round: int
     round_config: _containers.MessageMap[str, ConfigValue]
-    def __init__(self, round: _Optional[int] = ..., done: _Optional[bool] = ..., evaluate_only: _Optional[bool] = ..., durable_round: _Optional[int] = ..., round_config: _Optional[_Mapping[str, ConfigValue]] = ...) -> None: ...
+    reattest: bool
+    def __init__(self, round: _Optional[int] = ..., done: _Optional[bool] = ..., evaluate_only: _Optional[bool] = ..., durable_round: _Optional[int] = ..., round_config: _Optional[_Mapping[str, ConfigValue]] = ..., reattest: _Optional[bool] = ...) -> None: ...
 
 class ConfigValue(_message.Message):
     __slots__ = ("number", "integer", "text", "flag")

@@ -27,6 +27,7 @@ from teefl.transport.client import (
     Model,
     Open,
     PutUpdate,
+    Reattest,
     Refused,
     Report,
     Stale,
@@ -248,6 +249,70 @@ def test_refused_ends_the_run_with_one_clear_line(tmp_path) -> None:
     )
 
 
+def _reattesting(agg: FakeAggregator, due: set[int], refuse: bool = False) -> MockTransport:
+    """``agg`` answering the WaitRound of each round in ``due`` with ``reattest`` once (as the
+    aggregator does when a collaborator's attestation does not cover the round); ``refuse``:
+    the Join that follows is refused, as fresh evidence that no longer verifies is."""
+
+    def handle(request: Any) -> Any:
+        if isinstance(request, Join) and refuse and agg.joins == 1:
+            raise status_error("PERMISSION_DENIED", "MRTD 6666 not in policy", "col1")
+        reply = agg(request)
+        if isinstance(request, WaitRound) and reply.round in due:
+            due.discard(reply.round)
+            reply.reattest = True
+        return reply
+
+    return MockTransport(handle)
+
+
+def _events(tmp_path: Path) -> list[dict[str, Any]]:
+    import json
+
+    path = tmp_path / "events" / "collaborator-col1.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_reattest_reply_joins_again_at_once_and_loses_nothing(tmp_path) -> None:
+    col, agg, trainer = _collaborator(tmp_path)
+    col.transport = col.session.transport = _reattesting(agg, {2, ROUNDS + 1})
+    col.session.sleep = lambda s: pytest.fail("a re-attestation waits no backoff")
+    assert col.run() == "mock"
+    assert trainer.trained == [1, 2, 3]  # every round trained once, none skipped
+    assert [r for r, _, _ in agg.uploads] == [1, 2, 3]
+    assert [h.round for h in agg.reports] == [ROUNDS + 1]
+    assert agg.joins == 3  # the first Join, and one before round 2 and the evaluation pass
+    requests = col.transport.requests  # type: ignore[attr-defined]
+    assert not any(isinstance(q, Disconnect) for q in requests)
+    kinds = [type(q) for q in requests]
+    first = kinds.index(GetModel)  # round 1's download
+    # before round 2: WaitRound (reattest) -> Connect (nothing to do) -> Join -> Open ->
+    # WaitRound -> GetModel
+    again = kinds.index(Join, first)
+    assert kinds[again - 2 : again + 4] == [WaitRound, Connect, Join, Open, WaitRound, GetModel]
+    renewals = [e for e in _events(tmp_path) if e.get("reattest")]
+    assert [(e["phase"], e.get("round"), e["accepted"]) for e in renewals] == [
+        ("join", 2, True),
+        ("join", None, True),  # the evaluation pass is no training round
+    ]
+    assert not any(e.get("what") == "lost_aggregator" for e in _events(tmp_path))
+
+
+def test_a_refused_reattestation_ends_the_run_saying_so(tmp_path) -> None:
+    col, agg, trainer = _collaborator(tmp_path)
+    col.transport = col.session.transport = _reattesting(agg, {2}, refuse=True)
+    with pytest.raises(TeeflError) as err:
+        col.run()
+    assert str(err.value) == (
+        "col1 leaves the run: re-attestation before round 2 failed: aggregator refused col1: "
+        "MRTD 6666 not in policy"
+    )
+    assert trainer.trained == [1] and [r for r, _, _ in agg.uploads] == [1]
+    refused = [e for e in _events(tmp_path) if e.get("reattest")]
+    assert [(e["round"], e["accepted"]) for e in refused] == [(2, False)]
+    assert "MRTD 6666" in refused[0]["reason"]
+
+
 def test_an_aggregator_lost_for_good_ends_after_the_reconnect_timeout(tmp_path) -> None:
     col, _, _ = _collaborator(tmp_path)
     now = [100.0]
@@ -294,6 +359,7 @@ def test_backoff_doubles_to_its_cap_and_starts_over_after_contact() -> None:
         ("RESOURCE_EXHAUSTED", "rate limit", Lost),
         ("FAILED_PRECONDITION", "round 3 is not open", Stale),
         ("FAILED_PRECONDITION", "stale session", Stale),
+        ("FAILED_PRECONDITION", "re-attestation due: col1 (not open, stale)", Reattest),
         ("PERMISSION_DENIED", "not a member", Refused),
         ("INVALID_ARGUMENT", "bad header", Refused),
     ],
