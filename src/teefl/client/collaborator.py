@@ -122,6 +122,7 @@ class Collaborator:
                 try:
                     reply = self._join(renew, t_conn)
                     self._joined(reply, t0, t_data, t_conn, renew)
+                    renew = None
                     assert self.rec is not None
                     self.last = self.session.resync(reply, self.last, self.rec)
                     self._loop(reply.rounds)
@@ -131,7 +132,8 @@ class Collaborator:
                     renew = exc
                     t_conn = time.monotonic()
                 except LOSS_ERRORS as exc:  # whatever broke the connection: rejoin
-                    renew = None
+                    # (a renewal cut off, e.g. by the aggregator's quote rate limit, is still
+                    # one when it is tried again)
                     self.session.lost(exc, self.rec)
                     t_conn = time.monotonic()
         finally:

@@ -73,8 +73,8 @@ class Rounds:
         self.left: set[str] = set()
         self.told_done: set[str] = set()
         self.joined: set[str] = set()
-        #: members whose evidence was refused (at a Join or a re-attestation), with why: a
-        #: round does not wait for them; an accepted Join brings a member back
+        #: members whose evidence was refused at a re-attestation, with why: a round does
+        #: not wait for them; an accepted Join brings a member back
         self.excluded: dict[str, str] = {}
         self.persisting: set[str] = set()  # updates being written to disk, not yet counted
         self.close_pending = False  # every update is in; the round closes after the last ack

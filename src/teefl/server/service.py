@@ -200,10 +200,13 @@ class Service:
                     peer, name, request, rnd, renewal
                 )
             except Refused as exc:
-                # its evidence does not verify (any more): the open round does not wait for
-                # it, the others close it under the quorum rules; a later accepted Join
-                # brings it back
-                self.rounds.exclude(name, exc.reason)
+                if renewal:
+                    # the evidence of a member of the run no longer verifies: the open round
+                    # does not wait for it, the others close it under the quorum rules; a
+                    # later accepted Join brings it back. (A refused *first* Join is waited
+                    # for until round_timeout, as before: the party may still be starting, or
+                    # the refused Join was someone else's with its enrolment key.)
+                    self.rounds.exclude(name, exc.reason)
                 raise
         session = ident.open_session(name, cert_sha256, attested)
         self.rounds.joined_member(name)

@@ -216,3 +216,14 @@ def test_seconds_cadence_lets_an_admitted_round_finish(tmp_path):
     col1 = Tee(agg, "col1", sim_key(tmp_path)).join()
     now[0] += 59
     assert _wait(agg, col1, 1).round == 2 and not _wait(agg, col1, 1).reattest
+
+
+def test_a_refused_first_join_is_waited_for_as_before(tmp_path):
+    """Only a member of the run whose renewal is refused is dropped: a refused first Join may
+    be a party still starting, or someone else's Join with its enrolment key."""
+    agg = _agg(tmp_path, {"rounds": 1}, min_collaborators=1)
+    other = tmp_path / "other-sim.pem"  # a platform key the policy does not pin
+    with pytest.raises(Refused, match="not in policy simulated_keys"):
+        Tee(agg, "col2", other).join()
+    assert agg.rounds.excluded == {}
+    assert [v["accepted"] for v in _verdicts(agg, "col2")] == [False]
