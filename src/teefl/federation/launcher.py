@@ -420,6 +420,12 @@ def _watch(plan: Plan, run_dir: Path, procs: list[Proc], console: Console, show:
                 counted_out.add(collaborator_process(name))
                 line = f"{name}: {ev.get('summary')}"  # printable, bounded: checked on arrival
                 bars.console.print(f"[red]{escape(line)}[/red]")
+            elif what == "dropped":  # a refused re-attestation: it leaves, the run goes on
+                counted_out.add(collaborator_process(str(ev.get("collaborator"))))
+                bars.console.print(
+                    f"[yellow]dropped {escape(str(ev.get('collaborator')))}: "
+                    f"{escape(str(ev.get('reason')))}[/yellow]"
+                )
             elif what == "run_failed" and not reason:
                 reason.append(str(ev.get("reason")))
 
