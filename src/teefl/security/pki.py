@@ -268,25 +268,8 @@ def issue_collaborator(
     The CN *is* the identity in mtls mode (`teefl.security.peer_identity.authorize`), so the name
     is checked with the plan's rule for collaborator names -- also keeping it safe as a file name.
     """
-    from teefl.plan import NAME_RE
-
-    if not NAME_RE.match(name):
-        raise TeeflError(
-            f"collaborator name {name!r} must be 1-63 letters, digits, '.', '_' or '-'"
-        )
-    cert_path, key_path = collaborator_paths(directory, name)
-    return _issue_leaf(
-        Path(directory),
-        cert_path,
-        key_path,
-        cn=name,
-        san=[],
-        eku=ExtendedKeyUsageOID.CLIENT_AUTH,
-        days=days,
-        force=force,
-        not_before=not_before,
-        key_type=key_type,
-    )
+    paths = collaborator_paths(directory, name)
+    return _issue_client(directory, paths, name, "collaborator", days, force, not_before, key_type)
 
 
 def issue_key_client(
@@ -304,11 +287,26 @@ def issue_key_client(
 
     Why a directory of its own: the aggregator has only a server certificate, and a client
     certificate for it under ``collaborators/`` would read as a federation member's."""
+    paths = key_client_paths(directory, name)
+    return _issue_client(directory, paths, name, "key client", days, force, not_before, key_type)
+
+
+def _issue_client(
+    directory: Path,
+    paths: tuple[Path, Path],
+    name: str,
+    what: str,
+    days: int,
+    force: bool,
+    not_before: dt.datetime | None,
+    key_type: KeyType | None,
+) -> Path:
+    """A clientAuth leaf with CN = ``name`` (a plan name: checked) at ``paths``."""
     from teefl.plan import NAME_RE
 
     if not NAME_RE.match(name):
-        raise TeeflError(f"key client name {name!r} must be 1-63 letters, digits, '.', '_' or '-'")
-    cert_path, key_path = key_client_paths(directory, name)
+        raise TeeflError(f"{what} name {name!r} must be 1-63 letters, digits, '.', '_' or '-'")
+    cert_path, key_path = paths
     return _issue_leaf(
         Path(directory),
         cert_path,
