@@ -59,7 +59,7 @@ class FileSealer:
         from teefl.security.sealed import seal_bytes
 
         assert context is not None  # every sealed file of a run says what it is
-        write_atomic(path, seal_bytes(bytes(payload), self.seal_key, context), fsync, pause)
+        write_atomic(path, seal_bytes(payload, self.seal_key, context), fsync, pause)
         return path
 
     def read(self, path: Path, context: dict[str, Any]) -> bytes:
