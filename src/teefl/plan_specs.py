@@ -363,6 +363,14 @@ class FederationSpec(Strict):
     update_staging: Literal["memory", "disk"] = "memory"
     #: the tmpfs for "memory" staging (teefl makes a folder ``teefl-<uid>`` in it)
     staging_dir: Path = Path("/dev/shm")
+    #: the aggregator's memory (docs/large-models.md). "fast": updates are received into
+    #: memory (``update_staging``) and summed at once into a float64 running sum (2 model sizes
+    #: for a float32 model). "flat", for models of several GB: each update is received
+    #: straight into its file in the run directory, whose pages the aggregator gives back as they
+    #: arrive, and FedAvg sums the round's files window by window when the round closes -- the
+    #: aggregator holds the global model and the next one's buffer, whatever the model's size
+    #: and the number of collaborators; ``update_staging`` is then not used
+    memory: Literal["fast", "flat"] = "fast"
 
     @model_validator(mode="before")
     @classmethod

@@ -77,6 +77,7 @@ def staging_of(plan: Plan) -> tuple[Literal["memory", "disk"], Path | None]:
     fed = plan.federation
     if (
         fed.update_staging != "memory"
+        or fed.memory == "flat"  # received into the run directory's files
         or plan.network.data_plane != "socket"
         or plan.security.at_rest.mode == "sealed"
         or plan.runtime.launcher != "native"

@@ -310,17 +310,22 @@ def _one_record_per_round(run: Path, rounds: int) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("staging", ["memory", "disk"])
+@pytest.mark.parametrize("staging", ["memory", "disk", "flat"])
 def test_aggregator_killed_in_round_1_after_an_ack_loses_nothing(
     tmp_path: Path, staging: str
 ) -> None:
     """Killed right after it acknowledged an update of round 1 (no checkpoint exists yet): the
-    restart counts that update from its staged slot or the run directory, once."""
+    restart counts that update from its staged slot or the run directory, once. ``flat``
+    (``federation.memory: flat``): received into its file, mapped again at the restart."""
     shm = tmp_path / "shm"
+    memory = {"memory": "flat", "update_staging": "disk"} if staging == "flat" else {}
+    staging = "disk" if staging == "flat" else staging
     # a bounded round: before the fix the restarted aggregator never saw the acknowledged
     # update and the round timed out waiting for it (on a loaded machine starting the
     # collaborators alone takes a minute)
-    plan = _plan(tmp_path, update_staging=staging, staging_dir=str(shm), round_timeout=240)
+    plan = _plan(
+        tmp_path, update_staging=staging, staging_dir=str(shm), round_timeout=240, **memory
+    )
     parties = Parties(plan, tmp_path / "run", tmp_path / "procs.log")
     try:
         victim = parties.aggregator(env={"TEEFL_FAULT_INJECT": "acked:1"})

@@ -9,6 +9,7 @@ only the loop that strings them together.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from teefl.errors import TeeflError
 from teefl.measure.events import EventRecorder
 from teefl.plan import Plan
 from teefl.security import session as session_keys
+from teefl.store.paged import spill
 from teefl.transport.channels import payload_check
 from teefl.transport.client import (
     ClientTransport,
@@ -88,6 +90,8 @@ class Collaborator:
             transport = GrpcClient(plan, name, address, key)  # the data plane the plan names
         self.transport = transport
         self.keeper = Keeper()
+        if plan.federation.memory == "flat":  # kept updates in files, not beside the model
+            self.keeper.copy_out = functools.partial(spill, directory=self.run_dir)
         self.session = Session(plan, name, address, self.run_dir, transport, self.keeper, key)
         #: the model's tensors inside its wire payload (None on a GPU, or for a model whose
         #: tensors cannot be moved there): downloads land in the model, uploads send it as is

@@ -29,10 +29,12 @@ class Keeper:
     """``kept``: round -> (header, payload) of updates acknowledged but not yet durable;
     ``pending``: (round, header, payload) of the upload under way, sent again after a loss."""
 
-    def __init__(self, resident_payload: Any = None) -> None:
+    def __init__(self, resident_payload: Any = None, copy: Any = bytes) -> None:
         #: the resident model's memory (`ResidentModel.payload`), overwritten by every download:
-        #: a payload that is this memory is copied when kept
+        #: a payload that is this memory is copied when kept -- by ``copy`` (``bytes``: in
+        #: memory; `teefl.store.paged.spill` under ``federation.memory: flat``: into a file)
         self.resident_payload = resident_payload
+        self.copy_out = copy
         self.kept: dict[int, tuple[teefl_pb2.Header, Any]] = {}
         self.pending: tuple[int, teefl_pb2.Header, Any] | None = None
 
@@ -50,7 +52,7 @@ class Keeper:
         they are. Called after the ACK: off the transfer path."""
         resident = self.resident_payload
         if resident is not None and payload is resident:
-            payload = bytes(payload)
+            payload = self.copy_out(payload)
         self.kept[r] = (header, payload)
         self.pending = None
 

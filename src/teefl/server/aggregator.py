@@ -55,6 +55,7 @@ def staging_dir(plan: Plan, sealed: bool) -> Path | None:
     fed = plan.federation
     if (
         fed.update_staging != "memory"
+        or fed.memory == "flat"  # received into the run directory's files
         or plan.network.data_plane != "socket"  # gRPC uploads are stored after decode
         or sealed  # stored as ciphertext: never in plain shared memory
         or plan.runtime.launcher != "native"  # Gramine: no tmpfs of the host's to trust
@@ -118,8 +119,9 @@ class Aggregator:
         # the global model is what travels: the whole state dict, or the workload's subset
         # (LoRA adapters) -- every party builds the same frozen rest from the seed
         full = net.state_dict()
-        state = {k: full[k].detach().clone() for k in self.workload.travelling(net)}
-        del full
+        state = {k: full[k].detach() for k in self.workload.travelling(net)}
+        parameters = int(sum(p.numel() for p in net.parameters()))
+        del full, net  # what travels stays (the frozen rest goes)
         self.identity = Identity(
             plan,
             self.run_dir,
@@ -157,6 +159,7 @@ class Aggregator:
             keep=fed.keep_updates,
             run_id=run_id,
             staging_dir=staging_dir(plan, self.seal_key is not None),
+            mapped=fed.memory == "flat",
         )
         self.check = payload_check(plan)  # what received updates are checked against
         #: the last completed round of a resumed run (0: a restart in round 1, which had
@@ -174,8 +177,21 @@ class Aggregator:
         # what a dead aggregator left: temp files, updates of rounds whose checkpoint is
         # durable, metrics lines of the rounds it is about to close again
         self.store.clean_up(completed, final=completed == fed.rounds)
+        self.publisher = Publisher(self.check, plan.network, flat=fed.memory == "flat")
+        self.publisher.publish(state)
+        self.model_info = {
+            "parameters": parameters,
+            "size_bytes": len(self.publisher.payload),  # the model as it travels
+            "tensors": len(state),
+        }
+        layout = codec.Layout.of_state(state)
+        if layout is not None and layout.matches(self.publisher.payload):
+            # the global model lives in its payload only, as after every round's close: no
+            # second copy beside the one that travels
+            state = layout.tensor_views(self.publisher.payload)
+        self.strategy.paged = fed.memory == "flat"  # FedAvg then sums at the close
         self.model = GlobalModel(self.strategy, state, completed + 1, completed >= fed.rounds)
-        self.publisher = Publisher(self.check, plan.network)
+        del state
         self.rounds = Rounds(
             plan,
             recorder,
@@ -205,13 +221,6 @@ class Aggregator:
         self.replay = Replay(plan, self.rounds, self.store, recorder)
         self.replay.resumed_from = resumed_from
         self.rounds.replay = self.replay.open_round
-        self.publisher.publish(self.model.global_state)
-        self.model_info = {
-            "parameters": int(sum(p.numel() for p in net.parameters())),
-            "size_bytes": len(self.publisher.payload),  # the model as it travels
-            "tensors": len(self.model.global_state),
-        }
-        del net
         # whatever the run directory holds for the open round, with or without a checkpoint:
         # in round 1 a restart has none, and its acknowledged updates must count all the same
         if self.replay.open_round(startup=True) and resumed_from is None:

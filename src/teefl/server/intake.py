@@ -61,6 +61,8 @@ class Intake:
         self.staging = staging  # shared-memory receive slots (staging.py), or None
         self.is_current = is_current  # (name, token) -> is it the member's latest session?
         self.max_samples = fed.max_samples_per_update
+        #: ``federation.memory: flat``: updates received into their mapped files (receivers.py)
+        self.flat = fed.memory == "flat"
         self.compression = plan.network.compression
         #: receive slots, shared fairly: one upload per collaborator at a time (fairshare.py)
         self.slots = FairShare(fed.max_inflight_updates)

@@ -6,6 +6,7 @@ hashed and compressed once when the round opens, never per collaborator.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -17,11 +18,14 @@ class Publisher:
     """Holds what the open round's downloads send. Read under the round lock (`rounds.Rounds`):
     `publish` replaces every field at once while that lock is held."""
 
-    def __init__(self, check: str, network: Any) -> None:
+    def __init__(self, check: str, network: Any, flat: bool = False) -> None:
         self.check = check  # the plan's payload check: "sha256", "crc32c" or "none"
         self.chunk_size = network.chunk_size
         self.compression, self.level = network.compression, network.compression_level
-        self.spares = codec.Spares()  # earlier rounds' payloads, reused when free
+        #: ``federation.memory: flat``: one spare payload, and gRPC chunks made per download
+        #: instead of kept (each would be one more model size held for the round)
+        self.flat = flat
+        self.spares = codec.Spares(keep=1 if flat else 2)  # earlier payloads, reused when free
         self.payload: codec.Buffer = b""
         self.digest = b""
         self.crc = 0
@@ -63,13 +67,17 @@ class Publisher:
         return self.spares.take(layout)
 
     @property
-    def wire_chunks(self) -> list[bytes]:
+    def wire_chunks(self) -> Iterable[bytes]:
         """The payload as serialized gRPC chunk messages, made once per round on first use:
-        with the data plane nobody downloads over gRPC, and this would be one more model copy."""
+        with the data plane nobody downloads over gRPC, and this would be one more model copy.
+        Under ``flat`` memory they are made as each download sends them, never kept."""
+        if self.flat:
+            return self._chunks(self.payload)
         if self._wire is None:
-            size = self.chunk_size
-            self._wire = [
-                teefl_pb2.Chunk(data=bytes(piece), offset=i * size).SerializeToString()
-                for i, piece in enumerate(codec.iter_chunks(self.payload, size))
-            ]
+            self._wire = list(self._chunks(self.payload))
         return self._wire
+
+    def _chunks(self, payload: codec.Buffer) -> Iterator[bytes]:
+        size = self.chunk_size
+        for i, piece in enumerate(codec.iter_chunks(payload, size)):
+            yield teefl_pb2.Chunk(data=bytes(piece), offset=i * size).SerializeToString()

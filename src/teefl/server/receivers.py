@@ -9,7 +9,9 @@ Five ways, one class each, chosen in ONE place (`choose`):
 - `SealedReceiver`: into a pooled buffer, sealed and written once complete (a sealed file holds
   ciphertext, so nothing can be written before the last byte);
 - `ZstdReceiver`: the compressed frame in memory, decompressed, then written;
-- `MemoryReceiver`: assembled in memory (gRPC uploads), then written.
+- `MemoryReceiver`: assembled in memory (gRPC uploads), then written;
+- `MappedReceiver` (``federation.memory: flat``, either data plane): straight into the update's
+  file through a shared map whose pages are given back as it arrives (store/paged.py).
 
 Every receiver stores the update before the acknowledgement: a crash after the ACK loses nothing.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from teefl.store.files import BufferPool
+from teefl.store.paged import MappedUpdateFile
 from teefl.store.rounds import RoundStore
 from teefl.store.staging import StagingArea
 from teefl.store.updates import StagedUpdate
@@ -101,6 +104,23 @@ class StagedReceiver(MemoryReceiver):
         self.staging.give(self.slot)
 
 
+class MappedReceiver(MemoryReceiver):
+    """The update's own file, mapped: committed by renaming it into place (`MappedUpdateFile`);
+    the map stays with the update (its tensors are views of it) until its round is summed."""
+
+    def __init__(self, target: MappedUpdateFile) -> None:
+        self.target = target
+        self.buffer = target.mem
+        self.file_sink = target.write
+
+    def commit(self, store, rnd, name, payload, meta, digests, verified) -> None:  # type: ignore[override]
+        self.target.commit(meta, digests, verified)
+        return None
+
+    def abort(self) -> None:
+        self.target.abort()
+
+
 def choose(
     store: RoundStore,
     rnd: int,
@@ -109,13 +129,20 @@ def choose(
     zstd: bool,
     staging: StagingArea | None,
     pool: BufferPool | None,
+    flat: bool = False,
 ) -> MemoryReceiver:
     """The receiver of one update: THE place the store-before-ack path is decided.
 
-    ``pool`` None: a gRPC upload (assembled in memory). Else the data plane: a zstd frame in
-    memory; a shared-memory slot where staging is on and one is free; else a pooled buffer,
-    written to its file as it arrives unless sealed (or empty).
+    ``flat`` (``federation.memory: flat``): into its mapped file, over either data plane,
+    unless sealed (ciphertext cannot be received into) or compressed (the frame is decompressed
+    in memory). Else ``pool`` None: a gRPC upload (assembled in memory). Else the data plane: a
+    zstd frame in memory; a shared-memory slot where staging is on and one is free; else a
+    pooled buffer, written to its file as it arrives unless sealed (or empty).
     """
+    if flat and not zstd and size:
+        target = store.open_mapped_update(rnd, name, size)
+        if target is not None:
+            return MappedReceiver(target)
     if pool is None:
         return MemoryReceiver()
     if zstd:

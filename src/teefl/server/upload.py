@@ -96,7 +96,7 @@ class Upload:
         digest and encoding first: before a file or a slot is made for it)."""
         intake, h = self.intake, self.h
         limit = intake.publisher.update_limit
-        if not data_plane:
+        if not data_plane and not intake.flat:
             try:
                 self.asm = assembly.Assembler.for_header(h, limit, intake.check)
             except codec.PayloadError as exc:
@@ -107,9 +107,16 @@ class Upload:
             assembly.Assembler.check_announced(h.total_size, h.sha256, limit, intake.check)
         except codec.PayloadError as exc:  # checked before a file is made for it
             raise UpdateRejected(str(exc)) from None
-        zstd = intake.encoding_of(h) == "zstd"
+        zstd = data_plane and intake.encoding_of(h) == "zstd"
         self.receiver = rx = receivers.choose(
-            intake.store, h.round, self.name, h.total_size, zstd, intake.staging, intake.rx_pool
+            intake.store,
+            h.round,
+            self.name,
+            h.total_size,
+            zstd,
+            intake.staging,
+            intake.rx_pool if data_plane else None,
+            intake.flat,
         )
         self.scan = intake.model.finite_scan(h.total_size, rx.buffer)
         sink = _sinks(rx.file_sink, self.scan)

@@ -141,8 +141,10 @@ def digest_meta(digests: dict[str, Any]) -> dict[str, Any]:
 def matches(payload: Any, meta: dict[str, Any]) -> bool:
     """Whether ``payload`` has the digest ``meta`` records (False where it records none)."""
     sha, crc = meta.get("sha256"), meta.get("crc32c")
+    paged = getattr(payload, "digests", None)  # a mapped file: its pages given back as read
     if isinstance(sha, str):
-        return hmac.compare_digest(hashlib.sha256(payload).hexdigest(), sha)
+        digest = paged("sha256") if paged else hashlib.sha256(payload).digest()
+        return hmac.compare_digest(digest.hex(), sha)
     if isinstance(crc, int) and not isinstance(crc, bool):
-        return _crc32c.crc32c(payload) == crc
+        return (paged("crc32c") if paged else _crc32c.crc32c(payload)) == crc
     return False

@@ -43,6 +43,7 @@ class RoundStore:
         keep: bool = False,
         run_id: str = "",
         staging_dir: Path | None = None,
+        mapped: bool = False,
     ) -> None:
         self.run_dir, self.seal_key, self.keep = Path(run_dir), seal_key, keep
         self.rd = RunDir(self.run_dir)  # every path and name of the run directory
@@ -54,6 +55,7 @@ class RoundStore:
         self.model_dir = private_dir(self.rd.model_dir)
         self.checkpoints = Checkpoints(self.rd, self.files)
         self.updates = UpdateStore(self.rd, self.files, keep, self.staging_dir)
+        self.updates.mapped = mapped  # federation.memory: flat (updates read as maps)
         # the parts' methods, as the server calls them
         self.save_checkpoint = self.checkpoints.save_checkpoint
         self.final_path = self.checkpoints.final_path
@@ -63,6 +65,7 @@ class RoundStore:
         self.save_report = self.updates.save_report
         self.commit_staged = self.updates.commit_staged
         self.open_update = self.updates.open_update
+        self.open_mapped_update = self.updates.open_mapped_update
         self.discard_update = self.updates.discard_update
         self.load_updates = self.updates.load_updates
         self.drop_updates = self.updates.drop_updates

@@ -34,6 +34,7 @@ from teefl.rundir import RunDir
 from teefl.runfiles import DIR_MODE, private_dir
 from teefl.store.atomic import write_atomic
 from teefl.store.files import UpdateFile, digest_meta, matches, meta_doc, write_meta
+from teefl.store.paged import MappedUpdateFile, map_file
 from teefl.store.sealing import FileSealer
 from teefl.store.staging import Slot
 
@@ -87,7 +88,11 @@ class UpdateStore:
 
     ``keep``: never drop a closed round's updates (kept for inspection). ``staging_dir``: the
     only directory a staged update is read from or removed in (None: staged names are ignored).
+    ``mapped`` (``federation.memory: flat``): `load_updates` maps plain update files instead of
+    reading them (`paged.map_file`), so a restart does not hold the round's updates in memory.
     """
+
+    mapped = False
 
     def __init__(
         self, rd: RunDir, files: FileSealer, keep: bool = False, staging_dir: Path | None = None
@@ -193,6 +198,15 @@ class UpdateStore:
         file = f"{name}{self.files.suffix()}"
         return UpdateFile(d / file, d / f"{name}.json", buffer, reuse=self.spare_dir() / file)
 
+    def open_mapped_update(self, rnd: int, name: str, size: int) -> MappedUpdateFile | None:
+        """The file an update is received into through a shared map (``federation.memory:
+        flat``, see `MappedUpdateFile`); None when sealed (the file holds ciphertext)."""
+        if self.files.sealed or not size:
+            return None
+        d = self._made_round_dir(rnd)
+        file = f"{name}{self.files.suffix()}"
+        return MappedUpdateFile(d / file, d / f"{name}.json", size)
+
     def spare_dir(self) -> Path:
         return self.rd.spare_dir
 
@@ -288,7 +302,10 @@ class UpdateStore:
             from_staged = payload is not None and matches(payload, meta)
         if not from_staged and (payload is None or file.exists()):
             try:
-                payload = self.files.read(file, ctx)
+                if self.mapped and not self.files.sealed:
+                    payload = map_file(file) or b""
+                else:
+                    payload = self.files.read(file, ctx)
             except FileNotFoundError:
                 payload = None
             except OSError as exc:

@@ -88,12 +88,15 @@ class Strategy(ABC):
     Subclasses set ``Options`` (a `StrategyOptions` model) and implement `begin`; a stateful
     one overrides `state` and `restore`. ``name``: the name the state is saved under (set by
     ``register_strategy``; else ``module:qualname``). ``keeps_updates``: whether the round's
-    accumulator keeps every update (memory O(n) models instead of O(1)).
+    accumulator keeps every update (memory O(n) models instead of O(1)). ``paged``: set by the
+    server under ``federation.memory: flat``, where flat updates live in their files and may be
+    summed when the round closes instead of as they come (FedAvg does, `strategy.windowed`).
     """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     keeps_updates: ClassVar[bool] = False
+    paged: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -16,7 +16,7 @@ import torch
 
 from teefl.errors import TeeflError
 from teefl.wire import codec
-from teefl.wire.checks import FlatUpdate, UpdateRejected, check_update
+from teefl.wire.checks import WINDOW_BYTES, FlatUpdate, UpdateRejected, check_update
 
 
 class RunningFedAvg:
@@ -52,12 +52,12 @@ class RunningFedAvg:
                 self.run_sums = reuse.run_sums
                 reuse.run_sums, reuse.sums, reuse.count = [], {}, 0  # it cannot be used again
             else:
-                self.run_sums = [torch.empty(n, dtype=_sum_dtype(d)) for d, _, n in layout.runs]
+                self.run_sums = [torch.empty(n, dtype=sum_dtype(d)) for d, _, n in layout.runs]
             bases = {b: i for i, (_, b, _) in enumerate(layout.runs)}
             run, pos = -1, 0
             for name, dtype, shape, begin, n in layout.entries:
                 if not n:
-                    self.sums[name] = torch.empty(shape, dtype=_sum_dtype(dtype))
+                    self.sums[name] = torch.empty(shape, dtype=sum_dtype(dtype))
                     continue
                 if begin in bases:
                     run, pos = bases[begin], 0
@@ -65,7 +65,7 @@ class RunningFedAvg:
                 pos += n
         else:
             for name, ref in reference.items():
-                self.sums[name] = torch.empty(ref.shape, dtype=_sum_dtype(ref.dtype))
+                self.sums[name] = torch.empty(ref.shape, dtype=sum_dtype(ref.dtype))
 
     def add(
         self,
@@ -85,6 +85,9 @@ class RunningFedAvg:
         if isinstance(update, FlatUpdate):
             if self.layout is None or update.layout.head != self.layout.head:
                 raise UpdateRejected("update does not have the global model's layout")
+            if update.release is not None:  # it lives in its file: window by window
+                self._add_windows(update, num_samples)
+                return
             pairs = list(zip(self.run_sums, update.runs, strict=True))
         else:
             if not checked:
@@ -92,14 +95,15 @@ class RunningFedAvg:
             pairs = [(acc, update[name]) for name, acc in self.sums.items() if acc.numel()]
         first = self.count == 0
         for acc, t in pairs:
-            if first:
-                acc.copy_(t)  # widened exactly; then scaled in float64, as the add would
-                if acc.is_floating_point() and num_samples != 1:
-                    acc.mul_(num_samples)
-            elif acc.is_floating_point():
-                acc.add_(t, alpha=num_samples)
-            else:
-                torch.maximum(acc, t, out=acc)
+            add_into(acc, t, num_samples, first)
+        self.total_samples += num_samples
+        self.count += 1
+
+    def _add_windows(self, update: FlatUpdate, num_samples: int) -> None:
+        """Add an update that lives in its file, giving back each window's memory once added."""
+        first = self.count == 0
+        for i, lo, hi, t in update.windows(WINDOW_BYTES):
+            add_into(self.run_sums[i][lo:hi], t, num_samples, first)
         self.total_samples += num_samples
         self.count += 1
 
@@ -125,7 +129,20 @@ class RunningFedAvg:
                 dst.copy_(acc)
 
 
-def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+def add_into(acc: torch.Tensor, t: torch.Tensor, num_samples: int, first: bool) -> None:
+    """One update's tensor (or a window of it) into its sum: FedAvg's one operation, shared by
+    the running sum and the windowed one (`teefl.strategy.windowed`), bit for bit."""
+    if first:
+        acc.copy_(t)  # widened exactly; then scaled in float64, as the add would
+        if acc.is_floating_point() and num_samples != 1:
+            acc.mul_(num_samples)
+    elif acc.is_floating_point():
+        acc.add_(t, alpha=num_samples)
+    else:
+        torch.maximum(acc, t, out=acc)
+
+
+def sum_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 sums for every float dtype (precision over many updates); integers (counters
     such as BatchNorm's) keep their dtype and aggregate by maximum."""
     return torch.float64 if dtype.is_floating_point else dtype

@@ -7,7 +7,7 @@ model for everyone; the sums are computed on pieces still in the CPU cache.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -78,17 +78,51 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+#: bytes of an update summed at once where it lives in its file (`FlatUpdate.windows`)
+WINDOW_BYTES = 64 << 20
+
+
 class FlatUpdate:
     """An update whose payload has exactly the global model's `codec.Layout`, seen as that
     layout's runs (a few flat tensors instead of one per tensor), for `RunningFedAvg.add`."""
 
     def __init__(self, layout: codec.Layout, payload: Any) -> None:
         self.layout, self.runs = layout, layout.run_views(payload)
+        #: ``release(start, end)``: gives back the memory behind a byte range of a payload that
+        #: lives in its file (`teefl.store.paged.MappedPayload`), else None
+        self.release = getattr(payload, "release", None)
 
     def finite(self) -> bool:
         """Whether every float element is finite (cheap; False proves nothing, see
-        `_sums_finite`: the caller then checks tensor by tensor)."""
-        return _sums_finite([t for t in self.runs if t.is_floating_point()])
+        `_sums_finite`: the caller then checks tensor by tensor). A payload in its file is
+        summed window by window, each window's pages given back after its sum."""
+        if self.release is None:
+            return _sums_finite([t for t in self.runs if t.is_floating_point()])
+        sums = [  # float64: no overflow of a float16 window's sum
+            t.sum(dtype=torch.float64)
+            for _, _, _, t in self.windows(WINDOW_BYTES)
+            if t.is_floating_point()
+        ]
+        return not sums or bool(torch.isfinite(torch.stack(sums)).all())
+
+    def windows(self, nbytes: int) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+        """``(run, lo, hi, view)``: the runs as views of elements ``lo:hi`` of at most
+        ``nbytes`` each, in order; the memory behind each is given back (`done`) once the next
+        is asked for."""
+        for i, run in enumerate(self.runs):
+            step = max(1, nbytes // run.element_size())
+            for lo in range(0, run.numel(), step):
+                hi = min(run.numel(), lo + step)
+                yield i, lo, hi, run[lo:hi]
+                self.done(i, lo, hi)
+
+    def done(self, run: int, lo: int, hi: int) -> None:
+        """Elements ``lo:hi`` of run ``run`` were read: where the payload lives in its file,
+        the memory behind them goes back (a no-op for a payload in memory)."""
+        if self.release is not None:
+            _, begin, _ = self.layout.runs[run]
+            size = self.runs[run].element_size()
+            self.release(begin + lo * size, begin + hi * size)
 
 
 class FiniteScan:

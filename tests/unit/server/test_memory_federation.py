@@ -126,8 +126,28 @@ def _checkpoint(agg: Aggregator, rnd: int) -> dict[str, torch.Tensor]:
     return codec.decode_state((agg.run_dir / f"model/round-{rnd:04d}.safetensors").read_bytes())
 
 
-def test_a_fedavg_federation_over_memory_ends_at_the_mean_of_what_was_sent(tmp_path: Path):
-    agg, transports, start = _federation(tmp_path)
+@pytest.mark.parametrize("memory", ["fast", "flat"])
+def test_a_fedavg_federation_over_memory_ends_at_the_mean_of_what_was_sent(
+    tmp_path: Path, memory: str, monkeypatch
+):
+    """``flat``: the updates are received into their mapped files and summed window by window
+    at the close (store/paged.py, strategy/windowed.py): the same mean, bit for bit."""
+    from teefl.server import receivers
+
+    mapped: list[int] = []
+    real = receivers.MappedReceiver.__init__
+
+    def counted(self, target):
+        mapped.append(target.size)
+        real(self, target)
+
+    monkeypatch.setattr(receivers.MappedReceiver, "__init__", counted)
+    agg, transports, start = _federation(tmp_path, memory=memory)
+    assert len(mapped) == (len(NAMES) * ROUNDS if memory == "flat" else 0)
+    if memory == "flat":
+        from teefl.strategy.windowed import WindowedFedAvg
+
+        assert isinstance(agg.model.fedavg, WindowedFedAvg)
     for t in transports.values():
         assert sorted(t.sent) == [1, 2]  # one update per training round, none resent
         assert t.closed
@@ -292,12 +312,17 @@ class Half:
 '''
 
 
+@pytest.mark.parametrize("memory", ["fast", "flat"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_travels_in_its_own_dtype_and_averages_exactly(tmp_path: Path, dtype):
+def test_half_precision_travels_in_its_own_dtype_and_averages_exactly(
+    tmp_path: Path, dtype: str, memory: str
+):
     """bf16/fp16 models travel in their dtype (half the bytes of fp32); FedAvg sums in float64
     and rounds the mean once into the model's dtype: equal to the hand-computed mean."""
     (tmp_path / "half.py").write_text(HALF.replace("DTYPE", dtype))
-    agg, transports, start = _federation(tmp_path, {"workload": {"name": "./half.py:Half"}})
+    agg, transports, start = _federation(
+        tmp_path, {"workload": {"name": "./half.py:Half"}}, memory=memory
+    )
     want = getattr(torch, dtype)
     assert {t.dtype for t in start.values()} == {want}
     n_params = sum(t.numel() for t in start.values())
