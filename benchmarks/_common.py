@@ -177,10 +177,61 @@ def _raw_server(args: argparse.Namespace) -> None:
         n = int.from_bytes(head, "little")
         if n == 0:
             return
+        if args.stream:  # the bytes pass through one reused window: no payload held
+            buf = buf if len(buf) == STREAM_WINDOW else bytearray(STREAM_WINDOW)
+            _stream_recv(conn, buf, n)
+            _stream_send(conn, buf, n)
+            continue
         if len(buf) != n:
             buf = bytearray(n)
         _recv_exact(conn, memoryview(buf))
         conn.sendall(buf)
+
+
+#: the window a streaming raw echo moves its bytes through (`raw_stream`)
+STREAM_WINDOW = 64 << 20
+
+
+def _stream_recv(sock: Any, buf: bytearray, n: int) -> None:
+    view = memoryview(buf)
+    while n > 0:
+        k = min(n, len(view))
+        _recv_exact(sock, view[:k])
+        n -= k
+
+
+def _stream_send(sock: Any, buf: bytearray, n: int) -> None:
+    view = memoryview(buf)
+    while n > 0:
+        k = min(n, len(view))
+        sock.sendall(view[:k])
+        n -= k
+
+
+def raw_stream(size: int, reps: int) -> list[float]:
+    """Seconds per round trip of ``size`` bytes over a plain socket (send all, receive all
+    back), both ends moving them through one reused window: the raw time for a payload too big
+    to hold twice (large_model.py). No memory is written fresh on either end, so this is a
+    stricter baseline than any transfer that lands its bytes in a model."""
+    argv = [PY, str(HERE / "_common.py"), "raw-server", "--stream"]
+    with child(argv, stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = bytearray(STREAM_WINDOW)
+        times = []
+        try:
+            for _ in range(reps + 1):  # +1 warm-up
+                t0 = time.perf_counter()
+                sock.sendall(size.to_bytes(8, "little"))
+                _stream_send(sock, buf, size)
+                _stream_recv(sock, buf, size)
+                times.append(time.perf_counter() - t0)
+            sock.sendall((0).to_bytes(8, "little"))
+        finally:
+            sock.close()
+        return times[1:]
 
 
 def raw_echo(payload: bytes, reps: int, tls: tuple[Path, Path, Path] | None = None) -> list[float]:
@@ -261,15 +312,18 @@ def bench_plan(
     tls: dict[str, str] | None,
     chunk_size: int | None = None,
     compression: str = "none",
+    federation: dict[str, Any] | None = None,
+    workload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``federation``: more keys of that section; ``workload``: instead of `noop_workload`."""
     plan: dict[str, Any] = {
         "name": "bench",
         "collaborators": names,
-        "federation": {"rounds": rounds, "round_timeout": 600},
+        "federation": {"rounds": rounds, "round_timeout": 600, **(federation or {})},
         "training": {"threads": 1, "device": "cpu"},
         "network": {"host": "127.0.0.1", "port": 0},
         "security": {"transport": transport},
-        "workload": noop_workload(spec),
+        "workload": workload or noop_workload(spec),
     }
     if chunk_size:
         plan["network"]["chunk_size"] = chunk_size
@@ -294,6 +348,10 @@ class FedResult:
     bytes: int = 0
     agg_peak_rss: int = 0
     agg_base_rss: int = 0
+    #: the aggregator's RSS before it built the model (imports done)
+    agg_pre_model_rss: int = 0
+    #: per collaborator: (RSS before it built the model, peak RSS), from its stats file
+    col_rss: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: per phase (aggregator's and collaborator's spans, measured rounds): durations in seconds
     spans: dict[str, list[float]] = field(default_factory=dict)
     wall: float = 0.0
@@ -329,6 +387,8 @@ def fed_transfer(
     warmup: int = 1,
     rss_timeline: bool = False,
     compression: str = "none",
+    federation: dict[str, Any] | None = None,
+    workload: dict[str, Any] | None = None,
 ) -> FedResult:
     """Run ``warmup`` + ``reps`` rounds of a no-training federation; the collaborators' spans
     per measured round. ``rss_timeline``: the aggregator also samples its RSS every 5 ms (a
@@ -338,7 +398,9 @@ def fed_transfer(
     tls = pki_for(workdir / "pki", names) if transport != "none" else None
     import yaml
 
-    plan = bench_plan(spec, transport, reps + warmup, names, tls, chunk_size, compression)
+    plan = bench_plan(
+        spec, transport, reps + warmup, names, tls, chunk_size, compression, federation, workload
+    )
     plan_path = workdir / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(plan), encoding="utf-8")
     run_dir = workdir / "run"
@@ -407,6 +469,12 @@ def _collect(
         stats = json.loads(stats_file.read_text())
         res.agg_peak_rss = int(stats["peak_rss"])
         res.agg_base_rss = int(stats["base_rss"])
+        res.agg_pre_model_rss = int(stats.get("pre_model_rss", 0))
+    for name in names:
+        col_file = run_dir / f"col_stats-{name}.json"
+        if col_file.exists():
+            c = json.loads(col_file.read_text())
+            res.col_rss[name] = (int(c["pre_model_rss"]), int(c["peak_rss"]))
     last_upload_end: dict[int, float] = {}
     per_round: dict[int, dict[str, list[float]]] = {}
     for name in names:
@@ -500,6 +568,7 @@ def _agg_main(args: argparse.Namespace) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     rec = EventRecorder(run_dir, "bench", "aggregator", "aggregator")
     t_start = time.monotonic()
+    pre_model_rss = _rss()
     agg = Aggregator(plan, run_dir, "bench", rec)  # the noop workload builds the spec's model
     import gc
 
@@ -535,6 +604,7 @@ def _agg_main(args: argparse.Namespace) -> None:
         (run_dir / "agg_stats.json").write_text(
             json.dumps(
                 {
+                    "pre_model_rss": pre_model_rss,
                     "base_rss": base_rss,
                     "peak_rss": peak[0],
                     "peak_from": "kernel (VmHWM)" if kernel_peak else "5 ms samples",
@@ -577,7 +647,14 @@ def _col_main(args: argparse.Namespace) -> None:
     _apply_patches(args.patch)
     plan = load_plan(args.plan)
     require_transport(plan)
+    import gc
+
+    gc.collect()
+    pre_model_rss = _rss()
+    _reset_peak()
     Collaborator(plan, args.name, args.address, Path(args.run_dir)).run()  # the noop workload
+    stats = {"pre_model_rss": pre_model_rss, "peak_rss": _status_kib("VmHWM") * 1024}
+    (Path(args.run_dir) / f"col_stats-{args.name}.json").write_text(json.dumps(stats))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -586,6 +663,7 @@ def main(argv: list[str] | None = None) -> None:
     raw = sub.add_parser("raw-server")
     raw.add_argument("--cert")
     raw.add_argument("--key")
+    raw.add_argument("--stream", action="store_true")
     for name in ("agg", "col"):
         p = sub.add_parser(name)
         p.add_argument("--plan", required=True)
