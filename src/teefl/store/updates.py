@@ -345,7 +345,8 @@ class UpdateStore:
         if self.keep:
             return
         d = self.round_dir(rnd)
-        if not self.files.sealed and d.is_dir() and not last:
+        # mapped (flat memory): received into fresh sparse files, a kept one would be read back
+        if not self.files.sealed and not self.mapped and d.is_dir() and not last:
             spare = self.spare_dir()
             spare.mkdir(mode=DIR_MODE, exist_ok=True)
             for path in d.glob(f"*{self.files.suffix()}"):

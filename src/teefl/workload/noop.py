@@ -111,7 +111,14 @@ def _gpt2(o: NoOpOptions, dtype: torch.dtype) -> nn.Module:
             "the noop workload's gpt2 model needs Hugging Face transformers "
             "(pip install 'teefl[lora]')"
         ) from exc
+    # the output layer untied from the embedding: the same state dict (both names, the same
+    # bytes), but each tensor its own memory, so the model can live in its payload
+    # (client/resident.py refuses tied tensors)
     config = GPT2Config(
-        vocab_size=o.vocab_size, n_embd=o.n_embd, n_layer=o.n_layer, n_head=o.n_head
+        vocab_size=o.vocab_size,
+        n_embd=o.n_embd,
+        n_layer=o.n_layer,
+        n_head=o.n_head,
+        tie_word_embeddings=False,
     )
     return GPT2LMHeadModel._from_config(config, dtype=dtype)
