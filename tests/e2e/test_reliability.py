@@ -318,7 +318,7 @@ def test_aggregator_killed_in_round_1_after_an_ack_loses_nothing(
     restart counts that update from its staged slot or the run directory, once. ``flat``
     (``federation.memory: flat``): received into its file, mapped again at the restart."""
     shm = tmp_path / "shm"
-    memory = {"memory": "flat", "update_staging": "disk"} if staging == "flat" else {}
+    memory = {"memory": "flat"} if staging == "flat" else {}
     staging = "disk" if staging == "flat" else staging
     # a bounded round: before the fix the restarted aggregator never saw the acknowledged
     # update and the round timed out waiting for it (on a loaded machine starting the

@@ -43,7 +43,11 @@ class Replay:
                 ):
                     raise UpdateRejected("its metrics are not numbers")
                 state = None
-                if not r.evaluating:
+                if not r.evaluating and not isinstance(saved.payload, bytes):
+                    # mapped from its file (federation.memory: flat): checked and summed as it
+                    # arrived, a FlatUpdate whose pages are given back as it is read
+                    state = model.decode_update(saved.payload)[1]
+                elif not r.evaluating:
                     try:
                         state = codec.decode_state(saved.payload)
                     except codec.PayloadError as exc:

@@ -104,6 +104,6 @@ def test_a_spilled_copy_is_the_payload_and_leaves_no_file(tmp_path: Path) -> Non
     keeper.acked(1, teefl_pb2.Header(round=1), resident)
     assert _rss() - before < (4 << 20)  # not a second copy in memory
     resident[:] = bytes(len(resident))  # the next download overwrites the model
-    header, kept = keeper.copy(1)
+    _, kept = keeper.copy(1)
     assert isinstance(kept, paged.MappedPayload) and kept[:] == want
     assert list(tmp_path.iterdir()) == []  # unnamed: nothing left behind, even after a crash
