@@ -54,28 +54,34 @@ class ResidentModel:
             return None
         payload = layout.allocate()
         views = layout.tensor_views(payload)
-        with torch.no_grad():
-            for name, t in state.items():
-                if t.numel():
-                    views[name].copy_(t)
+        wanted = set(state)
+        # each tensor is copied into the payload and rebound at once, its old memory freed
+        # before the next: the model is held once, not twice, while it moves (a GPT-2 Large
+        # collaborator would otherwise peak at two model sizes here)
+        del state
         bound: set[str] = set()
         bindings: list[tuple[dict, str, int]] = []
         for prefix, sub in module.named_modules():
             dot = f"{prefix}." if prefix else ""
             for table, is_param in ((sub._parameters, True), (sub._buffers, False)):
-                for tname, t in table.items():
-                    key = dot + tname
-                    if t is None or key not in views:
+                for tname in list(table):
+                    key, t = dot + tname, table[tname]
+                    if t is None or key not in views or key in bound:
                         continue
+                    view = views[key]
+                    if view.numel():
+                        with torch.no_grad():
+                            view.copy_(t)
                     if is_param:
-                        t.data = views[key]
+                        t.data = view
                     else:
-                        table[tname] = views[key]
+                        table[tname] = view
+                    del t
                     bound.add(key)
-                    if views[key].numel():
-                        bindings.append((table, tname, views[key].data_ptr()))
+                    if view.numel():
+                        bindings.append((table, tname, view.data_ptr()))
         resident = cls(module, payload, layout.head, bindings)
-        if bound != set(state) or not resident.intact():
+        if bound != wanted or not resident.intact():
             return None  # a tensor the state dict shows but we could not rebind
         return resident
 

@@ -78,12 +78,12 @@ class GlobalModel:
         self.global_state = self.fedavg.result()
         return None
 
-    def finite_scan(self, total_size: int, buffer: Any) -> FiniteScan | None:
+    def finite_scan(self, total_size: int) -> FiniteScan | None:
         """The finiteness check to run while an update of the global model's size arrives."""
         layout = self.flat_layout
-        if layout is None or buffer is None or total_size != layout.size:
+        if layout is None or total_size != layout.size:
             return None
-        return FiniteScan(layout, buffer)
+        return FiniteScan(layout)
 
     def decode_update(
         self, payload: Any, owned: bool = False, scan: FiniteScan | None = None

@@ -10,8 +10,8 @@ Five ways, one class each, chosen in ONE place (`choose`):
   ciphertext, so nothing can be written before the last byte);
 - `ZstdReceiver`: the compressed frame in memory, decompressed, then written;
 - `MemoryReceiver`: assembled in memory (gRPC uploads), then written;
-- `MappedReceiver` (``federation.memory: flat``, either data plane): straight into the update's
-  file through a shared map whose pages are given back as it arrives (store/paged.py).
+- `MappedReceiver` (``federation.memory: flat``, either data plane): through a small window
+  into the update's own file, then mapped to be checked and summed (store/paged.py).
 
 Every receiver stores the update before the acknowledgement: a crash after the ACK loses nothing.
 """
@@ -31,6 +31,7 @@ class MemoryReceiver:
     """The assembler allocates the payload; stored whole once checked."""
 
     buffer: Any = None  # what the assembler receives into (None: it allocates)
+    window: Any = None  # or the window it passes through into ``file_sink`` (then no buffer)
     file_sink: Any = None  # called with each received piece (``(view, offset)``), or None
     zstd = False
 
@@ -105,13 +106,17 @@ class StagedReceiver(MemoryReceiver):
 
 
 class MappedReceiver(MemoryReceiver):
-    """The update's own file, mapped: committed by renaming it into place (`MappedUpdateFile`);
-    the map stays with the update (its tensors are views of it) until its round is summed."""
+    """Through a small window into the update's own file, then mapped (`MappedUpdateFile`):
+    committed by renaming it into place; the map stays with the update (its tensors are views
+    of it) until its round is summed."""
 
     def __init__(self, target: MappedUpdateFile) -> None:
         self.target = target
-        self.buffer = target.mem
+        self.window = target.window
         self.file_sink = target.write
+
+    def payload(self) -> Any:
+        return self.target.payload()
 
     def commit(self, store, rnd, name, payload, meta, digests, verified) -> None:  # type: ignore[override]
         self.target.commit(meta, digests, verified)

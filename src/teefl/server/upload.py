@@ -118,10 +118,15 @@ class Upload:
             intake.rx_pool if data_plane else None,
             intake.flat,
         )
-        self.scan = intake.model.finite_scan(h.total_size, rx.buffer)
+        # checked piece by piece where the pieces come from the socket (or a window), not
+        # where gRPC messages may split an element
+        received = rx.buffer is not None or rx.window is not None
+        self.scan = intake.model.finite_scan(h.total_size) if received else None
         sink = _sinks(rx.file_sink, self.scan)
         try:
-            self.asm = assembly.Assembler.for_header(h, limit, intake.check, rx.buffer, sink)
+            self.asm = assembly.Assembler.for_header(
+                h, limit, intake.check, rx.buffer, sink, rx.window
+            )
         except codec.PayloadError as exc:  # a field the check needs is missing
             raise UpdateRejected(f"malformed update header: {exc}") from None
         return self.asm
@@ -131,6 +136,8 @@ class Upload:
         intake, h, rx = self.intake, self.h, self.receiver
         assert self.asm is not None and rx is not None
         payload, digest, crc = finished(self.asm), h.sha256, crc_of(h)
+        if payload is None:  # received through a window into its file: read from there
+            payload = rx.payload()
         if rx.zstd:
             payload, digest, crc = intake.decompressed(payload, h)
         # data plane: decoded in place, the tensors share the received buffer

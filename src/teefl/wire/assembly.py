@@ -44,6 +44,7 @@ class Assembler:
         expected_crc32c: int | None = None,
         buffer: Any = None,
         sink: Callable[[memoryview, int], None] | None = None,
+        window: Any = None,
     ) -> None:
         self.check_announced(total_size, expected_sha256, limit, check)
         if check not in CHECKS:
@@ -55,10 +56,20 @@ class Assembler:
         self.expected_crc = expected_crc32c
         self.check = check
         self._crc = 0
-        self.buf = ReceivedPayload(total_size) if buffer is None else buffer
-        self._view = memoryview(self.buf).cast("B")
-        if len(self._view) != total_size:
-            raise ValueError("receive buffer does not have the announced size")
+        #: ``window``: the payload passes through this buffer, piece after piece, and lives
+        #: only where ``sink`` puts it (`finish` then returns None); else ``buffer`` holds it
+        self._wrap = 0
+        if window is not None:
+            self.buf = None
+            self._view = memoryview(window).cast("B")
+            self._wrap = len(self._view)
+            if self._wrap < HASH_PIECE or sink is None:
+                raise ValueError("a receive window needs a sink and at least one piece")
+        else:
+            self.buf = ReceivedPayload(total_size) if buffer is None else buffer
+            self._view = memoryview(self.buf).cast("B")
+            if len(self._view) != total_size:
+                raise ValueError("receive buffer does not have the announced size")
         self._hash = hashlib.sha256()
         self.filled = 0
         self.sink = sink
@@ -71,6 +82,7 @@ class Assembler:
         check: str,
         buffer: Any = None,
         sink: Callable[[memoryview, int], None] | None = None,
+        window: Any = None,
     ) -> Assembler:
         """The assembler a wire `Header` (teefl.proto) announces: its size and digests."""
         crc = header.crc32c if header.HasField("crc32c") else None
@@ -82,6 +94,7 @@ class Assembler:
             expected_crc32c=crc,
             buffer=buffer,
             sink=sink,
+            window=window,
         )
 
     @staticmethod
@@ -95,16 +108,33 @@ class Assembler:
         if len(expected_sha256) != 32 and (check == "sha256" or expected_sha256):
             raise PayloadError("header carries no valid SHA-256")
 
+    def _at(self, start: int, stop: int) -> memoryview:
+        """Where payload bytes ``start:stop`` go: the buffer's, or the window's (never across
+        its end: callers cut pieces at `_room`)."""
+        if not self._wrap:
+            return self._view[start:stop]
+        w = start % self._wrap
+        return self._view[w : w + stop - start]
+
+    def _room(self, start: int) -> int:
+        """Bytes from ``start`` to the end of the window (unbounded without one)."""
+        return self._wrap - start % self._wrap if self._wrap else self.total - start
+
     def add(self, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
         end = self.filled + n
         if end > self.total:
             raise PayloadError(f"stream carries more than the announced {self.total} bytes")
-        if n:
-            self._view[self.filled : end] = data
-            self._digest(data)
+        src, done = memoryview(data).cast("B"), 0
+        while done < n:
+            start = self.filled + done
+            k = min(n - done, self._room(start))
+            dst = self._at(start, start + k)
+            dst[:] = src[done : done + k]
+            self._digest(dst)
             if self.sink is not None:
-                self.sink(self._view[self.filled : end], self.filled)
+                self.sink(dst, start)
+            done += k
         self.filled = end
 
     def _digest(self, data: bytes | bytearray | memoryview) -> None:
@@ -127,22 +157,23 @@ class Assembler:
             end = min(self.total, self.filled + step)
             while self.filled < end:
                 start = pos = self.filled
-                stop = min(end, start + piece)
+                stop = min(end, start + piece, start + self._room(start))
+                dst = self._at(start, stop)
                 while pos < stop:
-                    k = recv_into(self._view[pos:stop])
+                    k = recv_into(dst[pos - start :])
                     if k == 0:
                         raise PayloadError(
                             f"stream ended after {pos} of {self.total} announced bytes (truncated)"
                         )
                     pos += k
-                self._digest(self._view[start:stop])
+                self._digest(dst)
                 if self.sink is not None:
-                    self.sink(self._view[start:stop], start)
+                    self.sink(dst, start)
                 self.filled = stop
             if tick is not None:
                 tick()
 
-    def finish(self) -> ReceivedPayload:
+    def finish(self) -> ReceivedPayload | None:
         if self.filled != self.total:
             raise PayloadError(
                 f"stream ended after {self.filled} of {self.total} announced bytes (truncated)"

@@ -80,6 +80,8 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 #: bytes of an update summed at once where it lives in its file (`FlatUpdate.windows`)
 WINDOW_BYTES = 64 << 20
+#: bytes of such an update checked for finiteness at once (the float64 sum converts them first)
+CHECK_BYTES = 4 << 20
 
 
 class FlatUpdate:
@@ -98,9 +100,9 @@ class FlatUpdate:
         summed window by window, each window's pages given back after its sum."""
         if self.release is None:
             return _sums_finite([t for t in self.runs if t.is_floating_point()])
-        sums = [  # float64: no overflow of a float16 window's sum
+        sums = [  # float64: no overflow of a float16 window's sum (a temporary of 4x the window)
             t.sum(dtype=torch.float64)
-            for _, _, _, t in self.windows(WINDOW_BYTES)
+            for _, _, _, t in self.windows(CHECK_BYTES)
             if t.is_floating_point()
         ]
         return not sums or bool(torch.isfinite(torch.stack(sums)).all())
@@ -141,8 +143,7 @@ class FiniteScan:
     the usual way.
     """
 
-    def __init__(self, layout: codec.Layout, buffer: Any) -> None:
-        self.buffer = buffer
+    def __init__(self, layout: codec.Layout) -> None:
         self.runs = [
             (b, b + n * d.itemsize, _NUMPY.get(d)) for d, b, n in layout.runs if d.is_floating_point
         ]
@@ -164,7 +165,7 @@ class FiniteScan:
                 return
             n = (hi - lo) // dtype.itemsize
             with np.errstate(over="ignore", invalid="ignore"):  # inf / NaN are the answer
-                self.sums.append(float(np.frombuffer(self.buffer, dtype, n, lo).sum()))
+                self.sums.append(float(np.frombuffer(piece, dtype, n, lo - offset).sum()))
             self.seen += hi - lo
 
     def finite(self) -> bool:

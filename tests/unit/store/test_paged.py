@@ -17,24 +17,33 @@ def _rss() -> int:
 
 
 def _receive(target: MappedUpdateFile, data_at, piece: int = 1 << 20) -> None:
-    """What `assembly.Assembler` does: each piece into the map, then the sink."""
-    view = memoryview(target.mem)
-    for off in range(0, target.size, piece):
-        n = min(piece, target.size - off)
-        view[off : off + n] = data_at(off, n)
-        target.write(view[off : off + n], off)
-    view.release()
+    """What `assembly.Assembler` does with the target's window: each piece into it (never
+    across its end), then to the file's sink."""
+    off = 0
+    while off < target.size:
+        w = off % paged.WINDOW
+        n = min(piece, target.size - off, paged.WINDOW - w)
+        target.window[w : w + n] = data_at(off, n)
+        target.write(memoryview(target.window)[w : w + n], off)
+        off += n
 
 
 def test_a_received_update_is_in_its_file_not_in_the_process(tmp_path: Path) -> None:
     size = 256 << 20
     final = tmp_path / "col1.safetensors"
     target = MappedUpdateFile(final, tmp_path / "col1.json", size)
+    chunk = bytearray(1 << 20)
     before = _rss()
-    _receive(target, lambda off, n: bytes([off >> 20 & 0xFF]) * n)
-    grew = _rss() - before
-    # at most a release step (and the piece being received) stays resident, not 256 MiB
-    assert grew < paged.RELEASE_STEP + (8 << 20), grew
+
+    def data_at(off: int, n: int) -> bytearray:
+        chunk[:] = bytes([off >> 20 & 0xFF]) * n
+        return chunk
+
+    _receive(target, data_at)
+    assert _rss() - before < (8 << 20)  # through one small buffer, not 256 MiB of it
+    mapped = target.payload()
+    assert mapped[200 << 20 : (200 << 20) + 4] == bytes([200]) * 4
+    mapped.release(0, size)
     target.commit({"samples": 3}, {"crc32c": 7}, True)
     assert not target.tmp.exists() and final.stat().st_size == size
     with open(final, "rb") as fh:
@@ -49,6 +58,15 @@ def test_a_refused_update_leaves_nothing(tmp_path: Path) -> None:
     _receive(target, lambda off, n: b"x" * n, piece=4096)
     target.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pieces_must_come_in_order(tmp_path: Path) -> None:
+    import pytest
+
+    target = MappedUpdateFile(tmp_path / "u", tmp_path / "u.json", 8192)
+    with pytest.raises(ValueError, match="expected 0"):
+        target.write(memoryview(b"x" * 4096), 4096)
+    target.abort()
 
 
 def test_a_digest_is_computed_where_none_was_claimed(tmp_path: Path) -> None:
@@ -68,27 +86,23 @@ def test_a_digest_is_computed_where_none_was_claimed(tmp_path: Path) -> None:
     assert mapped.digests("crc32c") == crc32c.crc32c(data)
 
 
-def test_offsets_past_4_gib_land_where_they_belong(tmp_path: Path) -> None:
-    """A 4 GiB + 8 KiB update file, sparse: only the pages written are ever allocated."""
+def test_offsets_past_4_gib_are_mapped_where_they_belong(tmp_path: Path) -> None:
+    """A 4 GiB + 8 KiB update file, sparse: only the pages written are ever allocated; its map
+    reads them at their offsets and gives the memory back."""
     size = (4 << 30) + 8192
-    final = tmp_path / "big"
-    target = MappedUpdateFile(final, tmp_path / "big.json", size)
-    view = memoryview(target.mem)
-    view[(2 << 30) + 1 : (2 << 30) + 4] = b"mid"
-    view[size - 5 :] = b"tail!"
-    target.write(view[size - 5 :], size - 5)  # gives back everything before it
-    view.release()
-    target.commit({"samples": 1}, {"crc32c": 0}, True)
-    assert final.stat().st_size == size
-    assert final.stat().st_blocks * 512 < (64 << 20)  # still sparse: never held whole
-    with open(final, "rb") as fh:
-        fh.seek((2 << 30) + 1)
-        assert fh.read(3) == b"mid"
-        fh.seek(size - 5)
-        assert fh.read() == b"tail!"
-    mapped = map_file(final)
+    path = tmp_path / "big"
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+        os.pwrite(fh.fileno(), b"mid", (2 << 30) + 1)
+        os.pwrite(fh.fileno(), b"tail!", size - 5)
+    assert path.stat().st_blocks * 512 < (64 << 20)  # sparse: never held whole
+    mapped = map_file(path)
     assert mapped is not None and len(mapped) == size
+    assert mapped[(2 << 30) + 1 : (2 << 30) + 4] == b"mid"
     assert mapped[size - 5 :] == b"tail!"
+    before = _rss()
+    mapped.release(0, size)
+    assert _rss() <= before
 
 
 def test_a_spilled_copy_is_the_payload_and_leaves_no_file(tmp_path: Path) -> None:
@@ -107,3 +121,31 @@ def test_a_spilled_copy_is_the_payload_and_leaves_no_file(tmp_path: Path) -> Non
     _, kept = keeper.copy(1)
     assert isinstance(kept, paged.MappedPayload) and kept[:] == want
     assert list(tmp_path.iterdir()) == []  # unnamed: nothing left behind, even after a crash
+
+
+def test_where_o_direct_is_refused_the_file_is_written_the_ordinary_way(tmp_path: Path) -> None:
+    """tmpfs refuses O_DIRECT: the same bytes land in the file all the same."""
+    import shutil
+    import tempfile
+
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm")) if Path("/dev/shm").is_dir() else tmp_path
+    try:
+        data = os.urandom(paged.WINDOW + 12345)  # a full window and a partial one
+        target = MappedUpdateFile(shm / "u", shm / "u.json", len(data))
+        _receive(target, lambda off, n: data[off : off + n], piece=1 << 16)
+        target.commit({"samples": 1}, {"crc32c": 1}, True)
+        assert (shm / "u").read_bytes() == data
+    finally:
+        if shm != tmp_path:
+            shutil.rmtree(shm)
+
+
+def test_a_window_and_a_tail_land_where_they_belong(tmp_path: Path) -> None:
+    data = os.urandom(
+        2 * paged.WINDOW + 4096 + 17
+    )  # O_DIRECT windows, an aligned and a ragged tail
+    target = MappedUpdateFile(tmp_path / "u", tmp_path / "u.json", len(data))
+    _receive(target, lambda off, n: data[off : off + n], piece=300_000)
+    assert bytes(target.payload()) == data
+    target.commit({"samples": 1}, {"crc32c": 1}, True)
+    assert (tmp_path / "u").read_bytes() == data

@@ -258,7 +258,7 @@ def _payload(name: str = "mobilenet_v3_small", dtype: torch.dtype | None = None)
 
 
 def _scanned(layout: codec.Layout, payload: bytearray, piece: int) -> FiniteScan:
-    scan = FiniteScan(layout, payload)
+    scan = FiniteScan(layout)
     asm = assembly.Assembler(len(payload), b"", 1 << 40, check="none", buffer=bytearray(payload))
     scan.buffer = asm.buf
     view = memoryview(payload)
@@ -294,15 +294,15 @@ def test_scan_proves_nothing_where_it_did_not_see_every_element() -> None:
     layout, payload = _payload()
     first = next(b for d, b, _ in layout.runs if d == torch.float32)
     cut = first + 1001  # inside a float32 element
-    scan = FiniteScan(layout, payload)
+    scan = FiniteScan(layout)
     scan(memoryview(payload)[:cut], 0)  # a piece ending inside an element
     scan(memoryview(payload)[cut:], cut)
     assert not scan.finite()
-    whole = FiniteScan(layout, payload)
+    whole = FiniteScan(layout)
     whole(memoryview(payload)[: cut - 1], 0)  # element-aligned: fine
     whole(memoryview(payload)[cut - 1 :], cut - 1)
     assert whole.finite()
-    half = FiniteScan(layout, payload)
+    half = FiniteScan(layout)
     half(memoryview(payload)[: len(payload) // 2], 0)  # the rest never arrived
     assert not half.finite()
 

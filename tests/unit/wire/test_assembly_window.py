@@ -1,0 +1,88 @@
+"""A payload received through a window (`Assembler(window=...)`): every byte reaches the sink
+once, in order, at its offset; the digests are checked over all of it; the window is reused."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import crc32c
+import pytest
+
+from teefl.wire.assembly import HASH_PIECE, Assembler
+from teefl.wire.codec import PayloadError
+
+SIZE = 3 * HASH_PIECE + 12345  # not a multiple of the window or a piece
+
+
+def _collect():
+    out = bytearray()
+
+    def sink(piece: memoryview, offset: int) -> None:
+        assert offset == len(out)
+        out.extend(piece)
+
+    return out, sink
+
+
+@pytest.mark.parametrize("check", ["sha256", "crc32c"])
+def test_chunks_through_a_window_reach_the_sink_whole(check: str) -> None:
+    data = os.urandom(SIZE)
+    out, sink = _collect()
+    window = bytearray(HASH_PIECE + 7)  # chunks cross its end
+    asm = Assembler(
+        SIZE,
+        hashlib.sha256(data).digest(),
+        SIZE,
+        check=check,
+        expected_crc32c=crc32c.crc32c(data),
+        sink=sink,
+        window=window,
+    )
+    for i in range(0, SIZE, 100_003):
+        asm.add(data[i : i + 100_003])
+    assert asm.finish() is None  # nothing held: the sink has it
+    assert bytes(out) == data
+
+
+def test_a_socket_stream_through_a_window_reaches_the_sink_whole() -> None:
+    data = os.urandom(SIZE)
+    out, sink = _collect()
+    pos = 0
+
+    def recv_into(view: memoryview) -> int:
+        nonlocal pos
+        k = min(len(view), 70_001, SIZE - pos)  # short reads, as a socket gives them
+        view[:k] = data[pos : pos + k]
+        pos += k
+        return k
+
+    asm = Assembler(
+        SIZE,
+        b"",
+        SIZE,
+        check="crc32c",
+        expected_crc32c=crc32c.crc32c(data),
+        sink=sink,
+        window=bytearray(2 * HASH_PIECE),
+    )
+    asm.receive(recv_into, 4 << 20, None)
+    assert asm.finish() is None and bytes(out) == data
+
+
+def test_a_corrupted_stream_through_a_window_is_refused() -> None:
+    data = bytearray(os.urandom(SIZE))
+    digest = hashlib.sha256(data).digest()
+    data[HASH_PIECE + 3] ^= 1
+    _, sink = _collect()
+    asm = Assembler(SIZE, digest, SIZE, sink=sink, window=bytearray(HASH_PIECE))
+    asm.add(data)
+    with pytest.raises(PayloadError, match="SHA-256"):
+        asm.finish()
+
+
+def test_a_window_needs_a_sink_and_a_piece() -> None:
+    with pytest.raises(ValueError, match="window"):
+        Assembler(10, b"", 10, check="none", window=bytearray(HASH_PIECE))
+    with pytest.raises(ValueError, match="window"):
+        Assembler(10, b"", 10, check="none", sink=lambda p, o: None, window=bytearray(10))
