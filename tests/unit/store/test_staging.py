@@ -307,10 +307,23 @@ def test_scan_proves_nothing_where_it_did_not_see_every_element() -> None:
     assert not half.finite()
 
 
-def test_scan_leaves_bfloat16_to_the_whole_check() -> None:
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_scan_checks_bfloat16_exactly(bad: float) -> None:
+    """NumPy has no bfloat16: its bits are read as uint16, exponent all ones = not finite."""
     layout, payload = _payload("small_cnn", torch.bfloat16)
-    assert not _scanned(layout, payload, assembly.HASH_PIECE).finite()
-    assert FlatUpdate(layout, payload).finite()  # which still accepts it
+    assert _scanned(layout, payload, assembly.HASH_PIECE).finite()
+    begin = next(b for d, b, _ in layout.runs if d == torch.bfloat16)
+    wrong = bytearray(payload)
+    wrong[begin + 6 : begin + 8] = (
+        torch.tensor([bad], dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
+    )
+    assert not _scanned(layout, wrong, assembly.HASH_PIECE).finite()
+    assert not FlatUpdate(layout, wrong).finite()
+    big = bytearray(payload)  # the largest finite bfloat16 is finite
+    big[begin : begin + 2] = (
+        torch.tensor([3.0e38], dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
+    )
+    assert _scanned(layout, big, assembly.HASH_PIECE).finite()
 
 
 def test_a_slot_whose_file_was_removed_under_it_commits_nothing(tmp_path: Path) -> None:
