@@ -40,7 +40,6 @@ import hmac
 import json
 import os
 import secrets
-import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,59 +50,29 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from teefl.errors import TeeflError
 from teefl.security.keyfile import check_private_file
-
-MAGIC = b"TEEFLSEAL"
-#: the newest format; 1 (no context) is still read, and written for a blob sealed without one
-FORMAT_VERSION = 2
-UNBOUND_VERSION = 1
-KEY_SIZE = 32
-NONCE_SIZE = 12
-TAG_SIZE = 16
-_HEADER = struct.Struct(f">{len(MAGIC)}sB8s{NONCE_SIZE}sQ")
-HEADER_SIZE = _HEADER.size  # 38: the fixed part (version 2 adds the context after it)
-_CTX_LEN = struct.Struct(">H")
-#: format version 3: a payload over `SINGLE_MAX` bytes, sealed as a sequence of AES-GCM messages
-#: of `STREAM_CHUNK` plaintext bytes each (AES-GCM in ``cryptography`` takes at most 2**31 - 1
-#: bytes per message). Each message's nonce is the file's nonce plus its index; its associated
-#: data the whole header, its index and whether it is the last, so chunks cannot be reordered,
-#: dropped, repeated or cut off without failing authentication.
-STREAM_VERSION = 3
-SINGLE_MAX = 2**31 - 1
-STREAM_CHUNK = 64 << 20
-_CHUNK_SIZE = struct.Struct(">I")
-#: a context is a few names and numbers; anything longer is not one of ours
-MAX_CONTEXT = 4096
-
-
-class SealedError(TeeflError):
-    """Base class: a sealed file could not be opened."""
-
-
-class NotSealedError(SealedError):
-    """The data does not start with the teefl sealed header."""
-
-
-class UnsupportedVersionError(SealedError):
-    """A sealed file from a newer (or corrupted) format version."""
-
-
-class TruncatedError(SealedError):
-    """Fewer bytes than the header announces."""
-
-
-class WrongKeyError(SealedError):
-    """The file was sealed with a different key."""
-
-
-class TamperedError(SealedError):
-    """Authentication failed although key and length match: the file was modified."""
-
-
-class ContextMismatchError(SealedError):
-    """An authentic file, but not the one expected: another run's, round's, party's or kind's
-    (an older checkpoint or another update put in its place), or one sealed without a context."""
+from teefl.security.sealformat import (
+    _CTX_LEN,
+    _HEADER,
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    KEY_SIZE,
+    MAGIC,
+    MAX_CONTEXT,
+    NONCE_SIZE,
+    SINGLE_MAX,
+    STREAM_VERSION,
+    TAG_SIZE,
+    UNBOUND_VERSION,
+    ContextMismatchError,
+    NotSealedError,
+    SealedError,
+    TamperedError,
+    TruncatedError,
+    UnsupportedVersionError,
+    WrongKeyError,
+    key_id,
+)
 
 
 def _context_bytes(context: Mapping[str, Any]) -> bytes:
@@ -126,11 +95,6 @@ def describe(context: Mapping[str, Any] | None) -> str:
     else:
         what = f"the {kind}"
     return f"{what} of run {context.get('run')!r}"
-
-
-def key_id(key: bytes) -> bytes:
-    """8-byte identifier of a key (HMAC, so it reveals nothing usable about the key)."""
-    return hmac.new(key, b"teefl sealed key id v1", hashlib.sha256).digest()[:8]
 
 
 def _check_key(key: bytes) -> bytes:
@@ -220,7 +184,9 @@ def seal_bytes(data: Any, key: bytes, context: Mapping[str, Any] | None = None) 
     nonce = secrets.token_bytes(NONCE_SIZE)
     view = memoryview(data).cast("B")
     if context is not None and len(view) > SINGLE_MAX:
-        return _seal_stream(view, key, nonce, _context_bytes(context))
+        from teefl.security.sealstream import seal_stream
+
+        return seal_stream(view, key, nonce, _context_bytes(context))
     length = len(data) + TAG_SIZE
     version = UNBOUND_VERSION if context is None else FORMAT_VERSION
     header = _HEADER.pack(MAGIC, version, key_id(key), nonce, length)
@@ -228,67 +194,6 @@ def seal_bytes(data: Any, key: bytes, context: Mapping[str, Any] | None = None) 
         ctx = _context_bytes(context)
         header += _CTX_LEN.pack(len(ctx)) + ctx
     return header + AESGCM(key).encrypt(nonce, bytes(data), header)
-
-
-def _chunk_nonce(nonce: bytes, index: int) -> bytes:
-    """Message ``index``'s nonce: the file's random nonce with its last 8 bytes advanced."""
-    counter = (int.from_bytes(nonce[4:], "big") + index) % 2**64
-    return nonce[:4] + counter.to_bytes(8, "big")
-
-
-def _chunk_aad(header: bytes, index: int, last: bool) -> bytes:
-    return header + index.to_bytes(8, "big") + (b"\x01" if last else b"\x00")
-
-
-def _seal_stream(view: memoryview, key: bytes, nonce: bytes, ctx: bytes) -> bytearray:
-    """Format version 3 (see `STREAM_VERSION`): written into one buffer, chunk by chunk."""
-    chunk, n = STREAM_CHUNK, len(view)
-    count = -(-n // chunk)
-    header = _HEADER.pack(MAGIC, STREAM_VERSION, key_id(key), nonce, n + count * TAG_SIZE)
-    header += _CTX_LEN.pack(len(ctx)) + ctx + _CHUNK_SIZE.pack(chunk)
-    out = bytearray(len(header) + n + count * TAG_SIZE)
-    out[: len(header)] = header
-    aead, pos = AESGCM(key), len(header)
-    for i in range(count):
-        piece = view[i * chunk : (i + 1) * chunk]
-        sealed = aead.encrypt(_chunk_nonce(nonce, i), piece, _chunk_aad(header, i, i == count - 1))
-        out[pos : pos + len(sealed)] = sealed
-        pos += len(sealed)
-    return out
-
-
-def _open_stream(blob: Any, key: bytes, nonce: bytes, end: int, length: int) -> bytearray:
-    """The plaintext of a version-3 body (``blob[end:]`` after the chunk size)."""
-    if len(blob) < end + _CHUNK_SIZE.size:
-        raise TruncatedError("sealed file truncated inside its header")
-    (chunk,) = _CHUNK_SIZE.unpack_from(blob, end)
-    end += _CHUNK_SIZE.size
-    header = bytes(blob[:end])
-    body = memoryview(blob)[end:]
-    if len(body) < length:
-        raise TruncatedError(f"sealed file truncated: {len(body)} of {length} bytes after header")
-    count = -(-length // (chunk + TAG_SIZE)) if chunk else 0
-    plain_len = length - count * TAG_SIZE
-    if len(body) > length or not count or plain_len <= (count - 1) * chunk:
-        raise TamperedError(
-            f"sealed file modified: {len(body)} bytes after header, header says {length} in "
-            f"messages of {chunk}"
-        )
-    out = bytearray(plain_len)
-    aead = AESGCM(key)
-    for i in range(count):
-        lo = i * (chunk + TAG_SIZE)
-        piece = body[lo : min(len(body), lo + chunk + TAG_SIZE)]
-        try:
-            plain = aead.decrypt(
-                _chunk_nonce(nonce, i), piece, _chunk_aad(header, i, i == count - 1)
-            )
-        except InvalidTag as exc:
-            raise TamperedError(
-                "sealed file failed authentication: it was modified after sealing"
-            ) from exc
-        out[i * chunk : i * chunk + len(plain)] = plain
-    return out
 
 
 def open_sealed(blob: bytes, key: bytes) -> tuple[bytes, dict[str, Any] | None]:
@@ -322,7 +227,9 @@ def open_sealed(blob: bytes, key: bytes) -> tuple[bytes, dict[str, Any] | None]:
         if len(blob) < end:
             raise TruncatedError("sealed file truncated inside its context")
     if version == STREAM_VERSION:
-        plain: Any = _open_stream(blob, key, nonce, end, length)
+        from teefl.security.sealstream import open_stream
+
+        plain: Any = open_stream(blob, key, nonce, end, length)
     else:
         body = memoryview(blob)[end:]
         if len(body) < length:

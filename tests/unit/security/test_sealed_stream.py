@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from teefl.security import sealed
+from teefl.security import sealed, sealstream
 from teefl.security.sealed import (
     ContextMismatchError,
     SealedError,
@@ -28,12 +28,12 @@ CTX = {"run": "r1", "kind": "checkpoint", "party": "aggregator", "round": 2}
 def small(monkeypatch):
     """One message holds at most 100 bytes; a stream message carries 32."""
     monkeypatch.setattr(sealed, "SINGLE_MAX", 100)
-    monkeypatch.setattr(sealed, "STREAM_CHUNK", 32)
+    monkeypatch.setattr(sealstream, "STREAM_CHUNK", 32)
 
 
 def _body_start(blob: bytes) -> int:
     (ctx_len,) = sealed._CTX_LEN.unpack_from(blob, sealed.HEADER_SIZE)
-    return sealed.HEADER_SIZE + sealed._CTX_LEN.size + ctx_len + sealed._CHUNK_SIZE.size
+    return sealed.HEADER_SIZE + sealed._CTX_LEN.size + ctx_len + sealstream._CHUNK_SIZE.size
 
 
 @pytest.mark.parametrize("size", [101, 128, 129, 1000])
