@@ -5,7 +5,7 @@ receives (docs/large-models.md). An update passes through a small receive window
 (`MappedUpdateFile`): the bytes sit in the file and the page cache, which the kernel may drop
 once written back, never in the process's resident memory. It is then mapped to be checked and,
 at the round's close, summed window by window (`teefl.strategy.windowed`); each window's pages
-are given back once read (`MappedPayload.release`).
+are given back once read (`MappedPayload.release_pages`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class MappedPayload(mmap.mmap):
 
     @classmethod
     def of(cls, fd: int, size: int, writable: bool) -> MappedPayload:
-        """Map ``size`` bytes of the open file ``fd`` (kept open for `release`'s advice).
+        """Map ``size`` bytes of the open file ``fd`` (kept open for `release_pages`' advice).
         Not ``writable``: a private map, never written (tensor views want a writable buffer)."""
         flags = mmap.MAP_SHARED if writable else mmap.MAP_PRIVATE
         mem = cls(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -47,7 +47,7 @@ class MappedPayload(mmap.mmap):
         weakref.finalize(mem, os.close, fd)
         return mem
 
-    def release(self, start: int, end: int) -> None:
+    def release_pages(self, start: int, end: int) -> None:
         """Give back the pages wholly inside ``[start, end)``: unmapped from this process (a
         dirty page stays dirty in the page cache: nothing written is lost) and, once written
         back, dropped from the cache too (the kernel starts that writeback here)."""
@@ -71,7 +71,7 @@ class MappedPayload(mmap.mmap):
                     h.update(view[start:end])
                 else:
                     crc = _crc32c.crc32c(view[start:end], crc)
-            self.release(start, end)
+            self.release_pages(start, end)
         return h.digest() if kind == "sha256" else crc
 
 

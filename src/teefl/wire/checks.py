@@ -91,8 +91,8 @@ class FlatUpdate:
     def __init__(self, layout: codec.Layout, payload: Any) -> None:
         self.layout, self.runs = layout, layout.run_views(payload)
         #: ``release(start, end)``: gives back the memory behind a byte range of a payload that
-        #: lives in its file (`teefl.store.paged.MappedPayload`), else None
-        self.release = getattr(payload, "release", None)
+        #: lives in its file (`teefl.store.paged.MappedPayload.release_pages`), else None
+        self.release = getattr(payload, "release_pages", None)
 
     def finite(self) -> bool:
         """Whether every float element is finite (cheap; False proves nothing, see

@@ -43,7 +43,7 @@ def test_a_received_update_is_in_its_file_not_in_the_process(tmp_path: Path) -> 
     assert _rss() - before < (8 << 20)  # through one small buffer, not 256 MiB of it
     mapped = target.payload()
     assert mapped[200 << 20 : (200 << 20) + 4] == bytes([200]) * 4
-    mapped.release(0, size)
+    mapped.release_pages(0, size)
     target.commit({"samples": 3}, {"crc32c": 7}, True)
     assert not target.tmp.exists() and final.stat().st_size == size
     with open(final, "rb") as fh:
@@ -101,7 +101,7 @@ def test_offsets_past_4_gib_are_mapped_where_they_belong(tmp_path: Path) -> None
     assert mapped[(2 << 30) + 1 : (2 << 30) + 4] == b"mid"
     assert mapped[size - 5 :] == b"tail!"
     before = _rss()
-    mapped.release(0, size)
+    mapped.release_pages(0, size)
     assert _rss() <= before
 
 
