@@ -111,6 +111,7 @@ class Aggregator:
     def __init__(self, plan: Plan, run_dir: Path, run_id: str, recorder: EventRecorder) -> None:
         self.plan, self.run_dir, self.run_id, self.rec = plan, Path(run_dir), run_id, recorder
         fed = plan.federation
+        flat = fed.memory == "flat"  # models of GB: docs/large-models.md
         self.names = list(plan.collaborators)
         #: the plan's workload, resolved: the initial model is its build_model(seed) (the
         #: aggregator has no data); its digest is what joining collaborators are compared to
@@ -159,7 +160,7 @@ class Aggregator:
             keep=fed.keep_updates,
             run_id=run_id,
             staging_dir=staging_dir(plan, self.seal_key is not None),
-            mapped=fed.memory == "flat",
+            mapped=flat,
         )
         self.check = payload_check(plan)  # what received updates are checked against
         #: the last completed round of a resumed run (0: a restart in round 1, which had
@@ -177,7 +178,7 @@ class Aggregator:
         # what a dead aggregator left: temp files, updates of rounds whose checkpoint is
         # durable, metrics lines of the rounds it is about to close again
         self.store.clean_up(completed, final=completed == fed.rounds)
-        self.publisher = Publisher(self.check, plan.network, flat=fed.memory == "flat")
+        self.publisher = Publisher(self.check, plan.network, flat=flat)
         self.publisher.publish(state)
         self.model_info = {
             "parameters": parameters,
@@ -189,7 +190,7 @@ class Aggregator:
             # the global model lives in its payload only, as after every round's close: no
             # second copy beside the one that travels
             state = layout.tensor_views(self.publisher.payload)
-        self.strategy.paged = fed.memory == "flat"  # FedAvg then sums at the close
+        self.strategy.paged = flat  # FedAvg then sums at the close
         self.model = GlobalModel(self.strategy, state, completed + 1, completed >= fed.rounds)
         del state
         self.rounds = Rounds(

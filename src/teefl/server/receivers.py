@@ -1,6 +1,6 @@
 """Where an update's bytes go while they arrive, and how it is stored before the acknowledgement.
 
-Five ways, one class each, chosen in ONE place (`choose`):
+Six ways, one class each, chosen in ONE place (`choose`):
 
 - `StagedReceiver`: into a shared-memory slot (staging.py); committed there, moved to the run
   directory after the ACK with the deferred add;

@@ -123,10 +123,16 @@ class RunningFedAvg:
         else:
             pairs = [(acc, out[name]) for name, acc in self.sums.items() if acc.numel()]
         for acc, dst in pairs:
-            if acc.is_floating_point():
-                torch.div(acc, self.total_samples, out=dst)
-            else:
-                dst.copy_(acc)
+            mean_into(acc, self.total_samples, dst)
+
+
+def mean_into(acc: torch.Tensor, total_samples: int, dst: torch.Tensor) -> None:
+    """A sum (or a window of it) divided by the samples and rounded once into ``dst``'s dtype;
+    counters are copied: the running and the windowed sum's last step, bit for bit."""
+    if acc.is_floating_point():
+        torch.div(acc, total_samples, out=dst)
+    else:
+        dst.copy_(acc)
 
 
 def add_into(acc: torch.Tensor, t: torch.Tensor, num_samples: int, first: bool) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from teefl.errors import TeeflError
-from teefl.strategy.running import add_into, sum_dtype
+from teefl.strategy.running import add_into, mean_into, sum_dtype
 from teefl.wire import codec
 from teefl.wire.checks import WINDOW_BYTES, FlatUpdate, UpdateRejected
 
@@ -63,10 +63,7 @@ class WindowedFedAvg:
                 for j, (update, samples) in enumerate(self.updates):
                     add_into(acc, update.runs[i][lo:hi], samples, j == 0)
                     update.done(i, lo, hi)
-                if acc.is_floating_point():
-                    torch.div(acc, self.total_samples, out=out[i][lo:hi])
-                else:
-                    out[i][lo:hi].copy_(acc)
+                mean_into(acc, self.total_samples, out[i][lo:hi])
         self.updates = []  # summed: their maps go
 
     def result(self) -> dict[str, torch.Tensor]:
