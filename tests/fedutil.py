@@ -373,10 +373,16 @@ class ChaosFederation:
             time.sleep(0.02)
 
     def completed_rounds(self) -> int:
+        """The round a restart resumes after: the resume pointer's, written once the round's
+        checkpoint is durable -- not run.json's ``rounds_completed``, which follows it, so a
+        kill between the two leaves run.json one round behind what a restart resumes from."""
+        from teefl.rundir import RunDir
+
         try:
-            return int(json.loads((self.run / "run.json").read_text()).get("rounds_completed", 0))
+            state = json.loads(RunDir(self.run).state.read_text())
         except (OSError, json.JSONDecodeError):
             return 0
+        return int(state.get("completed_round", 0))
 
 
 def model_files(d: Path) -> dict[str, bytes]:
