@@ -32,6 +32,7 @@ class MemoryReceiver:
 
     buffer: Any = None  # what the assembler receives into (None: it allocates)
     window: Any = None  # or the window it passes through into ``file_sink`` (then no buffer)
+    window_slot = 0  # no piece crosses a multiple of it (0: the window's end)
     file_sink: Any = None  # called with each received piece (``(view, offset)``), or None
     zstd = False
 
@@ -112,7 +113,7 @@ class MappedReceiver(MemoryReceiver):
 
     def __init__(self, target: MappedUpdateFile) -> None:
         self.target = target
-        self.window = target.window
+        self.window, self.window_slot = target.window, target.SLOT
         self.file_sink = target.write
 
     def payload(self) -> Any:

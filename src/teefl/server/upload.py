@@ -125,7 +125,7 @@ class Upload:
         sink = _sinks(rx.file_sink, self.scan)
         try:
             self.asm = assembly.Assembler.for_header(
-                h, limit, intake.check, rx.buffer, sink, rx.window
+                h, limit, intake.check, rx.buffer, sink, rx.window, rx.window_slot
             )
         except codec.PayloadError as exc:  # a field the check needs is missing
             raise UpdateRejected(f"malformed update header: {exc}") from None

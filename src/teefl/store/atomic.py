@@ -36,13 +36,13 @@ def write_atomic(
 
     ``data``: any bytes-like object. ``pause``: called before each `WRITE_SLICE` bytes, so a
     background writer can give way. A durable write (``fsync``) of page-aligned memory
-    (`codec.PagePayload`) goes around the page cache, see `_write_direct`.
+    (`codec.PagePayload`) goes around the page cache, see `write_direct`.
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     view = memoryview(data).cast("B")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
     try:
-        done = _write_direct(fd, view, pause) if fsync else 0
+        done = write_direct(fd, view, pause) if fsync else 0
         for start in range(done, len(view), WRITE_SLICE):
             if pause is not None:
                 pause()
@@ -61,7 +61,7 @@ def write_atomic(
 DIRECT_ALIGN = 4096
 
 
-def _write_direct(fd: int, view: memoryview, pause: Callable[[], None] | None) -> int:
+def write_direct(fd: int, view: memoryview, pause: Callable[[], None] | None) -> int:
     """Write the longest `DIRECT_ALIGN`-multiple prefix of ``view`` with ``O_DIRECT``; return
     how many bytes were written (0 where the memory is not page-aligned or the file system
     refuses ``O_DIRECT``: the caller writes the rest the ordinary way).

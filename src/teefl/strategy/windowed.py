@@ -60,6 +60,8 @@ class WindowedFedAvg:
             for lo in range(0, n, window):
                 hi = min(n, lo + window)
                 acc = acc_mem[: hi - lo]
+                for update, _ in self.updates:  # this window and the next, from every file
+                    update.ahead(i, lo, min(n, hi + window))
                 for j, (update, samples) in enumerate(self.updates):
                     add_into(acc, update.runs[i][lo:hi], samples, j == 0)
                     update.done(i, lo, hi)

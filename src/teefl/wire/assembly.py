@@ -45,6 +45,7 @@ class Assembler:
         buffer: Any = None,
         sink: Callable[[memoryview, int], None] | None = None,
         window: Any = None,
+        window_slot: int = 0,
     ) -> None:
         self.check_announced(total_size, expected_sha256, limit, check)
         if check not in CHECKS:
@@ -57,14 +58,20 @@ class Assembler:
         self.check = check
         self._crc = 0
         #: ``window``: the payload passes through this buffer, piece after piece, and lives
-        #: only where ``sink`` puts it (`finish` then returns None); else ``buffer`` holds it
-        self._wrap = 0
+        #: only where ``sink`` puts it (`finish` then returns None); else ``buffer`` holds it.
+        #: ``window_slot``: no piece crosses a multiple of it (a window of several slots, each
+        #: handed on whole while the next one fills: `teefl.store.paged.MappedUpdateFile`)
+        self._wrap = self._cut = 0
         if window is not None:
             self.buf = None
             self._view = memoryview(window).cast("B")
             self._wrap = len(self._view)
-            if self._wrap < HASH_PIECE or sink is None:
-                raise ValueError("a receive window needs a sink and at least one piece")
+            self._cut = window_slot or self._wrap
+            if self._cut < HASH_PIECE or self._wrap % self._cut or sink is None:
+                raise ValueError(
+                    "a receive window needs a sink and at least one piece (per slot), "
+                    "and a whole number of slots"
+                )
         else:
             self.buf = ReceivedPayload(total_size) if buffer is None else buffer
             self._view = memoryview(self.buf).cast("B")
@@ -83,6 +90,7 @@ class Assembler:
         buffer: Any = None,
         sink: Callable[[memoryview, int], None] | None = None,
         window: Any = None,
+        window_slot: int = 0,
     ) -> Assembler:
         """The assembler a wire `Header` (teefl.proto) announces: its size and digests."""
         crc = header.crc32c if header.HasField("crc32c") else None
@@ -95,6 +103,7 @@ class Assembler:
             buffer=buffer,
             sink=sink,
             window=window,
+            window_slot=window_slot,
         )
 
     @staticmethod
@@ -117,8 +126,8 @@ class Assembler:
         return self._view[w : w + stop - start]
 
     def _room(self, start: int) -> int:
-        """Bytes from ``start`` to the end of the window (unbounded without one)."""
-        return self._wrap - start % self._wrap if self._wrap else self.total - start
+        """Bytes from ``start`` to the end of its window slot (unbounded without a window)."""
+        return self._cut - start % self._cut if self._cut else self.total - start
 
     def add(self, data: bytes | bytearray | memoryview) -> None:
         n = len(data)

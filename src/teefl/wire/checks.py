@@ -93,6 +93,9 @@ class FlatUpdate:
         #: ``release(start, end)``: gives back the memory behind a byte range of a payload that
         #: lives in its file (`teefl.store.paged.MappedPayload.release_pages`), else None
         self.release = getattr(payload, "release_pages", None)
+        #: ``read_ahead(start, end)``: starts reading a byte range of such a payload from its
+        #: file (`teefl.store.paged.MappedPayload.read_ahead`), else None
+        self.read_ahead = getattr(payload, "read_ahead", None)
 
     def finite(self) -> bool:
         """Whether every float element is finite (cheap; False proves nothing, see
@@ -115,16 +118,27 @@ class FlatUpdate:
             step = max(1, nbytes // run.element_size())
             for lo in range(0, run.numel(), step):
                 hi = min(run.numel(), lo + step)
+                self.ahead(i, lo, min(run.numel(), hi + step))
                 yield i, lo, hi, run[lo:hi]
                 self.done(i, lo, hi)
+
+    def _bytes(self, run: int, lo: int, hi: int) -> tuple[int, int]:
+        _, begin, _ = self.layout.runs[run]
+        size = self.runs[run].element_size()
+        return begin + lo * size, begin + hi * size
+
+    def ahead(self, run: int, lo: int, hi: int) -> None:
+        """Elements ``lo:hi`` of run ``run`` are read next: where the payload lives in its file,
+        the kernel starts reading them now, in large requests, instead of one small read per
+        page fault as they are touched (a no-op for a payload in memory)."""
+        if self.read_ahead is not None:
+            self.read_ahead(*self._bytes(run, lo, hi))
 
     def done(self, run: int, lo: int, hi: int) -> None:
         """Elements ``lo:hi`` of run ``run`` were read: where the payload lives in its file,
         the memory behind them goes back (a no-op for a payload in memory)."""
         if self.release is not None:
-            _, begin, _ = self.layout.runs[run]
-            size = self.runs[run].element_size()
-            self.release(begin + lo * size, begin + hi * size)
+            self.release(*self._bytes(run, lo, hi))
 
 
 class FiniteScan:

@@ -74,11 +74,11 @@ def test_direct_path_is_taken_for_aligned_memory_only(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         view = memoryview(data)
-        assert atomic._write_direct(fd, view, None) == 4 * 4096
+        assert atomic.write_direct(fd, view, None) == 4 * 4096
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT  # cleared for the tail
-        assert atomic._write_direct(fd, view[1:], None) == 0  # memory one byte off a page
-        assert atomic._write_direct(fd, memoryview(bytes(data)), None) == 0  # read-only
-        assert atomic._write_direct(fd, view[:4095], None) == 0  # less than one block
+        assert atomic.write_direct(fd, view[1:], None) == 0  # memory one byte off a page
+        assert atomic.write_direct(fd, memoryview(bytes(data)), None) == 0  # read-only
+        assert atomic.write_direct(fd, view[:4095], None) == 0  # less than one block
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes()[: 4 * 4096] == bytes(data)[: 4 * 4096]

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from teefl.store import paged
 from teefl.store.paged import MappedUpdateFile, map_file
@@ -16,13 +19,16 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+SLOT = MappedUpdateFile.SLOT
+
+
 def _receive(target: MappedUpdateFile, data_at, piece: int = 1 << 20) -> None:
     """What `assembly.Assembler` does with the target's window: each piece into it (never
-    across its end), then to the file's sink."""
+    across a slot's end), then to the file's sink."""
     off = 0
     while off < target.size:
-        w = off % paged.WINDOW
-        n = min(piece, target.size - off, paged.WINDOW - w)
+        w = off % len(target.window)
+        n = min(piece, target.size - off, SLOT - off % SLOT)
         target.window[w : w + n] = data_at(off, n)
         target.write(memoryview(target.window)[w : w + n], off)
         off += n
@@ -40,7 +46,8 @@ def test_a_received_update_is_in_its_file_not_in_the_process(tmp_path: Path) -> 
         return chunk
 
     _receive(target, data_at)
-    assert _rss() - before < (8 << 20)  # through one small buffer, not 256 MiB of it
+    # through one small window, not 256 MiB of it
+    assert _rss() - before < len(target.window) + (8 << 20)
     mapped = target.payload()
     assert mapped[200 << 20 : (200 << 20) + 4] == bytes([200]) * 4
     mapped.release_pages(0, size)
@@ -61,8 +68,6 @@ def test_a_refused_update_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_pieces_must_come_in_order(tmp_path: Path) -> None:
-    import pytest
-
     target = MappedUpdateFile(tmp_path / "u", tmp_path / "u.json", 8192)
     with pytest.raises(ValueError, match="expected 0"):
         target.write(memoryview(b"x" * 4096), 4096)
@@ -105,14 +110,26 @@ def test_offsets_past_4_gib_are_mapped_where_they_belong(tmp_path: Path) -> None
     assert _rss() <= before
 
 
-def test_a_spilled_copy_is_the_payload_and_leaves_no_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("memory", ["page-aligned", "bytearray"])
+def test_a_spilled_copy_is_the_payload_and_leaves_no_file(
+    tmp_path: Path, memory: str, monkeypatch
+) -> None:
     """A collaborator's kept update under flat memory (`Keeper` with ``copy=spill``): the
-    bytes at the time of the copy, in a file no directory names, not in the process's RSS."""
+    bytes at the time of the copy, in a file no directory names, not in the process's RSS --
+    written with O_DIRECT from page-aligned memory (a resident model's payload), else through
+    the page cache; a ragged tail either way."""
+    import mmap
+
     from teefl.client.keeper import Keeper
     from teefl.wire import teefl_pb2
 
-    resident = bytearray(os.urandom(8 << 20))
+    size = (8 << 20) + 1234
+    resident: Any = mmap.mmap(-1, size) if memory == "page-aligned" else bytearray(size)
+    resident[:] = os.urandom(size)
     want = bytes(resident)
+    direct: list[int] = []
+    real = paged.write_direct
+    monkeypatch.setattr(paged, "write_direct", lambda *a: direct.append(real(*a)) or direct[-1])
     keeper = Keeper(resident, copy=lambda p: paged.spill(p, tmp_path))
     before = _rss()
     keeper.acked(1, teefl_pb2.Header(round=1), resident)
@@ -121,6 +138,7 @@ def test_a_spilled_copy_is_the_payload_and_leaves_no_file(tmp_path: Path) -> Non
     _, kept = keeper.copy(1)
     assert isinstance(kept, paged.MappedPayload) and kept[:] == want
     assert list(tmp_path.iterdir()) == []  # unnamed: nothing left behind, even after a crash
+    assert direct == [size // 4096 * 4096 if memory == "page-aligned" else 0]
 
 
 def test_where_o_direct_is_refused_the_file_is_written_the_ordinary_way(tmp_path: Path) -> None:
@@ -130,7 +148,7 @@ def test_where_o_direct_is_refused_the_file_is_written_the_ordinary_way(tmp_path
 
     shm = Path(tempfile.mkdtemp(dir="/dev/shm")) if Path("/dev/shm").is_dir() else tmp_path
     try:
-        data = os.urandom(paged.WINDOW + 12345)  # a full window and a partial one
+        data = os.urandom(SLOT + 12345)  # a full slot and a partial one
         target = MappedUpdateFile(shm / "u", shm / "u.json", len(data))
         _receive(target, lambda off, n: data[off : off + n], piece=1 << 16)
         target.commit({"samples": 1}, {"crc32c": 1}, True)
@@ -140,12 +158,32 @@ def test_where_o_direct_is_refused_the_file_is_written_the_ordinary_way(tmp_path
             shutil.rmtree(shm)
 
 
-def test_a_window_and_a_tail_land_where_they_belong(tmp_path: Path) -> None:
-    data = os.urandom(
-        2 * paged.WINDOW + 4096 + 17
-    )  # O_DIRECT windows, an aligned and a ragged tail
+def test_slots_around_the_window_and_a_tail_land_where_they_belong(tmp_path: Path) -> None:
+    """More slots than the window has, so each is written again while others are in flight;
+    then an aligned and a ragged tail."""
+    data = os.urandom((MappedUpdateFile.SLOTS + 3) * SLOT + 4096 + 17)
     target = MappedUpdateFile(tmp_path / "u", tmp_path / "u.json", len(data))
     _receive(target, lambda off, n: data[off : off + n], piece=300_000)
     assert bytes(target.payload()) == data
     target.commit({"samples": 1}, {"crc32c": 1}, True)
     assert (tmp_path / "u").read_bytes() == data
+
+
+def test_a_failed_write_fails_the_upload_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A slot written in the background that fails (a full disk) fails the receive at its next
+    slot or at the end -- never an acknowledgement for bytes that are not in the file."""
+    import errno
+
+    calls = []
+
+    def full(fd: int, view: memoryview, offset: int) -> None:
+        calls.append(offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(paged, "pwrite_all", full)
+    data = os.urandom(MappedUpdateFile.SLOTS * SLOT)
+    target = MappedUpdateFile(tmp_path / "u", tmp_path / "u.json", len(data))
+    with pytest.raises(OSError, match="No space"):
+        _receive(target, lambda off, n: data[off : off + n])
+    target.abort()
+    assert calls and list(tmp_path.iterdir()) == []

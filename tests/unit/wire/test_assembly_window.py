@@ -86,3 +86,60 @@ def test_a_window_needs_a_sink_and_a_piece() -> None:
         Assembler(10, b"", 10, check="none", window=bytearray(HASH_PIECE))
     with pytest.raises(ValueError, match="window"):
         Assembler(10, b"", 10, check="none", sink=lambda p, o: None, window=bytearray(10))
+
+
+@pytest.mark.parametrize("how", ["add", "receive"])
+def test_no_piece_crosses_a_window_slot(how: str) -> None:
+    """A window of slots (`MappedUpdateFile`: each full slot is written while the next fills):
+    every piece lies inside one slot, at the window position of its offset, whatever the chunks
+    or reads."""
+    slot = HASH_PIECE
+    window = bytearray(3 * slot)
+    data = os.urandom(SIZE)
+    out = bytearray()
+
+    def sink(piece: memoryview, offset: int) -> None:
+        assert offset == len(out)
+        assert offset // slot == (offset + len(piece) - 1) // slot, "a piece crosses a slot"
+        w = offset % len(window)
+        assert bytes(window[w : w + len(piece)]) == bytes(piece)
+        out.extend(piece)
+
+    asm = Assembler(
+        SIZE,
+        b"",
+        SIZE,
+        check="crc32c",
+        expected_crc32c=crc32c.crc32c(data),
+        sink=sink,
+        window=window,
+        window_slot=slot,
+    )
+    if how == "add":
+        for i in range(0, SIZE, 100_003):
+            asm.add(data[i : i + 100_003])
+    else:
+        pos = 0
+
+        def recv_into(view: memoryview) -> int:
+            nonlocal pos
+            k = min(len(view), 70_001, SIZE - pos)
+            view[:k] = data[pos : pos + k]
+            pos += k
+            return k
+
+        asm.receive(recv_into, 100_000, None)  # steps that are not a multiple of the piece
+    assert asm.finish() is None and bytes(out) == data
+
+
+def test_a_window_holds_a_whole_number_of_slots() -> None:
+    with pytest.raises(ValueError, match="whole number of slots"):
+        Assembler(
+            10,
+            b"",
+            10,
+            check="none",
+            sink=lambda p, o: None,
+            window=bytearray(3 * HASH_PIECE),
+            window_slot=2 * HASH_PIECE,
+        )
