@@ -119,7 +119,8 @@ class MappedUpdateFile:
     (`assembly.Assembler`'s ``window``, cut at ``window_slot`` = `SLOT`), then mapped
     (`payload`) to be checked and summed.
 
-    The temporary file is made at its full size (sparse until written). The window is a ring of
+    The temporary file is made at its full size (sparse until written), or is a ``reuse``d
+    file of a closed round (`RoundStore.drop_updates`) cut to that size. The window is a ring of
     `SLOTS` slots: `write` (the receive's sink) is told of each piece once it is in the window;
     each full slot is handed to a writer thread, which writes it at its place in one
     ``O_DIRECT`` write while the next slots fill -- the disk reads the slot itself, nothing goes
@@ -135,12 +136,18 @@ class MappedUpdateFile:
     SLOT = 4 << 20
     SLOTS = 4
 
-    def __init__(self, final: Path, meta_path: Path, size: int) -> None:
+    def __init__(self, final: Path, meta_path: Path, size: int, reuse: Path | None = None) -> None:
         self.final, self.meta_path, self.size = final, meta_path, size
         self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        self.fd = os.open(
-            self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE
-        )
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:  # a spare of a closed round: its blocks are allocated, so overwriting them is
+            # about twice as fast as allocating new ones here (ext4: 4.2 against 2.5 GB/s)
+            if reuse is None:
+                raise FileNotFoundError
+            os.replace(reuse, self.tmp)
+        except FileNotFoundError:
+            flags |= os.O_TRUNC
+        self.fd = os.open(self.tmp, flags, FILE_MODE)
         self.direct = self._direct_fd = -1  # the O_DIRECT descriptor: to use, to close
         self.placed = False
         #: the write of each slot still in flight (None: the slot is free)

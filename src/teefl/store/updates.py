@@ -205,7 +205,7 @@ class UpdateStore:
             return None
         d = self._made_round_dir(rnd)
         file = f"{name}{self.files.suffix()}"
-        return MappedUpdateFile(d / file, d / f"{name}.json", size)
+        return MappedUpdateFile(d / file, d / f"{name}.json", size, self.spare_dir() / file)
 
     def spare_dir(self) -> Path:
         return self.rd.spare_dir
@@ -339,14 +339,14 @@ class UpdateStore:
 
     def drop_updates(self, rnd: int, last: bool = False) -> None:
         """Forget a closed round's updates; their payload files are kept aside as spares for
-        the next round to receive into (`UpdateFile`), never read again as updates. ``last``:
+        the next round to receive into (`UpdateFile`, `MappedUpdateFile`), never read again as
+        updates. ``last``:
         no round follows (the final round's checkpoint is durable): the spares go too, and
         ``updates/`` with them once it is empty."""
         if self.keep:
             return
         d = self.round_dir(rnd)
-        # mapped (flat memory): received into fresh sparse files, a kept one would be read back
-        if not self.files.sealed and not self.mapped and d.is_dir() and not last:
+        if not self.files.sealed and d.is_dir() and not last:
             spare = self.spare_dir()
             spare.mkdir(mode=DIR_MODE, exist_ok=True)
             for path in d.glob(f"*{self.files.suffix()}"):

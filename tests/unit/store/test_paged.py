@@ -187,3 +187,41 @@ def test_a_failed_write_fails_the_upload_and_leaves_nothing(tmp_path: Path, monk
         _receive(target, lambda off, n: data[off : off + n])
     target.abort()
     assert calls and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("spare_size", [SLOT // 2, 3 * SLOT + 999])
+def test_a_spare_of_a_closed_round_is_overwritten_to_the_update_exactly(
+    tmp_path: Path, spare_size: int
+) -> None:
+    """A spare file (its blocks allocated) is taken, not copied: renamed into place, cut or
+    extended to the update's size, every byte the update's."""
+    spare = tmp_path / "spare.safetensors"
+    spare.write_bytes(b"\xff" * spare_size)
+    data = os.urandom(2 * SLOT + 4096 + 5)
+    target = MappedUpdateFile(tmp_path / "u", tmp_path / "u.json", len(data), reuse=spare)
+    assert not spare.exists()
+    _receive(target, lambda off, n: data[off : off + n], piece=300_000)
+    target.commit({"samples": 1}, {"crc32c": 1}, True)
+    assert (tmp_path / "u").read_bytes() == data
+
+
+def test_a_flat_round_store_keeps_its_update_files_as_spares(tmp_path: Path) -> None:
+    """A closed round's update files go aside and the next round's upload is received into
+    them; after the final round none stays."""
+    from teefl.store.rounds import RoundStore
+
+    store = RoundStore(tmp_path, mapped=True)
+    data = os.urandom(SLOT + 17)
+    for rnd in (1, 2):
+        target = store.open_mapped_update(rnd, "col1", len(data))
+        assert target is not None
+        _receive(target, lambda off, n: data[off : off + n])
+        target.commit({"samples": 1}, {"crc32c": 1}, True)
+        if rnd == 1:
+            first = (tmp_path / "updates/round-0001/col1.safetensors").stat().st_ino
+            store.drop_updates(1)
+            assert (tmp_path / "updates/spare/col1.safetensors").stat().st_ino == first
+    assert (tmp_path / "updates/round-0002/col1.safetensors").stat().st_ino == first
+    assert (tmp_path / "updates/round-0002/col1.safetensors").read_bytes() == data
+    store.drop_updates(2, last=True)
+    assert not (tmp_path / "updates").exists()
