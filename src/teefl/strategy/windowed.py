@@ -5,8 +5,8 @@ for the whole round. Where every update lives in its file (`teefl.store.paged`),
 be summed before the round closes: `result_into` walks the model one window at a time, sums that
 window of every update in the order they were accepted -- with `running.add_into`, the running
 sum's own operation, so the mean is bit-identical to `RunningFedAvg`'s -- writes the window's mean
-into the next payload and gives the updates' pages back. The sum takes one window
-(`WINDOW_BYTES` of float64), whatever the model's size and the number of updates.
+into the next payload and gives the updates' pages back. The sum takes `SUM_ELEMENTS` float64
+elements, whatever the model's size and the number of updates.
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ from teefl.errors import TeeflError
 from teefl.strategy.running import add_into, mean_into, sum_dtype
 from teefl.wire import codec
 from teefl.wire.checks import WINDOW_BYTES, FlatUpdate, UpdateRejected
+
+#: elements summed at a time: a float64 sum of 8 MiB stays in the CPU's caches through every
+#: update's add and the mean; a window's worth (64 MiB) went to memory and back at each step, ~7x
+#: slower here (docs/decisions/009-flat-memory.md)
+SUM_ELEMENTS = 1 << 20
 
 
 class WindowedFedAvg:
@@ -54,18 +59,21 @@ class WindowedFedAvg:
             for name, t in self.layout.tensor_views(payload).items():
                 out[name].copy_(t)
             return
-        window = WINDOW_BYTES // 8  # elements of a float64 sum
+        window = WINDOW_BYTES // 8  # elements read from the files at a time
         for i, (dtype, _, n) in enumerate(self.layout.runs):
-            acc_mem = torch.empty(min(window, n), dtype=sum_dtype(dtype))
+            acc_mem = torch.empty(min(SUM_ELEMENTS, n), dtype=sum_dtype(dtype))
             for lo in range(0, n, window):
                 hi = min(n, lo + window)
-                acc = acc_mem[: hi - lo]
                 for update, _ in self.updates:  # this window and the next, from every file
                     update.ahead(i, lo, min(n, hi + window))
-                for j, (update, samples) in enumerate(self.updates):
-                    add_into(acc, update.runs[i][lo:hi], samples, j == 0)
+                for a in range(lo, hi, SUM_ELEMENTS):  # summed in cache-sized pieces
+                    b = min(hi, a + SUM_ELEMENTS)
+                    acc = acc_mem[: b - a]
+                    for j, (update, samples) in enumerate(self.updates):
+                        add_into(acc, update.runs[i][a:b], samples, j == 0)
+                    mean_into(acc, self.total_samples, out[i][a:b])
+                for update, _ in self.updates:
                     update.done(i, lo, hi)
-                mean_into(acc, self.total_samples, out[i][lo:hi])
         self.updates = []  # summed: their maps go
 
     def result(self) -> dict[str, torch.Tensor]:

@@ -34,9 +34,15 @@ def _mean(acc, layout: codec.Layout) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.parametrize("window", [8, 24, 1000, 1 << 20])
-def test_windowed_mean_is_the_running_mean_bit_for_bit(monkeypatch, window: int) -> None:
-    monkeypatch.setattr(windowed, "WINDOW_BYTES", window)  # several windows per run, or one
+@pytest.mark.parametrize(
+    ("window", "piece"), [(8, 1 << 20), (24, 1), (1000, 7), (1000, 1 << 20), (1 << 20, 50)]
+)
+def test_windowed_mean_is_the_running_mean_bit_for_bit(
+    monkeypatch, window: int, piece: int
+) -> None:
+    """Several windows per run or one, each summed in several pieces or one."""
+    monkeypatch.setattr(windowed, "WINDOW_BYTES", window)
+    monkeypatch.setattr(windowed, "SUM_ELEMENTS", piece)
     ref = _state(0)
     layout = codec.Layout.of_state(ref)
     assert layout is not None
