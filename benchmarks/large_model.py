@@ -23,8 +23,10 @@ Printed per case (dtype x collaborators, a warm-up round and 2 measured rounds e
     .venv/bin/python benchmarks/large_model.py            # GPT-2 Large: fp32 x1, fp32 x2, bf16 x3
     .venv/bin/python benchmarks/large_model.py --quick    # GPT-2 small (124M), the same cases
 
-GPT-2 Large needs ~18 GiB free at its largest case (fp32, 2 collaborators): each process builds
-the model (~13 s here), and each collaborator holds it.
+GPT-2 Large needs ~18 GiB of memory free at its largest case (fp32, 2 collaborators): each
+process builds the model (~13 s here), and each collaborator holds it; and ~30 GB of disk in the
+temporary directory: every round's checkpoint, the updates and their spare files, and the
+collaborators' kept copies.
 """
 
 from __future__ import annotations

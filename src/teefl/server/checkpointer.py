@@ -58,6 +58,8 @@ class Checkpointer:
         self.queue: queue.Queue[tuple[int, codec.Buffer, bytes, int, StrategyState] | None] = (
             queue.Queue()
         )
+        #: items written (or failed) so far, counted before `written` is called
+        self.completed = 0
         threading.Thread(target=self._run, name="checkpoint", daemon=True).start()
 
     def put(
@@ -159,15 +161,20 @@ class Checkpointer:
             try:
                 if item is None:
                     return
-                rnd, payload, digest, crc, state = item
-                try:
-                    self.write(rnd, payload, digest, crc, state)
-                except Exception as exc:  # a checkpoint that cannot be written fails the run
-                    log.error("checkpoint of round %d failed: %s", rnd, exc)
-                    self._failed(f"checkpoint of round {rnd} could not be written: {exc}")
+                self._write_item(item)
             finally:
+                item = None  # no reference to the written payload waits here for the next one
+                self.completed += 1
                 self.queue.task_done()
                 self._written()
+
+    def _write_item(self, item: tuple[int, codec.Buffer, bytes, int, StrategyState]) -> None:
+        rnd, payload, digest, crc, state = item
+        try:
+            self.write(rnd, payload, digest, crc, state)
+        except Exception as exc:  # a checkpoint that cannot be written fails the run
+            log.error("checkpoint of round %d failed: %s", rnd, exc)
+            self._failed(f"checkpoint of round {rnd} could not be written: {exc}")
 
 
 def write_metrics(

@@ -6,7 +6,7 @@ hashed and compressed once when the round opens, never per collaborator.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -62,9 +62,19 @@ class Publisher:
         if len(previous):
             self.spares.give(previous)
 
-    def spare(self, layout: codec.Layout) -> codec.Buffer:
-        """A payload buffer of ``layout`` for the next round's mean (see `codec.Spares`)."""
-        return self.spares.take(layout)
+    def spare(self, layout: codec.Layout, wait: Callable[[], bool] | None = None) -> codec.Buffer:
+        """A payload buffer of ``layout`` for the next round's mean (see `codec.Spares`).
+
+        Under flat memory, where an earlier round's payload is still being checkpointed (the
+        checkpoint gives way to transfers, so on short rounds it falls behind), the close waits
+        for it -- ``wait()``: one checkpoint written, False where none is queued -- instead of
+        making a third model: the aggregator's memory stays its base + 1 model size."""
+        while True:
+            buf = self.spares.free(layout)
+            if buf is not None:
+                return buf
+            if not self.flat or wait is None or not wait():
+                return layout.allocate()
 
     @property
     def wire_chunks(self) -> Iterable[bytes]:

@@ -8,6 +8,7 @@ same millisecond -- idle time shows up as ``wait`` on the collaborator, never as
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -277,6 +278,17 @@ class Rounds:
             if not self.complete():
                 return
 
+    def _checkpointed(self) -> bool:
+        """Wait (lock held, freed while waiting) until the checkpoint being written is done;
+        False at once where none is queued, or where the run failed."""
+        ckpt = self.checkpointer
+        assert ckpt is not None
+        if not ckpt.pending or self.failed:
+            return False
+        seen = ckpt.completed
+        self.cond.wait_for(lambda: ckpt.completed > seen or bool(self.failed))
+        return not self.failed
+
     def _close_open_round(self) -> bool:
         """Close the open round (lock held); True when it opened the next one."""
         rnd = self.round
@@ -313,7 +325,7 @@ class Rounds:
         with self.rec.span("aggregate", round=rnd, final=True):
             # the mean is written run by run straight into the next download's payload where
             # the sums are kept in the model's layout (the layout stays the global model's)
-            payload = self.model.aggregate(pub.spare)
+            payload = self.model.aggregate(functools.partial(pub.spare, wait=self._checkpointed))
             # a snapshot (copies) taken right after the result, before the next round begins:
             # it is written with this round's checkpoint, in the background
             strategy_state = self.model.strategy.state()

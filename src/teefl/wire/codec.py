@@ -229,13 +229,19 @@ class Spares:
 
     def take(self, layout: Layout) -> Buffer:
         """A payload of ``layout`` with its header written (tensor bytes undefined)."""
+        buf = self.free(layout)
+        return layout.allocate() if buf is None else buf
+
+    def free(self, layout: Layout) -> Buffer | None:
+        """A kept payload of ``layout`` nobody refers to any more, its header written; None
+        where there is none."""
         for i in range(len(self.bufs)):
             # 2: the list's reference and getrefcount's own argument -- nobody else's
             if len(self.bufs[i]) == layout.size and sys.getrefcount(self.bufs[i]) == 2:
                 buf = self.bufs.pop(i)
                 buf[: len(layout.head)] = layout.head
                 return buf
-        return layout.allocate()
+        return None
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
