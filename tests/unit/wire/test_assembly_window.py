@@ -45,17 +45,24 @@ def test_chunks_through_a_window_reach_the_sink_whole(check: str) -> None:
     assert bytes(out) == data
 
 
-def test_a_socket_stream_through_a_window_reaches_the_sink_whole() -> None:
-    data = os.urandom(SIZE)
-    out, sink = _collect()
+def _short_reads(data: bytes):
+    """A socket's ``recv_into`` over ``data``: short reads, as a socket gives them."""
     pos = 0
 
     def recv_into(view: memoryview) -> int:
         nonlocal pos
-        k = min(len(view), 70_001, SIZE - pos)  # short reads, as a socket gives them
+        k = min(len(view), 70_001, len(data) - pos)
         view[:k] = data[pos : pos + k]
         pos += k
         return k
+
+    return recv_into
+
+
+def test_a_socket_stream_through_a_window_reaches_the_sink_whole() -> None:
+    data = os.urandom(SIZE)
+    out, sink = _collect()
+    recv_into = _short_reads(data)
 
     asm = Assembler(
         SIZE,
@@ -118,17 +125,8 @@ def test_no_piece_crosses_a_window_slot(how: str) -> None:
     if how == "add":
         for i in range(0, SIZE, 100_003):
             asm.add(data[i : i + 100_003])
-    else:
-        pos = 0
-
-        def recv_into(view: memoryview) -> int:
-            nonlocal pos
-            k = min(len(view), 70_001, SIZE - pos)
-            view[:k] = data[pos : pos + k]
-            pos += k
-            return k
-
-        asm.receive(recv_into, 100_000, None)  # steps that are not a multiple of the piece
+    else:  # steps that are not a multiple of the piece
+        asm.receive(_short_reads(data), 100_000, None)
     assert asm.finish() is None and bytes(out) == data
 
 
