@@ -59,20 +59,26 @@ def _short_reads(data: bytes):
     return recv_into
 
 
+def _crc_through(data: bytes, sink, window: bytearray, slot: int = 0) -> Assembler:
+    """An assembler for ``data`` (checked by its CRC32C) through ``window`` into ``sink``."""
+    return Assembler(
+        len(data),
+        b"",
+        len(data),
+        check="crc32c",
+        expected_crc32c=crc32c.crc32c(data),
+        sink=sink,
+        window=window,
+        window_slot=slot,
+    )
+
+
 def test_a_socket_stream_through_a_window_reaches_the_sink_whole() -> None:
     data = os.urandom(SIZE)
     out, sink = _collect()
     recv_into = _short_reads(data)
 
-    asm = Assembler(
-        SIZE,
-        b"",
-        SIZE,
-        check="crc32c",
-        expected_crc32c=crc32c.crc32c(data),
-        sink=sink,
-        window=bytearray(2 * HASH_PIECE),
-    )
+    asm = _crc_through(data, sink, bytearray(2 * HASH_PIECE))
     asm.receive(recv_into, 4 << 20, None)
     assert asm.finish() is None and bytes(out) == data
 
@@ -112,16 +118,7 @@ def test_no_piece_crosses_a_window_slot(how: str) -> None:
         assert bytes(window[w : w + len(piece)]) == bytes(piece)
         out.extend(piece)
 
-    asm = Assembler(
-        SIZE,
-        b"",
-        SIZE,
-        check="crc32c",
-        expected_crc32c=crc32c.crc32c(data),
-        sink=sink,
-        window=window,
-        window_slot=slot,
-    )
+    asm = _crc_through(data, sink, window, slot)
     if how == "add":
         for i in range(0, SIZE, 100_003):
             asm.add(data[i : i + 100_003])
