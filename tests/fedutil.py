@@ -336,7 +336,15 @@ class ChaosFederation:
 
     def finish(self) -> None:
         for key in ("aggregator", *CHAOS_NAMES):
-            rc = self.parties.procs[key].wait(timeout=300)
+            p = self.parties.procs[key]
+            try:
+                rc = p.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGUSR1)  # every thread's stack into the log (`teefl.cli`)
+                time.sleep(2)
+                raise AssertionError(
+                    f"{key} still running after 300 s:\n{self.log()[-12000:]}"
+                ) from None
             assert rc == 0, f"{key} exited {rc}:\n" + self.log()[-5000:]
 
     def stop(self) -> None:

@@ -7,6 +7,8 @@ needs them -- `teefl report` on a laptop never loads torch.
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 
 import typer
@@ -27,7 +29,11 @@ for module in (federation, pki, tee, model, keys, analysis, bench, workload, slu
 
 
 def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and exit code 2."""
+    """Console-script entry point: user errors become one line on stderr and exit code 2.
+
+    ``kill -USR1 <pid>`` makes a party that seems stuck print every thread's stack to its stderr
+    (its log) and go on: the one way to see where a long federation waits without stopping it."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         # without standalone mode, Typer returns (not raises) the exit code of typer.Exit and
         # of Ctrl-C: pass it on, or an interrupted run would exit 0

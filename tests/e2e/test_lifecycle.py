@@ -173,6 +173,14 @@ def test_a_second_run_or_aggregator_on_the_same_run_directory_is_refused(tmp_pat
         )
         agg = [pid for pid in procs if b"aggregator" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(agg) == 1
+        # SIGUSR1: every thread's stack into the party's log, and the party goes on (`teefl.cli`)
+        agg_log = run_dir / "logs" / "aggregator.log"
+        os.kill(agg[0], signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while "most recent call first" not in agg_log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, agg_log.read_text(errors="replace")[-3000:]
+            time.sleep(0.1)
+        assert "Thread 0x" in agg_log.read_text(errors="replace")
         res = teefl(
             "aggregator", "--plan", str(other), "--run-dir", str(run_dir), cwd=tmp_path, timeout=180
         )

@@ -55,10 +55,10 @@ class Checkpointer:
         self.transfers = 0  # model or update bytes moving right now (the checkpoint yields)
         self.served = 0  # downloads of the open round's model completed so far
         #: checkpoints of closed rounds waiting to be written
-        self.queue: queue.Queue[tuple[int, codec.Buffer, bytes, int, StrategyState] | None] = (
-            queue.Queue()
-        )
-        #: items written (or failed) so far, counted before `written` is called
+        self.queue: queue.Queue[tuple[int, codec.Buffer, bytes, int, StrategyState]] = queue.Queue()
+        #: checkpoints queued so far, and of those written (or failed), counted before `written`
+        #: is called: their difference is what `pending` says (`Rounds` waits on both)
+        self.queued = 0
         self.completed = 0
         threading.Thread(target=self._run, name="checkpoint", daemon=True).start()
 
@@ -66,12 +66,15 @@ class Checkpointer:
         self, rnd: int, payload: codec.Buffer, digest: bytes, crc: int, state: StrategyState
     ) -> None:
         """Queue round ``rnd``'s checkpoint with the strategy's state after that round."""
+        self.queued += 1
         self.queue.put((rnd, payload, digest, crc, state))
 
     @property
     def pending(self) -> int:
-        """Checkpoints queued or being written."""
-        return self.queue.unfinished_tasks
+        """Checkpoints queued or being written: zero from the moment the last one is counted
+        `completed` (not only once the queue marks it done, a moment later -- a waiter that
+        read the two at different moments would wait for a write that had already happened)."""
+        return self.queued - self.completed
 
     def join(self) -> None:
         self.queue.join()
@@ -159,8 +162,6 @@ class Checkpointer:
         while True:
             item = self.queue.get()
             try:
-                if item is None:
-                    return
                 self._write_item(item)
             finally:
                 item = None  # no reference to the written payload waits here for the next one
