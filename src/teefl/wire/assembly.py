@@ -13,6 +13,11 @@ from teefl.wire.codec import CHECKS, PayloadError, ReceivedPayload
 #: bytes hashed at a time while receiving from a socket: small enough that they are hashed
 #: while still in the CPU cache the receive just wrote them through (docs/decisions/007)
 HASH_PIECE = 256 << 10
+#: the same through a receive window (`teefl.store.paged.MappedUpdateFile`): each piece's
+#: bytes are still checked there while in cache, but several uploads at once each take the GIL
+#: back after every receive, checksum and check; a quarter as many hand-offs made them faster
+#: (docs/decisions/009-flat-memory.md)
+WINDOW_PIECE = 1 << 20
 
 
 class Assembler:
@@ -158,10 +163,10 @@ class Assembler:
         """Fill the rest of the buffer straight from a socket (no intermediate copy).
 
         ``recv_into(view)`` returns the bytes it wrote into ``view`` (0 at end of stream); the
-        bytes are hashed in `HASH_PIECE` pieces as they come in, and ``tick`` reports progress
-        after every ``step`` bytes.
+        bytes are hashed in `HASH_PIECE` pieces (`WINDOW_PIECE` through a window) as they come
+        in, and ``tick`` reports progress after every ``step`` bytes.
         """
-        piece = min(step, HASH_PIECE)
+        piece = min(step, WINDOW_PIECE if self._wrap else HASH_PIECE)
         while self.filled < self.total:
             end = min(self.total, self.filled + step)
             while self.filled < end:

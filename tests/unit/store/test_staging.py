@@ -4,6 +4,7 @@ acknowledged update, what a restart finds, and the finiteness check made while r
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -337,3 +338,27 @@ def test_a_slot_whose_file_was_removed_under_it_commits_nothing(tmp_path: Path) 
     area.give(slot)
     assert slot not in area.free  # never staged again
     area.close()
+
+
+def test_scan_of_bfloat16_in_pieces_of_changing_size() -> None:
+    """The bfloat16 check reuses one scratch array for every piece: a piece smaller than an
+    earlier one is judged on its own elements only, wherever its bad element lies."""
+    layout, payload = _payload("small_cnn", torch.bfloat16)
+    begin, end = next((b, b + n * 2) for d, b, n in layout.runs if d == torch.bfloat16)
+    cuts = [begin, begin + 4096, begin + 4096 + 64, begin + 4096 + 64 + 2048, end]
+    nan = torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
+
+    def scan(data: bytearray) -> FiniteScan:
+        s = FiniteScan(layout)
+        view = memoryview(data)
+        s(view[:begin], 0)
+        for lo, hi in itertools.pairwise(cuts):
+            s(view[lo:hi], lo)
+        s(view[end:], end)
+        return s
+
+    assert scan(payload).finite()
+    for at in (begin + 4096 + 62, begin + 4096 + 64, cuts[3] - 2, end - 2):
+        bad = bytearray(payload)
+        bad[at : at + 2] = nan
+        assert not scan(bad).finite(), at

@@ -9,7 +9,7 @@ import os
 import crc32c
 import pytest
 
-from teefl.wire.assembly import HASH_PIECE, Assembler
+from teefl.wire.assembly import HASH_PIECE, WINDOW_PIECE, Assembler
 from teefl.wire.codec import PayloadError
 
 SIZE = 3 * HASH_PIECE + 12345  # not a multiple of the window or a piece
@@ -138,3 +138,26 @@ def test_a_window_holds_a_whole_number_of_slots() -> None:
             window=bytearray(3 * HASH_PIECE),
             window_slot=2 * HASH_PIECE,
         )
+
+
+def test_a_socket_stream_through_a_window_is_checked_in_window_pieces() -> None:
+    """Through a window the receive hands on `WINDOW_PIECE` bytes at a time (fewer steps per
+    byte for concurrent uploads), cut at slot ends; without one, `HASH_PIECE`."""
+    slot = 2 * WINDOW_PIECE
+    data = os.urandom(3 * slot + 12345)
+    sizes: list[int] = []
+
+    def sink(piece: memoryview, offset: int) -> None:
+        sizes.append(len(piece))
+
+    asm = _crc_through(data, sink, bytearray(2 * slot), slot)
+    asm.receive(_short_reads(data), 4 << 20, None)
+    assert asm.finish() is None
+    assert max(sizes) == WINDOW_PIECE and sum(sizes) == len(data)
+    assert sizes.count(WINDOW_PIECE) == len(data) // WINDOW_PIECE
+    sizes.clear()
+    plain = Assembler(
+        len(data), b"", len(data), check="crc32c", expected_crc32c=crc32c.crc32c(data), sink=sink
+    )
+    plain.receive(_short_reads(data), 4 << 20, None)
+    assert plain.finish() is not None and max(sizes) == HASH_PIECE
