@@ -15,7 +15,7 @@ from teefl.wire.codec import CHECKS, PayloadError, ReceivedPayload
 HASH_PIECE = 256 << 10
 #: the same through a receive window (`teefl.store.paged.MappedUpdateFile`): each piece's
 #: bytes are still checked there while in cache, but several uploads at once each take the GIL
-#: back after every receive, checksum and check; a quarter as many hand-offs made them faster
+#: back after every receive, checksum and check: larger pieces, fewer hand-offs
 #: (docs/decisions/009-flat-memory.md)
 WINDOW_PIECE = 1 << 20
 

@@ -156,9 +156,8 @@ class FiniteScan:
     nothing, and the caller then checks the whole update the usual way. bfloat16, which NumPy
     lacks, is checked exactly instead: an element is finite unless its 8 exponent bits are all
     set (read as uint16; their largest masked value is 0x7F80 only then). The masked bits go
-    into one scratch array kept for the whole update: with a fresh array per piece, three
-    bfloat16 uploads at once spent 20x longer in this check than in it alone
-    (docs/decisions/009-flat-memory.md).
+    into one scratch array kept for the whole update, never into fresh arrays per piece, which
+    made concurrent uploads wait on this check (docs/decisions/009-flat-memory.md).
     """
 
     def __init__(self, layout: codec.Layout) -> None:
