@@ -283,8 +283,8 @@ class Rounds:
         False at once where none is queued, or where the run failed."""
         ckpt = self.checkpointer
         assert ckpt is not None
-        seen = ckpt.completed  # read once: `pending` is derived from this same count
-        if ckpt.queued == seen or self.failed:
+        seen = ckpt.completed  # first: anything still pending after this is counted above it
+        if not ckpt.pending or self.failed:
             return False
         self.cond.wait_for(lambda: ckpt.completed > seen or bool(self.failed))
         return not self.failed

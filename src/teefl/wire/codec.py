@@ -227,14 +227,9 @@ class Spares:
         self.bufs.append(buf)
         del self.bufs[: -self.keep]
 
-    def take(self, layout: Layout) -> Buffer:
-        """A payload of ``layout`` with its header written (tensor bytes undefined)."""
-        buf = self.free(layout)
-        return layout.allocate() if buf is None else buf
-
     def free(self, layout: Layout) -> Buffer | None:
-        """A kept payload of ``layout`` nobody refers to any more, its header written; None
-        where there is none."""
+        """A kept payload of ``layout`` nobody refers to any more, its header written (tensor
+        bytes undefined); None where there is none (`Publisher.spare` then waits or allocates)."""
         for i in range(len(self.bufs)):
             # 2: the list's reference and getrefcount's own argument -- nobody else's
             if len(self.bufs[i]) == layout.size and sys.getrefcount(self.bufs[i]) == 2:
